@@ -1,0 +1,90 @@
+"""Build and install ctpo_megatron.
+
+The `csrc/` extension (module `ctpo_megatron._C`) is always built for CPU; CUDA sources are
+added when torch is a CUDA build and a CUDA toolkit is found (a GPU is not needed to compile).
+Environment switches:
+  CTPO_FORCE_CPU=1   skip the CUDA sources even when a toolkit is present
+  CTPO_SKIP_EXT=1    build no extension (ctpo_megatron.ops then uses its pure-torch path)
+  DEBUG=1            compile with -O0 -g
+Install with `pip install --no-build-isolation -e .` so the build uses the environment's torch.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+NAME = "ctpo_megatron"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+INSTALL_REQUIRES = [
+    "torch>=2.6",
+    "megatron-core>=0.16,<0.17",
+    "numpy",
+    "hydra-core>=1.3,<1.4",
+    "pybind11",
+    "transformers",
+    "safetensors",
+    "tokenizers",
+    "psutil",  # megatron's dist-checkpoint writer processes need it
+    "aiohttp",
+    "msgspec",
+    "tensorboard",
+    "matplotlib",
+    "pyarrow",
+    "tqdm",
+    "math-verify",
+]
+EXTRAS = {
+    # GPU clusters (NVIDIA containers usually ship TE and apex already).
+    "gpu": ["transformer-engine[pytorch]", "sglang[all]>=0.5.23", "sglang-router"],
+    "test": ["pytest", "pytest-timeout"],
+}
+
+
+def _cuda_build_wanted() -> bool:
+    if os.environ.get("CTPO_FORCE_CPU") == "1":
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    # is_available() is False on GPU-less build nodes; what matters is a CUDA torch + nvcc.
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extensions():
+    if os.environ.get("CTPO_SKIP_EXT") == "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    debug = os.environ.get("DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    extra = {"cxx": list(opt)}
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if _cuda_build_wanted():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        extra["nvcc"] = opt + ["-DCTPO_WITH_CUDA", "--expt-relaxed-constexpr"]
+        extra["cxx"] = extra["cxx"] + ["-DCTPO_WITH_CUDA"]
+        ext = CUDAExtension(f"{NAME}._C", sources, include_dirs=include_dirs,
+                            extra_compile_args=extra, py_limited_api=False)
+    else:
+        ext = CppExtension(f"{NAME}._C", sources, include_dirs=include_dirs,
+                           extra_compile_args=extra)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name=NAME,
+    version="0.1.0",
+    description="CTPO (Cumulative Token Policy Optimization) RL training on Megatron-core",
+    packages=find_packages(include=[NAME, f"{NAME}.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    include_package_data=True,
+)
