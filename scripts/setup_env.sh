@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.ctpo_stamp"
-want="$(cat constraints.txt setup.py requirements-test.txt csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*/*.h 2>/dev/null | sha256sum | cut -d' ' -f1)"
+want="$(find constraints.txt setup.py requirements-test.txt csrc -type f 2>/dev/null | sort | xargs cat | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import ctpo_megatron" 2>/dev/null; then
   echo "[setup] environment up to date"
   exit 0
