@@ -1,0 +1,209 @@
+"""Sandbox escapes: each attempt must fail cleanly and leave the machine as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from ctpo_megatron.rollout.sandbox import SandboxConfig, SandboxPool, SandboxResult, run_code
+from ctpo_megatron.rollout.sandbox.runner import _UIDS
+
+IS_ROOT = os.geteuid() == 0
+
+
+def _run(code: str, timeout: float = 10.0, **cfg) -> SandboxResult:
+    return run_code(textwrap.dedent(code), timeout=timeout, config=SandboxConfig(**cfg))
+
+
+def _uid_range() -> range:
+    base = 1_000_000 + (os.getpid() % 4096) * 256
+    return range(base, base + 256)
+
+
+def test_runs_code_and_reports_errors():
+    ok = _run("import sys\nprint(6 * 7)\nprint('warn', file=sys.stderr)")
+    assert (ok.stdout, ok.stderr, ok.exit_code, ok.timed_out, ok.ok) == ("42\n", "warn\n", 0, False, True)
+    bad = _run("x = 1\nraise ValueError('boom')")
+    assert bad.exit_code == 1 and not bad.ok
+    assert "ValueError: boom" in bad.stderr and 'main.py", line 2' in bad.stderr
+    assert _run("import sys; sys.exit(3)").exit_code == 3
+    syntax = _run("def f(:\n")
+    assert syntax.exit_code == 1 and "SyntaxError" in syntax.stderr
+
+
+def test_infinite_loop_times_out():
+    start = time.monotonic()
+    res = _run("while True:\n    pass", timeout=1.0)
+    assert res.timed_out and res.exit_code is None and not res.ok
+    assert time.monotonic() - start < 4.0
+
+
+def test_timeout_keeps_output_printed_before_it():
+    res = _run("import time\nprint('started')\ntime.sleep(60)", timeout=1.0)
+    assert res.timed_out and res.stdout == "started\n"
+
+
+def test_network_connect_fails():
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    try:
+        host_ip = socket.gethostbyname(socket.gethostname())
+        res = _run(f"""
+            import socket
+            for host in ("127.0.0.1", "{host_ip}", "8.8.8.8"):
+                try:
+                    socket.create_connection((host, {port}), timeout=2).close()
+                    print("CONNECTED", host)
+                except OSError as e:
+                    print("blocked", host, type(e).__name__)
+            """)
+        assert res.exit_code == 0, res.stderr
+        assert "CONNECTED" not in res.stdout and res.stdout.count("blocked") == 3, res.stdout
+        with pytest.raises(BlockingIOError):  # nobody reached the listener
+            listener.accept()
+    finally:
+        listener.close()
+
+
+def test_fork_bomb_is_bounded_and_cleaned_up():
+    res = _run("""
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+        """, timeout=2.0, max_processes=16)
+    assert res.timed_out
+    # Every process of the bomb died with the sandbox's pid namespace.
+    time.sleep(0.2)
+    leftover = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real in _uid_range()]
+    assert leftover == []
+    assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0  # machine still fine
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="per-run uid (RLIMIT_NPROC as root) needs root")
+def test_nproc_limit_applies_as_root():
+    res = _run("""
+        import os, time
+        n = 0
+        try:
+            for _ in range(100):
+                if os.fork() == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                n += 1
+        except OSError as e:
+            print("limited", n, type(e).__name__)
+        """, timeout=10.0, max_processes=8)
+    assert res.exit_code == 0 and res.stdout.startswith("limited"), (res.stdout, res.stderr)
+    assert int(res.stdout.split()[1]) < 8
+
+
+def test_memory_bomb_fails_cleanly():
+    res = _run("x = bytearray(8 << 30)", memory_bytes=512 << 20)
+    assert res.exit_code == 1 and "MemoryError" in res.stderr
+    res = _run("""
+        chunks = []
+        while True:
+            chunks.append(b"x" * (16 << 20))
+        """, memory_bytes=512 << 20)
+    assert res.exit_code != 0 and not res.timed_out and "MemoryError" in res.stderr
+
+
+def test_huge_output_is_truncated():
+    start = time.monotonic()
+    res = _run("""
+        import sys
+        while True:
+            sys.stdout.write("x" * 65536)
+        """, timeout=10.0, max_output_bytes=1000, file_size_bytes=4 << 20)
+    # The file-size limit stops the writer long before the timeout (Python ignores SIGXFSZ,
+    # so the write fails with EFBIG; other programs die of the signal).
+    assert not res.timed_out and res.exit_code in (1, -signal.SIGXFSZ)
+    assert res.exit_code == -signal.SIGXFSZ or "File too large" in res.stderr
+    assert res.stdout.startswith("x" * 1000) and "truncated" in res.stdout and len(res.stdout) < 1100
+    assert time.monotonic() - start < 8.0
+
+
+def test_cannot_write_outside_its_directory():
+    owned = tempfile.mkdtemp(prefix="ctpo_probe_", dir=os.path.expanduser("~"))
+    os.chmod(owned, 0o777)  # even a world-writable host directory must stay untouched
+    tmp_name = f"/tmp/ctpo_probe_{os.getpid()}"
+    try:
+        res = _run(f"""
+            import os
+            for path in ("/etc/ctpo_probe", "{owned}/x", "{os.getcwd()}/ctpo_probe"):
+                try:
+                    open(path, "w").write("pwned")
+                    print("WROTE", path)
+                except OSError as e:
+                    print("denied", type(e).__name__)
+            open("{tmp_name}", "w").write("private")   # private tmpfs: allowed, invisible outside
+            open("local.txt", "w").write("ok")
+            print("cwd", os.getcwd(), sorted(os.listdir(".")))
+            """)
+        assert res.exit_code == 0, res.stderr
+        assert "WROTE" not in res.stdout and res.stdout.count("denied") == 3, res.stdout
+        assert "cwd /tmp/work ['local.txt', 'main.py']" in res.stdout
+        assert os.listdir(owned) == [] and not os.path.exists("/etc/ctpo_probe")
+        assert not os.path.exists(tmp_name) and not os.path.exists("ctpo_probe")
+        # The next run starts from an empty directory again.
+        assert _run("import os; print(sorted(os.listdir('.')))").stdout == "['main.py']\n"
+    finally:
+        shutil.rmtree(owned, ignore_errors=True)
+
+
+def test_cannot_read_parent_environment(monkeypatch):
+    monkeypatch.setenv("CTPO_TEST_SECRET", "s3cr3t-value")
+    res = _run(f"""
+        import glob, os
+        print(dict(os.environ))
+        for path in ["/proc/{os.getpid()}/environ", "/proc/1/environ"] + glob.glob("/proc/*/environ"):
+            try:
+                print(path, open(path, "rb").read())
+            except OSError as e:
+                print(path, "denied", type(e).__name__)
+        """)
+    assert res.exit_code == 0, res.stderr
+    assert "s3cr3t-value" not in res.stdout and "CTPO_TEST_SECRET" not in res.stdout
+    assert f"/proc/{os.getpid()}/environ denied" in res.stdout  # the trainer is not visible
+
+
+def test_pool_runs_concurrently_in_order():
+    codes = [f"import time; time.sleep(0.3); print({i} * {i})" for i in range(8)]
+    with SandboxPool(max_workers=8) as pool:
+        start = time.monotonic()
+        results = pool.map(codes)
+        elapsed = time.monotonic() - start
+
+        async def both():
+            return await asyncio.gather(pool.run("print('a')"), pool.run("print('b')"))
+
+        assert [r.stdout for r in asyncio.run(both())] == ["a\n", "b\n"]
+    assert [r.stdout for r in results] == [f"{i * i}\n" for i in range(8)]
+    assert elapsed < 8 * 0.3  # overlapped, not one after another
+    assert not _UIDS._in_use  # every uid handed back
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="timeout"):
+        run_code("pass", timeout=0)
+    with pytest.raises(ValueError, match="memory_bytes"):
+        SandboxConfig(memory_bytes=0)
+    with pytest.raises(ValueError, match="max_workers"):
+        SandboxPool(max_workers=0)
