@@ -27,4 +27,21 @@ std::string build_info() {
 
 TORCH_LIBRARY(ctpo_megatron, m) {
   m.def("build_info() -> str", &ctpo::build_info);
+  // Inclusive prefix sums of mask * values and of mask within each segment (padded rows of a
+  // [B, S] tensor, or [T] packed by int32 cu_seqlens [N+1]), starting from the optional float64
+  // per-segment carries; reverse=True scans from the end of each segment. mask=None means ones.
+  // Returns (cum, count): float32 for 16-bit values, else values' dtype.
+  m.def(
+      "segmented_scan(Tensor values, Tensor? mask, Tensor? cu_seqlens, Tensor? carry_sum, "
+      "Tensor? carry_count, bool reverse) -> (Tensor, Tensor)");
+  // Fused per-token CTPO surrogate. Returns (loss, dloss_dlogp, ratio, flags): per token, the
+  // rollout-IS-weighted surrogate, its derivative with respect to log_probs, the ratio
+  // exp(min(s_t, 10)) and uint8 clip flags (1 high, 2 low, 4 dual, 8 clipped surrogate chosen).
+  // adaptive=True: clip_low/high/c are la_low/la_high/la_c with scale max(n_t, 1)^power;
+  // adaptive=False: eps_low, eps_high and the constant dual bound clip_ratio_c.
+  m.def(
+      "ctpo_token_loss(Tensor log_probs, Tensor old_log_probs, Tensor advantages, Tensor mask, "
+      "Tensor? cu_seqlens, Tensor? carry_sum, Tensor? carry_count, Tensor? weights, bool geomean, "
+      "bool adaptive, float clip_low, float clip_high, float clip_c, float power) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
