@@ -1,0 +1,66 @@
+"""Aggregation of per-token losses into the scalar that is back-propagated.
+
+The reference's `agg_loss` with its global-batch semantics, loss = sum_bt W_bt l_bt:
+
+    token-mean               W = m / max(N_tok, 1) * dp_size
+                             N_tok = sum(m), or batch_num_tokens (tokens in the global batch)
+    seq-mean-token-sum       W = m 1[n_b > 0] / max(N_seq, 1) * dp_size
+    seq-mean-token-mean      W = m / (n_b + 1e-8) 1[n_b > 0] / max(N_seq, 1) * dp_size
+                             N_seq = rows with n_b > 0, or global_batch_size
+    seq-mean-token-sum-norm  W = m / loss_scale_factor (default: S); dp_size unused
+
+With batch_num_tokens / global_batch_size set to global-batch totals and dp_size to the data
+parallel size, the per-rank losses sum (over micro-batches, averaged over DP by the gradient
+all-reduce) to the global-batch mean, whatever the micro-batching.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(values * mask), with values at mask == 0 replaced by 0 first (NaN/inf safe)."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    masked = torch.where(mask.bool(), values, zero) * mask
+    return masked.sum() if dim is None else masked.sum(dim)
+
+
+def _denominator(total: int | float | torch.Tensor | None, default: torch.Tensor):
+    if total is None:
+        total = default
+    if torch.is_tensor(total):
+        return total.clamp(min=1)
+    return max(total, 1)
+
+
+def aggregate_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, *,
+                   dp_size: int = 1, batch_num_tokens: int | torch.Tensor | None = None,
+                   global_batch_size: int | torch.Tensor | None = None,
+                   loss_scale_factor: float | None = None) -> torch.Tensor:
+    """Scalar loss from per-token losses (see the module docstring for each mode's weights).
+
+    loss_mat: [B, S] float — per-token losses (IS weights already applied).
+    loss_mask: [B, S] float, binary — 1 generated token, 0 padding or tool output.
+    dp_size: data-parallel size (the gradient all-reduce averages over it).
+    batch_num_tokens: valid tokens in the global batch (token-mean); None = this micro-batch's.
+    global_batch_size: non-empty sequences in the global batch (seq-mean-*); None = local.
+    loss_scale_factor: divisor for seq-mean-token-sum-norm; None = S (loss_mat.shape[-1]).
+    """
+    loss_mask = loss_mask.to(loss_mat.dtype)
+    if loss_agg_mode == "token-mean":
+        denom = _denominator(batch_num_tokens, loss_mask.sum())
+        return masked_sum(loss_mat, loss_mask) / denom * dp_size
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        seq_losses = masked_sum(loss_mat, loss_mask, dim=-1)
+        seq_tokens = loss_mask.sum(-1)
+        if loss_agg_mode == "seq-mean-token-mean":
+            seq_losses = seq_losses / (seq_tokens + 1e-8)
+        seq_mask = (seq_tokens > 0).to(loss_mat.dtype)  # fully masked rows do not count
+        denom = _denominator(global_batch_size, seq_mask.sum())
+        return masked_sum(seq_losses, seq_mask) / denom * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        if loss_scale_factor is None:
+            loss_scale_factor = loss_mask.shape[-1]
+        return masked_sum(loss_mat, loss_mask, dim=-1).sum() / loss_scale_factor
+    raise ValueError(f"aggregate_loss: unknown loss_agg_mode={loss_agg_mode!r}")

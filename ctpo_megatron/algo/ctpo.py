@@ -1,0 +1,123 @@
+"""CTPO: cumulative-token importance ratios with position-adaptive (or plain) clipping.
+
+    d_t   = clamp(lp_t - olp_t, -20, 20)
+    C_t   = sum_{s<=t} m_s d_s,  n_t = sum_{s<=t} m_s            (masked_cumsum)
+    L_t   = C_t (cumprod) or C_t / max(n_t, 1) (geomean), 0 where m_t = 0
+    x_t   = min(sg(L_t) + lp_t - sg(lp_t), 10);  r_t = exp(x_t) (0 where m_t = 0)
+    LA    : r_hat_t = exp(clamp(x_t, -la_low g_t, la_high g_t)),  D_t = exp(la_c g_t),
+            g_t = max(n_t, 1)**p
+    plain : r_hat_t = clamp(r_t, 1 - eps_low, 1 + eps_high),     D_t = clip_ratio_c
+    l_t   = max(-A r_t, -A r_hat_t), capped at -A D_t where A < 0
+
+The gradient reaches only the current token's log-prob (the prefix sum is detached).
+`ctpo_token_terms` is the pure-torch definition; `resolve_ctpo_token_terms` is the one seam
+where a fused kernel replaces it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import torch
+
+from ctpo_megatron.algo.config import PolicyLossConfig
+from ctpo_megatron.algo.cumulative import masked_cumsum
+from ctpo_megatron.algo.terms import (LOG_RATIO_CLAMP, LOG_RATIO_MAX, TokenTerms, clipped_surrogate,
+                                      masked_inputs)
+
+logger = logging.getLogger(__name__)
+
+TokenTermsFn = Callable[..., TokenTerms]
+
+
+def ctpo_log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor,
+                   response_mask: torch.Tensor) -> torch.Tensor:
+    """The per-token values whose masked prefix sum is C_t (what a CP scan must sum).
+
+    log_probs, old_log_probs: [B, S] (or [T]) float; response_mask: same shape, binary.
+    Returns d = clamp(log_probs - old_log_probs, -20, 20), detached, 0 where the mask is 0,
+    in the compute dtype (float32 for half inputs).
+    """
+    _, _, lp, olp, _ = masked_inputs(log_probs, old_log_probs, old_log_probs, response_mask)
+    return (lp - olp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).detach()
+
+
+def ctpo_token_terms(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                     response_mask: torch.Tensor, cfg: PolicyLossConfig, *,
+                     cum_log_ratio: torch.Tensor | None = None,
+                     cum_count: torch.Tensor | None = None) -> TokenTerms:
+    """Per-token CTPO terms (pure torch; the oracle of the fused kernel).
+
+    log_probs: [B, S] float — current policy log-prob per response token (autograd).
+    old_log_probs: [B, S] float — behaviour-policy log-probs (no gradient).
+    advantages: [B, S] float — per token (GRPO: the sequence advantage broadcast).
+    response_mask: [B, S] binary — 1 generated token, 0 padding or tool output.
+    cfg: uses variant, adaptive_clip, la_clip_low/high/c, la_power, clip_ratio_low/high/c.
+    cum_log_ratio, cum_count: optional [B, S] precomputed prefix sums C_t and n_t of
+        `ctpo_log_ratio(...)` and the mask (e.g. global sums under context parallelism, where
+        the row is this rank's shard); both or neither. Default: `masked_cumsum` per row.
+    """
+    valid, mask, lp, olp, adv = masked_inputs(log_probs, old_log_probs, advantages, response_mask)
+    log_ratio = (lp - olp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).detach()
+    if (cum_log_ratio is None) != (cum_count is None):
+        raise ValueError("ctpo_token_terms: pass both cum_log_ratio and cum_count, or neither")
+    if cum_log_ratio is None:
+        cum, count = masked_cumsum(log_ratio, mask)
+    else:
+        for name, t in (("cum_log_ratio", cum_log_ratio), ("cum_count", cum_count)):
+            if t.shape != lp.shape:
+                raise ValueError(f"ctpo_token_terms: {name} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(lp.shape)} (the shape of log_probs)")
+        cum, count = cum_log_ratio.detach().to(lp.dtype), cum_count.detach().to(lp.dtype)
+
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    cum_values = cum / count.clamp(min=1.0) if cfg.variant == "geomean" else cum
+    cum_values = torch.where(valid, cum_values, zero)
+    # Value L_t, gradient only through the current token's log-prob (reference expression order).
+    x = torch.clamp(cum_values.detach() + lp - lp.detach(), max=LOG_RATIO_MAX)
+    ratio = torch.where(valid, torch.exp(x), zero)
+
+    la_scale = None
+    if cfg.adaptive_clip:
+        # p == 0 means a uniform scale; the reference crashes there (exp of a Python float).
+        la_scale = count.clamp(min=1.0).pow(cfg.la_power) if cfg.la_power != 0.0 else torch.ones_like(count)
+        bound_low = cfg.la_clip_low * la_scale
+        bound_high = cfg.la_clip_high * la_scale
+        clipped_ratio = torch.where(valid, torch.exp(torch.clamp(x, -bound_low, bound_high)), zero)
+        dual = torch.where(valid, torch.exp(cfg.la_clip_c * la_scale), torch.ones_like(la_scale))
+        clip_high = (x > bound_high) & (adv > 0)
+        clip_low = (x < -bound_low) & (adv < 0)
+    else:
+        clipped_ratio = torch.clamp(ratio, 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
+        dual = cfg.clip_ratio_c
+        clip_high = (ratio > 1.0 + cfg.clip_ratio_high) & (adv > 0)
+        clip_low = (ratio < 1.0 - cfg.clip_ratio_low) & (adv < 0)
+
+    pg_losses, clipped, clip_dual = clipped_surrogate(adv, ratio, clipped_ratio, dual)
+    return TokenTerms(
+        pg_losses=pg_losses, ratio=ratio.detach(), log_ratio_clamped=log_ratio,
+        clip_high=clip_high & valid, clip_low=clip_low & valid, clip_dual=clip_dual & valid,
+        clipped=clipped & valid, la_scale=None if la_scale is None else la_scale.detach())
+
+
+@functools.cache
+def _fused_ctpo_token_terms() -> TokenTermsFn | None:
+    try:
+        from ctpo_megatron.ops import fused_ctpo_token_terms
+    except ImportError:
+        return None
+    logger.info("CTPO loss: using ctpo_megatron.ops.fused_ctpo_token_terms")
+    return fused_ctpo_token_terms
+
+
+def resolve_ctpo_token_terms() -> TokenTermsFn:
+    """The seam for the fused kernel: the function `policy_loss` uses for the CTPO terms.
+
+    `ctpo_megatron.ops.fused_ctpo_token_terms` when `ops` exports it (same signature and
+    `TokenTerms` result as `ctpo_token_terms`, `pg_losses` differentiable), else the
+    pure-torch `ctpo_token_terms`.
+    """
+    fused = _fused_ctpo_token_terms()
+    return ctpo_token_terms if fused is None else fused

@@ -1,0 +1,84 @@
+"""`policy_loss`: validate inputs, per-token terms from the registry, IS weights, aggregate, metrics."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ctpo_megatron.algo.aggregate import aggregate_loss
+from ctpo_megatron.algo.config import PolicyLossConfig
+from ctpo_megatron.algo.metrics import policy_metrics
+from ctpo_megatron.algo.registry import FIXED_AGG_MODE, LOSSES
+from ctpo_megatron.logging_utils import warn_once
+
+logger = logging.getLogger(__name__)
+
+
+def _check_inputs(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                  response_mask: torch.Tensor,
+                  extra: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    if log_probs.dim() != 2:
+        raise ValueError(f"policy_loss: log_probs must be [B, S], got shape {tuple(log_probs.shape)}")
+    if not log_probs.is_floating_point():
+        raise ValueError(f"policy_loss: log_probs must be floating point, got {log_probs.dtype}")
+    shape = log_probs.shape
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    if advantages.shape[-1] == 1 and advantages.dim() == 2:
+        advantages = advantages.expand(shape)
+    named = {"old_log_probs": old_log_probs, "advantages": advantages, "response_mask": response_mask,
+             **extra}
+    for name, tensor in named.items():
+        if tensor is not None and tensor.shape != shape:
+            raise ValueError(f"policy_loss: {name} has shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(shape)} (the shape of log_probs)")
+        if tensor is not None and tensor.device != log_probs.device:
+            raise ValueError(f"policy_loss: {name} is on {tensor.device}, log_probs on {log_probs.device}")
+    return advantages
+
+
+def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                response_mask: torch.Tensor, cfg: PolicyLossConfig,
+                rollout_is_weights: torch.Tensor | None = None, *,
+                batch_num_tokens: int | torch.Tensor | None = None,
+                global_batch_size: int | torch.Tensor | None = None, dp_size: int = 1,
+                loss_scale_factor: float | None = None,
+                cum_log_ratio: torch.Tensor | None = None,
+                cum_count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The policy-gradient loss of one micro-batch and its metrics.
+
+    log_probs: [B, S] float — current policy log-prob per response token (autograd); B
+        sequences, S response positions (padded layout, prompt excluded); full over TP.
+    old_log_probs: [B, S] float — behaviour-policy log-probs (no gradient).
+    advantages: [B, S] float, or [B] / [B, 1] broadcast over tokens (no gradient).
+    response_mask: [B, S] binary — 1 generated token, 0 padding or tool output.
+    cfg: which loss and its settings.
+    rollout_is_weights: optional [B, S] rollout-correction weights multiplied into the
+        per-token loss (see `rollout_correction_weights`), no gradient.
+    batch_num_tokens, global_batch_size, dp_size, loss_scale_factor: global-batch
+        normalisation (see `aggregate_loss`); defaults give the micro-batch mean.
+    cum_log_ratio, cum_count: optional [B, S] prefix sums for "ctpo" (global totals for "seq"),
+        e.g. from the context-parallel scan; see `ctpo_token_terms`.
+    Returns (loss: 0-d tensor in the compute dtype with autograd to log_probs; metrics: dict of
+    floats, see `algo.metrics.policy_metrics`).
+    """
+    advantages = _check_inputs(log_probs, old_log_probs, advantages, response_mask,
+                               {"rollout_is_weights": rollout_is_weights,
+                                "cum_log_ratio": cum_log_ratio, "cum_count": cum_count})
+    terms = LOSSES[cfg.name](log_probs, old_log_probs, advantages, response_mask, cfg,
+                             cum_log_ratio=cum_log_ratio, cum_count=cum_count)
+    pg_losses = terms.pg_losses
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights.detach().to(pg_losses.dtype)
+    agg_mode = FIXED_AGG_MODE.get(cfg.name, cfg.loss_agg_mode)
+    if agg_mode != cfg.loss_agg_mode:
+        warn_once(logger, f"{cfg.name} loss aggregates with {agg_mode}; "
+                          f"loss_agg_mode={cfg.loss_agg_mode!r} is ignored")
+    mask = (response_mask > 0).to(pg_losses.dtype)
+    loss = aggregate_loss(pg_losses, mask, agg_mode, dp_size=dp_size,
+                          batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                          loss_scale_factor=loss_scale_factor)
+    with torch.no_grad():
+        metrics = policy_metrics(terms, response_mask, advantages, cfg)
+    return loss, metrics
