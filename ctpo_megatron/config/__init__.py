@@ -1,0 +1,11 @@
+"""Typed configuration of a CTPO run (dataclasses registered in Hydra's ConfigStore)."""
+
+from ctpo_megatron.config.data import DataConfig
+from ctpo_megatron.config.model import ModelConfig, ParallelConfig
+from ctpo_megatron.config.rollout import RolloutConfig
+from ctpo_megatron.config.schema import TrainConfig
+from ctpo_megatron.config.store import load_config, register_configs, save_config
+from ctpo_megatron.config.trainer import TrainerConfig
+
+__all__ = ["DataConfig", "ModelConfig", "ParallelConfig", "RolloutConfig", "TrainConfig",
+           "TrainerConfig", "load_config", "register_configs", "save_config"]

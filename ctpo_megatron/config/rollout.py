@@ -1,0 +1,61 @@
+"""Rollout settings (Hydra group `rollout`): servers, sampling, tool turns, weight sync."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RolloutConfig:
+    """How trajectories are generated. Defaults are the paper's setup."""
+
+    server_urls: list[str] = field(default_factory=list)
+    """External SGLang servers (or a router) as `http://host:port`. Empty: the trainer starts
+    `num_servers` embedded servers itself and stops them at exit."""
+    num_servers: int = 1
+    """Embedded servers to start when `server_urls` is empty."""
+    server_backend: str = "embedded"
+    """What the trainer launches when `server_urls` is empty: `embedded` (our CPU/GPU HTTP
+    server speaking SGLang's API) or `sglang` (a real SGLang server; needs CUDA)."""
+    n_samples: int = 8
+    """Responses sampled per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = -1
+    """Top-k sampling (-1: off)."""
+    max_prompt_len: int = 16384
+    """Longest prompt, tokens; longer prompts are skipped with a warning."""
+    max_response_len: int = 8192
+    """Response budget per trajectory, tokens: generated tokens plus inserted tool output."""
+    max_tool_turns: int = 5
+    """Tool calls per trajectory; after that the model must answer."""
+    tool_timeout_s: float = 10.0
+    """Wall-clock limit of one sandboxed code run, seconds."""
+    max_concurrency: int = 256
+    """Trajectories in flight at once across all servers."""
+    weight_sync: str = "auto"
+    """Weight-resync transport (see `rollout.weight_sync`); `auto` picks the fastest available."""
+    request_timeout_s: float = 600.0
+    """HTTP timeout of one generate request, seconds."""
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"rollout.n_samples={self.n_samples} must be >= 1")
+        if not self.server_urls and self.num_servers < 1:
+            raise ValueError("rollout.num_servers must be >= 1 when rollout.server_urls is empty")
+        for url in self.server_urls:
+            if not str(url).startswith(("http://", "https://")):
+                raise ValueError(f"rollout.server_urls: {url!r} is not an http(s):// URL")
+        if self.server_backend not in ("embedded", "sglang"):
+            raise ValueError(f"rollout.server_backend={self.server_backend!r}: expected embedded or sglang")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature={self.temperature} must be > 0 (RL samples)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+        for name in ("max_prompt_len", "max_response_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        if self.max_tool_turns < 0:
+            raise ValueError(f"rollout.max_tool_turns={self.max_tool_turns} must be >= 0")

@@ -1,0 +1,70 @@
+"""The top-level training config: one dataclass tree, registered in Hydra's ConfigStore.
+
+The dataclasses are the single source of truth (defaults = the paper's setup); the YAML files
+under `configs/` only override fields. `python -m ctpo_megatron.train` converts the composed
+DictConfig once with `OmegaConf.to_object`, which runs every `__post_init__` check; below the
+entry point code sees only these typed objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctpo_megatron.algo.config import PolicyLossConfig
+from ctpo_megatron.algo.correction import RolloutCorrectionConfig
+from ctpo_megatron.config.data import DataConfig
+from ctpo_megatron.config.model import ModelConfig, ParallelConfig
+from ctpo_megatron.config.rollout import RolloutConfig
+from ctpo_megatron.config.trainer import TrainerConfig
+from ctpo_megatron.parallel.dims import ParallelDims
+
+
+@dataclass
+class TrainConfig:
+    """Everything a CTPO run needs. Hydra groups: model, parallel, algo, rollout, data."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model (group `model`: tiny, qwen3_14b, qwen3_32b, qwen2.5_32b)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP x PP x CP x DP layout of the Megatron policy (group `parallel`)."""
+    algo: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    """Policy loss: CTPO or a baseline (group `algo`: ctpo, ctpo_geomean, grpo, gspo, ...)."""
+    correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    """Rollout/trainer mismatch correction (truncated sequence-level IS at 5.0 by default)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Servers, sampling, tool turns, weight sync (group `rollout`)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out prompt sets (group `data`)."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """The RL loop: batch sizes, schedule, evaluation, checkpoints, logging."""
+    cluster: Any = None
+    """Slurm launcher settings (group `cluster`); read by the launcher, ignored by the trainer."""
+
+    def __post_init__(self) -> None:
+        budget = self.rollout.max_prompt_len + self.rollout.max_response_len
+        if budget > self.model.max_position_embeddings:
+            raise ValueError(
+                f"rollout.max_prompt_len ({self.rollout.max_prompt_len}) + rollout.max_response_len "
+                f"({self.rollout.max_response_len}) = {budget} exceeds the context of model "
+                f"{self.model.name}: model.max_position_embeddings={self.model.max_position_embeddings}")
+        if self.correction.enabled and self.trainer.old_log_probs == "rollout":
+            raise ValueError("correction.enabled=true needs trainer.old_log_probs=actor: with the "
+                             "rollout's log-probs as old log-probs there is no mismatch to correct "
+                             "(set correction.enabled=false)")
+
+    def validate(self, world_size: int) -> ParallelDims:
+        """Start-up checks that need the world size; returns the resolved parallel dims.
+
+        Raises ValueError naming the settings (TP x PP x CP x DP vs world size, TP vs heads,
+        PP vs layers, DP vs batch sizes) before any collective runs.
+        """
+        dims = self.parallel.check(self.model, world_size)
+        per_update = self.trainer.mini_batch_prompts * self.rollout.n_samples
+        if per_update % dims.dp:
+            raise ValueError(
+                f"trainer.mini_batch_prompts ({self.trainer.mini_batch_prompts}) x rollout.n_samples "
+                f"({self.rollout.n_samples}) = {per_update} trajectories per update is not divisible "
+                f"by the data-parallel size dp={dims.dp} (world size {world_size} / "
+                f"(tp {dims.tp} x pp {dims.pp} x cp {dims.cp}))")
+        return dims
