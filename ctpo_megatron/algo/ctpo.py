@@ -71,12 +71,24 @@ def ctpo_token_terms(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advan
                 raise ValueError(f"ctpo_token_terms: {name} has shape {tuple(t.shape)}, expected "
                                  f"{tuple(lp.shape)} (the shape of log_probs)")
         cum, count = cum_log_ratio.detach().to(lp.dtype), cum_count.detach().to(lp.dtype)
+    return ctpo_terms_from_prefix(lp, lp.detach(), adv, valid, log_ratio, cum, count, cfg)
 
+
+def ctpo_terms_from_prefix(lp: torch.Tensor, lp_anchor: torch.Tensor, adv: torch.Tensor,
+                           valid: torch.Tensor, log_ratio: torch.Tensor, cum: torch.Tensor,
+                           count: torch.Tensor, cfg: PolicyLossConfig) -> TokenTerms:
+    """CTPO terms from the prefix sums: x_t = min(sg(L_t) + lp_t - lp_anchor_t, 10), then clip.
+
+    lp, lp_anchor, adv, log_ratio, cum, count: [B, S] compute dtype (invalid positions zeroed);
+    valid: [B, S] bool. The loss passes lp_anchor = sg(lp): the value is L_t and the gradient
+    reaches only lp_t. A constant anchor turns the same code into an ordinary function of lp
+    whose derivative is that gradient (what the float64 gradcheck checks).
+    """
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     cum_values = cum / count.clamp(min=1.0) if cfg.variant == "geomean" else cum
     cum_values = torch.where(valid, cum_values, zero)
     # Value L_t, gradient only through the current token's log-prob (reference expression order).
-    x = torch.clamp(cum_values.detach() + lp - lp.detach(), max=LOG_RATIO_MAX)
+    x = torch.clamp(cum_values.detach() + lp - lp_anchor, max=LOG_RATIO_MAX)
     ratio = torch.where(valid, torch.exp(x), zero)
 
     la_scale = None
