@@ -1,0 +1,288 @@
+"""Async HTTP client for SGLang's native API (0.5.23), token-in/token-out.
+
+    async with SGLangClient(["http://h1:30000", "http://h2:30000"]) as client:
+        res = await client.generate([1, 2, 3], {"max_new_tokens": 64, "temperature": 1.0})
+        res.output_ids, res.output_log_probs, res.weight_version
+
+* Load balancing: each request goes to the healthy server with the fewest requests in flight.
+* Concurrency: at most `max_in_flight` requests in flight (a semaphore); one connection pool.
+* Failures: connection errors, timeouts and 5xx (503 while a server starts) are retried with
+  exponential backoff, on another server when there is one, up to `max_retries` times; a
+  server that refused a connection is skipped for `down_cooldown_s`. 4xx is not retried. When
+  the budget is spent the request fails with `GenerationError` naming every URL tried and the
+  last response body: a request is never dropped silently.
+* Requests finished by the server with `finish_reason.type == "abort"` (abort_request,
+  pause_generation(mode="abort")) are returned as they are; the caller decides.
+* Payloads: `sampling_params` is checked client-side against SGLang's own contract
+  (`rollout.contract`), so an unknown key fails here, before any request is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import aiohttp
+
+from ctpo_megatron.rollout.contract import validate_sampling_params
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """One finished generation.
+
+    output_ids: [R] int — generated token ids, including the matched stop/EOS token.
+    output_log_probs: [R] float — rollout log-prob of each output token (empty when
+      return_logprob=False); SGLang's definition: log_softmax(logits / temperature).
+    """
+
+    output_ids: list[int]
+    output_log_probs: list[float]
+    finish_reason: dict | None
+    weight_version: str
+    prompt_tokens: int
+    server_url: str
+    rid: str = ""
+    meta_info: dict = field(default_factory=dict, repr=False)
+
+
+class ServerError(RuntimeError):
+    """A server answered with an error status (or an unusable body); keeps the body."""
+
+    def __init__(self, url: str, status: int, body: str, path: str = "/generate"):
+        super().__init__(f"{url}{path} returned HTTP {status}: {body[:2000]}")
+        self.url, self.status, self.body, self.path = url, status, body, path
+
+
+class GenerationError(RuntimeError):
+    """A request failed on every attempt; the message names each URL tried and why."""
+
+
+_TRANSIENT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+
+
+def _normalize_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
+class SGLangClient:
+    """Client for one or more SGLang (or embedded) servers; see the module docstring."""
+
+    def __init__(self, urls: Sequence[str], *, timeout_s: float = 3600.0, connect_timeout_s: float = 10.0,
+                 max_retries: int = 3, max_in_flight: int = 2048, retry_backoff_s: float = 0.5,
+                 down_cooldown_s: float = 5.0, validate: bool = True):
+        if not urls:
+            raise ValueError("SGLangClient needs at least one server URL")
+        if max_retries < 0 or max_in_flight < 1:
+            raise ValueError(f"max_retries must be >= 0 and max_in_flight >= 1, got {max_retries}, "
+                             f"{max_in_flight}")
+        self.urls = [_normalize_url(u) for u in urls]
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
+        self.max_retries = max_retries
+        self.max_in_flight = max_in_flight
+        self.retry_backoff_s = retry_backoff_s
+        self.down_cooldown_s = down_cooldown_s
+        self.validate = validate
+        self.in_flight = {u: 0 for u in self.urls}
+        self._down_until = {u: 0.0 for u in self.urls}
+        self._semaphore: asyncio.Semaphore | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "SGLangClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.max_in_flight + 16, limit_per_host=0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+            self._semaphore = asyncio.Semaphore(self.max_in_flight)
+        return self._session
+
+    def _pick(self, tried: set[str]) -> str:
+        now = time.monotonic()
+        candidates = [u for u in self.urls if self._down_until[u] <= now and u not in tried]
+        candidates = candidates or [u for u in self.urls if u not in tried] or self.urls
+        return min(candidates, key=lambda u: (self.in_flight[u], self._down_until[u]))
+
+    # ---- raw HTTP --------------------------------------------------------------------------
+    async def _request(self, method: str, url: str, path: str, body: Any = None,
+                       timeout: aiohttp.ClientTimeout | None = None) -> tuple[int, str]:
+        session = self._get_session()
+        data = None if body is None else json.dumps(body)
+        async with session.request(method, url + path, data=data, timeout=timeout or self.timeout,
+                                   headers={"Content-Type": "application/json"}) as resp:
+            return resp.status, await resp.text()
+
+    async def post_json(self, url: str, path: str, body: dict | None = None) -> Any:
+        """POSTs `body` ({} by default: SGLang control endpoints need a JSON body) to one server.
+
+        Returns the parsed JSON (or the text); raises ServerError on a non-200 answer.
+        """
+        status, text = await self._request("POST", url, path, {} if body is None else body)
+        if status != 200:
+            raise ServerError(url, status, text, path)
+        try:
+            return json.loads(text) if text else None
+        except json.JSONDecodeError:
+            return text
+
+    async def _all(self, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
+        async def one(url: str) -> Any:
+            if method == "GET":
+                status, text = await self._request("GET", url, path)
+                if status != 200:
+                    raise ServerError(url, status, text, path)
+                return text
+            return await self.post_json(url, path, body)
+
+        results = await asyncio.gather(*(one(u) for u in self.urls), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        return dict(zip(self.urls, results))
+
+    # ---- generation ------------------------------------------------------------------------
+    async def generate(self, input_ids: Sequence[int], sampling_params: dict, *,
+                       return_logprob: bool = True, rid: str | None = None,
+                       _validated: bool = False) -> GenerateResult:
+        """Generates from one prompt; retried on transient failures (see module docstring)."""
+        if not input_ids:
+            raise ValueError("input_ids is empty")
+        if (sampling_params or {}).get("n", 1) not in (1, None):
+            raise ValueError("generate() returns one sample: use n=1 and call generate_many with the "
+                             "prompt repeated for several samples")
+        if self.validate and not _validated:
+            validate_sampling_params(sampling_params)
+        body = {"input_ids": [int(t) for t in input_ids], "sampling_params": sampling_params,
+                "return_logprob": return_logprob, "rid": rid or uuid.uuid4().hex}
+        self._get_session()
+        assert self._semaphore is not None
+        async with self._semaphore:
+            return await self._generate_with_retries(body, return_logprob)
+
+    async def _generate_with_retries(self, body: dict, return_logprob: bool) -> GenerateResult:
+        tried: set[str] = set()
+        failures: list[str] = []
+        for attempt in range(self.max_retries + 1):
+            url = self._pick(tried)
+            tried.add(url)
+            self.in_flight[url] += 1
+            try:
+                status, text = await self._request("POST", url, "/generate", body)
+            except _TRANSIENT as e:
+                self._down_until[url] = time.monotonic() + self.down_cooldown_s
+                failures.append(f"{url}: {type(e).__name__}: {e}")
+                logger.warning("generate on %s failed (%s), attempt %d/%d", url, e, attempt + 1,
+                               self.max_retries + 1)
+            else:
+                if status == 200:
+                    return self._parse(url, text, return_logprob)
+                if status < 500:
+                    raise ServerError(url, status, text)
+                failures.append(f"{url}: HTTP {status}: {text[:500]}")
+                logger.warning("generate on %s answered %d, attempt %d/%d", url, status, attempt + 1,
+                               self.max_retries + 1)
+            finally:
+                self.in_flight[url] -= 1
+            if attempt < self.max_retries:
+                await asyncio.sleep(min(self.retry_backoff_s * 2 ** attempt, 10.0))
+        raise GenerationError(f"generate (rid {body['rid']}) failed after {self.max_retries + 1} "
+                              "attempts:\n  " + "\n  ".join(failures))
+
+    @staticmethod
+    def _parse(url: str, text: str, return_logprob: bool) -> GenerateResult:
+        try:
+            out = json.loads(text)
+            meta = out["meta_info"]
+            output_ids = [int(t) for t in out["output_ids"]]
+            logprobs = [float(e[0]) for e in meta.get("output_token_logprobs") or []] if return_logprob else []
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ServerError(url, 200, f"malformed /generate response ({e}): {text[:2000]}") from None
+        if return_logprob and len(logprobs) != len(output_ids):
+            raise ServerError(url, 200, f"{len(logprobs)} log-probs for {len(output_ids)} output ids: "
+                                        f"{text[:2000]}")
+        return GenerateResult(output_ids=output_ids, output_log_probs=logprobs,
+                              finish_reason=meta.get("finish_reason"),
+                              weight_version=str(meta.get("weight_version") or "default"),
+                              prompt_tokens=int(meta.get("prompt_tokens", 0)), server_url=url,
+                              rid=str(meta.get("id", "")), meta_info=meta)
+
+    async def generate_many(self, list_of_input_ids: Sequence[Sequence[int]], sampling_params: dict, *,
+                            return_logprob: bool = True) -> list[GenerateResult]:
+        """Generates for many prompts concurrently (each its own request); results in input order.
+
+        Raises the first failure after every request has settled (none keeps running).
+        """
+        if self.validate:
+            validate_sampling_params(sampling_params)
+        tasks = [asyncio.ensure_future(self.generate(ids, sampling_params, return_logprob=return_logprob,
+                                                     _validated=True))
+                 for ids in list_of_input_ids]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return list(results)
+
+    # ---- control -----------------------------------------------------------------------------
+    async def health(self) -> dict[str, bool]:
+        """`GET /health` on every server: {url: healthy}."""
+        async def one(url: str) -> bool:
+            try:
+                status, _ = await self._request("GET", url, "/health",
+                                                timeout=aiohttp.ClientTimeout(total=30, connect=5))
+                return status == 200
+            except _TRANSIENT:
+                return False
+        return dict(zip(self.urls, await asyncio.gather(*(one(u) for u in self.urls))))
+
+    async def model_info(self, url: str | None = None) -> dict:
+        """`GET /model_info` of one server (the first by default)."""
+        url = _normalize_url(url) if url else self.urls[0]
+        status, text = await self._request("GET", url, "/model_info")
+        if status != 200:
+            raise ServerError(url, status, text, "/model_info")
+        return json.loads(text)
+
+    async def flush_cache(self) -> dict[str, str]:
+        """`POST /flush_cache` on every server; ServerError when one refuses (requests running)."""
+        return await self._all("POST", "/flush_cache")
+
+    async def abort(self, rid: str) -> None:
+        """Aborts request `rid` wherever it runs."""
+        await self._all("POST", "/abort_request", {"rid": rid})
+
+    async def abort_all(self) -> None:
+        """Aborts every request on every server; they finish with finish_reason type "abort"."""
+        await self._all("POST", "/abort_request", {"abort_all": True})
+
+    async def pause_generation(self, mode: str = "retract") -> None:
+        """Pauses every server: "abort" | "retract" | "in_place" (new requests wait meanwhile)."""
+        if mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"pause mode must be abort, retract or in_place, got {mode!r}")
+        await self._all("POST", "/pause_generation", {"mode": mode})
+
+    async def continue_generation(self) -> None:
+        """Resumes every server after pause_generation."""
+        await self._all("POST", "/continue_generation", {})
+
+    async def update_weight_version(self, version: str, abort_all_requests: bool = False) -> None:
+        """Sets the weight version string reported in later responses' meta_info."""
+        await self._all("POST", "/update_weight_version",
+                        {"new_version": version, "abort_all_requests": abort_all_requests})

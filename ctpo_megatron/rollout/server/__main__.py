@@ -1,0 +1,55 @@
+"""CLI: `python -m ctpo_megatron.rollout.server --model DIR --port P [options]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+from aiohttp import web
+
+from ctpo_megatron.logging_utils import init_logging
+from ctpo_megatron.rollout.server.app import build_app, make_state
+
+logger = logging.getLogger("ctpo_megatron.rollout.server")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ctpo_megatron.rollout.server",
+        description="Embedded inference server: serves SGLang's native HTTP API (token-in/"
+                    "token-out /generate, weight updates, control) from a Hugging Face causal LM.")
+    parser.add_argument("--model", "--model-path", dest="model", required=True,
+                        help="Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=30000, help="TCP port (default 30000)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="base seed for requests without sampling_seed (default 0)")
+    parser.add_argument("--max-batch-size", type=int, default=32,
+                        help="most sequences decoded together in one batch (default 32)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="model dtype; log-probs are always computed in float32")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    parser.add_argument("--weight-version", default="default", help="initial weight version string")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0 = leave torch's default)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    init_logging(0)
+    if args.max_batch_size < 1:
+        raise SystemExit(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    state = make_state(model=args.model, seed=args.seed, max_batch_size=args.max_batch_size,
+                       dtype=args.dtype, device=args.device, weight_version=args.weight_version,
+                       host=args.host, port=args.port)
+    logger.info("serving %s on http://%s:%d", args.model, args.host, args.port)
+    web.run_app(build_app(state), host=args.host, port=args.port, print=None,
+                access_log=None, handle_signals=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Request scheduling for the embedded server: static batches of the requests that arrive
+together, one background thread running prefill + decode with a KV cache, and SGLang's
+control semantics (abort, pause in abort / retract / in_place mode, continue, weight-update
+exclusion, flush_cache).
+
+Threads: the aiohttp event loop submits requests and control calls; the scheduler thread runs
+the model. Results travel back through `Request.notify` (set by the HTTP layer, thread-safe).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ctpo_megatron.rollout.server.model_runner import ModelRunner
+from ctpo_megatron.rollout.server.sampling import SamplingParams, sample_next
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One sequence to generate (a batch item with n > 1 becomes n Requests)."""
+
+    input_ids: list[int]
+    params: SamplingParams
+    rid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    seed: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    input_logprobs: list[float | None] | None = None
+    finish_reason: dict | None = None
+    weight_version: str = "default"
+    num_retractions: int = 0
+    created: float = field(default_factory=time.monotonic)
+    notify: Callable[["Request", bool], None] | None = None
+    _abort_message: str | None = None
+    _generator: torch.Generator | None = None
+    _since_notify: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        return self._generator
+
+    def publish(self, final: bool) -> None:
+        if self.notify is not None:
+            self.notify(self, final)
+
+
+class Scheduler:
+    """Batches requests and runs them on a ModelRunner in a background thread."""
+
+    def __init__(self, runner: ModelRunner, *, max_batch_size: int = 32, batch_wait_s: float = 0.005,
+                 weight_version: str = "default"):
+        self.runner = runner
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.weight_version = weight_version
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._paused: str | None = None      # None or the pause mode
+        self._update_pending = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="embedded-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- submission and control (any thread) ------------------------------------------------
+    def submit(self, requests: list[Request]) -> None:
+        with self._cv:
+            for req in requests:
+                req.weight_version = self.weight_version
+                self._waiting.append(req)
+            self._cv.notify_all()
+
+    def abort(self, rid: str = "", abort_all: bool = False, message: str = "Abort request") -> None:
+        """Aborts matching requests; waiting ones finish now, running ones at the next step."""
+        with self._cv:
+            for req in list(self._waiting):
+                if abort_all or req.rid == rid:
+                    self._waiting.remove(req)
+                    self._finish(req, {"type": "abort", "message": message, "status_code": None,
+                                       "err_type": None})
+            for req in self._running:
+                if abort_all or req.rid == rid:
+                    req._abort_message = message
+            self._cv.notify_all()
+
+    def pause(self, mode: str) -> None:
+        """SGLang's pause_generation: returns once no batch is mid-step (abort / retract: idle)."""
+        with self._cv:
+            self._paused = mode
+            self._cv.notify_all()
+        if mode == "abort":
+            self.abort(abort_all=True, message="Abort by pause_generation")
+        with self._cv:
+            if mode in ("abort", "retract"):
+                self._cv.wait_for(lambda: not self._running)
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = None
+            self._cv.notify_all()
+
+    @property
+    def paused(self) -> str | None:
+        return self._paused
+
+    def is_idle(self) -> bool:
+        with self._cv:
+            return not self._running and not self._waiting
+
+    def can_flush(self) -> bool:
+        """SGLang refuses a flush while requests run or wait (retracted ones do not count)."""
+        with self._cv:
+            in_place_running = bool(self._running)
+            return not in_place_running and (not self._waiting or self._paused is not None)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Model-update writer lock: waits for running batches unless paused, holds new ones back."""
+        with self._cv:
+            self._update_pending += 1
+            if self._paused is None:
+                self._cv.wait_for(lambda: not self._running)
+        try:
+            with self.runner.lock:
+                yield
+        finally:
+            with self._cv:
+                self._update_pending -= 1
+                self._cv.notify_all()
+
+    def set_weight_version(self, version: str) -> None:
+        with self._cv:
+            self.weight_version = version
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+    # ---- the scheduler thread ---------------------------------------------------------------
+    def _can_start(self) -> bool:
+        return bool(self._waiting) and self._paused is None and not self._update_pending
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stop or self._can_start())
+                if self._stop:
+                    return
+            time.sleep(self.batch_wait_s)  # let requests that arrive together join one batch
+            with self._cv:
+                if not self._can_start():
+                    continue
+                batch = [self._waiting.popleft()
+                         for _ in range(min(self.max_batch_size, len(self._waiting)))]
+                self._running = batch
+            try:
+                self._run_batch(batch)
+            except Exception as e:  # noqa: BLE001 - a failed batch must not kill the server
+                logger.exception("batch of %d requests failed", len(batch))
+                for req in batch:
+                    if not req.finished:
+                        self._finish(req, {"type": "abort", "message": f"internal error: {e}",
+                                           "status_code": 500, "err_type": type(e).__name__})
+            finally:
+                with self._cv:
+                    self._running = []
+                    self._cv.notify_all()
+
+    def _finish(self, req: Request, reason: dict) -> None:
+        req.finish_reason = reason
+        req.weight_version = self.weight_version
+        req.publish(final=True)
+
+    def _step_gate(self, batch: list[Request]) -> bool:
+        """Between steps: apply aborts, block while paused in place, stop for a retract."""
+        with self._cv:
+            for req in batch:
+                if not req.finished and req._abort_message is not None:
+                    self._finish(req, {"type": "abort", "message": req._abort_message,
+                                       "status_code": None, "err_type": None})
+            self._cv.wait_for(lambda: self._paused != "in_place" or self._stop)
+            if self._paused == "retract":
+                for req in reversed(batch):
+                    if not req.finished:
+                        req.num_retractions += 1
+                        self._waiting.appendleft(req)
+                return False
+            return not all(r.finished for r in batch)
+
+    def _run_batch(self, batch: list[Request]) -> None:
+        runner = self.runner
+        wants_input = [r.return_logprob and r.logprob_start_len >= 0 and r.input_logprobs is None
+                       for r in batch]
+        with runner.lock:
+            logits, state, pads = runner.prefill([r.input_ids + r.output_ids for r in batch],
+                                                 all_logits=any(wants_input))
+        for i, req in enumerate(batch):
+            if wants_input[i]:
+                req.input_logprobs = self._input_logprobs(logits[i, pads[i]:], req)
+        step_logits = logits[:, -1, :]
+        del logits
+        while True:
+            tokens = []
+            for i, req in enumerate(batch):
+                if req.finished:
+                    tokens.append(req.output_ids[-1] if req.output_ids else req.input_ids[-1])
+                    continue
+                self._sample_into(req, step_logits[i])
+                tokens.append(req.output_ids[-1] if req.output_ids else req.input_ids[-1])
+            if not self._step_gate(batch):
+                return
+            with runner.lock:
+                step_logits = runner.decode(tokens, state)
+
+    def _sample_into(self, req: Request, logits: torch.Tensor) -> None:
+        params = req.params
+        limit = params.max_new_tokens
+        if limit is not None and len(req.output_ids) >= limit:
+            self._finish(req, {"type": "length", "length": limit})
+            return
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops |= self.runner.eos_token_ids
+        banned = frozenset(stops) if len(req.output_ids) < params.min_new_tokens else frozenset()
+        token, logprob = sample_next(logits, params, req.generator(), banned)
+        req.output_ids.append(token)
+        req.output_logprobs.append(logprob)
+        total = len(req.input_ids) + len(req.output_ids)
+        if token in stops:
+            self._finish(req, {"type": "stop", "matched": token})
+        elif limit is not None and len(req.output_ids) >= limit:
+            self._finish(req, {"type": "length", "length": limit})
+        elif total >= self.runner.context_length:
+            self._finish(req, {"type": "length", "length": len(req.output_ids)})
+        else:
+            req._since_notify += 1
+            if req._since_notify >= (params.stream_interval or 1):
+                req._since_notify = 0
+                req.publish(final=False)
+
+    @staticmethod
+    def _input_logprobs(logits: torch.Tensor, req: Request) -> list[float | None]:
+        """Prompt log-probs from `logprob_start_len` on: entry j scores token j given tokens < j.
+
+        logits: [S_i, V] float32 — this row's prefill logits without its left padding.
+        """
+        ids = torch.tensor(req.input_ids, dtype=torch.long)
+        lp = torch.log_softmax(logits[: len(req.input_ids) - 1], dim=-1)
+        scored = lp.gather(1, ids[1:, None].to(lp.device))[:, 0].tolist()
+        values: list[float | None] = [None] + scored
+        return values[req.logprob_start_len:]

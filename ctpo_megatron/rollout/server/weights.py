@@ -1,0 +1,260 @@
+"""Weight endpoints of the embedded server, with SGLang 0.5.23's session rules and responses.
+
+* `/update_weights_from_disk`: an HF safetensors directory; no session needed.
+* `/begin_weight_update` ... `/end_weight_update`: the session that `/update_weights_from_tensor`
+  and `/update_weights_from_distributed` need (outside it: 400 `success=false`).
+* `/init_weights_update_group` + `/update_weights_from_distributed`: the trainer is rank 0 of a
+  separate group and broadcasts full HF-named tensors (per tensor, or one `flattened_bucket`
+  uint8 buffer). On CPU the group uses gloo (`backend="nccl"` is mapped to gloo when CUDA is
+  absent).
+* `/update_weights_from_tensor` — differs from SGLang on purpose: SGLang passes tensors *by
+  handle* (a base64 ForkingPickler pickle of CUDA-IPC / shared-memory handles, so only a
+  same-node process can send them). Here each `serialized_named_tensors` entry is
+  `base64(safetensors.torch.save(dict name -> tensor))`: data *by value*, any host. Entry 0 is
+  read (one TP rank). `load_format` must be null or "direct" (both load by name).
+
+Every successful update records `weight_version` (when given), and with `flush_cache=true`
+fails like SGLang does when requests are still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+
+import torch
+from aiohttp import web
+from safetensors.torch import load as load_safetensors
+
+from ctpo_megatron.rollout.server.bodies import BodyError, parse_body
+from ctpo_megatron.rollout.weight_sync.process_group import (
+    destroy_custom_process_group, init_custom_process_group, resolve_backend)
+
+logger = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+_FLUSH_FAILED = ("Weights were updated, but the cache was not flushed because requests are still "
+                 "running or queued. Retract or finish them, then call /flush_cache.")
+
+
+def _reply(success: bool, message: str, **extra) -> web.Response:
+    return web.json_response({"success": success, "message": message, **extra},
+                             status=200 if success else 400)
+
+
+async def _body(request: web.Request, endpoint: str):
+    try:
+        return await parse_body(request, endpoint), None
+    except BodyError as e:
+        return None, e.response
+
+
+async def _apply(request: web.Request, body: dict, load_fn) -> tuple[bool, str]:
+    """Runs `load_fn()` under the model-update lock, then records the version and flushes."""
+    state = request.app["state"]
+    if body.get("abort_all_requests"):
+        state.scheduler.abort(abort_all=True, message="Abort by weight update")
+
+    def run() -> str:
+        with state.scheduler.exclusive():
+            return load_fn()
+
+    try:
+        message = await asyncio.to_thread(run)
+    except Exception as e:  # noqa: BLE001 - reported to the caller as success=false
+        logger.error("weight update failed: %s", e)
+        return False, f"Failed to update weights: {e}"
+    if body.get("weight_version") is not None:
+        state.scheduler.set_weight_version(body["weight_version"])
+    if body.get("flush_cache", True) and not state.scheduler.can_flush():
+        return False, _FLUSH_FAILED
+    return True, message
+
+
+@routes.post("/update_weights_from_disk")
+async def update_weights_from_disk(request: web.Request) -> web.Response:
+    body, error = await _body(request, "update_weights_from_disk")
+    if error:
+        return error
+    if body["load_format"] not in (None, "auto", "safetensors"):
+        return _reply(False, f"load_format {body['load_format']!r} is not supported by the embedded "
+                             "server (auto / safetensors)", num_paused_requests=0)
+    runner = request.app["state"].scheduler.runner
+
+    def load() -> str:
+        count = runner.load_from_disk(body["model_path"])
+        return f"Succeeded to update model weights ({count} tensors)."
+
+    success, message = await _apply(request, body, load)
+    return _reply(success, message, num_paused_requests=0)
+
+
+@routes.post("/begin_weight_update")
+async def begin_weight_update(request: web.Request) -> web.Response:
+    body, error = await _body(request, "begin_weight_update")
+    if error:
+        return error
+    state = request.app["state"]
+    if state.session_open:
+        return _reply(False, "a weight-update session is already open; call end_weight_update() first")
+    state.session_open = True
+    return _reply(True, "Success")
+
+
+@routes.post("/end_weight_update")
+async def end_weight_update(request: web.Request) -> web.Response:
+    body, error = await _body(request, "end_weight_update")
+    if error:
+        return error
+    state = request.app["state"]
+    if not state.session_open:
+        return _reply(False, "no weight-update session is open; call begin_weight_update() first")
+    state.session_open = False
+    return _reply(True, "Success")
+
+
+@routes.post("/update_weights_from_tensor")
+async def update_weights_from_tensor(request: web.Request) -> web.Response:
+    body, error = await _body(request, "update_weights_from_tensor")
+    if error:
+        return error
+    state = request.app["state"]
+    if not state.session_open:
+        return _reply(False, "update_weights_from_tensor must run between begin_weight_update() "
+                             "and end_weight_update()")
+    if body["load_format"] not in (None, "direct"):
+        return _reply(False, f"load_format {body['load_format']!r} is not supported by the embedded "
+                             "server: entries are base64 safetensors bytes (load_format null or 'direct')")
+    entries = body["serialized_named_tensors"]
+    if not entries or not isinstance(entries[0], str):
+        return _reply(False, "serialized_named_tensors must be a non-empty list of base64 strings")
+
+    def load() -> str:
+        tensors = load_safetensors(base64.b64decode(entries[0]))
+        count = state.scheduler.runner.load_weights(tensors.items())
+        return f"Success ({count} tensors)"
+
+    return _reply(*await _apply(request, body, load))
+
+
+@routes.post("/init_weights_update_group")
+async def init_weights_update_group(request: web.Request) -> web.Response:
+    body, error = await _body(request, "init_weights_update_group")
+    if error:
+        return error
+    state = request.app["state"]
+    name = body["group_name"]
+    if name in state.groups:
+        return _reply(False, f"Failed to initialize custom process group: group {name!r} exists.")
+
+    def join():
+        return init_custom_process_group(
+            master_address=body["master_address"], master_port=body["master_port"],
+            rank=body["rank_offset"], world_size=body["world_size"], group_name=name,
+            backend=resolve_backend(body["backend"]))
+
+    try:
+        state.groups[name] = await asyncio.to_thread(join)
+    except Exception as e:  # noqa: BLE001 - reported to the caller as success=false
+        return _reply(False, f"Failed to initialize custom process group: {e}.")
+    return _reply(True, "Succeeded to initialize custom process group.")
+
+
+@routes.post("/destroy_weights_update_group")
+async def destroy_weights_update_group(request: web.Request) -> web.Response:
+    body, error = await _body(request, "destroy_weights_update_group")
+    if error:
+        return error
+    pg = request.app["state"].groups.pop(body["group_name"], None)
+    if pg is None:
+        return _reply(False, "The group to be destroyed does not exist.")
+    await asyncio.to_thread(destroy_custom_process_group, pg)
+    return _reply(True, "Succeeded to destroy custom process group.")
+
+
+def _receive(pg, names: list[str], dtypes: list[str], shapes: list[list[int]],
+             load_format: str | None) -> list[tuple[str, torch.Tensor]]:
+    """Receives one bucket broadcast by rank 0 (per tensor, or one flattened uint8 buffer)."""
+    dts = []
+    for name, dtype in zip(names, dtypes):
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"tensor {name!r}: dtype {dtype!r} is not a torch dtype name")
+        dts.append(dt)
+    if load_format == "flattened_bucket":
+        sizes = [torch.Size(s).numel() * dt.itemsize for s, dt in zip(shapes, dts)]
+        flat = torch.empty(sum(sizes), dtype=torch.uint8)
+        torch.distributed.broadcast(flat, src=0, group=pg)
+        out, offset = [], 0
+        for name, dt, shape, size in zip(names, dts, shapes, sizes):
+            if offset % dt.itemsize:
+                raise ValueError(f"Unaligned received tensor {name}: byte offset {offset}, dtype {dt}")
+            out.append((name, flat[offset:offset + size].view(dt).view(shape)))
+            offset += size
+        return out
+    out = []
+    for name, dt, shape in zip(names, dts, shapes):
+        tensor = torch.empty(shape, dtype=dt)
+        torch.distributed.broadcast(tensor, src=0, group=pg)
+        out.append((name, tensor))
+    return out
+
+
+@routes.post("/update_weights_from_distributed")
+async def update_weights_from_distributed(request: web.Request) -> web.Response:
+    body, error = await _body(request, "update_weights_from_distributed")
+    if error:
+        return error
+    state = request.app["state"]
+    if not state.session_open:
+        return _reply(False, "update_weights_from_distributed must run between begin_weight_update() "
+                             "and end_weight_update()")
+    pg = state.groups.get(body["group_name"])
+    if pg is None:
+        return _reply(False, f"Failed to receive weights: Group {body['group_name']} not in "
+                             f"{list(state.groups)}. Please call `init_weights_update_group` first.")
+    names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+    if not len(names) == len(dtypes) == len(shapes):
+        return _reply(False, f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes "
+                             f"({len(shapes)}) must have the same length")
+    try:
+        # Receive outside the model lock: the broadcast must not wait for generation.
+        received = await asyncio.to_thread(_receive, pg, names, dtypes, shapes, body["load_format"])
+    except Exception as e:  # noqa: BLE001 - reported to the caller as success=false
+        return _reply(False, f"Failed to receive weights: {e}")
+    runner = state.scheduler.runner
+    success, message = await _apply(
+        request, body, lambda: (runner.load_weights(received), "Succeeded to update parameter online.")[1])
+    return _reply(success, message)
+
+
+@routes.post("/update_weight_version")
+async def update_weight_version(request: web.Request) -> web.Response:
+    body, error = await _body(request, "update_weight_version")
+    if error:
+        return error
+    state = request.app["state"]
+    if body["abort_all_requests"]:
+        state.scheduler.abort(abort_all=True, message="Abort by update_weight_version")
+    state.scheduler.set_weight_version(body["new_version"])
+    return web.json_response({"success": True, "message": f"Weight version updated to {body['new_version']}",
+                              "new_version": body["new_version"]})
+
+
+@routes.route("*", "/get_weights_by_name")
+async def get_weights_by_name(request: web.Request) -> web.Response:
+    if request.method not in ("GET", "POST"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
+    body, error = await _body(request, "get_weights_by_name")
+    if error:
+        return error
+    runner = request.app["state"].scheduler.runner
+    try:
+        with runner.lock:
+            values = runner.parameter(body["name"]).detach().float().cpu().tolist()
+    except KeyError as e:
+        return web.json_response({"error": {"message": f"Get parameter by name failed: {e}"}}, status=400)
+    if isinstance(values, list):
+        values = values[: body["truncate_size"]]
+    return web.json_response(values)
