@@ -8,6 +8,7 @@ entry point code sees only these typed objects.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,24 @@ class TrainConfig:
             raise ValueError("correction.enabled=true needs trainer.old_log_probs=actor: with the "
                              "rollout's log-probs as old log-probs there is no mismatch to correct "
                              "(set correction.enabled=false)")
+
+    def check_inputs(self) -> None:
+        """Start-up checks of the files the run reads: model checkpoint and prompt files.
+
+        Raises ValueError naming the setting when a path is empty or missing.
+        """
+        if not self.model.path:
+            raise ValueError(f"model.path is empty: pass model.path=<HF checkpoint dir> for model "
+                             f"{self.model.name} (the tiny launcher builds one for model=tiny)")
+        if not os.path.isfile(os.path.join(self.model.path, "config.json")):
+            raise ValueError(f"model.path={self.model.path!r} has no config.json (not a Hugging Face "
+                             "checkpoint directory)")
+        if not self.data.train_files:
+            raise ValueError("data.train_files is empty: pass data.train_files=[a.parquet,...]")
+        for name in ("train_files", "val_files"):
+            for path in getattr(self.data, name):
+                if not os.path.isfile(path):
+                    raise ValueError(f"data.{name}: {path!r} does not exist")
 
     def validate(self, world_size: int) -> ParallelDims:
         """Start-up checks that need the world size; returns the resolved parallel dims.

@@ -27,6 +27,10 @@ def register_configs() -> None:
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Converts a composed config to typed dataclasses, running every `__post_init__` check."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"missing mandatory settings: {', '.join(missing)} (pass them as Hydra "
+                         "overrides, e.g. model.path=/path/to/hf_checkpoint)")
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, TrainConfig):
         raise TypeError(f"composed config is a {type(obj).__name__}, expected TrainConfig "

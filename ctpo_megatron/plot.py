@@ -1,0 +1,149 @@
+"""Draws a run's metrics to PNG: `python -m ctpo_megatron.plot RUN_DIR`.
+
+Writes into `RUN_DIR/plots/`:
+  reward.png            training reward and held-out accuracy per step
+  clip_by_position.png  clip rate vs. generated-token position (early, middle and late steps)
+  ratio.png             distribution of the policy ratio per step (quantile bands)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from ctpo_megatron.trainer.metrics import METRICS_FILE, read_metrics
+
+_POS_KEY = re.compile(r"^clip_rate_by_pos/(\d+)(?:-(\d+)|\+)$")
+RATIO_BANDS = (("is_ratio_p25", "is_ratio_p75"), ("is_ratio_min", "is_ratio_max"))
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _prefixed(records: list[dict], suffix: str) -> str | None:
+    """The first metric name ending in `suffix` (the trainer prefixes loss metrics, e.g. `actor/`)."""
+    for r in records:
+        for k in r:
+            if k == suffix or k.endswith("/" + suffix):
+                return k
+    return None
+
+
+def plot_reward(records: list[dict], out: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, style in (("reward/mean", "train reward (mean)", "-"),
+                              ("eval/accuracy", "held-out accuracy (mean@k)", "o-")):
+        x, y = _series(records, key)
+        if x:
+            ax.plot(x, y, style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("reward")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _position_rates(record: dict, kind: str) -> list[tuple[int, float]]:
+    pts = []
+    for k, v in record.items():
+        if not k.startswith(kind + "/") or v is None:
+            continue
+        m = _POS_KEY.match("clip_rate_by_pos/" + k[len(kind) + 1:])
+        if m:
+            pts.append((int(m.group(1)), v))
+    return sorted(pts)
+
+
+def plot_clip_by_position(records: list[dict], out: str) -> None:
+    import matplotlib.pyplot as plt
+
+    kind = "clip_rate_by_pos"
+    with_pos = [r for r in records if _position_rates(r, kind)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if with_pos:
+        picks = sorted({0, len(with_pos) // 2, len(with_pos) - 1})
+        for i in picks:
+            pts = _position_rates(with_pos[i], kind)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"step {with_pos[i]['step']}")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no clip_rate_by_pos metrics", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("generated-token position (bucket start)")
+    ax.set_ylabel("fraction of tokens clipped")
+    ax.grid(alpha=0.3)
+    ax.set_title("clip rate vs. position")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_ratio(records: list[dict], out: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    median = _prefixed(records, "is_ratio_p50")
+    if median:
+        prefix = median[: -len("is_ratio_p50")]
+        for (lo, hi), alpha, label in zip(RATIO_BANDS, (0.4, 0.15), ("p25-p75", "min-max")):
+            xs, lows = _series(records, prefix + lo)
+            _, highs = _series(records, prefix + hi)
+            if xs and len(lows) == len(highs):
+                ax.fill_between(xs, lows, highs, alpha=alpha, color="C0", label=label)
+        xs, ys = _series(records, median)
+        ax.plot(xs, ys, "-", color="C0", label="median")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no is_ratio metrics", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("policy ratio r_t (valid tokens)")
+    ax.grid(alpha=0.3)
+    ax.set_title("ratio distribution")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """Draws every plot of `run_dir`; returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {run_dir!r} a run directory?")
+    records = read_metrics(path)
+    out_dir = os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    outputs = []
+    for name, fn in (("reward.png", plot_reward), ("clip_by_position.png", plot_clip_by_position),
+                     ("ratio.png", plot_ratio)):
+        out = os.path.join(out_dir, name)
+        fn(records, out)
+        outputs.append(out)
+    return outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ctpo_megatron.plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    args = parser.parse_args(argv)
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

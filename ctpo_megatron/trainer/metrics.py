@@ -1,0 +1,92 @@
+"""The metrics sink: one JSON line per step in `metrics.jsonl` plus TensorBoard scalars.
+
+Metrics are flat `name -> float` dicts with `/`-separated names (`loss/policy`,
+`clip/high`, `clip_rate_by_pos/4-7`, `time/rollout`, ...). Only rank 0 writes. On resume the
+JSONL file is truncated to the steps before the resumed step, so no step is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsSink:
+    """Appends per-step metrics to `<run_dir>/metrics.jsonl` and TensorBoard event files."""
+
+    def __init__(self, run_dir: str, *, tensorboard: bool = True, resume_step: int = 0) -> None:
+        """resume_step: the first step this process will log; lines of later steps left by a
+        killed run (logged after its last checkpoint) are dropped."""
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        _truncate_after(self.path, resume_step)
+        self._file = open(self.path, "a")
+        self._writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR),
+                                             purge_step=resume_step if resume_step else None)
+            except ImportError as e:  # tensorboard is a declared dependency; keep JSONL anyway
+                logger.warning("TensorBoard disabled: %s", e)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Writes the metrics of `step` (non-finite values are kept in JSONL as null)."""
+        record = {"step": step}
+        for key, value in metrics.items():
+            value = float(value)
+            record[key] = value if math.isfinite(value) else None
+            if self._writer is not None and math.isfinite(value):
+                self._writer.add_scalar(key, value, step)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _truncate_after(path: str, first_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    kept = [r for r in read_metrics(path) if r["step"] < first_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for record in kept:
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def mean_metrics(dicts: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Key-wise mean over metric dicts (keys missing from some dicts average over the rest)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}

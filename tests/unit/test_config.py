@@ -1,0 +1,121 @@
+"""Config composition and start-up validation (real Hydra compose over configs/)."""
+
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from ctpo_megatron.config import TrainConfig, load_config, save_config
+
+PAPER = ["model.path=/ckpt/qwen3-32b", "data.train_files=[train.parquet]"]
+
+
+def test_paper_defaults():
+    cfg = load_config(PAPER)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model.name == "qwen3_32b" and cfg.model.num_attention_heads == 64
+    assert cfg.rollout.n_samples == 8 and cfg.rollout.max_tool_turns == 5
+    assert (cfg.rollout.max_prompt_len, cfg.rollout.max_response_len) == (16384, 8192)
+    assert cfg.trainer.prompts_per_step == 512 and cfg.trainer.mini_batch_prompts == 32
+    assert cfg.trainer.updates_per_step == 16
+    assert cfg.correction.level == "sequence" and cfg.correction.mode == "truncate"
+    assert cfg.correction.threshold == 5.0
+    assert cfg.algo.name == "ctpo" and cfg.algo.la_clip_high == 0.05
+    assert cfg.validate(world_size=64).dp == 2
+
+
+@pytest.mark.parametrize("model", ["tiny", "qwen3_14b", "qwen3_32b", "qwen2.5_32b"])
+def test_every_model_group_composes(model):
+    cfg = load_config(PAPER + [f"model={model}", "parallel=tp1", "rollout.max_prompt_len=512",
+                               "rollout.max_response_len=256"])
+    assert cfg.model.name == model
+    cfg.validate(world_size=1)
+
+
+@pytest.mark.parametrize("algo", ["ctpo", "ctpo_geomean", "grpo", "gspo"])
+def test_algo_groups(algo):
+    assert load_config(PAPER + [f"algo={algo}"]).algo.name in algo
+
+
+def test_tiny_preset():
+    cfg = load_config(config_name="tiny")
+    assert cfg.model.name == "tiny" and cfg.parallel.tp == 2
+    assert cfg.validate(world_size=2).dp == 1
+
+
+def test_world_size_mismatch_names_sizes():
+    cfg = load_config(PAPER)
+    with pytest.raises(ValueError, match=r"world size 48 is not a multiple of tp\(8\) \* pp\(2\) \* cp\(2\)"):
+        cfg.validate(world_size=48)
+    cfg = load_config(PAPER + ["parallel.dp=4"])
+    with pytest.raises(ValueError, match=r"dp\(4\)"):
+        cfg.validate(world_size=64)
+
+
+def test_tp_not_dividing_heads():
+    cfg = load_config(PAPER + ["model=qwen2.5_32b", "parallel=tp1", "parallel.tp=16"])
+    with pytest.raises(ValueError, match="tp=16 does not divide num_attention_heads=40"):
+        cfg.validate(world_size=16)
+
+
+def test_pp_not_dividing_layers():
+    cfg = load_config(config_name="tiny", overrides=["parallel.tp=1", "parallel.pp=3"])
+    with pytest.raises(ValueError, match="pp=3 does not divide num_hidden_layers=4"):
+        cfg.validate(world_size=3)
+
+
+def test_response_budget_over_context():
+    with pytest.raises(Exception, match=r"rollout.max_response_len \(40000\).*max_position_embeddings=40960"):
+        load_config(PAPER + ["rollout.max_response_len=40000"])
+
+
+def test_batch_not_divisible_by_dp():
+    cfg = load_config(config_name="tiny", overrides=["parallel.tp=1", "trainer.mini_batch_prompts=1",
+                                                     "trainer.prompts_per_step=3", "rollout.n_samples=3"])
+    with pytest.raises(ValueError, match="not divisible by the data-parallel size dp=2"):
+        cfg.validate(world_size=2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.mini_batch_prompts=7", "mini_batch_prompts=7 does not divide"),
+    ("trainer.old_log_probs=engine", "old_log_probs='engine'"),
+    ("rollout.server_urls=[localhost:3000]", "is not an http"),
+    ("parallel.tp=0", "parallel.tp=0"),
+    ("parallel.sequence_parallel=true", "sequence_parallel=true needs parallel.tp > 1"),
+    ("model.arch=llama", "model.arch='llama'"),
+    ("algo.la_clip_high=-1", "la_clip_high"),
+])
+def test_invalid_values_are_named(override, message):
+    with pytest.raises(Exception, match=message):
+        load_config(config_name="tiny", overrides=["parallel=tp1", override])
+
+
+def test_rollout_old_log_probs_conflicts_with_correction():
+    with pytest.raises(Exception, match="correction.enabled=true needs trainer.old_log_probs=actor"):
+        load_config(config_name="tiny", overrides=["trainer.old_log_probs=rollout"])
+    cfg = load_config(config_name="tiny", overrides=["trainer.old_log_probs=rollout",
+                                                     "correction.enabled=false"])
+    assert cfg.trainer.old_log_probs == "rollout"
+
+
+def test_check_inputs_names_missing_paths(tmp_path):
+    cfg = load_config(["data.train_files=[a.parquet]"])
+    with pytest.raises(ValueError, match="model.path is empty"):
+        cfg.check_inputs()
+    cfg = load_config([f"model.path={tmp_path}", "data.train_files=[a.parquet]"])
+    with pytest.raises(ValueError, match="has no config.json"):
+        cfg.check_inputs()
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="data.train_files: 'a.parquet' does not exist"):
+        cfg.check_inputs()
+    cfg = load_config([f"model.path={tmp_path}"])
+    with pytest.raises(ValueError, match="data.train_files is empty"):
+        cfg.check_inputs()
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(config_name="tiny", overrides=["trainer.total_steps=3", "rollout.server_urls=[http://h:1]"])
+    path = os.path.join(tmp_path, "config.yaml")
+    save_config(cfg, path)
+    loaded = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path)))
+    assert loaded == cfg
