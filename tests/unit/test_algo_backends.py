@@ -1,0 +1,102 @@
+"""The prefix-sum and fused-loss seams: csrc kernels when `ctpo_megatron.ops` imports, torch
+otherwise, with the same results; and clear errors on bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctpo_megatron.algo import PolicyLossConfig, ctpo_token_terms, masked_cumsum, policy_loss
+from ctpo_megatron.algo import ctpo as ctpo_module
+from ctpo_megatron.algo import cumulative
+
+try:
+    import ctpo_megatron.ops  # noqa: F401
+    OPS_ERROR = None
+except ImportError as exc:
+    OPS_ERROR = str(exc)
+needs_ops = pytest.mark.skipif(OPS_ERROR is not None, reason=f"ctpo_megatron.ops not importable: {OPS_ERROR}")
+
+
+def batch(dtype=torch.float64, seed=0, B=5, S=33):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, S, generator=g, dtype=dtype)
+    olp = lp + 0.3 * torch.randn(B, S, generator=g, dtype=dtype)
+    adv = torch.randn(B, 1, generator=g, dtype=dtype).expand(B, S)
+    mask = (torch.rand(B, S, generator=g) > 0.25).to(dtype)
+    mask[0] = 0
+    return lp, olp, adv, mask
+
+
+def test_torch_scan_is_the_masked_cumsum():
+    lp, olp, _, mask = batch()
+    cum, count = masked_cumsum(lp - olp, mask, use_ops=False)
+    assert torch.equal(count, torch.cumsum(mask, -1))
+    torch.testing.assert_close(cum, torch.cumsum((lp - olp) * mask, -1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="same shape"):
+        masked_cumsum(lp, mask[:, 1:])
+
+
+def test_missing_ops_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(cumulative, "ops_segmented_cumsum", lambda: None)
+    monkeypatch.setattr(ctpo_module, "_fused_ctpo_token_terms", lambda: None)
+    lp, olp, adv, mask = batch()
+    assert ctpo_module.resolve_ctpo_token_terms() is ctpo_token_terms
+    with pytest.raises(ImportError, match="segmented_cumsum"):
+        masked_cumsum(lp, mask, use_ops=True)
+    loss, _ = policy_loss(lp, olp, adv, mask, PolicyLossConfig())
+    assert torch.isfinite(loss)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ops_scan_matches_torch_scan(dtype):
+    lp, olp, _, mask = batch(dtype)
+    a = masked_cumsum(lp - olp, mask, use_ops=True)
+    b = masked_cumsum(lp - olp, mask, use_ops=False)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # summation order may differ
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+@needs_ops
+@pytest.mark.parametrize("overrides", [dict(), dict(variant="geomean"), dict(adaptive_clip=False),
+                                       dict(loss_agg_mode="seq-mean-token-mean", la_power=0.0)])
+def test_policy_loss_same_with_and_without_ops(monkeypatch, overrides):
+    cfg = PolicyLossConfig(**overrides)
+    lp, olp, adv, mask = batch()
+    results = []
+    for use_ops in (True, False):
+        with monkeypatch.context() as m:
+            if not use_ops:
+                m.setattr(cumulative, "ops_segmented_cumsum", lambda: None)
+                m.setattr(ctpo_module, "_fused_ctpo_token_terms", lambda: None)
+            x = lp.clone().requires_grad_(True)
+            loss, metrics = policy_loss(x, olp, adv, mask, cfg)
+            loss.backward()
+            results.append((loss.detach(), x.grad, metrics))
+    (l1, g1, m1), (l2, g2, m2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        assert m1[k] == pytest.approx(m2[k], rel=1e-9, abs=1e-12), k
+
+
+def test_bad_inputs_name_the_tensor():
+    lp, olp, adv, mask = batch()
+    cfg = PolicyLossConfig()
+    with pytest.raises(ValueError, match="old_log_probs"):
+        policy_loss(lp, olp[:, :-1], adv, mask, cfg)
+    with pytest.raises(ValueError, match="response_mask"):
+        policy_loss(lp, olp, adv, mask[:-1], cfg)
+    with pytest.raises(ValueError, match="rollout_is_weights"):
+        policy_loss(lp, olp, adv, mask, cfg, rollout_is_weights=mask[:, :3])
+    with pytest.raises(ValueError, match=r"log_probs must be \[B, S\]"):
+        policy_loss(lp[0], olp[0], adv[0], mask[0], cfg)
+    with pytest.raises(ValueError, match="cum_log_ratio"):
+        policy_loss(lp, olp, adv, mask, PolicyLossConfig(name="grpo"), cum_log_ratio=lp, cum_count=mask)
+    # [B] and [B, 1] advantages broadcast over tokens
+    full, _ = policy_loss(lp, olp, adv, mask, cfg)
+    assert policy_loss(lp, olp, adv[:, 0], mask, cfg)[0].item() == full.item()
+    assert policy_loss(lp, olp, adv[:, :1], mask, cfg)[0].item() == full.item()
