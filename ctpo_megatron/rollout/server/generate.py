@@ -80,24 +80,28 @@ def build_requests(body: dict, scheduler: Scheduler, seed_base: int, counter: li
     return requests, is_batch or n > 1
 
 
-def response_of(req: Request, *, index: int | None = None) -> dict:
-    """SGLang's response object for one request (cumulative output so far)."""
+def response_of(req: Request, *, index: int | None = None, upto: int | None = None,
+                final: bool = True) -> dict:
+    """SGLang's response object for one request: cumulative output, its first `upto` tokens."""
+    upto = len(req.output_ids) if upto is None else upto
+    output_ids = req.output_ids[:upto]
     meta: dict[str, Any] = {
-        "id": req.rid, "finish_reason": req.finish_reason, "prompt_tokens": len(req.input_ids),
-        "completion_tokens": len(req.output_ids), "cached_tokens": 0, "reasoning_tokens": 0,
-        "weight_version": req.weight_version, "num_retractions": req.num_retractions,
+        "id": req.rid, "finish_reason": req.finish_reason if final else None,
+        "prompt_tokens": len(req.input_ids), "completion_tokens": upto, "cached_tokens": 0,
+        "reasoning_tokens": 0, "weight_version": req.weight_version,
+        "num_retractions": req.num_retractions,
     }
     if req.return_logprob:
         meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in
-                                         zip(req.output_logprobs, req.output_ids)]
-        meta["output_token_logprobs_length"] = len(req.output_ids)
+                                         zip(req.output_logprobs[:upto], output_ids)]
+        meta["output_token_logprobs_length"] = upto
         if req.input_logprobs is not None:
             offset = len(req.input_ids) - len(req.input_logprobs)
             meta["input_token_logprobs"] = [[lp, req.input_ids[offset + k], None]
                                             for k, lp in enumerate(req.input_logprobs)]
-    if req.finished:
+    if final and req.finished:
         meta["e2e_latency"] = time.monotonic() - req.created
-    out = {"output_ids": list(req.output_ids), "meta_info": meta}
+    out = {"output_ids": output_ids, "meta_info": meta}
     if index is not None:
         out["index"] = index
     return out
@@ -122,7 +126,8 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     queue: asyncio.Queue = asyncio.Queue()
 
     def notify(req: Request, final: bool) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (req, final))
+        # Runs on the scheduler thread: record how many tokens this event covers right now.
+        loop.call_soon_threadsafe(queue.put_nowait, (req, final, len(req.output_ids)))
 
     for req in reqs:
         req.notify = notify
@@ -133,7 +138,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     pending = len(reqs)
     try:
         while pending:
-            _, final = await queue.get()
+            _, final, _ = await queue.get()
             pending -= int(final)
     except asyncio.CancelledError:
         for req in reqs:
@@ -155,9 +160,10 @@ async def _stream(request: web.Request, state, reqs: list[Request], queue: async
     pending = len(reqs)
     try:
         while pending:
-            req, final = await queue.get()
+            req, final, upto = await queue.get()
             pending -= int(final)
-            chunk = response_of(req, index=index_of[id(req)] if is_list else None)
+            chunk = response_of(req, index=index_of[id(req)] if is_list else None, upto=upto,
+                                final=final)
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
     except (asyncio.CancelledError, ConnectionResetError):
