@@ -11,6 +11,7 @@ Install with `pip install --no-build-isolation -e .` so the build uses the envir
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -42,14 +43,19 @@ EXTRAS = {
 }
 
 
-def _cuda_build_wanted() -> bool:
+def _cuda_skip_reason() -> str | None:
+    """None when the CUDA sources are built, else a token compiled into build_info()."""
     if os.environ.get("CTPO_FORCE_CPU") == "1":
-        return False
+        return "forced"
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
     # is_available() is False on GPU-less build nodes; what matters is a CUDA torch + nvcc.
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None:
+        return "torch_cpu"
+    if CUDA_HOME is None:
+        return "no_nvcc"
+    return None
 
 
 def _extensions():
@@ -60,17 +66,22 @@ def _extensions():
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    extra = {"cxx": list(opt)}
+    # at::parallel_for is inline: without -fopenmp our kernels would run on one thread. The
+    # soname matches torch's bundled libgomp, so the process keeps one OpenMP runtime.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    extra = {"cxx": list(opt) + openmp}
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    if _cuda_build_wanted():
+    skip = _cuda_skip_reason()
+    if skip is None:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = opt + ["-DCTPO_WITH_CUDA", "--expt-relaxed-constexpr"]
         extra["cxx"] = extra["cxx"] + ["-DCTPO_WITH_CUDA"]
         ext = CUDAExtension(f"{NAME}._C", sources, include_dirs=include_dirs,
-                            extra_compile_args=extra, py_limited_api=False)
+                            extra_compile_args=extra, extra_link_args=openmp, py_limited_api=False)
     else:
+        extra["cxx"] = extra["cxx"] + [f"-DCTPO_CUDA_SKIPPED={skip}"]
         ext = CppExtension(f"{NAME}._C", sources, include_dirs=include_dirs,
-                           extra_compile_args=extra)
+                           extra_compile_args=extra, extra_link_args=openmp)
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -15,12 +15,19 @@ PyObject* PyInit__C(void) {
 }
 
 namespace ctpo {
-// Names the backends compiled into this build; `python -m ctpo_megatron.ops` reports it.
+#ifndef CTPO_CUDA_SKIPPED
+#define CTPO_CUDA_SKIPPED unknown
+#endif
+#define CTPO_STR_(x) #x
+#define CTPO_STR(x) CTPO_STR_(x)
+
+// "backends=cpu[,cuda];cuda_skipped=<why setup.py left CUDA out>", reported by
+// `python -m ctpo_megatron.ops`.
 std::string build_info() {
 #ifdef CTPO_WITH_CUDA
-  return "cpu,cuda";
+  return "backends=cpu,cuda";
 #else
-  return "cpu";
+  return std::string("backends=cpu;cuda_skipped=") + CTPO_STR(CTPO_CUDA_SKIPPED);
 #endif
 }
 }  // namespace ctpo
@@ -34,14 +41,16 @@ TORCH_LIBRARY(ctpo_megatron, m) {
   m.def(
       "segmented_scan(Tensor values, Tensor? mask, Tensor? cu_seqlens, Tensor? carry_sum, "
       "Tensor? carry_count, bool reverse) -> (Tensor, Tensor)");
-  // Fused per-token CTPO surrogate. Returns (loss, dloss_dlogp, ratio, flags): per token, the
-  // rollout-IS-weighted surrogate, its derivative with respect to log_probs, the ratio
-  // exp(min(s_t, 10)) and uint8 clip flags (1 high, 2 low, 4 dual, 8 clipped surrogate chosen).
+  // Fused per-token CTPO terms of a [B, S] padded (or [T] packed) batch. Scans the clamped
+  // log-ratios of valid tokens (mask > 0) per sequence, or takes precomputed prefix sums
+  // cum/count (e.g. global ones under context parallelism). Returns (pg_loss, dpg_dlogp,
+  // ratio, log_ratio, la_scale, flags): per token the surrogate, its derivative with respect
+  // to log_probs, exp(min(s_t, 10)), the clamped log-ratio d_t, the LA scale (empty unless
+  // adaptive) and uint8 clip flags (1 high, 2 low, 4 dual, 8 clipped surrogate chosen).
   // adaptive=True: clip_low/high/c are la_low/la_high/la_c with scale max(n_t, 1)^power;
   // adaptive=False: eps_low, eps_high and the constant dual bound clip_ratio_c.
   m.def(
       "ctpo_token_loss(Tensor log_probs, Tensor old_log_probs, Tensor advantages, Tensor mask, "
-      "Tensor? cu_seqlens, Tensor? carry_sum, Tensor? carry_count, Tensor? weights, bool geomean, "
-      "bool adaptive, float clip_low, float clip_high, float clip_c, float power) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? cu_seqlens, Tensor? cum, Tensor? count, bool geomean, bool adaptive, float clip_low, "
+      "float clip_high, float clip_c, float power) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

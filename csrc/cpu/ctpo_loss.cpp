@@ -1,12 +1,14 @@
 // CPU kernel of ctpo_megatron::ctpo_token_loss: one pass over each sequence accumulates the
-// masked cumulative log-ratio and count (float64) and evaluates the per-token CTPO surrogate,
-// its gradient with respect to the log-prob, the ratio and the clip flags.
+// cumulative clamped log-ratio and count of valid tokens (float64) — or reads them when the
+// caller precomputed them (context parallelism) — and evaluates the per-token CTPO surrogate,
+// its derivative with respect to the log-prob, the ratio, the log-ratio, the LA scale and the
+// clip flags.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include "ctpo/cpu_segments.h"
 #include "ctpo/ctpo_math.h"
@@ -16,76 +18,90 @@
 namespace ctpo {
 namespace {
 
-inline double clamp_log_ratio(double d) { return d < -20.0 ? -20.0 : (d > 20.0 ? 20.0 : d); }
-
 template <typename scalar_t, typename T>
-void loss_cpu_typed(const LossInputs& in, const SegmentLayout& L, const CtpoParams& params, LossOutputs& out) {
-  const scalar_t* lp = in.log_probs.data_ptr<scalar_t>();
-  const scalar_t* old = in.old_log_probs.data_ptr<scalar_t>();
-  const scalar_t* adv = in.advantages.data_ptr<scalar_t>();
-  const scalar_t* m = in.mask.data_ptr<scalar_t>();
-  const scalar_t* w = in.weights.has_value() ? in.weights->data_ptr<scalar_t>() : nullptr;
+void loss_cpu_typed(const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
+                    const at::Tensor& mask, const c10::optional<at::Tensor>& cum_in,
+                    const c10::optional<at::Tensor>& count_in, const SegmentLayout& L, const CtpoParams& params,
+                    LossOutputs& out) {
+  const scalar_t* lp = log_probs.data_ptr<scalar_t>();
+  const scalar_t* old = old_log_probs.data_ptr<scalar_t>();
+  const scalar_t* adv = advantages.data_ptr<scalar_t>();
+  const scalar_t* m = mask.data_ptr<scalar_t>();
+  const T* pre_cum = cum_in.has_value() ? cum_in->data_ptr<T>() : nullptr;
+  const T* pre_cnt = count_in.has_value() ? count_in->data_ptr<T>() : nullptr;
   T* loss = out.loss.data_ptr<T>();
   T* grad = out.grad.data_ptr<T>();
   T* ratio = out.ratio.data_ptr<T>();
+  T* log_ratio = out.log_ratio.data_ptr<T>();
+  T* scale = params.adaptive ? out.la_scale.data_ptr<T>() : nullptr;
   uint8_t* flags = out.flags.data_ptr<uint8_t>();
-  // The log-ratio is formed and clamped in the math type, as the torch composition does.
+  // d_t = clamp(lp - olp, -20, 20) in the math type; invalid tokens contribute nothing, even
+  // when their log-probs are garbage (-inf padding).
   auto delta = [&](int64_t i) {
-    return static_cast<double>(static_cast<T>(clamp_log_ratio(static_cast<T>(lp[i]) - static_cast<T>(old[i]))));
+    const T d = static_cast<T>(lp[i]) - static_cast<T>(old[i]);
+    return d < T(-20) ? T(-20) : (d > T(20) ? T(20) : d);
   };
   auto total = [&](int64_t b, int64_t e) {
     Carry t;
     for (int64_t i = b; i < e; ++i) {
-      const double mi = static_cast<double>(m[i]);
-      t.sum += mi * delta(i);
-      t.count += mi;
+      if (static_cast<double>(m[i]) > 0.0) {
+        t.sum += static_cast<double>(delta(i));
+        t.count += 1.0;
+      }
     }
     return t;
   };
   auto scan = [&](int64_t, int64_t b, int64_t e, Carry c) {
     for (int64_t i = b; i < e; ++i) {
-      const double mi = static_cast<double>(m[i]);
-      c.sum += mi * delta(i);
-      c.count += mi;
-      if (!(mi > 0.0)) {
+      const bool valid = static_cast<double>(m[i]) > 0.0;
+      const T d = valid ? delta(i) : T(0);
+      T cum, cnt;
+      if (pre_cum != nullptr) {
+        cum = pre_cum[i];
+        cnt = pre_cnt[i];
+      } else {
+        c.sum += static_cast<double>(d);
+        c.count += valid ? 1.0 : 0.0;
+        cum = static_cast<T>(c.sum);
+        cnt = static_cast<T>(c.count);
+      }
+      const T g = scale != nullptr ? la_scale<T>(cnt, params.power) : T(1);
+      if (scale != nullptr) scale[i] = g;
+      log_ratio[i] = d;
+      if (!valid) {
         loss[i] = T(0);
         grad[i] = T(0);
         ratio[i] = T(0);
         flags[i] = 0;
         continue;
       }
-      const T wi = w != nullptr ? static_cast<T>(w[i]) : T(1);
-      const TokenTerms<T> tt = ctpo_token<T>(static_cast<T>(c.sum), static_cast<T>(c.count),
-                                             static_cast<T>(adv[i]), wi, params);
+      const TokenTerms<T> tt = ctpo_token<T>(cum, cnt, static_cast<T>(lp[i]), static_cast<T>(adv[i]), g, params);
       loss[i] = tt.loss;
       grad[i] = tt.grad;
       ratio[i] = tt.ratio;
       flags[i] = tt.flags;
     }
   };
-  run_segments(L, in.carry_sum, in.carry_count, /*reverse=*/false, total, scan);
+  run_segments(L, nullptr, nullptr, /*reverse=*/false, total, scan);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctpo_token_loss_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctpo_token_loss_cpu(
     const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
-    const at::Tensor& mask, const c10::optional<at::Tensor>& cu_seqlens,
-    const c10::optional<at::Tensor>& carry_sum, const c10::optional<at::Tensor>& carry_count,
-    const c10::optional<at::Tensor>& weights, bool geomean, bool adaptive, double clip_low,
-    double clip_high, double clip_c, double power) {
+    const at::Tensor& mask, const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& cum,
+    const c10::optional<at::Tensor>& count, bool geomean, bool adaptive, double clip_low, double clip_high,
+    double clip_c, double power) {
   constexpr const char* what = "ctpo_megatron::ctpo_token_loss";
-  LossInputs in = check_loss_inputs(log_probs, old_log_probs, advantages, mask, weights);
+  check_loss_inputs(log_probs, old_log_probs, advantages, mask, cum, count);
   const SegmentLayout L = parse_layout(log_probs, cu_seqlens, what);
   check_cu_seqlens_cpu(L, what);
-  in.carry_sum = carry_ptr(carry_sum, log_probs, L, "carry_sum");
-  in.carry_count = carry_ptr(carry_count, log_probs, L, "carry_count");
   const bool tail = L.cu != nullptr && L.cu[L.num_segments] < L.num_tokens;
-  LossOutputs out = make_loss_outputs(log_probs, tail);
+  LossOutputs out = make_loss_outputs(log_probs, adaptive, tail);
   const CtpoParams params{geomean, adaptive, clip_low, clip_high, clip_c, power};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, log_probs.scalar_type(), "ctpo_token_loss_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    loss_cpu_typed<scalar_t, T>(in, L, params, out);
+    loss_cpu_typed<scalar_t, T>(log_probs, old_log_probs, advantages, mask, cum, count, L, params, out);
   });
-  return {out.loss, out.grad, out.ratio, out.flags};
+  return {out.loss, out.grad, out.ratio, out.log_ratio, out.la_scale, out.flags};
 }
 
 }  // namespace

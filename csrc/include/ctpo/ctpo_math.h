@@ -37,16 +37,27 @@ struct CtpoParams {
 
 template <typename T>
 struct TokenTerms {
-  T loss;       // w * pg_t
-  T grad;       // d loss / d log_prob_t
-  T ratio;      // r_t = exp(min(s_t, 10))
+  T loss;      // pg_t
+  T grad;      // d pg_t / d log_prob_t
+  T ratio;     // r_t = exp(min(s_t, 10))
   uint8_t flags;
 };
 
 template <typename T>
 CTPO_HD T ctpo_exp(T v) { return std::exp(v); }
 
-// Derivative of torch.maximum(a, b) with respect to its inputs, as seen from d a and d b.
+// g_t = max(n_t, 1)^p. torch.pow special-cases p = +-0.5 as sqrt/rsqrt; match it bit for bit.
+template <typename T>
+CTPO_HD T la_scale(T count, double power) {
+  const T n1 = count > T(1) ? count : T(1);
+  if (power == 0.0) return T(1);
+  if (power == 0.5) return std::sqrt(n1);
+  if (power == -0.5) return T(1) / std::sqrt(n1);
+  if (power == 1.0) return n1;
+  return std::pow(n1, T(power));
+}
+
+// Derivative of torch.maximum(a, b), given d a and d b: ties split 50/50.
 template <typename T>
 CTPO_HD T max_grad(T a, T b, T da, T db) {
   if (a > b) return da;
@@ -54,34 +65,26 @@ CTPO_HD T max_grad(T a, T b, T da, T db) {
   return T(0.5) * da + T(0.5) * db;
 }
 
-// `cum`: inclusive masked prefix sum of clamped log-ratios (rounded to T); `count`: inclusive
-// masked count; `adv`: advantage; `weight`: rollout IS weight (1 when absent). Valid token only.
+// One valid token. `cum`: C_t, the masked prefix sum of clamped log-ratios, and `count`: n_t,
+// both rounded to T; `log_prob`: this token's log-prob; `scale`: la_scale(count) (LA only).
 template <typename T>
-CTPO_HD TokenTerms<T> ctpo_token(T cum, T count, T adv, T weight, const CtpoParams& p) {
-  const T n1 = count > T(1) ? count : T(1);
-  const T s = p.geomean ? cum / n1 : cum;
-  // min(s, 10) keeps NaN like torch.clamp; its gradient passes only where s <= 10.
-  const T x = s > T(10) ? T(10) : s;
-  const T dx = s <= T(10) ? T(1) : T(0);
+CTPO_HD TokenTerms<T> ctpo_token(T cum, T count, T log_prob, T adv, T scale, const CtpoParams& p) {
+  const T s = p.geomean ? cum / (count > T(1) ? count : T(1)) : cum;
+  // x = min(sg(s) + lp - sg(lp), 10), rounded in the reference's expression order; the
+  // gradient passes where the clamp input is <= 10 (NaN stays NaN like torch.clamp).
+  const T xin = (s + log_prob) - log_prob;
+  const T x = xin > T(10) ? T(10) : xin;
+  const T dx = xin <= T(10) ? T(1) : T(0);
   const T r = ctpo_exp(x);
   T rhat, drhat, dual;
   uint8_t flags = 0;
   if (p.adaptive) {
-    T g = T(1);
-    // torch.pow special-cases these exponents as sqrt and rsqrt; match it bit for bit.
-    if (p.power == 0.5) {
-      g = std::sqrt(n1);
-    } else if (p.power == -0.5) {
-      g = T(1) / std::sqrt(n1);
-    } else if (p.power != 0.0) {
-      g = std::pow(n1, T(p.power));
-    }
-    const T lo = -(T(p.clip_low) * g);
-    const T hi = T(p.clip_high) * g;
+    const T lo = -(T(p.clip_low) * scale);
+    const T hi = T(p.clip_high) * scale;
     const T xc = x < lo ? lo : (x > hi ? hi : x);
     rhat = ctpo_exp(xc);
     drhat = (x >= lo && x <= hi) ? rhat : T(0);
-    dual = ctpo_exp(T(p.clip_c) * g);
+    dual = ctpo_exp(T(p.clip_c) * scale);
     if (x > hi && adv > T(0)) flags |= kClipHigh;
     if (x < lo && adv < T(0)) flags |= kClipLow;
   } else {
@@ -96,7 +99,7 @@ CTPO_HD TokenTerms<T> ctpo_token(T cum, T count, T adv, T weight, const CtpoPara
   const T neg_adv = -adv;
   const T l1 = neg_adv * r;
   const T l2 = neg_adv * rhat;
-  const T c1 = l1 > l2 ? l1 : (l1 < l2 ? l2 : l1);
+  const T c1 = l1 < l2 ? l2 : l1;
   T dc1 = max_grad(l1, l2, neg_adv * r, neg_adv * drhat);
   if (l2 > l1) flags |= kClipSurrogate;
   T loss = c1;
@@ -108,8 +111,8 @@ CTPO_HD TokenTerms<T> ctpo_token(T cum, T count, T adv, T weight, const CtpoPara
     if (c1 > l3) flags |= kClipDual;
   }
   TokenTerms<T> out;
-  out.loss = loss * weight;
-  out.grad = dc1 * weight * dx;
+  out.loss = loss;
+  out.grad = dc1 * dx;
   out.ratio = r;
   out.flags = flags;
   return out;

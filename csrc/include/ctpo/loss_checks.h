@@ -4,56 +4,46 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <utility>
+
 #include "ctpo/checks.h"
 #include "ctpo/layout.h"
 
 namespace ctpo {
 
-struct LossInputs {
-  at::Tensor log_probs, old_log_probs, advantages, mask;
-  c10::optional<at::Tensor> weights;
-  const double* carry_sum = nullptr;
-  const double* carry_count = nullptr;
-};
-
 struct LossOutputs {
-  at::Tensor loss, grad, ratio, flags;
+  at::Tensor loss, grad, ratio, log_ratio, la_scale, flags;
 };
 
-inline LossInputs check_loss_inputs(const at::Tensor& log_probs, const at::Tensor& old_log_probs,
-                                    const at::Tensor& advantages, const at::Tensor& mask,
-                                    const c10::optional<at::Tensor>& weights) {
-  CTPO_CHECK_FLOATING(log_probs);
-  CTPO_CHECK_CONTIGUOUS(log_probs);
-  for (const auto& pair : {std::make_pair("old_log_probs", &old_log_probs), std::make_pair("advantages", &advantages),
-                           std::make_pair("mask", &mask)}) {
-    const at::Tensor& t = *pair.second;
-    TORCH_CHECK(t.sizes() == log_probs.sizes(), pair.first, " must have the shape of log_probs ",
-                log_probs.sizes(), ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == log_probs.scalar_type(), pair.first, " must have the dtype of log_probs (",
-                log_probs.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK(t.device() == log_probs.device(), pair.first, " must be on ", log_probs.device(), ", got ",
-                t.device());
-    TORCH_CHECK(t.is_contiguous(), pair.first, " must be contiguous");
-  }
-  if (weights.has_value()) {
-    const at::Tensor& w = *weights;
-    TORCH_CHECK(w.sizes() == log_probs.sizes() && w.scalar_type() == log_probs.scalar_type() &&
-                    w.device() == log_probs.device() && w.is_contiguous(),
-                "weights must be a contiguous tensor like log_probs (", log_probs.sizes(), ", ",
-                log_probs.scalar_type(), "), got ", w.sizes(), " ", w.scalar_type());
-  }
-  LossInputs in;
-  in.log_probs = log_probs;
-  in.old_log_probs = old_log_probs;
-  in.advantages = advantages;
-  in.mask = mask;
-  in.weights = weights;
-  return in;
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have the shape of log_probs ", ref.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// loss/grad/ratio are float32 for 16-bit inputs, else the input dtype; flags are uint8.
-inline LossOutputs make_loss_outputs(const at::Tensor& log_probs, bool zero_fill) {
+// old_log_probs/advantages/mask: like log_probs; cum/count (optional, both or neither): the
+// precomputed prefix sums, in the result dtype.
+inline void check_loss_inputs(const at::Tensor& log_probs, const at::Tensor& old_log_probs,
+                              const at::Tensor& advantages, const at::Tensor& mask,
+                              const c10::optional<at::Tensor>& cum, const c10::optional<at::Tensor>& count) {
+  CTPO_CHECK_FLOATING(log_probs);
+  CTPO_CHECK_CONTIGUOUS(log_probs);
+  const auto dtype = log_probs.scalar_type();
+  check_like(old_log_probs, log_probs, dtype, "old_log_probs");
+  check_like(advantages, log_probs, dtype, "advantages");
+  check_like(mask, log_probs, dtype, "mask");
+  TORCH_CHECK(cum.has_value() == count.has_value(), "cum and count must be given together (or neither)");
+  if (cum.has_value()) {
+    check_like(*cum, log_probs, result_dtype(dtype), "cum");
+    check_like(*count, log_probs, result_dtype(dtype), "count");
+  }
+}
+
+// Float outputs are float32 for 16-bit inputs, else the input dtype; la_scale is empty when
+// the clip is not adaptive; flags are uint8.
+inline LossOutputs make_loss_outputs(const at::Tensor& log_probs, bool adaptive, bool zero_fill) {
   auto opts = log_probs.options().dtype(result_dtype(log_probs.scalar_type()));
   auto make = [&](const at::TensorOptions& o) {
     return zero_fill ? at::zeros_like(log_probs, o) : at::empty_like(log_probs, o);
@@ -62,6 +52,8 @@ inline LossOutputs make_loss_outputs(const at::Tensor& log_probs, bool zero_fill
   out.loss = make(opts);
   out.grad = make(opts);
   out.ratio = make(opts);
+  out.log_ratio = make(opts);
+  out.la_scale = adaptive ? make(opts) : at::empty({0}, opts);
   out.flags = make(log_probs.options().dtype(at::kByte));
   return out;
 }
