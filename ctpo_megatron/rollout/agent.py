@@ -1,0 +1,284 @@
+"""Tool-interleaved multi-turn rollouts, token-in / token-out.
+
+One trajectory (`AgentLoop.run_one`):
+
+    ids = prompt_ids
+    loop:
+      generate(ids + response_ids) with stop_token_ids = tokens that can complete the
+          closing marker of a code block (and end-of-turn)      -> new tokens + log-probs
+      decode the current segment (tokens since the last tool output) and look for a complete
+          code block; if there is one, keep only the new tokens up to the FIRST token at which
+          the decoded segment contains it (binary search over prefixes), drop the rest
+      no block: append all; end of turn -> "stop"; a stop token that did not close a block
+          (e.g. the opening fence) or a per-call cap -> generate again; budget -> "length"
+      block: run the code in the sandbox (pool, concurrent across trajectories), append the
+          output block as tokens with loss-mask 0 and log-prob 0.0, continue;
+          a block beyond max_turns ends the trajectory ("max_turns")
+
+Token exactness: generated tokens are appended exactly as the server returned them (ids and
+log-probs) and never decoded-and-re-encoded; only the environment's output text is encoded,
+once. The trainer therefore scores the very tokens that were sampled. The kept tokens are a
+prefix of what the server sampled, so their log-probs stay valid; the token that completes
+the closing marker may carry extra characters (e.g. "```\\n\\n"), which are kept as sampled.
+Why not stop strings: a stop string can end inside a token, and servers trim the text, not
+the token list; stop ids keep the boundary on a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol, Sequence
+
+from ctpo_megatron.rollout.agent_config import AgentConfig
+from ctpo_megatron.rollout.chat import ToolFormat, as_tokenizer
+from ctpo_megatron.rollout.reward import score_response
+from ctpo_megatron.rollout.sandbox import SandboxPool, SandboxResult
+from ctpo_megatron.rollout.trajectory import Trajectory
+
+logger = logging.getLogger(__name__)
+
+
+class GenerateResultLike(Protocol):
+    """What the agent reads from a generate call (SGLangClient's GenerateResult has it)."""
+
+    output_ids: list[int]
+    output_log_probs: list[float]
+    finish_reason: dict | None
+    weight_version: str
+
+
+class Generator(Protocol):
+    """A token-in/token-out generator: SGLangClient, or any in-process model."""
+
+    async def generate(self, input_ids: list[int], sampling_params: dict, *,
+                       return_logprob: bool = True) -> GenerateResultLike:
+        """Samples a continuation of `input_ids`; returns ids (stop/eos token included) and
+        one log-prob per returned id."""
+        ...
+
+
+def tool_stop_token_ids(tokenizer: Any, fmt: ToolFormat) -> list[int]:
+    """Token ids at which generation should pause to check for a finished tool call.
+
+    If some token's text contains the whole closing marker, those tokens (except ones that
+    spell the opening marker, e.g. a single "```python" token) are enough in practice: a
+    sampled split of the marker over several tokens is still caught in the text after the
+    request, only later. If no token contains it (e.g. a character-level vocabulary), every
+    token containing the marker's last character is a stop.
+    """
+    tok = as_tokenizer(tokenizer)
+    n = tok.vocab_size()
+    raw = tok.tok
+    ids = [[i] for i in range(n)]
+    if hasattr(raw, "batch_decode"):
+        texts = raw.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    else:
+        texts = raw.decode_batch(ids, skip_special_tokens=False)
+    close, opening = fmt.code_close, fmt.code_open.rstrip("\n")
+    whole = [i for i, t in enumerate(texts) if close in t and opening not in t]
+    if whole:
+        return whole
+    return [i for i, t in enumerate(texts) if close[-1] in t]
+
+
+class AgentLoop:
+    """Runs trajectories against a `Generator` with a shared sandbox pool.
+
+    tokenizer: the policy's tokenizer (transformers or `tokenizers`), used to encode prompts
+        given as messages and tool outputs, and to decode segments for call detection.
+    """
+
+    def __init__(self, tokenizer: Any, cfg: AgentConfig, sandbox: SandboxPool | None = None) -> None:
+        self.cfg = cfg
+        self.tok = as_tokenizer(tokenizer)
+        self.end_ids = set(cfg.chat.end_of_turn_ids(tokenizer))
+        if not self.end_ids:
+            raise ValueError(f"AgentLoop: the tokenizer has no id for the end-of-turn token "
+                             f"{cfg.chat.im_end!r} and no eos token")
+        stops = tool_stop_token_ids(tokenizer, cfg.tool_format) if cfg.stop_mode == "auto" else []
+        self.stop_ids = sorted(self.end_ids | set(stops))
+        self._own_sandbox = sandbox is None
+        self.sandbox = sandbox or SandboxPool(cfg.sandbox_workers, cfg.sandbox, cfg.tool_timeout_s)
+
+    def close(self) -> None:
+        """Stops the sandbox pool if this loop created it."""
+        if self._own_sandbox:
+            self.sandbox.close()
+
+    def _sampling_params(self, max_new: int, seed: int | None) -> dict:
+        params = {"max_new_tokens": max_new, "temperature": self.cfg.temperature,
+                  "top_p": self.cfg.top_p, "top_k": self.cfg.top_k,
+                  "stop_token_ids": self.stop_ids, "skip_special_tokens": False, "no_stop_trim": True}
+        if seed is not None:
+            params["sampling_seed"] = seed
+        return params
+
+    def _first_call_cut(self, seg_ids: list[int], new_ids: list[int]) -> tuple[int, str] | None:
+        """Smallest k such that seg_ids + new_ids[:k] decodes to text with a complete call;
+        returns (k, that text) or None."""
+        fmt = self.cfg.tool_format
+        if fmt.find_call(self.tok.decode(seg_ids + new_ids)) is None:
+            return None
+        lo, hi = 1, len(new_ids)  # the predicate holds at hi and is monotone in k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fmt.find_call(self.tok.decode(seg_ids + new_ids[:mid])) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo, self.tok.decode(seg_ids + new_ids[:lo])
+
+    def tool_output_ids(self, segment_text: str, result: SandboxResult) -> tuple[list[int], bool]:
+        """Token ids of the output block inserted after a call whose segment decodes to
+        `segment_text`, and whether the output was truncated to max_tool_output_tokens."""
+        fmt = self.cfg.tool_format
+        body = fmt.render_output(result.stdout, result.stderr, result.exit_code, result.timed_out,
+                                 self.cfg.tool_timeout_s)
+        body_ids = self.tok.encode(body)
+        truncated = len(body_ids) > self.cfg.max_tool_output_tokens
+        if truncated:
+            body = self.tok.decode(body_ids[:self.cfg.max_tool_output_tokens]) + fmt.output_truncated
+        return self.tok.encode(fmt.wrap_output(body, after=segment_text)), truncated
+
+    async def run_one(self, generator: Generator, prompt_ids: list[int], *, prompt_index: int = 0,
+                      sample_index: int = 0, ground_truth: str | None = None,
+                      metadata: dict | None = None) -> Trajectory:
+        """One trajectory for `prompt_ids`; scored when `ground_truth` is given."""
+        cfg = self.cfg
+        traj = Trajectory(prompt_ids=list(prompt_ids), prompt_index=prompt_index,
+                          sample_index=sample_index, ground_truth=ground_truth,
+                          metadata=dict(metadata or {}))
+        seg_start = 0  # response index where the current assistant segment starts
+        calls = 0
+        while not traj.finish_reason:
+            budget = cfg.max_response_tokens - len(traj.response_ids)
+            if budget <= 0:
+                traj.finish_reason = "length"
+                break
+            max_new = min(budget, cfg.max_tokens_per_call) if cfg.max_tokens_per_call else budget
+            seed = None if cfg.seed is None else (
+                cfg.seed * 1_000_003 + prompt_index * 10_007 + sample_index * 101 + calls) % (1 << 31)
+            res = await generator.generate(traj.prompt_ids + traj.response_ids,
+                                           self._sampling_params(max_new, seed), return_logprob=True)
+            calls += 1
+            new_ids, new_lps = list(res.output_ids), list(res.output_log_probs)
+            if len(new_lps) != len(new_ids):
+                raise ValueError(f"generate returned {len(new_ids)} output_ids but {len(new_lps)} "
+                                 f"log-probs (server {getattr(res, 'server_url', '?')})")
+            if not traj.weight_versions or traj.weight_versions[-1] != res.weight_version:
+                traj.weight_versions.append(res.weight_version)
+            seg_ids = traj.response_ids[seg_start:]
+            cut = self._first_call_cut(seg_ids, new_ids) if new_ids else None
+            keep = cut[0] if cut else len(new_ids)
+            if seg_start == len(traj.response_ids) and keep > 0:
+                traj.num_turns += 1  # the first tokens of a new assistant segment
+            traj.response_ids += new_ids[:keep]
+            traj.rollout_log_probs += [float(x) for x in new_lps[:keep]]
+            traj.loss_mask += [1] * keep
+            if cut is None:
+                traj.finish_reason = self._finish_without_call(res, new_ids)
+                continue
+            if traj.tool_calls >= cfg.max_turns:
+                traj.finish_reason = "max_turns"
+                break
+            await self._run_tool(traj, code=cfg.tool_format.find_call(cut[1])[0], segment_text=cut[1])
+            seg_start = len(traj.response_ids)
+        traj.response_text = self.tok.decode(traj.response_ids)
+        traj.check()
+        if ground_truth is not None:
+            await self._score(traj)
+        return traj
+
+    def _finish_without_call(self, res: GenerateResultLike, new_ids: list[int]) -> str:
+        """The finish reason after a request that produced no tool call ("" = keep going)."""
+        kind = (res.finish_reason or {}).get("type")
+        if kind == "abort":
+            return "abort"
+        if not new_ids or new_ids[-1] in self.end_ids:
+            return "stop"
+        if kind == "stop":
+            return ""  # paused at a marker token that did not close a call
+        return ""  # "length" of this request: the loop checks the trajectory budget
+
+    async def _run_tool(self, traj: Trajectory, code: str, segment_text: str) -> None:
+        result = await self.sandbox.run(code, self.cfg.tool_timeout_s)
+        traj.tool_calls += 1
+        traj.tool_timeouts += int(result.timed_out)
+        traj.tool_errors += int(not result.timed_out and result.exit_code != 0)
+        ids, truncated = self.tool_output_ids(segment_text, result)
+        traj.tool_output_truncations += int(truncated)
+        room = self.cfg.max_response_tokens - len(traj.response_ids)
+        if len(ids) >= room:
+            ids = ids[:room]
+            traj.finish_reason = "length"
+        traj.response_ids += ids
+        traj.rollout_log_probs += [0.0] * len(ids)
+        traj.loss_mask += [0] * len(ids)
+
+    async def _score(self, traj: Trajectory) -> None:
+        # Only the model's own text counts: a \boxed{} printed by the code must not score.
+        generated, run = [], []
+        for tid, m in zip(traj.response_ids, traj.loss_mask):
+            if m:
+                run.append(tid)
+            elif run:
+                generated.append(self.tok.decode(run))
+                run = []
+        if run:
+            generated.append(self.tok.decode(run))
+        res = await asyncio.to_thread(score_response, "\n".join(generated), traj.ground_truth,
+                                      self.cfg.reward, truncated=traj.finish_reason == "length")
+        traj.reward, traj.correct, traj.has_boxed, traj.reward_error = (
+            res.score, res.correct, res.has_boxed, res.error)
+
+    def encode_prompt(self, prompt: Sequence[int] | list[dict]) -> list[int]:
+        """Token ids of a prompt given as ids (kept as is) or as chat messages."""
+        if prompt and isinstance(prompt[0], dict):
+            return self.cfg.chat.encode_prompt(self.tok, list(prompt))  # type: ignore[arg-type]
+        if not all(isinstance(t, int) for t in prompt):
+            raise TypeError("AgentLoop: a prompt must be a list of token ids or of chat messages "
+                            "({'role': ..., 'content': ...})")
+        return list(prompt)  # type: ignore[arg-type]
+
+    async def run_batch(self, generator: Generator, prompts: Sequence[Sequence[int] | list[dict]], *,
+                        n_samples: int = 1, ground_truths: Sequence[str | None] | None = None,
+                        metadata: Sequence[dict] | None = None) -> list[Trajectory]:
+        """n_samples trajectories per prompt, all concurrently; prompt-major order
+        (index i * n_samples + j is prompt i, sample j). Any failure fails the batch."""
+        if n_samples < 1:
+            raise ValueError(f"run_batch: n_samples={n_samples} must be >= 1")
+        for name, seq in (("ground_truths", ground_truths), ("metadata", metadata)):
+            if seq is not None and len(seq) != len(prompts):
+                raise ValueError(f"run_batch: {name} has {len(seq)} entries for {len(prompts)} prompts")
+        ids = [self.encode_prompt(p) for p in prompts]
+        limit = asyncio.Semaphore(self.cfg.max_concurrency or len(ids) * n_samples or 1)
+
+        async def one(i: int, j: int) -> Trajectory:
+            async with limit:
+                return await self.run_one(
+                    generator, ids[i], prompt_index=i, sample_index=j,
+                    ground_truth=None if ground_truths is None else ground_truths[i],
+                    metadata=None if metadata is None else metadata[i])
+
+        return list(await asyncio.gather(*(one(i, j) for i in range(len(ids)) for j in range(n_samples))))
+
+
+async def run_agent_batch(generator: Generator, prompts: Sequence[Sequence[int] | list[dict]],
+                          cfg: AgentConfig, *, tokenizer: Any, n_samples: int = 1,
+                          ground_truths: Sequence[str | None] | None = None,
+                          metadata: Sequence[dict] | None = None,
+                          sandbox: SandboxPool | None = None) -> list[Trajectory]:
+    """Runs `n_samples` tool-interleaved trajectories per prompt concurrently (see module doc).
+
+    prompts: token-id lists, or chat-message lists (encoded with `cfg.chat`).
+    ground_truths: per prompt; when given, each trajectory is scored with the math reward.
+    sandbox: a shared pool (default: one created for this call and closed after it).
+    Returns prompt-major trajectories: index i * n_samples + j is prompt i, sample j.
+    """
+    loop = AgentLoop(tokenizer, cfg, sandbox)
+    try:
+        return await loop.run_batch(generator, prompts, n_samples=n_samples,
+                                    ground_truths=ground_truths, metadata=metadata)
+    finally:
+        loop.close()

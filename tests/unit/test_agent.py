@@ -1,0 +1,141 @@
+"""Agent loop against a real in-process model: tool calls, masks, token-exact log-probs."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+
+from ctpo_megatron.rollout.agent import AgentLoop, run_agent_batch, tool_stop_token_ids
+from ctpo_megatron.rollout.agent_config import AgentConfig
+from ctpo_megatron.rollout.chat import ToolFormat
+from ctpo_megatron.rollout.sandbox import SandboxPool
+from tests.unit._agent_models import (DEMOS, TorchGenerator, demo_ids, teacher_forced_log_probs, tiny_model,
+                                      tiny_tokenizer, train_to_reproduce)
+
+# fp32 KV-cache decoding vs one full forward of the same model: rounding only.
+LOGPROB_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with SandboxPool(max_workers=4) as pool:
+        yield pool
+
+
+@functools.lru_cache(maxsize=1)
+def _trained(tokenizer):
+    torch.manual_seed(0)
+    loop = AgentLoop(tokenizer, AgentConfig(temperature=0.0), sandbox=SandboxPool(1))
+    examples = [demo_ids(loop, q, pieces) for q, pieces, _ in DEMOS]
+    loop.close()
+    model = tiny_model(tokenizer)
+    train_to_reproduce(model, examples)
+    return model, examples
+
+
+def _assert_token_exact(model, traj):
+    traj.check()
+    lp = teacher_forced_log_probs(model, traj.prompt_ids, traj.response_ids)
+    mask = torch.tensor(traj.loss_mask, dtype=torch.bool)
+    rollout = torch.tensor(traj.rollout_log_probs)
+    assert torch.allclose(lp[mask], rollout[mask], atol=LOGPROB_ATOL, rtol=0)
+    assert (rollout[~mask] == 0).all()
+
+
+def test_trained_model_calls_tools_and_gets_scored(tokenizer, sandbox):
+    model, examples = _trained(tokenizer)
+    gen = TorchGenerator(model, eos_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    cfg = AgentConfig(temperature=0.0, max_response_tokens=400, tool_timeout_s=5.0)
+    prompts = [[{"role": "user", "content": q}] for q, _, _ in DEMOS]
+    trajs = asyncio.run(run_agent_batch(gen, prompts, cfg, tokenizer=tokenizer, sandbox=sandbox,
+                                        ground_truths=[g for _, _, g in DEMOS]))
+    for traj, (prompt, response, mask) in zip(trajs, examples):
+        # Greedy decoding reproduces the demo, tool outputs included, token for token.
+        assert traj.prompt_ids == prompt and traj.response_ids == response and traj.loss_mask == mask
+        assert traj.finish_reason == "stop" and traj.weight_versions == ["0"]
+        _assert_token_exact(model, traj)
+    one, two, err = trajs
+    assert (one.tool_calls, one.num_turns, one.tool_errors, one.reward, one.correct) == (1, 2, 0, 1.0, True)
+    assert "```output\n42\n```" in one.response_text
+    assert (two.tool_calls, two.num_turns, two.reward) == (2, 3, 1.0)
+    assert "```output\nTrue\n```" in two.response_text
+    assert (err.tool_calls, err.tool_errors, err.reward, err.has_boxed) == (1, 1, 0.0, True)
+    assert "ZeroDivisionError: division by zero\n```" in err.response_text
+    # Every request continued the exact token history: prompt + everything so far.
+    for ids, params in gen.requests:
+        assert params["stop_token_ids"] and params["max_new_tokens"] >= 1
+
+
+def test_max_turns_and_budgets(tokenizer, sandbox):
+    model, examples = _trained(tokenizer)
+    gen = TorchGenerator(model, eos_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    prompt = [[{"role": "user", "content": DEMOS[1][0]}]]  # the two-call demo
+    loop = AgentLoop(tokenizer, AgentConfig(temperature=0.0, max_turns=1, max_response_tokens=400), sandbox)
+    (traj,) = asyncio.run(loop.run_batch(gen, prompt))
+    assert traj.finish_reason == "max_turns" and traj.tool_calls == 1
+    assert traj.response_text.endswith("print(1024 == 2**10)\n```")  # the 2nd call is kept, not run
+    _assert_token_exact(model, traj)
+
+    loop = AgentLoop(tokenizer, AgentConfig(temperature=0.0, max_response_tokens=30), sandbox)
+    (traj,) = asyncio.run(loop.run_batch(gen, prompt))
+    assert traj.finish_reason == "length" and len(traj.response_ids) == 30
+
+    # Tool output cut to max_tool_output_tokens (char tokenizer: one token per character).
+    loop = AgentLoop(tokenizer, AgentConfig(temperature=0.0, max_tool_output_tokens=3,
+                                            max_response_tokens=400), sandbox)
+    (traj,) = asyncio.run(loop.run_batch(gen, [[{"role": "user", "content": DEMOS[2][0]}]]))
+    assert traj.tool_output_truncations == 1
+    assert "```output\nTra\n...[output truncated]\n```" in traj.response_text
+
+    # A per-request cap only splits requests; the result is the same trajectory.
+    loop = AgentLoop(tokenizer, AgentConfig(temperature=0.0, max_tokens_per_call=7, max_response_tokens=400), sandbox)
+    (traj,) = asyncio.run(loop.run_batch(gen, prompt))
+    assert traj.response_ids == examples[1][1] and traj.finish_reason == "stop"
+
+
+def test_sampled_batch_is_token_exact(tokenizer, sandbox):
+    model = tiny_model(tokenizer, seed=1)  # random weights: arbitrary text, rare tool calls
+    gen = TorchGenerator(model, eos_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")], weight_version="7")
+    cfg = AgentConfig(temperature=1.0, max_response_tokens=48, max_tokens_per_call=20, seed=3)
+    prompts = [[{"role": "user", "content": "hi"}], tokenizer.encode("<|im_start|>user\nx<|im_end|>\n")]
+    trajs = asyncio.run(run_agent_batch(gen, prompts, cfg, tokenizer=tokenizer, n_samples=3, sandbox=sandbox))
+    assert [(t.prompt_index, t.sample_index) for t in trajs] == [(i, j) for i in range(2) for j in range(3)]
+    assert trajs[3].prompt_ids == prompts[1]
+    for t in trajs:
+        assert t.finish_reason in ("stop", "length") and t.weight_version == "7"
+        _assert_token_exact(model, t)
+    assert len({tuple(t.response_ids) for t in trajs[:3]}) > 1  # samples differ
+    again = asyncio.run(run_agent_batch(gen, prompts, cfg, tokenizer=tokenizer, n_samples=3, sandbox=sandbox))
+    assert [t.response_ids for t in again] == [t.response_ids for t in trajs]  # seeded
+
+
+def test_stop_token_selection():
+    vocab = {"```": 0, "```\n": 1, "```python": 2, "`": 3, "a": 4, "x```": 5}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="a"))
+    # A single-token marker: stop on tokens containing it, but not on the opening fence.
+    assert tool_stop_token_ids(tok, ToolFormat()) == [0, 1, 5]
+    # No token holds the marker: every token with its last character can complete it.
+    assert tool_stop_token_ids(tok, ToolFormat(code_close="`~")) == []
+    assert tool_stop_token_ids(tok, ToolFormat(code_open="<code>", code_close="<a")) == [4]
+
+
+def test_bad_inputs(tokenizer):
+    with pytest.raises(ValueError, match="max_response_tokens"):
+        AgentConfig(max_response_tokens=0)
+    with pytest.raises(ValueError, match="stop_mode"):
+        AgentConfig(stop_mode="regex")
+    loop = AgentLoop(tokenizer, AgentConfig(), sandbox=SandboxPool(1))
+    with pytest.raises(TypeError, match="token ids or of chat messages"):
+        loop.encode_prompt(["hello"])
+    with pytest.raises(ValueError, match="ground_truths has 1 entries for 2 prompts"):
+        asyncio.run(loop.run_batch(None, [[1], [2]], ground_truths=["1"]))
+    loop.sandbox.close()
