@@ -6,7 +6,8 @@
 Files: config (PolicyLossConfig), cumulative (the masked prefix sum, csrc or torch), ctpo
 (cumulative-token terms + the fused-kernel seam), baselines (grpo, gspo, seq), registry
 (LOSSES), aggregate (agg modes), loss (policy_loss), advantages (GRPO), correction (rollout
-IS weights), metrics (clip fractions, quantiles, clip rate by position).
+IS weights), metrics (clip fractions, quantiles, clip rate by position), layout (packed THD
+-> padded).
 """
 
 from ctpo_megatron.algo.advantages import grpo_advantages

@@ -8,6 +8,7 @@ import torch
 
 from ctpo_megatron.algo.aggregate import aggregate_loss
 from ctpo_megatron.algo.config import PolicyLossConfig
+from ctpo_megatron.algo.layout import packed_to_padded
 from ctpo_megatron.algo.metrics import policy_metrics
 from ctpo_megatron.algo.registry import FIXED_AGG_MODE, LOSSES
 from ctpo_megatron.logging_utils import warn_once
@@ -45,7 +46,8 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
                 global_batch_size: int | torch.Tensor | None = None, dp_size: int = 1,
                 loss_scale_factor: float | None = None,
                 cum_log_ratio: torch.Tensor | None = None,
-                cum_count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                cum_count: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy-gradient loss of one micro-batch and its metrics.
 
     log_probs: [B, S] float — current policy log-prob per response token (autograd); B
@@ -60,9 +62,20 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
         normalisation (see `aggregate_loss`); defaults give the micro-batch mean.
     cum_log_ratio, cum_count: optional [B, S] prefix sums for "ctpo" (global totals for "seq"),
         e.g. from the context-parallel scan; see `ctpo_token_terms`.
+    cu_seqlens: optional [N+1] int — packed layout (THD): every per-token tensor above is [T]
+        (or [1, T]) with sequence n at [cu_seqlens[n], cu_seqlens[n+1]); advantages per token.
+        The loss is computed on the zero-padded [N, S_max] view; gradients flow back packed.
     Returns (loss: 0-d tensor in the compute dtype with autograd to log_probs; metrics: dict of
     floats, see `algo.metrics.policy_metrics`).
     """
+    if cu_seqlens is not None:
+        padded = packed_to_padded(cu_seqlens, {
+            "log_probs": log_probs, "old_log_probs": old_log_probs, "advantages": advantages,
+            "response_mask": response_mask, "rollout_is_weights": rollout_is_weights,
+            "cum_log_ratio": cum_log_ratio, "cum_count": cum_count})
+        log_probs, old_log_probs, advantages = padded["log_probs"], padded["old_log_probs"], padded["advantages"]
+        response_mask, rollout_is_weights = padded["response_mask"], padded["rollout_is_weights"]
+        cum_log_ratio, cum_count = padded["cum_log_ratio"], padded["cum_count"]
     advantages = _check_inputs(log_probs, old_log_probs, advantages, response_mask,
                                {"rollout_is_weights": rollout_is_weights,
                                 "cum_log_ratio": cum_log_ratio, "cum_count": cum_count})

@@ -100,3 +100,27 @@ def test_bad_inputs_name_the_tensor():
     full, _ = policy_loss(lp, olp, adv, mask, cfg)
     assert policy_loss(lp, olp, adv[:, 0], mask, cfg)[0].item() == full.item()
     assert policy_loss(lp, olp, adv[:, :1], mask, cfg)[0].item() == full.item()
+
+
+@pytest.mark.parametrize("name", ["ctpo", "grpo", "gspo", "seq"])
+def test_packed_layout_equals_padded(name):
+    lp, olp, adv, mask = batch(seed=4)
+    lengths = [0, 5, 33, 12, 1]  # an empty sequence too
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    rows = [slice(0, n) for n in lengths]
+    pack = lambda t: torch.cat([t[b, rows[b]] for b in range(len(lengths))] + [t.new_zeros(3)])  # noqa: E731
+    keep = torch.zeros_like(mask)
+    for b, n in enumerate(lengths):
+        keep[b, :n] = 1
+    cfg = PolicyLossConfig(name=name, loss_agg_mode="seq-mean-token-mean")
+    x = lp.clone().requires_grad_(True)
+    ref, ref_metrics = policy_loss(x, olp, adv, mask * keep, cfg)
+    ref.backward()
+    y = pack(lp).requires_grad_(True)  # 3 tokens of alignment padding at the end
+    loss, metrics = policy_loss(y, pack(olp), pack(adv), pack(mask), cfg, cu_seqlens=cu)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(y.grad[:-3], pack(x.grad)[:-3], rtol=1e-12, atol=1e-14)
+    assert (y.grad[-3:] == 0).all() and metrics["valid_tokens"] == ref_metrics["valid_tokens"]
+    with pytest.raises(ValueError, match="packed advantages"):
+        policy_loss(y, pack(olp), adv[:, 0], pack(mask), cfg, cu_seqlens=cu)
