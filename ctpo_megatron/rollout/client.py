@@ -169,12 +169,18 @@ class SGLangClient:
                              "prompt repeated for several samples")
         if self.validate and not _validated:
             validate_sampling_params(sampling_params)
-        body = {"input_ids": [int(t) for t in input_ids], "sampling_params": sampling_params,
-                "return_logprob": return_logprob, "rid": rid or uuid.uuid4().hex}
+        body = self.build_generate_body(input_ids, sampling_params, return_logprob=return_logprob, rid=rid)
         self._get_session()
         assert self._semaphore is not None
         async with self._semaphore:
             return await self._generate_with_retries(body, return_logprob)
+
+    @staticmethod
+    def build_generate_body(input_ids: Sequence[int], sampling_params: dict, *,
+                            return_logprob: bool = True, rid: str | None = None) -> dict:
+        """The exact `/generate` JSON body `generate()` sends (token-in, one prompt)."""
+        return {"input_ids": [int(t) for t in input_ids], "sampling_params": dict(sampling_params),
+                "return_logprob": bool(return_logprob), "rid": rid or uuid.uuid4().hex}
 
     async def _generate_with_retries(self, body: dict, return_logprob: bool) -> GenerateResult:
         tried: set[str] = set()
