@@ -88,16 +88,15 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The template text of `messages` (each {"role", "content"})."""
-        if self.system_prompt is not None and (not messages or messages[0].get("role") != "system"):
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        parts = []
         for i, msg in enumerate(messages):
             role, content = msg.get("role"), msg.get("content")
             if role not in self.roles or not isinstance(content, str):
                 raise ValueError(f"ChatTemplate.render: message {i} must have a role in {self.roles} "
                                  f"and string content, got role={role!r}, content type "
                                  f"{type(content).__name__}")
-            parts.append(f"{self.im_start}{role}\n{content}{self.im_end}\n")
+        if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        parts = [f"{self.im_start}{m['role']}\n{m['content']}{self.im_end}\n" for m in messages]
         if add_generation_prompt:
             parts.append(f"{self.im_start}assistant\n")
         return "".join(parts)
