@@ -1,0 +1,105 @@
+"""Launcher: SGLang / router command lines (SGLang cannot run here), and real embedded servers
+started, killed mid-batch (the client retries elsewhere), reported with their log tail, and
+stopped without orphans."""
+
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+
+from ctpo_megatron.rollout.client import SGLangClient
+from ctpo_megatron.rollout.launcher import (LaunchConfig, ServerDiedError, ServerGroup,
+                                            ServerStartError, embedded_server_command,
+                                            router_command, sglang_server_command)
+from tests.unit.test_embedded_server import build_tiny_model
+
+
+def test_sglang_command_matches_its_cli():
+    cfg = LaunchConfig(model_path="/models/qwen", backend="sglang", num_servers=4, tp_size=2,
+                       base_gpu_id=0, mem_fraction_static=0.7, weight_version="0", load_format="dummy",
+                       dtype="bfloat16", seed=3, extra_args=["--disable-radix-cache"], python="py")
+    cmd = sglang_server_command(cfg, index=2, port=30002)
+    assert cmd == ["py", "-m", "sglang.launch_server", "--model-path", "/models/qwen",
+                   "--host", "127.0.0.1", "--port", "30002", "--tp-size", "2",
+                   "--base-gpu-id", "4", "--weight-version", "0", "--mem-fraction-static", "0.7",
+                   "--skip-tokenizer-init", "--load-format", "dummy", "--dtype", "bfloat16",
+                   "--random-seed", "3", "--disable-radix-cache"]
+
+
+def test_router_and_embedded_commands():
+    cfg = LaunchConfig(model_path="m", python="py", router=True, router_policy="round_robin")
+    urls = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert router_command(cfg, urls, 9000) == [
+        "py", "-m", "sglang_router.launch_router", "--worker-urls", *urls,
+        "--policy", "round_robin", "--host", "127.0.0.1", "--port", "9000"]
+    cmd = embedded_server_command(cfg, index=1, port=5)
+    assert cmd[:3] == ["py", "-m", "ctpo_megatron.rollout.server"]
+    assert cmd[cmd.index("--seed") + 1] == "1" and cmd[cmd.index("--port") + 1] == "5"
+
+
+@pytest.mark.parametrize("field, value", [("backend", "vllm"), ("num_servers", 0),
+                                          ("mem_fraction_static", 1.5)])
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        LaunchConfig(model_path="m", **{field: value})
+
+
+def test_start_failure_shows_the_log_tail(tmp_path):
+    cfg = LaunchConfig(model_path=str(tmp_path / "no_such_model"), health_timeout_s=60,
+                       log_dir=str(tmp_path))
+    with pytest.raises(ServerDiedError) as info:
+        ServerGroup(cfg).start()
+    assert "server0" in str(info.value) and "no_such_model" in str(info.value)
+
+
+def test_health_timeout_names_the_server(tmp_path, monkeypatch):
+    # A process that never serves HTTP: the wait must end with the server named and its log.
+    from ctpo_megatron.rollout import launcher
+
+    monkeypatch.setattr(launcher, "embedded_server_command", lambda cfg, i, port: [
+        sys.executable, "-c", "print('booting', flush=True); import time; time.sleep(60)"])
+    group = ServerGroup(LaunchConfig(model_path="m", health_timeout_s=1, log_dir=str(tmp_path)))
+    with pytest.raises(ServerStartError, match="server0") as info:
+        group.start()
+    assert "booting" in str(info.value)
+    assert not any(_group_alive(pid) for pid in group.pids())
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_kill_one_of_two_mid_batch(tmp_path):
+    model = build_tiny_model(tmp_path / "model")
+    cfg = LaunchConfig(model_path=model, num_servers=2, health_timeout_s=120, log_dir=str(tmp_path),
+                       env={"OMP_NUM_THREADS": "1"})
+    group = ServerGroup(cfg)
+    group.start()
+    try:
+        victim = group.servers[1]
+
+        async def go():
+            async with SGLangClient(group.worker_urls, max_retries=3, retry_backoff_s=0.05) as client:
+                task = asyncio.ensure_future(client.generate_many(
+                    [[3, 4 + i] for i in range(8)], {"max_new_tokens": 400, "ignore_eos": True}))
+                await asyncio.sleep(0.5)
+                assert client.in_flight[victim.url] > 0  # it really was serving part of the batch
+                os.killpg(victim.proc.pid, signal.SIGKILL)
+                return await task
+
+        results = asyncio.run(go())
+        # Nothing dropped: every request finished, the victim's ones on the survivor.
+        assert len(results) == 8 and all(len(r.output_ids) == 400 for r in results)
+        assert {r.server_url for r in results} == {group.worker_urls[0]}
+        with pytest.raises(ServerDiedError, match="server1") as info:
+            group.check_alive()
+        assert "serving" in str(info.value)  # the tail of the dead server's log
+    finally:
+        group.stop()
+    assert not any(_group_alive(pid) for pid in group.pids())
