@@ -167,13 +167,22 @@ class FallbackContract:
                 _check_kind(row, "int_list")
         for key in ("stream",):
             _check_kind(body.get(key), "bool")
-        for key, kind in (("return_logprob", "bool"), ("logprob_start_len", "int"), ("rid", "str")):
+        for key, kind, alias in (("return_logprob", "bool", "BoolOrList"),
+                                 ("logprob_start_len", "int", "Int64OrList"),
+                                 ("rid", "str", "StringOrList")):
             value = body.get(key)
             if isinstance(value, list):
                 for item in value:
                     _check_kind(item, kind)
-            else:
-                _check_kind(value, kind)
+                    if item is None:  # null elements are not allowed in these lists
+                        expected = {"bool": "a boolean", "int": "i64", "str": "a string"}[kind]
+                        raise ContractError(f"invalid type: null, expected {expected}")
+            elif value is not None:
+                try:
+                    _check_kind(value, kind)
+                except ContractError:
+                    raise ContractError(f"invalid type: {_unexpected(value)}, expected a value or "
+                                        f"an array of values for {alias}") from None
         params = body.get("sampling_params")
         if params is not None:
             for item in params if isinstance(params, list) else [params]:
