@@ -58,7 +58,7 @@ def compute_dtype(log_probs: torch.Tensor) -> torch.dtype:
 
 
 def masked_inputs(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                  response_mask: torch.Tensor):
+                  response_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Casts to the compute dtype and zeroes invalid positions.
 
     Padding may hold garbage (e.g. -inf log-probs); zeroing it keeps invalid positions at
@@ -75,7 +75,8 @@ def masked_inputs(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantag
 
 
 def clipped_surrogate(advantages: torch.Tensor, ratio: torch.Tensor, clipped_ratio: torch.Tensor,
-                      dual_threshold: torch.Tensor | float | None):
+                      dual_threshold: torch.Tensor | float | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO surrogate with optional dual clip, with torch's max/min tie semantics.
 
     advantages, ratio, clipped_ratio: [B, S] float; dual_threshold: [B, S] float, a float, or
