@@ -58,6 +58,9 @@ class Generator(Protocol):
         ...
 
 
+_STOP_IDS_CACHE: dict[tuple, tuple[int, ...]] = {}
+
+
 def tool_stop_token_ids(tokenizer: Any, fmt: ToolFormat) -> list[int]:
     """Token ids at which generation should pause to check for a finished tool call.
 
@@ -70,16 +73,21 @@ def tool_stop_token_ids(tokenizer: Any, fmt: ToolFormat) -> list[int]:
     tok = as_tokenizer(tokenizer)
     n = tok.vocab_size()
     raw = tok.tok
+    # Scanning a 150k vocabulary takes about a second: once per tokenizer and format.
+    key = (id(raw), n, fmt.code_open, fmt.code_close)
+    if key in _STOP_IDS_CACHE:
+        return list(_STOP_IDS_CACHE[key])
     ids = [[i] for i in range(n)]
     if hasattr(raw, "batch_decode"):
         texts = raw.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     else:
         texts = raw.decode_batch(ids, skip_special_tokens=False)
     close, opening = fmt.code_close, fmt.code_open.rstrip("\n")
-    whole = [i for i, t in enumerate(texts) if close in t and opening not in t]
-    if whole:
-        return whole
-    return [i for i, t in enumerate(texts) if close[-1] in t]
+    ids = [i for i, t in enumerate(texts) if close in t and opening not in t]
+    if not ids:
+        ids = [i for i, t in enumerate(texts) if close[-1] in t]
+    _STOP_IDS_CACHE[key] = tuple(ids)
+    return ids
 
 
 class AgentLoop:

@@ -4,6 +4,10 @@ Hugging Face causal LM, and a model briefly trained to reproduce tool-using solu
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -30,8 +34,8 @@ class LocalResult:
 
 
 class TorchGenerator:
-    """Samples from `model` with a KV cache; log-probs are log_softmax of the raw logits
-    (temperature 1, as the trainer scores). Output ids include the stop token, like SGLang."""
+    """Samples from `model` with a KV cache. Log-probs follow SGLang: log_softmax(logits / T)
+    of the sampled token (raw logits when greedy). Output ids include the stop token."""
 
     def __init__(self, model, eos_ids: list[int], weight_version: str = "0") -> None:
         self.model = model.eval()
@@ -61,7 +65,7 @@ class TorchGenerator:
                 o = self.model(input_ids=cur, cache=past, use_cache=True)
                 past = o.cache
                 logits = o.logits[0, -1].float()
-                logp = F.log_softmax(logits, dim=-1)
+                logp = F.log_softmax(logits / (temperature if temperature >= 1e-6 else 1.0), dim=-1)
                 if temperature < 1e-6:
                     tok = int(torch.argmax(logits))
                 else:
@@ -88,6 +92,24 @@ def teacher_forced_log_probs(model, prompt_ids: list[int], response_ids: list[in
         logits = model(input_ids=ids).logits[0].float()
         logp = F.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
         return logp.gather(-1, torch.tensor(response_ids)[:, None])[:, 0]
+
+
+@functools.lru_cache(maxsize=1)
+def trained_setup():
+    """(tokenizer, model trained on DEMOS, demo (prompt, response, mask) ids, tokenizer dir);
+    built once per test process and shared by the agent test modules."""
+    tok_dir = tempfile.mkdtemp(prefix="ctpo_agent_tok_")
+    atexit.register(shutil.rmtree, tok_dir, True)
+    tokenizer = tiny_tokenizer(tok_dir)
+    from ctpo_megatron.rollout.agent_config import AgentConfig
+    from ctpo_megatron.rollout.sandbox import SandboxPool
+
+    loop = AgentLoop(tokenizer, AgentConfig(temperature=0.0), sandbox=SandboxPool(1))
+    examples = [demo_ids(loop, q, pieces) for q, pieces, _ in DEMOS]
+    loop.close()
+    model = tiny_model(tokenizer)
+    train_to_reproduce(model, examples)
+    return tokenizer, model, examples, tok_dir
 
 
 def tiny_tokenizer(tmp_dir: str):

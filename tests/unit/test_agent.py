@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 
 import pytest
 import torch
@@ -13,16 +12,15 @@ from ctpo_megatron.rollout.agent import AgentLoop, run_agent_batch, tool_stop_to
 from ctpo_megatron.rollout.agent_config import AgentConfig
 from ctpo_megatron.rollout.chat import ToolFormat
 from ctpo_megatron.rollout.sandbox import SandboxPool
-from tests.unit._agent_models import (DEMOS, TorchGenerator, demo_ids, teacher_forced_log_probs, tiny_model,
-                                      tiny_tokenizer, train_to_reproduce)
+from tests.unit._agent_models import DEMOS, TorchGenerator, teacher_forced_log_probs, tiny_model, trained_setup
 
 # fp32 KV-cache decoding vs one full forward of the same model: rounding only.
 LOGPROB_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(str(tmp_path_factory.mktemp("tok")))
+def tokenizer():
+    return trained_setup()[0]
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +29,12 @@ def sandbox():
         yield pool
 
 
-@functools.lru_cache(maxsize=1)
 def _trained(tokenizer):
-    torch.manual_seed(0)
-    loop = AgentLoop(tokenizer, AgentConfig(temperature=0.0), sandbox=SandboxPool(1))
-    examples = [demo_ids(loop, q, pieces) for q, pieces, _ in DEMOS]
-    loop.close()
-    model = tiny_model(tokenizer)
-    train_to_reproduce(model, examples)
+    _, model, examples, _ = trained_setup()
     return model, examples
 
 
-def _assert_token_exact(model, traj):
+def assert_token_exact(model, traj):
     traj.check()
     lp = teacher_forced_log_probs(model, traj.prompt_ids, traj.response_ids)
     mask = torch.tensor(traj.loss_mask, dtype=torch.bool)
@@ -62,7 +54,7 @@ def test_trained_model_calls_tools_and_gets_scored(tokenizer, sandbox):
         # Greedy decoding reproduces the demo, tool outputs included, token for token.
         assert traj.prompt_ids == prompt and traj.response_ids == response and traj.loss_mask == mask
         assert traj.finish_reason == "stop" and traj.weight_versions == ["0"]
-        _assert_token_exact(model, traj)
+        assert_token_exact(model, traj)
     one, two, err = trajs
     assert (one.tool_calls, one.num_turns, one.tool_errors, one.reward, one.correct) == (1, 2, 0, 1.0, True)
     assert "```output\n42\n```" in one.response_text
@@ -83,7 +75,7 @@ def test_max_turns_and_budgets(tokenizer, sandbox):
     (traj,) = asyncio.run(loop.run_batch(gen, prompt))
     assert traj.finish_reason == "max_turns" and traj.tool_calls == 1
     assert traj.response_text.endswith("print(1024 == 2**10)\n```")  # the 2nd call is kept, not run
-    _assert_token_exact(model, traj)
+    assert_token_exact(model, traj)
 
     loop = AgentLoop(tokenizer, AgentConfig(temperature=0.0, max_response_tokens=30), sandbox)
     (traj,) = asyncio.run(loop.run_batch(gen, prompt))
@@ -112,7 +104,7 @@ def test_sampled_batch_is_token_exact(tokenizer, sandbox):
     assert trajs[3].prompt_ids == prompts[1]
     for t in trajs:
         assert t.finish_reason in ("stop", "length") and t.weight_version == "7"
-        _assert_token_exact(model, t)
+        assert_token_exact(model, t)
     assert len({tuple(t.response_ids) for t in trajs[:3]}) > 1  # samples differ
     again = asyncio.run(run_agent_batch(gen, prompts, cfg, tokenizer=tokenizer, n_samples=3, sandbox=sandbox))
     assert [t.response_ids for t in again] == [t.response_ids for t in trajs]  # seeded
