@@ -1,0 +1,69 @@
+"""Configuration of the Megatron policy actor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ctpo_megatron.parallel.dims import ParallelDims
+
+
+@dataclass
+class ActorConfig:
+    """What `PolicyActor` builds: model, parallel layout, optimizer and batching."""
+
+    hf_model_dir: str = ""
+    """HF checkpoint directory (config.json + safetensors) the policy starts from."""
+    dims: ParallelDims = field(default_factory=ParallelDims)
+    """Parallel sizes; dp=-1 derives DP from the world size."""
+    params_dtype: str = "float32"
+    """Model parameter dtype: "float32" or "bfloat16" (bf16 keeps fp32 main params and grads
+    in the optimizer)."""
+    lr: float = 1e-6
+    """Learning rate (constant unless the trainer calls `PolicyActor.set_lr`)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam (beta1, beta2)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    optimizer: str = "adam"
+    """"adam" or "sgd" (plain SGD, momentum `sgd_momentum`; mostly for exact tests)."""
+    sgd_momentum: float = 0.0
+    """SGD momentum when optimizer="sgd"."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    micro_batch_size: int = 1
+    """Samples per micro-batch in the forward/backward schedule."""
+    temperature: float = 1.0
+    """Sampling temperature the log-probs are computed at (logits / temperature)."""
+    logprob_chunk_size: int = 1024
+    """Tokens per chunk in the vocab-parallel log-prob/entropy kernel (bounds fp32
+    temporaries to chunk x V/tp)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over DP (megatron DistributedOptimizer)."""
+    seed: int = 1234
+    """Seed of megatron's model-parallel RNG tracker."""
+    recompute: bool = False
+    """Full activation recomputation of every layer in backward (less memory, ~1/3 more compute)."""
+    make_vocab_size_divisible_by: int = 128
+    """The vocabulary is padded to a multiple of this times tp; padded entries are masked out."""
+    transformer_overrides: dict = field(default_factory=dict)
+    """Rarely used megatron TransformerConfig fields, applied last (names are validated)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dims, dict):
+            self.dims = ParallelDims(**self.dims)
+        if self.params_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"actor.params_dtype={self.params_dtype!r}: expected float32 or bfloat16")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"actor.optimizer={self.optimizer!r}: expected adam or sgd")
+        for name in ("micro_batch_size", "logprob_chunk_size", "make_vocab_size_divisible_by"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"actor.{name}={getattr(self, name)!r}: must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"actor.temperature={self.temperature!r}: must be > 0")
+        if self.lr < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ValueError("actor.lr, actor.clip_grad and actor.weight_decay must be >= 0")
+        if len(tuple(self.adam_betas)) != 2:
+            raise ValueError(f"actor.adam_betas={self.adam_betas!r}: expected (beta1, beta2)")
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)

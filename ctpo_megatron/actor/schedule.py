@@ -1,0 +1,99 @@
+"""Running padded micro-batches through megatron's forward/backward schedules.
+
+`run_schedule` drives `get_forward_backward_func()` (no pipelining, or 1F1B for PP > 1) over a
+list of samples: it pads them into micro-batches, runs GPTModel, and on the last PP stage turns
+the vocab-parallel logits into per-response-token log-probs (vocab_parallel.py) that a callback
+consumes. It knows nothing about losses or optimizers.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ctpo_megatron.actor.batching import MicroBatch, build_micro_batch
+from ctpo_megatron.actor.vocab_parallel import vocab_parallel_log_probs
+from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
+
+
+@dataclass
+class ScoreSettings:
+    """How logits become log-probs."""
+
+    vocab_size: int
+    """True vocabulary size (entries past it in the padded vocabulary are masked)."""
+    temperature: float
+    """logits / temperature before the softmax."""
+    chunk_size: int
+    """Tokens per chunk in the vocab-parallel kernel."""
+    with_entropy: bool = False
+    """Also compute per-token entropy."""
+
+
+def model_device() -> torch.device:
+    """The device megatron runs on: the current CUDA device, or CPU in CPU mode."""
+    if is_cpu_mode() or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def make_micro_batches(samples: Sequence[dict], *, micro_batch_size: int, fixed_shape: bool,
+                       fields: Sequence[str] = ()) -> list[MicroBatch]:
+    """Splits samples (in order) into micro-batches. fixed_shape (PP > 1: the pipeline's p2p
+    buffers have one shape) pads every micro-batch to [micro_batch_size, longest sample]."""
+    seq_len = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples) if fixed_shape else None
+    return [build_micro_batch(samples[i: i + micro_batch_size], seq_len=seq_len,
+                              batch_size=micro_batch_size if fixed_shape else None,
+                              fields=fields, first_index=i)
+            for i in range(0, len(samples), micro_batch_size)]
+
+
+def _forward_step(data_iterator, model, *, settings: ScoreSettings, tp_group, consume: Callable):
+    mb: MicroBatch = next(data_iterator)
+    device = model_device()
+    output = model(mb.tokens.to(device), mb.position_ids.to(device), attention_mask=None)
+    return output, functools.partial(_score, mb, settings=settings, tp_group=tp_group,
+                                     consume=consume)
+
+
+def _score(mb: MicroBatch, logits: torch.Tensor, *, settings: ScoreSettings, tp_group,
+           consume: Callable):
+    """Last stage: logits [b, S, V_tp] -> log_probs [b, R] -> consume(mb, log_probs, entropy)."""
+    rows, targets = mb.rows.to(logits.device), mb.targets.to(logits.device)
+    log_probs, entropy = vocab_parallel_log_probs(
+        logits.reshape(-1, logits.shape[-1]), rows, targets, tp_group=tp_group,
+        vocab_size=settings.vocab_size, temperature=settings.temperature,
+        chunk_size=settings.chunk_size, with_entropy=settings.with_entropy)
+    mb.resp_row, mb.resp_col = mb.resp_row.to(logits.device), mb.resp_col.to(logits.device)
+    return consume(mb, mb.scatter(log_probs),
+                   mb.scatter(entropy) if entropy is not None else None)
+
+
+def run_schedule(model_chunks: list, micro_batches: list[MicroBatch], *, pgs,
+                 settings: ScoreSettings, consume: Callable, forward_only: bool) -> list:
+    """Runs megatron's schedule over `micro_batches`; returns consume()'s metrics dicts (one per
+    micro-batch) on the last PP stage and [] elsewhere.
+
+    consume(mb, log_probs [b, R] float32, entropy [b, R] | None) -> (loss scalar, metrics dict)
+    is called on the last stage per micro-batch; with forward_only=False the schedule runs
+    backward from the loss (scaled 1/num_microbatches by megatron: the caller undoes that).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    forward_backward = get_forward_backward_func(pp_size=pgs.pp.size())
+    extra = {}
+    if pgs.pp.size() > 1:
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+        from megatron.core.utils import get_model_config
+
+        # The 1F1B schedule wants the communicator too when process groups are passed.
+        extra["p2p_communicator"] = P2PCommunicator(pgs.pp, get_model_config(model_chunks[0]))
+    step = functools.partial(_forward_step, settings=settings, tp_group=pgs.tp, consume=consume)
+    first = micro_batches[0]
+    return forward_backward(
+        forward_step_func=step, data_iterator=iter(micro_batches), model=model_chunks,
+        num_microbatches=len(micro_batches), seq_length=first.tokens.shape[1],
+        micro_batch_size=first.tokens.shape[0], forward_only=forward_only, pg_collection=pgs, **extra)

@@ -1,0 +1,72 @@
+"""Builds the megatron-core `GPTModel` chunk of this pipeline stage from a `ModelSpec`.
+
+The layer spec is TransformerEngine's when TE is importable (GPU clusters), else megatron's local
+spec (pure torch; CPU mode). That choice is made here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ctpo_megatron.models.config import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+def have_transformer_engine() -> bool:
+    """Whether TransformerEngine's torch binding imports (and a GPU is there to run it)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - TE raises assorted errors when half-installed
+        return False
+    return True
+
+
+def layer_spec(spec: ModelSpec, *, use_te: bool | None = None):
+    """Returns megatron's GPT layer `ModuleSpec`: TE if available (or `use_te`), else local."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te is None:
+        use_te = have_transformer_engine()
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm,
+                                                    normalization="RMSNorm")
+
+
+def build_gpt_model(spec: ModelSpec, config, pgs, *, use_te: bool | None = None):
+    """Builds the GPTModel chunk for this rank's PP stage (pre_process on the first stage,
+    post_process on the last), with RoPE frequencies taken from the HF config.
+
+    config: megatron TransformerConfig (see `transformer_config`). pgs: ProcessGroupCollection.
+    Weights are randomly initialized; load them with `hf_io.load_hf_weights`. The output layer
+    returns vocab-parallel logits `[b, s, V_pad / tp]` when called without labels.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    pp_rank, pp_size = pgs.pp.rank(), pgs.pp.size()
+    model = GPTModel(
+        config=config, transformer_layer_spec=layer_spec(spec, use_te=use_te),
+        vocab_size=spec.padded_vocab_size, max_sequence_length=spec.max_position_embeddings,
+        pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
+        parallel_output=True, share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="rope", rotary_base=int(spec.rope_theta), pg_collection=pgs)
+    set_rope_inv_freq(model, spec)
+    model.ctpo_model_spec = spec  # read back by hf_io when converting to/from HF tensors
+    return model
+
+
+def set_rope_inv_freq(model: torch.nn.Module, spec: ModelSpec) -> None:
+    """Replaces megatron's RoPE frequencies with transformers' (covers llama3/linear scaling)."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None:
+        raise RuntimeError("GPTModel has no rotary_pos_emb; expected position_embedding_type='rope'")
+    if tuple(rope.inv_freq.shape) != tuple(spec.rope_inv_freq.shape):
+        raise ValueError(f"rope inv_freq shape {tuple(spec.rope_inv_freq.shape)} does not match "
+                         f"megatron's {tuple(rope.inv_freq.shape)} (head_dim={spec.head_dim})")
+    rope.inv_freq = spec.rope_inv_freq.to(device=rope.inv_freq.device, dtype=rope.inv_freq.dtype)
+    rope.forward.cache_clear()  # forward is lru_cached on the sequence length
