@@ -207,3 +207,68 @@ def test_bad_arguments_raise():
         SandboxConfig(memory_bytes=0)
     with pytest.raises(ValueError, match="max_workers"):
         SandboxPool(max_workers=0)
+
+
+_UNPRIVILEGED_PROBE = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from ctpo_megatron.rollout.sandbox import SandboxConfig, run_code
+os.environ["CTPO_TEST_SECRET"] = "s3cr3t-value"
+cfg = SandboxConfig(python=sys.executable, max_processes=16)
+probe = run_code('''
+import os, socket
+print("secret" if "CTPO_TEST_SECRET" in os.environ else "no-secret")
+try:
+    socket.create_connection(("127.0.0.1", 22), timeout=1)
+    print("CONNECTED")
+except OSError:
+    print("net-blocked")
+try:
+    open(os.path.expanduser("~") + "/../../etc/ctpo_probe", "w")
+    print("WROTE")
+except OSError:
+    print("write-denied")
+''', config=cfg)
+bomb = run_code("import os\nwhile True:\n    try: os.fork()\n    except OSError: pass", timeout=2, config=cfg)
+loop = run_code("while True: pass", timeout=1, config=cfg)
+print(json.dumps({"probe": probe.stdout, "isolation": probe.isolation, "bomb": bomb.timed_out,
+                  "loop": [loop.timed_out, loop.exit_code]}))
+"""
+
+
+def _unprivileged_python() -> str | None:
+    """An interpreter uid 65534 can run and that can import this checkout, or None."""
+    if not IS_ROOT or shutil.which("setpriv") is None:
+        return None
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for python in (sys.executable, "/usr/bin/python3"):
+        ok = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
+                             f"import subprocess, sys; subprocess.run([sys.executable, '-c', ''], check=True); "
+                             f"sys.path.insert(0, {repo!r}); import ctpo_megatron.rollout.sandbox"],
+                            capture_output=True, env={"PATH": "/usr/bin:/bin"})
+        if ok.returncode == 0:
+            return python
+    return None
+
+
+def test_unprivileged_caller_is_isolated_by_a_user_namespace():
+    # The non-root path (no uid switch; a user namespace instead), run for real as uid 65534.
+    python = _unprivileged_python()
+    if python is None:
+        pytest.skip("needs root (to become uid 65534 via setpriv) and an interpreter uid 65534 can run")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(_UNPRIVILEGED_PROBE)
+    os.chmod(f.name, 0o644)
+    try:
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, f.name, repo],
+                             capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    finally:
+        os.unlink(f.name)
+    assert out.returncode == 0, out.stderr
+    import json
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["isolation"] == "userns"
+    assert res["probe"].split() == ["no-secret", "net-blocked", "write-denied"]
+    assert res["bomb"] and res["loop"] == [True, None]
+    assert subprocess.run(["pgrep", "-u", "65534"], capture_output=True).stdout == b""
