@@ -29,9 +29,9 @@ class WarmStartConfig:
 
     num_demos: int = 400
     """Distinct demonstration problems (drawn disjoint from nothing: a different seed)."""
-    tool_fraction: float = 0.3
+    tool_fraction: float = 0.5
     """Fraction of demonstrations that use the code tool; the rest guess (wrongly) at once."""
-    steps: int = 300
+    steps: int = 400
     """Optimizer steps."""
     batch_size: int = 32
     """Demonstrations per step."""

@@ -1,0 +1,42 @@
+"""Entry point of a CTPO run: `python -m ctpo_megatron.train [hydra overrides]`.
+
+    torchrun --nproc-per-node 2 -m ctpo_megatron.train --config-name tiny
+    torchrun ... -m ctpo_megatron.train model=qwen3_32b model.path=/ckpt data.train_files=[...]
+
+Configs: `configs/config.yaml` (the paper's setup) or `--config-name tiny`; groups model,
+parallel, algo, rollout, data, cluster; `--cfg job` prints the composed config.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ctpo_megatron.config.store import CONFIG_DIR, register_configs, to_train_config
+from ctpo_megatron.logging_utils import init_logging
+
+logger = logging.getLogger(__name__)
+
+register_configs()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
+def main(dict_cfg: DictConfig) -> None:
+    init_logging()
+    cfg = to_train_config(dict_cfg)
+    logger.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    from ctpo_megatron.parallel.state import destroy_parallel
+    from ctpo_megatron.trainer.loop import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Rank 0's side of the rollouts: inference servers, the agent loop, weight resync.
+
+With `rollout.server_urls` set the trainer uses those servers (started by the Slurm launcher);
+otherwise it starts `rollout.num_servers` servers itself (embedded CPU server, or SGLang) and
+stops them at exit. Generation runs on one persistent asyncio loop owned by this object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ctpo_megatron.config.schema import TrainConfig
+from ctpo_megatron.data.prompts import Prompt
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutDriver:
+    """Generates scored trajectories for prompts and pushes new weights to the servers."""
+
+    def __init__(self, cfg: TrainConfig, *, run_dir: str) -> None:
+        from transformers import AutoTokenizer
+
+        from ctpo_megatron.rollout.agent_config import AgentConfig
+        from ctpo_megatron.rollout.client import SGLangClient
+        from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup
+        from ctpo_megatron.rollout.sandbox import SandboxPool
+
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        self.servers = None
+        rc = cfg.rollout
+        if rc.server_urls:
+            urls = list(rc.server_urls)
+            logger.info("using external rollout servers %s", urls)
+        else:
+            launch = LaunchConfig(model_path=cfg.model.path, backend=rc.server_backend,
+                                  num_servers=rc.num_servers, seed=cfg.trainer.seed,
+                                  log_dir=os.path.join(run_dir, "logs"),
+                                  dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
+                                  max_batch_size=max(1, min(rc.max_concurrency, 256)))
+            self.servers = ServerGroup(launch)
+            logger.info("starting %d %s rollout server(s)", rc.num_servers, rc.server_backend)
+            self.servers.start()
+            urls = self.servers.worker_urls
+        self.urls = urls
+        self.client = SGLangClient(urls, timeout_s=rc.request_timeout_s)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+        self.agent_cfg = AgentConfig.from_rollout_config(rc)
+        self.sandbox = SandboxPool(max_workers=self.agent_cfg.sandbox_workers, config=self.agent_cfg.sandbox,
+                                   default_timeout=self.agent_cfg.tool_timeout_s)
+        self.weight_sync = None
+
+    def generate(self, prompts: Sequence[Prompt], n_samples: int, *, seed: int,
+                 temperature: float | None = None) -> list[Any]:
+        """`n_samples` scored trajectories per prompt (prompt-major order), sampled with `seed`."""
+        from ctpo_megatron.rollout.agent import run_agent_batch
+
+        overrides: dict[str, Any] = {"seed": seed}
+        if temperature is not None:
+            overrides["temperature"] = temperature
+        agent_cfg = dataclasses.replace(self.agent_cfg, **overrides)
+        return self.loop.run_until_complete(run_agent_batch(
+            self.client, [p.messages for p in prompts], agent_cfg, tokenizer=self.tokenizer,
+            n_samples=n_samples, ground_truths=[p.ground_truth for p in prompts],
+            metadata=[{"uid": p.uid, "data_source": p.data_source} for p in prompts],
+            sandbox=self.sandbox))
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> dict[str, float]:
+        """Pushes `(hf_name, full tensor)` pairs to every server as weight `version`."""
+        from ctpo_megatron.rollout.weight_sync import make_weight_sync
+
+        if self.weight_sync is None:
+            self.weight_sync = make_weight_sync(self.cfg.rollout.weight_sync)
+            self.loop.run_until_complete(_maybe_await(self.weight_sync.connect(self.urls)))
+        result = self.loop.run_until_complete(_maybe_await(self.weight_sync.update(named_tensors, version)))
+        return dict(result or {})
+
+    def close(self) -> None:
+        """Stops the servers this driver started and closes the client and sandboxes."""
+        try:
+            if self.weight_sync is not None and hasattr(self.weight_sync, "close"):
+                self.loop.run_until_complete(_maybe_await(self.weight_sync.close()))
+            self.loop.run_until_complete(self.client.close())
+            self.sandbox.close()
+        finally:
+            if self.servers is not None:
+                self.servers.stop()
+            self.loop.close()
+
+
+async def _maybe_await(value: Any) -> Any:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        return await value
+    return value
+
