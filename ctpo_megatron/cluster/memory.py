@@ -1,0 +1,180 @@
+"""Per-GPU memory estimate of the Megatron policy for a model shape and TP x PP x CP x DP.
+
+The model (all byte counts per GPU, for the most loaded pipeline stage):
+
+* weights     P_stage * 2                 bf16 parameters of this stage's shard
+* grads       P_stage * grad_bytes        megatron's main-grad buffer (fp32 by default)
+* optimizer   P_stage * 12 / (dp * cp)    fp32 master copy + Adam m and v; the distributed
+                                          optimizer shards them over the DP x CP group
+                                          (megatron's `intra_dp_cp_group`); 12 * P_stage without it
+* activations tokens * bytes/token/layer  bf16 tensors autograd keeps for backward (below)
+* logits      chunk * V/tp * 10           bf16 logits + fp32 upcast + fp32 softmax of the
+                                          vocab-parallel log-prob, for one chunk of tokens
+* overhead    fixed                       CUDA context, NCCL buffers, allocator fragmentation
+
+P_stage = layers/pp * (layer matrices / tp + norms) + embedding/tp (first stage) + output/tp
+(last stage). Tokens per GPU per micro-batch = seq_len * micro_batch / cp (CP splits the
+sequence). With sequence parallelism (on whenever tp > 1) the residual-stream tensors are split
+over tp as well. Flash attention keeps no [s, s] tensors, so per layer and token the bf16 tensors
+saved for backward are: the layer input and the pre-MLP residual (2h each), the two norm
+outputs (2h each), q/k/v (q + 2kv), the attention output (q), the gate/up outputs (2 ffn) and
+the SwiGLU output (ffn): `2 * (4h + 2q + 2kv + 3ffn)` bytes, plus fp32 softmax statistics per
+head. Megatron's "selective" recompute only re-runs core attention, which flash attention
+already does not store, so it equals "none" here. "full" recompute keeps each layer's input and
+re-runs one layer at a time in backward. Under the 1F1B schedule pipeline stage i holds
+min(pp - i, micro-batches) micro-batches in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ctpo_megatron.cluster.model_dims import ModelDims
+from ctpo_megatron.parallel.dims import ParallelDims
+
+GIB = 1024 ** 3
+RECOMPUTE_MODES = ("none", "selective", "full")
+PARAM_BYTES = 2  # bf16 parameters
+OPTIMIZER_BYTES = 12  # fp32 master param + Adam exp_avg + exp_avg_sq
+LOGIT_ENTRY_BYTES = 10  # bf16 logits + fp32 upcast + fp32 softmax kept for backward
+SOFTMAX_STAT_BYTES = 4  # flash attention's fp32 log-sum-exp per head and token
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU on the most loaded pipeline stage (fields are bytes unless named otherwise)."""
+
+    weights: int
+    """bf16 parameters of this GPU's shard."""
+    grads: int
+    """Gradient buffer (fp32 main grads by default)."""
+    optimizer: int
+    """fp32 master weights + Adam moments (sharded over DP x CP with the distributed optimizer)."""
+    activations: int
+    """Tensors saved for backward, all in-flight micro-batches of this stage."""
+    logits: int
+    """Vocab-parallel logits and log-softmax temporaries for one chunk (last stage only)."""
+    overhead: int
+    """CUDA context, communication buffers, allocator fragmentation (fixed allowance)."""
+    params_per_gpu: int
+    """Parameters held by one GPU of this stage."""
+    tokens_per_gpu: int
+    """Tokens of one micro-batch on one GPU (seq_len * micro_batch / cp)."""
+    layers_per_stage: int
+    """Transformer layers in one pipeline stage."""
+    in_flight_microbatches: int
+    """Micro-batches whose activations this stage holds at once (1F1B)."""
+    stage: int
+    """Pipeline stage these numbers belong to (the most loaded one)."""
+    gpu_memory: int
+    """Memory of one GPU the estimate is compared against."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations + self.logits + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total, "fits": self.fits}
+
+    def format(self) -> str:
+        """A human-readable breakdown in GiB, one component per line."""
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 1024 ** 2)
+        rows = [("weights (bf16)", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
+                ("activations", self.activations), ("logits chunk", self.logits),
+                ("overhead", self.overhead)]
+        lines = [f"  {name:<16}{value / scale:8.2f} {unit}" for name, value in rows]
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines.append(f"  {'total':<16}{self.total / scale:8.2f} {unit} of {self.gpu_memory / GIB:.0f} GiB: {verdict}")
+        lines.append(f"  (pipeline stage {self.stage}: {self.layers_per_stage} layers, "
+                     f"{self.params_per_gpu / 1e9:.3f} B params/GPU, {self.tokens_per_gpu} tokens/GPU "
+                     f"per micro-batch, {self.in_flight_microbatches} micro-batch(es) in flight)")
+        return "\n".join(lines)
+
+
+def _layer_params_per_gpu(model: ModelDims, tp: int) -> int:
+    # norm weights are replicated over TP; every matrix (and the qkv bias) is split
+    norms = 2 * model.hidden_size + (2 * model.kv_channels if model.qk_norm else 0)
+    return (model.params_per_layer - norms) // tp + norms
+
+
+def _layer_activation_bytes_per_token(model: ModelDims, tp: int, sequence_parallel: bool) -> float:
+    h, q, kv, ffn = model.hidden_size, model.q_width, model.kv_width, model.ffn_hidden_size
+    residual = 2 * 4 * h / (tp if sequence_parallel else 1)  # inputs, pre-MLP residual, 2 norm outs
+    mlp = 2 * (3 if model.gated_mlp else 2) * ffn / tp
+    attention = 2 * (2 * q + 2 * kv) / tp + SOFTMAX_STAT_BYTES * model.num_attention_heads / tp
+    return residual + attention + mlp
+
+
+def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int, micro_batch: int = 1, *,
+                    recompute: str = "full", distributed_optimizer: bool = True,
+                    logits_chunk_tokens: int = 0, num_microbatches: int | None = None,
+                    sequence_parallel: bool | None = None, grad_bytes: int = 4,
+                    gpu_memory_gib: float = 80.0, overhead_gib: float = 4.0) -> MemoryEstimate:
+    """Estimates training memory per GPU for the most loaded pipeline stage.
+
+    model_dims: the transformer shape. parallel: TP/PP/CP/DP sizes with dp resolved (>= 1).
+    seq_len: tokens per sequence (prompt + response, e.g. 24576 = 16k + 8k). micro_batch:
+    sequences per micro-batch. recompute: "none" | "selective" | "full" (see module docstring).
+    logits_chunk_tokens: tokens per log-prob chunk; 0 = the whole micro-batch at once.
+    num_microbatches: micro-batches per step (bounds the 1F1B in-flight count); None = >= pp.
+    sequence_parallel: defaults to tp > 1. grad_bytes: 4 (fp32 main grads) or 2.
+    Raises ValueError naming the setting on invalid input.
+    """
+    if parallel.dp < 1:
+        raise ValueError(f"parallel.dp={parallel.dp}: resolve it from the world size before estimating memory")
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={recompute!r}: expected one of {RECOMPUTE_MODES}")
+    for name, value in (("seq_len", seq_len), ("micro_batch", micro_batch)):
+        if value < 1:
+            raise ValueError(f"{name}={value}: must be a positive integer")
+    if seq_len % (2 * parallel.cp) and parallel.cp > 1:
+        raise ValueError(f"seq_len={seq_len} is not divisible by 2*cp={2 * parallel.cp} "
+                         "(context parallelism splits each sequence into 2*cp chunks)")
+    if logits_chunk_tokens < 0:
+        raise ValueError(f"logits_chunk_tokens={logits_chunk_tokens}: must be >= 0 (0 = unchunked)")
+    parallel.check_model(num_attention_heads=model_dims.num_attention_heads,
+                         num_query_groups=model_dims.num_query_groups, num_layers=model_dims.num_layers)
+    tp, pp = parallel.tp, parallel.pp
+    sp = tp > 1 if sequence_parallel is None else sequence_parallel
+    layers = model_dims.num_layers // pp
+    tokens = seq_len * micro_batch // parallel.cp
+    layer_act = _layer_activation_bytes_per_token(model_dims, tp, sp)
+    layer_input = 2 * model_dims.hidden_size / (tp if sp else 1)
+    vocab_shard = -(-model_dims.vocab_size // tp)
+    opt_shards = parallel.dp * parallel.cp if distributed_optimizer else 1
+    max_in_flight = pp if num_microbatches is None else min(pp, num_microbatches)
+
+    best = None
+    for stage in range(pp):
+        first, last = stage == 0, stage == pp - 1
+        params = layers * _layer_params_per_gpu(model_dims, tp)
+        params += vocab_shard * model_dims.hidden_size * (int(first) + int(last))
+        params += model_dims.hidden_size if last else 0  # final norm
+        in_flight = max(1, min(max_in_flight, pp - stage))
+        if recompute == "full":
+            act = layers * layer_input * tokens * in_flight + layer_act * tokens
+        else:
+            act = layers * layer_act * tokens * in_flight
+        logit_tokens = min(logits_chunk_tokens, tokens) if logits_chunk_tokens else tokens
+        estimate = MemoryEstimate(
+            weights=params * PARAM_BYTES, grads=params * grad_bytes,
+            optimizer=params * OPTIMIZER_BYTES // opt_shards, activations=int(act),
+            logits=logit_tokens * vocab_shard * LOGIT_ENTRY_BYTES if last else 0,
+            overhead=int(overhead_gib * GIB), params_per_gpu=params, tokens_per_gpu=tokens,
+            layers_per_stage=layers, in_flight_microbatches=in_flight, stage=stage,
+            gpu_memory=int(gpu_memory_gib * GIB))
+        if best is None or estimate.total > best.total:
+            best = estimate
+    return best
+
+
+def check_memory(estimate: MemoryEstimate, *, what: str = "the policy") -> None:
+    """Raises ValueError with the breakdown when `estimate` does not fit the GPU."""
+    if not estimate.fits:
+        raise ValueError(f"{what} needs an estimated {estimate.total / GIB:.1f} GiB per GPU, more than "
+                         f"{estimate.gpu_memory / GIB:.0f} GiB; raise parallel.tp/pp/cp, enable full "
+                         f"recompute or chunk the logits:\n{estimate.format()}")

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# CTPO training on Slurm: training nodes (Megatron under torchrun) + rollout nodes (inference
+# servers). `bash launch/ctpo_32b.sh --help` lists the options; `--dry-run` prints the plan.
+#
+#   bash launch/ctpo_32b.sh [--dry-run] [--nodes N] [--rollout-nodes R] [--container-image IMG]
+#        [--partition P] [--time T] [--cluster NAME] [hydra overrides...]
+#
+# Outside an allocation it submits itself with sbatch; inside one (SLURM_JOB_ID set) it runs the
+# job: plan -> rollout servers -> wait for /health -> torchrun trainer -> stop servers. SIGTERM
+# (preemption, scancel) and USR1 (time limit near) are forwarded to the steps as SIGTERM so
+# the trainer checkpoints; on USR1 the job requeues itself and resumes from the checkpoint.
+set -euo pipefail
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${CTPO_REPO:-}" ]; then
+  :  # sbatch runs a spool copy of this file: the repository comes from the submit environment
+else
+  CTPO_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+fi
+export CTPO_REPO
+# shellcheck source=launch/_common.sh
+source "$CTPO_REPO/launch/_common.sh"
+PY=$(ctpo_python)
+export PYTHONPATH="$CTPO_REPO${PYTHONPATH:+:$PYTHONPATH}"
+export CTPO_LAUNCHER_PROG="bash launch/ctpo_32b.sh"
+
+if ctpo_has_flag --help "$@" || ctpo_has_flag -h "$@" || ctpo_has_flag --dry-run "$@"; then
+  exec "$PY" -m ctpo_megatron.cluster.plan "$@"
+fi
+
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+  opts=$("$PY" -m ctpo_megatron.cluster.plan --emit sbatch "$@")
+  mapfile -t SBATCH_OPTS <<<"$opts"
+  job=$(sbatch --parsable "${SBATCH_OPTS[@]}" "$CTPO_REPO/launch/ctpo_32b.sh" "$@")
+  echo "submitted job ${job%%;*}: $(printf '%s\n' "${SBATCH_OPTS[@]}" | grep -- '^--output=' | cut -d= -f2-)"
+  exit 0
+fi
+
+# ---- inside the allocation ----
+hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -)
+vars=$("$PY" -m ctpo_megatron.cluster.plan --emit job --hosts "$hosts" --job-id "$SLURM_JOB_ID" \
+       --restart "${SLURM_RESTART_COUNT:-0}" "$@")
+eval "$vars"
+echo "[ctpo] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $hosts; plan: $CTPO_LOG_DIR/plan.txt"
+
+SIGNALED=""
+forward() {
+  SIGNALED=$1
+  echo "[ctpo] SIG$1 received: forwarding SIGTERM to all job steps (the trainer checkpoints)"
+  scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap 'forward INT' INT
+
+wait_for() {  # wait_for PID: the exit status of PID, waiting again after trapped signals
+  local pid=$1 rc=0
+  wait "$pid" || rc=$?
+  while kill -0 "$pid" 2>/dev/null; do rc=0; wait "$pid" || rc=$?; done
+  return "$rc"
+}
+
+ROLLOUT_PID="" ROUTER_PID=""
+if [ "$CTPO_ROLLOUT_NNODES" -gt 0 ]; then
+  ctpo_srun_role rollout "$CTPO_ROLLOUT_NODES" "$CTPO_ROLLOUT_NNODES" "$CTPO_SERVERS_PER_NODE" \
+    --gres="gpu:$CTPO_GPUS_PER_NODE"
+  ROLLOUT_PID=$CTPO_LAST_PID
+  if [ -n "$CTPO_ROUTER_NODE" ]; then
+    ctpo_srun_role router "$CTPO_ROUTER_NODE" 1 1
+    ROUTER_PID=$CTPO_LAST_PID
+  fi
+  rc=0
+  "$PY" -m ctpo_megatron.cluster.role wait --plan "$CTPO_PLAN" --watch-pid "$ROLLOUT_PID" \
+    >>"$CTPO_LOG_DIR/rollout.log" 2>&1 || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "[ctpo] rollout servers did not come up (rc $rc); see $CTPO_LOG_DIR/rollout.log" >&2
+    kill -TERM $ROLLOUT_PID $ROUTER_PID 2>/dev/null || true
+    exit "$rc"
+  fi
+fi
+
+ctpo_srun_role trainer "$CTPO_TRAIN_NODES" "$CTPO_TRAIN_NNODES" 1 \
+  --gres="gpu:$CTPO_GPUS_PER_NODE" --kill-on-bad-exit=1
+rc=0
+wait_for "$CTPO_LAST_PID" || rc=$?
+echo "[ctpo] trainer exited with rc $rc"
+
+for pid in $ROUTER_PID $ROLLOUT_PID; do kill -TERM "$pid" 2>/dev/null || true; done
+for pid in $ROUTER_PID $ROLLOUT_PID; do wait "$pid" 2>/dev/null || true; done
+
+if [ "$SIGNALED" = USR1 ] && [ "$CTPO_REQUEUE" = 1 ]; then
+  echo "[ctpo] time limit near: requeueing job $SLURM_JOB_ID (it resumes from the checkpoint)"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"
