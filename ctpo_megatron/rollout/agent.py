@@ -290,3 +290,51 @@ async def run_agent_batch(generator: Generator, prompts: Sequence[Sequence[int] 
                                     ground_truths=ground_truths, metadata=metadata)
     finally:
         loop.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: tool-interleaved rollouts for one prompt against running servers, as JSON lines."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ctpo_megatron.rollout.agent",
+        description="Runs tool-interleaved rollouts (code sandbox, math reward) for one prompt "
+                    "against SGLang-API servers and prints one JSON trajectory per line.")
+    parser.add_argument("--url", action="append", required=True,
+                        help="server URL, e.g. http://127.0.0.1:30000 (repeat for several)")
+    parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer/model directory")
+    parser.add_argument("--prompt", required=True, help="user message")
+    parser.add_argument("--system", default=None, help="system message (default: none)")
+    parser.add_argument("--ground-truth", default=None, help="reference answer: scores the samples")
+    parser.add_argument("-n", "--n-samples", type=int, default=1, help="samples (default 1)")
+    parser.add_argument("--max-turns", type=int, default=5, help="tool calls per sample (default 5)")
+    parser.add_argument("--max-response-tokens", type=int, default=2048, help="default 2048")
+    parser.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (0: greedy)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed base (default: none)")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from ctpo_megatron.logging_utils import init_logging
+    from ctpo_megatron.rollout.chat import ChatTemplate
+    from ctpo_megatron.rollout.client import SGLangClient
+
+    init_logging(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    cfg = AgentConfig(max_turns=args.max_turns, max_response_tokens=args.max_response_tokens,
+                      temperature=args.temperature, seed=args.seed,
+                      chat=ChatTemplate(system_prompt=args.system))
+
+    async def go() -> list[Trajectory]:
+        async with SGLangClient(args.url) as client:
+            return await run_agent_batch(client, [[{"role": "user", "content": args.prompt}]], cfg,
+                                         tokenizer=tokenizer, n_samples=args.n_samples,
+                                         ground_truths=None if args.ground_truth is None else [args.ground_truth])
+
+    for traj in asyncio.run(go()):
+        print(json.dumps(traj.to_dict()))
+
+
+if __name__ == "__main__":
+    main()

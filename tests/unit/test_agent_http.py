@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -50,3 +54,16 @@ def test_tool_rollouts_over_http_are_token_exact(server_url):
     assert len(sampled) == 6
     for traj in sampled:
         assert_token_exact(model, traj)  # temperature 1: the server's log-probs are the raw ones
+
+
+def test_cli_prints_scored_trajectories(server_url):
+    _, _, examples, tok_dir = trained_setup()
+    out = subprocess.run(
+        [sys.executable, "-m", "ctpo_megatron.rollout.agent", "--url", server_url, "--tokenizer", tok_dir,
+         "--prompt", DEMOS[0][0], "--ground-truth", DEMOS[0][2], "--temperature", "0", "-n", "2"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["response_ids"] == examples[0][1] and row["reward"] == 1.0 and row["tool_calls"] == 1
