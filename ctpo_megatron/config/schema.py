@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctpo_megatron.actor.config import ActorConfig
 from ctpo_megatron.algo.config import PolicyLossConfig
 from ctpo_megatron.algo.correction import RolloutCorrectionConfig
 from ctpo_megatron.config.data import DataConfig
@@ -23,7 +24,7 @@ from ctpo_megatron.parallel.dims import ParallelDims
 
 @dataclass
 class TrainConfig:
-    """Everything a CTPO run needs. Hydra groups: model, parallel, algo, rollout, data."""
+    """Everything a CTPO run needs. Hydra groups: model, parallel, algo, rollout, data, cluster."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy model (group `model`: tiny, qwen3_14b, qwen3_32b, qwen2.5_32b)."""
@@ -39,6 +40,10 @@ class TrainConfig:
     """Training and held-out prompt sets (group `data`)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """The RL loop: batch sizes, schedule, evaluation, checkpoints, logging."""
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    """Megatron policy: optimizer (lr 1e-6, Adam, grad clip), micro-batch size, log-prob chunking.
+    `actor.hf_model_dir`, `actor.dims`, `actor.params_dtype`, `actor.temperature` and
+    `actor.use_distributed_optimizer` are filled in from model, parallel and rollout."""
     cluster: Any = None
     """Slurm launcher settings (group `cluster`); read by the launcher, ignored by the trainer."""
 
