@@ -69,12 +69,13 @@ BUILDERS = {"llama": build_llama, "qwen2": build_qwen2, "qwen3": build_qwen3}
 
 
 def hf_response_log_probs(model_dir: str | Path, samples: list[dict], *,
-                          temperature: float = 1.0) -> list[torch.Tensor]:
-    """transformers' own float32 log-probs of each sample's response tokens: list of [R_i]."""
+                          temperature: float = 1.0, with_entropy: bool = False):
+    """transformers' own float32 log-probs of each sample's response tokens: list of [R_i]
+    (and, with_entropy, a second list of [R_i] entropies)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
+    out, entropies = [], []
     with torch.no_grad():
         for s in samples:
             ids = torch.tensor([list(s["prompt_ids"]) + list(s["response_ids"])])
@@ -82,8 +83,10 @@ def hf_response_log_probs(model_dir: str | Path, samples: list[dict], *,
             lp = torch.log_softmax(logits, dim=-1)
             p = len(s["prompt_ids"])
             targets = ids[0, p:]
-            out.append(lp[p - 1: ids.shape[1] - 1].gather(-1, targets[:, None])[:, 0])
-    return out
+            scored = lp[p - 1: ids.shape[1] - 1]
+            out.append(scored.gather(-1, targets[:, None])[:, 0])
+            entropies.append(-(scored.exp() * scored).sum(-1))
+    return (out, entropies) if with_entropy else out
 
 
 def random_samples(n: int, *, seed: int = 0, vocab: int = TINY_VOCAB, min_len: int = 3,

@@ -27,7 +27,7 @@ class ActorConfig:
     adam_eps: float = 1e-8
     """Adam epsilon."""
     optimizer: str = "adam"
-    """"adam" or "sgd" (plain SGD, momentum `sgd_momentum`; mostly for exact tests)."""
+    """"adam" or "sgd" (SGD with momentum `sgd_momentum`; needs use_distributed_optimizer=False)."""
     sgd_momentum: float = 0.0
     """SGD momentum when optimizer="sgd"."""
     clip_grad: float = 1.0
@@ -57,6 +57,9 @@ class ActorConfig:
             raise ValueError(f"actor.params_dtype={self.params_dtype!r}: expected float32 or bfloat16")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"actor.optimizer={self.optimizer!r}: expected adam or sgd")
+        if self.optimizer == "sgd" and self.use_distributed_optimizer:
+            raise ValueError("actor.optimizer='sgd' needs actor.use_distributed_optimizer=False "
+                             "(megatron's DistributedOptimizer only wraps Adam)")
         for name in ("micro_batch_size", "logprob_chunk_size", "make_vocab_size_divisible_by"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"actor.{name}={getattr(self, name)!r}: must be >= 1")

@@ -1,0 +1,134 @@
+"""Distributed checkpoints of the policy (model + optimizer) with megatron's dist_checkpointing.
+
+Layout under a checkpoint root (a filesystem every rank sees):
+
+    root/iter_0000012/        a complete megatron dist checkpoint (torch_dist format)
+    root/iter_0000013.incomplete/   a save in progress (or killed midway): never loaded
+    root/latest               "iter_0000012": the last complete save
+
+A save writes into `<tag>.incomplete`, fsyncs every file, renames the directory to `<tag>`
+and only then replaces `latest` atomically (write temp file, fsync, os.replace, fsync the
+directory). A save killed at any point therefore leaves `latest` pointing at the previous
+complete checkpoint. Model tensors are saved in megatron's global (layout-free) form, and the
+distributed optimizer in its `fully_sharded_model_space` form, so a checkpoint loads under a
+different TP/PP/DP layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ctpo_megatron.models.hf_io import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+INCOMPLETE = ".incomplete"
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _write_latest(root: Path, tag: str) -> None:
+    tmp = root / f"{LATEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(tag + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    _fsync_path(root)
+
+
+def read_latest(root: str | os.PathLike) -> Path | None:
+    """The directory `root/latest` points to, or None when there is no complete checkpoint."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    path = Path(root) / tag
+    if not tag or not path.is_dir():
+        raise FileNotFoundError(f"{pointer} names {tag!r}, but {path} does not exist")
+    return path
+
+
+def _state(actor, *, is_loading: bool, with_optimizer: bool) -> dict:
+    model_sd = unwrap_model(actor.model[0]).sharded_state_dict()
+    state = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = actor.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA)
+    return state
+
+
+def save_checkpoint(actor, ckpt_dir: str | os.PathLike, extra_state: dict) -> str:
+    """Saves `actor`'s model and optimizer state plus `extra_state` (picklable, from rank 0)
+    as `ckpt_dir/iter_<step>`; returns that path. Called on every rank."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(ckpt_dir)
+    tag = f"iter_{actor.step_count:07d}"
+    final, tmp = root / tag, root / (tag + INCOMPLETE)
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was killed midway
+        tmp.mkdir()
+    dist.barrier()
+    state = _state(actor, is_loading=False, with_optimizer=True)
+    state["extra_state"] = dict(extra_state)
+    state["step_count"] = actor.step_count
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step: keep the old copy until the new one is in
+            old = root / (tag + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            _write_latest(root, tag)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+            _write_latest(root, tag)
+        logger.info("saved checkpoint %s", final)
+    dist.barrier()
+    return str(final)
+
+
+def load_checkpoint(actor, ckpt_dir: str | os.PathLike, *, load_optimizer: bool = True) -> dict:
+    """Loads the checkpoint `ckpt_dir/latest` points to into `actor` (any TP/PP layout);
+    returns the saved extra_state. Raises FileNotFoundError when there is none."""
+    from megatron.core import dist_checkpointing
+
+    path = read_latest(ckpt_dir)
+    if path is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (no {LATEST} file)")
+    state = _state(actor, is_loading=True, with_optimizer=load_optimizer)
+    loaded = dist_checkpointing.load(state, str(path))
+    unwrap_model(actor.model[0]).load_state_dict(loaded["model"])
+    if load_optimizer:
+        actor.optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        actor.optimizer.reload_model_params()  # main (fp32) params follow the loaded weights
+    actor.step_count = int(loaded.get("step_count", 0))
+    logger.info("loaded checkpoint %s (step %d)", path, actor.step_count)
+    return dict(loaded.get("extra_state") or {})
