@@ -274,3 +274,24 @@ def test_unprivileged_caller_is_isolated_by_a_user_namespace():
     leftover = [p.pid for p in psutil.process_iter(["uids", "cmdline"])
                 if p.info["uids"] and p.info["uids"].real == 65534 and "main.py" in (p.info["cmdline"] or [])]
     assert leftover == []
+
+
+def test_interpreter_under_a_covered_directory_stays_usable_read_only(tmp_path):
+    # A venv in /tmp (covered by the sandbox's private tmpfs) is re-attached, read-only.
+    venv = tempfile.mkdtemp(prefix="ctpo_venv_", dir="/tmp")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+        os.chmod(venv, 0o755)
+        res = run_code(textwrap.dedent(f"""
+            import os, sys
+            print(sys.prefix)
+            try:
+                open("{venv}/pwned", "w")
+            except OSError as e:
+                print("denied", type(e).__name__)
+            """), config=SandboxConfig(python=f"{venv}/bin/python"))
+        assert res.exit_code == 0, res.stderr
+        assert res.stdout == f"{venv}\ndenied OSError\n"
+        assert not os.path.exists(f"{venv}/pwned")
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)

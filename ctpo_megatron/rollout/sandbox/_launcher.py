@@ -27,10 +27,13 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x2000, 0x4000, 0x40000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-SYS_MOUNT_SETATTR = 442  # same number on every architecture (added in Linux 5.12)
+# Same numbers on every architecture (the new mount API, Linux 5.2 / 5.12).
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, MOVE_MOUNT_F_EMPTY_PATH = 0x1, 0o2000000, 0x4
+TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -52,56 +55,66 @@ def _mount(source, target, fstype, flags, data):
     _check(_libc.mount(source, target.encode(), fstype, ctypes.c_ulong(flags), data), f"mount {target}")
 
 
-def _readonly_root():
+def _set_readonly(path):
     # struct mount_attr {u64 attr_set, attr_clr, propagation, userns_fd}
     attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)
-    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
-                         ctypes.sizeof(attr)), "mount_setattr / read-only")
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE, ctypes.byref(attr),
+                         ctypes.sizeof(attr)), f"mount_setattr {path} read-only")
 
 
-def _expose(paths):
-    """Keeps `paths` reachable for the unprivileged uid when an ancestor is private.
+def _under(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
-    E.g. the interpreter under /root (mode 0700): hold a bind of each path in /tmp, cover the
-    private ancestor with an empty world-traversable tmpfs (hiding the rest of it), then
-    move the binds back to their original paths, so nothing else of that ancestor is visible.
-    """
-    by_ancestor = {}
-    for path in paths:
-        parts = path.strip("/").split("/")
-        for i in range(1, len(parts)):
-            anc = "/" + "/".join(parts[:i])
-            if not os.stat(anc).st_mode & 0o001:
-                by_ancestor.setdefault(anc, []).append(path)
-                break
-    for n, (anc, inner) in enumerate(sorted(by_ancestor.items())):
-        holds = []
-        for k, path in enumerate(inner):
-            hold = f"/tmp/.expose-{n}-{k}"
-            os.mkdir(hold, 0o700)
-            _mount(path.encode(), hold, None, MS_BIND | MS_REC, None)
-            holds.append((hold, path))
-        _mount(b"tmpfs", anc, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=65536,mode=755")
-        for hold, path in holds:
-            os.makedirs(path, 0o755, exist_ok=True)
-            _mount(hold.encode(), path, None, MS_MOVE, None)
-            os.rmdir(hold)
+
+def _private_ancestor(path):
+    """The topmost ancestor of `path` that other users cannot traverse, or None."""
+    parts = path.strip("/").split("/")
+    for i in range(1, len(parts)):
+        anc = "/" + "/".join(parts[:i])
+        if not os.stat(anc).st_mode & 0o001:
+            return anc
+    return None
 
 
 def _setup_mounts(cfg):
-    """In init (pid 1): private propagation, read-only root, fresh tmpfs and /proc."""
+    """In init (pid 1): private propagation, read-only root, fresh tmpfs on the world-writable
+    directories and /proc, and the interpreter kept reachable.
+
+    The interpreter directories (`expose_paths`) may lie under a directory we cover: a tmp
+    directory, or (as root) a private one like /root (mode 0700) that the code's uid could not
+    traverse. Such paths are cloned as detached mounts first (open_tree), the cover is mounted
+    (an empty tmpfs hides the rest of a private directory), and the clones are attached back
+    at their original paths, read-only.
+    """
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     if cfg["readonly_root"]:
         try:
-            _readonly_root()
+            _set_readonly("/")
         except OSError:
             pass  # older kernel: the unprivileged uid still cannot write outside world-writable dirs
-    opts = f"size={cfg['tmpfs_bytes']},mode=1777".encode()
-    for path in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(path):
-            _mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, opts)
+    covers = {d: f"size={cfg['tmpfs_bytes']},mode=1777" for d in TMP_DIRS if os.path.isdir(d)}
     if cfg["uid"] is not None:
-        _expose(cfg["expose_paths"])
+        for path in cfg["expose_paths"]:
+            anc = _private_ancestor(path)
+            if anc is not None:
+                covers.setdefault(anc, "size=65536,mode=755")
+    # A cover inside another cover disappears with the outer mount: drop it.
+    covers = {c: o for c, o in covers.items() if not any(c != d and _under(c, d) for d in covers)}
+    keep = []
+    for path in cfg["expose_paths"]:
+        if any(_under(path, c) for c in covers) and path not in covers:
+            fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(),
+                               OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
+            _check(0 if fd >= 0 else -1, f"open_tree {path}")
+            keep.append((path, fd))
+    for cover, opts in sorted(covers.items()):
+        _mount(b"tmpfs", cover, b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode())
+    for path, fd in keep:
+        os.makedirs(path, 0o755, exist_ok=True)
+        _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, path.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+               f"move_mount {path}")
+        os.close(fd)
+        _set_readonly(path)
     try:
         # A /proc of the new pid namespace: the code sees only its own processes.
         _mount(b"proc", "/proc", b"proc", MS_NOSUID | MS_NODEV, None)

@@ -53,9 +53,12 @@ _UIDS = _UidPool()
 
 def _interpreter_dirs(python: str) -> list[str]:
     """Directories the interpreter needs at run time (installation prefix, venv)."""
-    real = os.path.realpath(python)
-    dirs = {os.path.dirname(os.path.dirname(real)), os.path.realpath(sys.base_prefix),
-            os.path.realpath(sys.prefix)} if python == sys.executable else {os.path.dirname(os.path.dirname(real))}
+    # <prefix>/bin/python of the venv and of the installation it links to.
+    dirs = {os.path.dirname(os.path.dirname(os.path.abspath(python))),
+            os.path.dirname(os.path.dirname(os.path.realpath(python)))}
+    if python == sys.executable:
+        dirs |= {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+    dirs = {d for d in dirs if d != "/"}
     # Drop entries nested in another entry: exposing the outer one covers them.
     return sorted(d for d in dirs if not any(d != o and d.startswith(o + "/") for o in dirs))
 
