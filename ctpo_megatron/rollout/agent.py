@@ -200,10 +200,13 @@ class AgentLoop:
 
     def _finish_without_call(self, res: GenerateResultLike, new_ids: list[int]) -> str:
         """The finish reason after a request that produced no tool call ("" = keep going)."""
-        kind = (res.finish_reason or {}).get("type")
+        reason = res.finish_reason or {}
+        kind = reason.get("type")
         if kind == "abort":
             return "abort"
-        if not new_ids or new_ids[-1] in self.end_ids:
+        # The server includes the matched stop token in output_ids; `matched` covers one that
+        # does not.
+        if not new_ids or new_ids[-1] in self.end_ids or reason.get("matched") in self.end_ids:
             return "stop"
         if kind == "stop":
             return ""  # paused at a marker token that did not close a call

@@ -75,3 +75,16 @@ def test_same_answers_from_worker_threads():
     with ThreadPoolExecutor(max_workers=3) as ex:
         got = list(ex.map(lambda p: math_reward(*p), pairs))
     assert got == expected
+
+
+def test_stuck_helper_process_times_out():
+    from ctpo_megatron.rollout.reward import _VerifyWorker
+
+    worker = _VerifyWorker()
+    try:
+        # Its first answer needs sympy imported (far longer than 10 ms): the caller gives up.
+        with pytest.raises(TimeoutError, match="no answer"):
+            worker.call("1", "1", 5, deadline_s=0.01)
+    finally:
+        worker.kill()
+    assert worker.proc.poll() is not None
