@@ -193,9 +193,12 @@ class ManagedProcess:
             break
 
 
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _get_status(url: str, timeout: float = 5.0) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with _NO_PROXY.open(url, timeout=timeout) as resp:
             return resp.status
     except urllib.error.HTTPError as e:
         return e.code

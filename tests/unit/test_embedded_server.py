@@ -42,6 +42,37 @@ async def post(url, path, body=None, method="POST"):
             return r.status, await r.text()
 
 
+class RunningStream:
+    """A streamed /generate that is known to be running: `start()` returns after its first chunk."""
+
+    def __init__(self, url, body):
+        self.url, self.body = url, dict(body, stream=True)
+        self.last = None
+
+    async def start(self):
+        import aiohttp
+
+        self.session = aiohttp.ClientSession()
+        self.resp = await self.session.post(self.url + "/generate", data=json.dumps(self.body))
+        await self._read_event()
+        return self
+
+    async def _read_event(self):
+        line = (await self.resp.content.readuntil(b"\n\n")).decode().strip()
+        if line == "data: [DONE]":
+            return False
+        self.last = json.loads(line[len("data: "):])
+        return True
+
+    async def finish(self):
+        """Reads to [DONE]; returns the last (cumulative) chunk."""
+        while await self._read_event():
+            pass
+        self.resp.release()
+        await self.session.close()
+        return self.last
+
+
 def call(url, path, body=None, method="POST"):
     status, text = asyncio.run(post(url, path, body, method))
     try:
@@ -211,21 +242,17 @@ def test_pause_abort_and_retract(server):
             return {"input_ids": [7, 8], "rid": rid, "return_logprob": True,
                     "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
 
-        task = asyncio.ensure_future(post(server, "/generate", long("long1")))
-        await asyncio.sleep(0.3)
+        stream = await RunningStream(server, long("long1")).start()
         assert (await post(server, "/flush_cache"))[0] == 400  # refused while a request runs
         assert (await post(server, "/pause_generation", {"mode": "retract"}))[0] == 200
         assert (await post(server, "/flush_cache"))[0] == 200  # retracted requests do not count
-        await asyncio.sleep(0.1)
-        assert not task.done()  # paused: neither finished nor failed
         assert (await post(server, "/continue_generation", {}))[0] == 200
-        await asyncio.sleep(0.1)
+        await stream._read_event()  # generating again after the retraction
         assert (await post(server, "/abort_request", {"rid": "long1"}))[0] == 200
-        retracted = json.loads((await task)[1])
-        task = asyncio.ensure_future(post(server, "/generate", long("long2")))
-        await asyncio.sleep(0.3)
+        retracted = await stream.finish()
+        stream = await RunningStream(server, long("long2")).start()
         assert (await post(server, "/pause_generation", {"mode": "abort"}))[0] == 200
-        aborted = json.loads((await task)[1])
+        aborted = await stream.finish()
         await post(server, "/continue_generation", {})
         return retracted, aborted
 

@@ -87,7 +87,7 @@ def test_kill_one_of_two_mid_batch(tmp_path):
         async def go():
             async with SGLangClient(group.worker_urls, max_retries=3, retry_backoff_s=0.05) as client:
                 task = asyncio.ensure_future(client.generate_many(
-                    [[3, 4 + i] for i in range(8)], {"max_new_tokens": 400, "ignore_eos": True}))
+                    [[3, 4 + i] for i in range(8)], {"max_new_tokens": 1500, "ignore_eos": True}))
                 await asyncio.sleep(0.5)
                 assert client.in_flight[victim.url] > 0  # it really was serving part of the batch
                 os.killpg(victim.proc.pid, signal.SIGKILL)
@@ -95,7 +95,7 @@ def test_kill_one_of_two_mid_batch(tmp_path):
 
         results = asyncio.run(go())
         # Nothing dropped: every request finished, the victim's ones on the survivor.
-        assert len(results) == 8 and all(len(r.output_ids) == 400 for r in results)
+        assert len(results) == 8 and all(len(r.output_ids) == 1500 for r in results)
         assert {r.server_url for r in results} == {group.worker_urls[0]}
         with pytest.raises(ServerDiedError, match="server1") as info:
             group.check_alive()
