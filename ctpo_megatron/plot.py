@@ -135,13 +135,28 @@ def plot_run(run_dir: str) -> list[str]:
     return outputs
 
 
+def accuracy_summary(run_dir: str) -> str:
+    """`held-out accuracy: <first> -> <last> (...)` from the run's eval/accuracy records."""
+    records = [r for r in read_metrics(os.path.join(run_dir, METRICS_FILE))
+               if r.get("eval/accuracy") is not None]
+    if not records:
+        return "held-out accuracy: n/a (no evaluation in metrics.jsonl)"
+    first, last = records[0], records[-1]
+    return (f"held-out accuracy: {first['eval/accuracy']:.2f} -> {last['eval/accuracy']:.2f} "
+            f"(step {first['step']} -> step {last['step']}, mean@k over the held-out set)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ctpo_megatron.plot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the held-out accuracy line (first -> last evaluation) last")
     args = parser.parse_args(argv)
     for path in plot_run(args.run_dir):
         print(path)
+    if args.summary:
+        print(accuracy_summary(args.run_dir))
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ctpo_megatron.rollout.weight_sync.base import WeightSyncConfig
+
 
 @dataclass
 class RolloutConfig:
@@ -35,8 +37,10 @@ class RolloutConfig:
     """Wall-clock limit of one sandboxed code run, seconds."""
     max_concurrency: int = 256
     """Trajectories in flight at once across all servers."""
-    weight_sync: str = "auto"
-    """Weight-resync transport (see `rollout.weight_sync`); `auto` picks the fastest available."""
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """How new weights reach the servers after each step: transport (`distributed` broadcast,
+    `tensor` HTTP buckets, `disk`), bucket size, pause mode (see `rollout.weight_sync`).
+    Relative `disk_dir` paths are placed in the run directory."""
     request_timeout_s: float = 600.0
     """HTTP timeout of one generate request, seconds."""
 

@@ -196,7 +196,7 @@ class Trainer:
         weights = self.actor.iter_hf_weights()
         if self.rank == 0:
             out = self.rollout.update_weights(weights, version)
-            return {f"sync/{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))}
+            return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
         for _ in weights:
             pass
         return {}

@@ -51,6 +51,8 @@ class RolloutDriver:
             self.servers.start()
             urls = self.servers.worker_urls
         self.urls = urls
+        self.worker_urls = urls
+        self.run_dir = run_dir
         self.client = SGLangClient(urls, timeout_s=rc.request_timeout_s)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
         self.agent_cfg = AgentConfig.from_rollout_config(rc)
@@ -74,20 +76,27 @@ class RolloutDriver:
             sandbox=self.sandbox))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> dict[str, float]:
-        """Pushes `(hf_name, full tensor)` pairs to every server as weight `version`."""
-        from ctpo_megatron.rollout.weight_sync import make_weight_sync
+        """Pushes `(hf_name, full tensor)` pairs to every server as weight `version`; returns the
+        transport's metrics (bytes, seconds, throughput)."""
+        from ctpo_megatron.rollout.weight_sync import make_weight_updater
 
         if self.weight_sync is None:
-            self.weight_sync = make_weight_sync(self.cfg.rollout.weight_sync)
-            self.loop.run_until_complete(_maybe_await(self.weight_sync.connect(self.urls)))
-        result = self.loop.run_until_complete(_maybe_await(self.weight_sync.update(named_tensors, version)))
-        return dict(result or {})
+            sync_cfg = self.cfg.rollout.weight_sync
+            if not os.path.isabs(sync_cfg.disk_dir):
+                sync_cfg = dataclasses.replace(sync_cfg, disk_dir=os.path.join(self.run_dir, sync_cfg.disk_dir))
+            if sync_cfg.disk_config_dir is None:
+                sync_cfg = dataclasses.replace(sync_cfg, disk_config_dir=self.cfg.model.path)
+            self.weight_sync = make_weight_updater(sync_cfg)
+            # Updates go to each server directly (a router does not forward them).
+            self.weight_sync.connect(self.worker_urls)
+        self.weight_sync.update(named_tensors, version)
+        return dict(self.weight_sync.metrics())
 
     def close(self) -> None:
         """Stops the servers this driver started and closes the client and sandboxes."""
         try:
-            if self.weight_sync is not None and hasattr(self.weight_sync, "close"):
-                self.loop.run_until_complete(_maybe_await(self.weight_sync.close()))
+            if self.weight_sync is not None:
+                self.weight_sync.close()
             self.loop.run_until_complete(self.client.close())
             self.sandbox.close()
         finally:
@@ -95,9 +104,4 @@ class RolloutDriver:
                 self.servers.stop()
             self.loop.close()
 
-
-async def _maybe_await(value: Any) -> Any:
-    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-        return await value
-    return value
 
