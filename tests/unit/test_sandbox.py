@@ -295,3 +295,39 @@ def test_interpreter_under_a_covered_directory_stays_usable_read_only(tmp_path):
         assert not os.path.exists(f"{venv}/pwned")
     finally:
         shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_fallback_without_namespaces_still_limits(tmp_path):
+    # Hosts without namespace support: rlimits, own uid as root, process-group kill; no netns.
+    cfg = dict(use_namespaces=False, require_isolation=False, readonly_root=False)
+    with pytest.raises(ValueError, match="require_isolation=False"):
+        SandboxConfig(use_namespaces=False)
+    python = _unprivileged_python() if IS_ROOT else sys.executable
+    if python is None:
+        pytest.skip("as root the fallback runs the code as an unprivileged uid: needs an interpreter "
+                    "that uid can run")
+    cfg["python"] = python
+    ok = _run("import os; print(os.getcwd().startswith('/tmp/ctpo_sandbox_'), sorted(os.listdir('.')))", **cfg)
+    assert (ok.stdout, ok.isolation) == ("True ['main.py']\n", "none")
+    loop = _run("import time\nprint('hi')\ntime.sleep(30)", timeout=1.0, **cfg)
+    assert loop.timed_out and loop.stdout == "hi\n"
+    if IS_ROOT:
+        bomb = _run("""
+            import os
+            n = 0
+            try:
+                for _ in range(64):
+                    if os.fork() == 0:
+                        import time; time.sleep(30); os._exit(0)
+                    n += 1
+            except OSError:
+                print("limited", n)
+            """, timeout=3.0, max_processes=8, **cfg)
+        assert bomb.stdout.startswith("limited"), (bomb.stdout, bomb.stderr)
+        # A child that leaves the process group is still found by its uid.
+        escape = _run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
+                      "print('parent done')", **cfg)
+        assert escape.stdout == "parent done\n"
+    time.sleep(0.2)
+    leftover = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real in _uid_range()]
+    assert leftover == []  # the sleeping children died with the process group

@@ -11,6 +11,10 @@ Killing init (SIGKILL from the launcher on timeout, or PDEATHSIG when the launch
 the kernel kill every process left in the pid namespace, so nothing survives a run, whatever
 the code did (fork, setsid, daemonize).
 
+Without namespaces (SandboxConfig.use_namespaces=False, a fallback for hosts that lack them)
+init is instead the leader of a new process group, the launcher is the code's subreaper, and
+at the end it kills that group and, as root, every process of the run's uid, then reaps.
+
 Protocol: the code arrives on stdin; stdout/stderr are inherited files; one JSON object per
 line is written to the status fd: {"exit_code": int} from init, {"timed_out": true} from the
 launcher, {"error": str} when setup failed (the code did not run), {"isolation": str}.
@@ -22,13 +26,14 @@ import os
 import resource
 import signal
 import sys
+import time
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 # Same numbers on every architecture (the new mount API, Linux 5.2 / 5.12).
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
@@ -164,8 +169,11 @@ def _exec_code(cfg, status_fd, workdir):
 
 
 def _init(cfg, status_fd, code, namespaced):
-    """pid 1 of the new namespaces: prepare the workdir, run the code, reap, report."""
+    """pid 1 of the new namespaces: prepare the workdir, run the code, reap, report.
+    Without namespaces: the leader of a new process group holding the code's processes."""
     try:
+        if not namespaced:
+            os.setpgid(0, 0)
         if namespaced:
             _setup_mounts(cfg)
             workdir = "/tmp/work"
@@ -204,7 +212,7 @@ def main():
     if not root:
         flags |= CLONE_NEWUSER
     outer_uid, outer_gid = os.getuid(), os.getgid()
-    namespaced = _libc.unshare(flags) == 0
+    namespaced = cfg["use_namespaces"] and _libc.unshare(flags) == 0
     if namespaced:
         if not root:
             try:
@@ -214,7 +222,7 @@ def main():
                 sys.exit(125)
         _status(status_fd, isolation="root+ns" if root else "userns")
     elif cfg["require_isolation"]:
-        err = ctypes.get_errno()
+        err = ctypes.get_errno() if cfg["use_namespaces"] else 0
         _status(status_fd, error=f"unshare(net|pid|mount{'' if root else '|user'}) failed: "
                                  f"{os.strerror(err)}; set require_isolation=False to run with rlimits only")
         sys.exit(125)
@@ -222,6 +230,9 @@ def main():
         _status(status_fd, isolation="none")
     if not root:
         cfg["uid"] = None  # cannot change uid; the user namespace (if any) is the boundary
+    if not namespaced:
+        # Orphans of the code re-parent to us, so _cleanup_fallback can reap them.
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     pid = os.fork()
     if pid == 0:
         _init(cfg, status_fd, code, namespaced)
@@ -240,11 +251,38 @@ def main():
             continue
     signal.setitimer(signal.ITIMER_REAL, 0)
     if not namespaced:
-        # Without a pid namespace, kill what the code left in our process group.
+        _cleanup_fallback(cfg["uid"], pgid=pid)
+
+
+def _cleanup_fallback(uid, pgid):
+    """Without a pid namespace: kill what the code left behind and reap it.
+
+    The code's process group always; as root also every process of the run's own uid (a
+    helper drops to that uid and signals -1), which catches processes that left the group.
+    """
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+    if uid is not None:
+        helper = os.fork()
+        if helper == 0:
+            try:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                os.kill(-1, signal.SIGKILL)
+            except OSError:
+                pass
+            os._exit(0)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
         try:
-            os.killpg(os.getpgid(0), signal.SIGKILL)
-        except OSError:
-            pass
+            done, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done == 0:
+            time.sleep(0.005)
 
 
 if __name__ == "__main__":

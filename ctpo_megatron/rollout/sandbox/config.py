@@ -46,6 +46,12 @@ class SandboxConfig:
     """Fail loudly (SandboxSetupError) when network/pid/mount namespaces cannot be created,
     instead of running the code with rlimits only."""
 
+    use_namespaces: bool = True
+    """Create the network/pid/mount namespaces. False (with require_isolation=False) is the
+    fallback for hosts without namespace support: rlimits, an unprivileged uid as root, the
+    process group killed at the end; the network is NOT isolated and a process that leaves
+    the group (setsid) can outlive the run."""
+
     readonly_root: bool = True
     """Remount the whole filesystem read-only inside the sandbox's mount namespace (best
     effort); the private /tmp, /var/tmp and /dev/shm tmpfs mounts stay writable."""
@@ -77,6 +83,9 @@ class SandboxConfig:
                 raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.cpu_seconds_extra < 0:
             raise ValueError(f"SandboxConfig.cpu_seconds_extra must be >= 0, got {self.cpu_seconds_extra}")
+        if not self.use_namespaces and self.require_isolation:
+            raise ValueError("SandboxConfig: use_namespaces=False needs require_isolation=False "
+                             "(without namespaces the network is not isolated)")
         if not os.path.isabs(self.python):
             raise ValueError(f"SandboxConfig.python must be an absolute path, got {self.python!r}")
 

@@ -114,6 +114,7 @@ def run_code(code: str, timeout: float = 10.0, config: SandboxConfig | None = No
             "cpu_seconds": int(math.ceil(timeout + cfg.cpu_seconds_extra)),
             "max_processes": cfg.max_processes, "tmpfs_bytes": cfg.tmpfs_bytes,
             "readonly_root": cfg.readonly_root, "require_isolation": cfg.require_isolation,
+            "use_namespaces": cfg.use_namespaces,
             "env": cfg.env, "fallback_workdir": fallback_dir,
             "expose_paths": _interpreter_dirs(cfg.python),
         }
