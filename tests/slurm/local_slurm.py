@@ -54,6 +54,8 @@ class LocalSlurm:
         lines = [
             "ClusterName=ctpotest", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/none", "CredType=cred/none", f"SlurmctldPort={free_port()}",
+            # a requeued job may start again once its old credentials expired (default 120 s)
+            "AuthInfo=cred_expire=5",
             f"StateSaveLocation={self.root}/ctld", f"SlurmdSpoolDir={self.root}/spool-%n",
             f"SlurmctldPidFile={self.root}/run/slurmctld.pid", f"SlurmdPidFile={self.root}/run/slurmd-%n.pid",
             f"SlurmctldLogFile={self.root}/log/slurmctld.log", f"SlurmdLogFile={self.root}/log/slurmd-%n.log",

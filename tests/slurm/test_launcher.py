@@ -40,13 +40,29 @@ def submit(slurm, cwd: Path, *args: str) -> str:
     return match.group(1)
 
 
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+def job_fields(slurm, job: str) -> dict:
+    text = slurm.run("scontrol", "show", "job", "-o", job).stdout
+    return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+
+
+def wait_for(predicate, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.5)
+
+
 def wait_job(slurm, job: str, timeout: float = 150) -> dict:
-    """Polls `scontrol show job` until the job leaves the queue; returns its fields."""
+    """Polls `scontrol show job` until the job reaches a final state; returns its fields."""
     deadline = time.monotonic() + timeout
     while True:
-        text = slurm.run("scontrol", "show", "job", "-o", job).stdout
-        fields = dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
-        if fields.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", None):
+        fields = job_fields(slurm, job)
+        if fields.get("JobState") in FINAL_STATES:
             return fields
         if time.monotonic() > deadline:
             slurm.run("scancel", job, check=False)
@@ -97,3 +113,30 @@ def test_launcher_places_roles_and_resumes(slurm_cluster, tiny_checkpoint, tmp_p
     assert fields2["JobState"] == "COMPLETED" and fields2["ExitCode"] == "0:0", f"{fields2}\n{text2}"
     assert "resumed from step 1" in text2 and "[probe] step 2 done" in text2 and "step 1 done" not in text2
     assert json.loads((run_dir / "checkpoints" / "latest" / "state.json").read_text()) == {"step": 2}
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, tiny_checkpoint, tmp_path):
+    """USR1 to the batch shell (what `--signal=B:USR1@T` sends before the time limit): the job
+    forwards SIGTERM to its steps, the trainer checkpoints, the job requeues itself and the
+    next attempt resumes from that checkpoint and finishes."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm_cluster, tmp_path, *cluster_args(run_dir), f"model.path={tiny_checkpoint}",
+                 "trainer.total_steps=40")
+    first = run_dir / "logs" / f"slurm-{job}" / "trainer.log"
+    wait_for(lambda: first.exists() and "step 2 done" in first.read_text(), "step 2 of the first attempt", 120)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    fields = wait_job(slurm_cluster, job, timeout=200)
+    batch = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    first_text = first.read_text()
+    second = run_dir / "logs" / f"slurm-{job}-r1" / "trainer.log"
+    detail = f"\nbatch:\n{batch}\nfirst:\n{first_text}\nsecond:\n{second.read_text() if second.exists() else '-'}"
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}{detail}"
+    assert fields.get("Restarts") == "1", detail
+    assert "SIGUSR1 received" in batch and "requeueing job" in batch, detail
+    stopped = re.search(r"SIGTERM, checkpointed at step (\d+)", first_text)
+    assert stopped, detail
+    step = int(stopped.group(1))
+    assert step < 40 and "step 40 done" not in first_text, detail
+    second_text = second.read_text()
+    assert f"resumed from step {step}" in second_text and "step 40 done" in second_text, detail
+    assert f"step {step} done" not in second_text, detail  # no finished step is run twice
