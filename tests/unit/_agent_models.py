@@ -94,13 +94,16 @@ def teacher_forced_log_probs(model, prompt_ids: list[int], response_ids: list[in
         return logp.gather(-1, torch.tensor(response_ids)[:, None])[:, 0]
 
 
-@functools.lru_cache(maxsize=1)
-def trained_setup():
+@functools.lru_cache(maxsize=2)
+def trained_setup(kind: str = "char"):
     """(tokenizer, model trained on DEMOS, demo (prompt, response, mask) ids, tokenizer dir);
-    built once per test process and shared by the agent test modules."""
+    built once per test process and shared by the agent test modules.
+
+    kind: "char" (the project's char-level tokenizer: the closing fence spans 3 tokens) or
+    "bpe" (byte-level BPE with a single "```" token, as in real vocabularies)."""
     tok_dir = tempfile.mkdtemp(prefix="ctpo_agent_tok_")
     atexit.register(shutil.rmtree, tok_dir, True)
-    tokenizer = tiny_tokenizer(tok_dir)
+    tokenizer = tiny_tokenizer(tok_dir) if kind == "char" else bpe_tokenizer(tok_dir)
     from ctpo_megatron.rollout.agent_config import AgentConfig
     from ctpo_megatron.rollout.sandbox import SandboxPool
 
@@ -117,9 +120,32 @@ def tiny_tokenizer(tmp_dir: str):
     return build_char_tokenizer(tmp_dir)
 
 
+def bpe_tokenizer(tmp_dir: str | None = None):
+    """A byte-level BPE tokenizer (Qwen special tokens, ChatML template) trained on the demos:
+    multi-character tokens, and "```" is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ctpo_megatron.data.tiny_tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [q + "\n" + "\n".join(pieces) + "\n```output\n42\n```\n" for q, pieces, _ in DEMOS] * 10
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=list(SPECIAL_TOKENS)))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 clean_up_tokenization_spaces=False)
+    hf.chat_template = CHAT_TEMPLATE
+    if tmp_dir is not None:
+        hf.save_pretrained(tmp_dir)
+    return hf
+
+
 def tiny_model(tokenizer, seed: int = 0):
+    vocab = (len(tokenizer) + 63) // 64 * 64  # padded like real checkpoints
     cfg = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                          intermediate_size=128, vocab_size=128, max_position_embeddings=512, seed=seed)
+                          intermediate_size=128, vocab_size=vocab, max_position_embeddings=512, seed=seed)
     return build_tiny_model(cfg, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                             pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
 

@@ -43,8 +43,9 @@ def assert_token_exact(model, traj):
     assert (rollout[~mask] == 0).all()
 
 
-def test_trained_model_calls_tools_and_gets_scored(tokenizer, sandbox):
-    model, examples = _trained(tokenizer)
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_trained_model_calls_tools_and_gets_scored(kind, sandbox):
+    tokenizer, model, examples, _ = trained_setup(kind)
     gen = TorchGenerator(model, eos_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")])
     cfg = AgentConfig(temperature=0.0, max_response_tokens=400, tool_timeout_s=5.0)
     prompts = [[{"role": "user", "content": q}] for q, _, _ in DEMOS]
@@ -62,7 +63,8 @@ def test_trained_model_calls_tools_and_gets_scored(tokenizer, sandbox):
     assert "```output\nTrue\n```" in two.response_text
     assert (err.tool_calls, err.tool_errors, err.reward, err.has_boxed) == (1, 1, 0.0, True)
     assert "ZeroDivisionError: division by zero\n```" in err.response_text
-    # Every request continued the exact token history: prompt + everything so far.
+    # Opening fences also hit the stop tokens: those requests resumed without a tool call.
+    assert len(gen.requests) > sum(t.num_turns for t in trajs)
     for ids, params in gen.requests:
         assert params["stop_token_ids"] and params["max_new_tokens"] >= 1
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from ctpo_megatron.rollout.chat import ChatTemplate, ToolFormat, as_tokenizer
-from tests.unit._agent_models import tiny_tokenizer
+from tests.unit._agent_models import bpe_tokenizer, tiny_tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Solve with code."},
@@ -17,25 +15,9 @@ MESSAGES = [
 ]
 
 
-def _bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A small byte-level BPE (multi-character tokens, merges across '`' and newlines)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["```python\nprint(6*7)\n```\n```output\n42\n```\nThe answer is \\boxed{42}."] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    hf.chat_template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    return hf
-
-
 @pytest.fixture(scope="module", params=["char", "bpe"])
 def hf_tokenizer(request, tmp_path_factory):
-    return tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))) if request.param == "char" else _bpe_tokenizer()
+    return tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))) if request.param == "char" else bpe_tokenizer()
 
 
 def test_prompt_ids_equal_the_tokenizers_chat_template(hf_tokenizer):
