@@ -152,6 +152,9 @@ class _VerifyWorker:
         self.proc.wait()
 
 
+MAX_VERIFY_WORKERS = min(8, os.cpu_count() or 1)
+"""Most helper processes verifying at once (callers beyond it wait)."""
+_SLOTS = threading.BoundedSemaphore(MAX_VERIFY_WORKERS)
 _IDLE: queue.SimpleQueue[_VerifyWorker] = queue.SimpleQueue()
 _ALL: list[_VerifyWorker] = []
 _ALL_LOCK = threading.Lock()
@@ -168,6 +171,11 @@ atexit.register(_shutdown_workers)
 
 
 def _verify_in_worker(answer: str, ground_truth: str, timeout_s: int) -> bool:
+    with _SLOTS:  # bounds the helper processes (each holds sympy, ~100 MB)
+        return _verify_on_idle_worker(answer, ground_truth, timeout_s)
+
+
+def _verify_on_idle_worker(answer: str, ground_truth: str, timeout_s: int) -> bool:
     try:
         worker = _IDLE.get_nowait()
     except queue.Empty:

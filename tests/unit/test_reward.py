@@ -88,3 +88,12 @@ def test_stuck_helper_process_times_out():
     finally:
         worker.kill()
     assert worker.proc.poll() is not None
+
+
+def test_helper_processes_are_bounded():
+    from ctpo_megatron.rollout import reward
+
+    with ThreadPoolExecutor(max_workers=4 * reward.MAX_VERIFY_WORKERS) as ex:
+        got = list(ex.map(lambda p: math_reward(*p), EQUAL * 2))
+    assert got == [1.0] * (2 * len(EQUAL))
+    assert 1 <= len(reward._ALL) <= reward.MAX_VERIFY_WORKERS
