@@ -16,8 +16,9 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ctpo_megatron.cluster.config import ClusterConfig
-from ctpo_megatron.cluster.memory import MemoryEstimate, estimate_memory
+from ctpo_megatron.cluster.memory import GIB, MemoryEstimate, estimate_memory
 from ctpo_megatron.cluster.model_dims import ModelDims
+from ctpo_megatron.parallel.dims import ParallelDims
 
 MASTER_PORT_BASE = 20000
 
@@ -72,6 +73,8 @@ class LaunchPlan:
     startup_timeout_s: float = 0.0
     memory: dict = field(default_factory=dict)
     memory_text: str = ""
+    memory_what_ifs: dict = field(default_factory=dict)
+    """Total GiB per GPU with each memory-saving setting turned off (why the config fits)."""
 
     @property
     def server_urls(self) -> list[str]:
@@ -116,19 +119,44 @@ def model_dims_of(model_cfg) -> ModelDims:
 
 
 def estimate_for_train_config(train_cfg, dims, *, gpu_memory_gib: float = 80.0, micro_batch: int = 1,
-                              logits_chunk_tokens: int = 4096, overhead_gib: float = 4.0) -> MemoryEstimate:
+                              logits_chunk_tokens: int = 4096, overhead_gib: float = 4.0,
+                              **changes) -> MemoryEstimate:
     """Memory per GPU of the trainer's config (`TrainConfig`) at resolved `dims` (ParallelDims).
 
     Sequence length = rollout.max_prompt_len + rollout.max_response_len; full recompute when
-    model.recompute_activations. The trainer's start-up validation can call this directly.
+    model.recompute_activations. `changes` override `estimate_memory` keywords (what-ifs).
+    The trainer's start-up validation can call this directly.
     """
-    return estimate_memory(
-        model_dims_of(train_cfg.model), dims,
-        seq_len=train_cfg.rollout.max_prompt_len + train_cfg.rollout.max_response_len,
-        micro_batch=micro_batch, recompute="full" if train_cfg.model.recompute_activations else "none",
-        distributed_optimizer=train_cfg.parallel.distributed_optimizer,
-        sequence_parallel=train_cfg.parallel.sequence_parallel, logits_chunk_tokens=logits_chunk_tokens,
-        gpu_memory_gib=gpu_memory_gib, overhead_gib=overhead_gib)
+    kwargs = dict(seq_len=train_cfg.rollout.max_prompt_len + train_cfg.rollout.max_response_len,
+                  micro_batch=micro_batch, recompute="full" if train_cfg.model.recompute_activations else "none",
+                  distributed_optimizer=train_cfg.parallel.distributed_optimizer,
+                  sequence_parallel=train_cfg.parallel.sequence_parallel,
+                  logits_chunk_tokens=logits_chunk_tokens, gpu_memory_gib=gpu_memory_gib,
+                  overhead_gib=overhead_gib)
+    kwargs.update(changes)
+    return estimate_memory(model_dims_of(train_cfg.model), dims, **kwargs)
+
+
+def memory_what_ifs(train_cfg, dims, **kwargs) -> dict[str, float]:
+    """Total GiB per GPU with each memory-saving setting of the config turned off in turn."""
+    out = {}
+    if train_cfg.model.recompute_activations:
+        out["without activation recompute"] = estimate_for_train_config(train_cfg, dims, **kwargs,
+                                                                         recompute="none").total
+    if train_cfg.parallel.distributed_optimizer:
+        out["without distributed optimizer"] = estimate_for_train_config(
+            train_cfg, dims, **kwargs, distributed_optimizer=False).total
+    if kwargs.get("logits_chunk_tokens"):
+        out["without logits chunking"] = estimate_for_train_config(
+            train_cfg, dims, **{**kwargs, "logits_chunk_tokens": 0}).total
+    if dims.cp > 1:
+        out["with cp=1 (same tp, pp, dp)"] = estimate_for_train_config(
+            train_cfg, ParallelDims(tp=dims.tp, pp=dims.pp, cp=1, dp=dims.dp), **kwargs).total
+    if (train_cfg.model.recompute_activations and train_cfg.parallel.distributed_optimizer and dims.cp > 1):
+        out["with none of these"] = estimate_for_train_config(
+            train_cfg, ParallelDims(tp=dims.tp, pp=dims.pp, cp=1, dp=dims.dp),
+            **{**kwargs, "logits_chunk_tokens": 0}, recompute="none", distributed_optimizer=False).total
+    return {name: total / GIB for name, total in out.items()}
 
 
 def _rollout_argv(cluster: ClusterConfig, model_path: str, port: int) -> list[str]:
@@ -189,9 +217,9 @@ def build_plan(cluster: ClusterConfig, train_cfg, user_overrides: list[str], *, 
                   "--rdzv-endpoint", f"{train_hosts[0]}:{master_port}", "--rdzv-id", str(job_id),
                   "--max-restarts", "0", "-m", cluster.train_module, *config_args, *overrides]
 
-    estimate = estimate_for_train_config(
-        train_cfg, dims, gpu_memory_gib=cluster.gpu_memory_gib, micro_batch=cluster.micro_batch,
-        logits_chunk_tokens=cluster.logits_chunk_tokens, overhead_gib=cluster.memory_overhead_gib)
+    mem_kwargs = dict(gpu_memory_gib=cluster.gpu_memory_gib, micro_batch=cluster.micro_batch,
+                      logits_chunk_tokens=cluster.logits_chunk_tokens, overhead_gib=cluster.memory_overhead_gib)
+    estimate = estimate_for_train_config(train_cfg, dims, **mem_kwargs)
     return LaunchPlan(
         job_id=str(job_id), hosts=hosts, train_hosts=train_hosts, rollout_hosts=rollout_hosts,
         placeholder_hosts=placeholder, gpus_per_node=cluster.gpus_per_node, master_addr=train_hosts[0],
@@ -204,7 +232,7 @@ def build_plan(cluster: ClusterConfig, train_cfg, user_overrides: list[str], *, 
         router_argv=(["-m", "sglang_router.launch_router", "--worker-urls", *[s.url for s in servers],
                       "--host", "0.0.0.0", "--port", str(cluster.router_port)] if router else []),
         startup_timeout_s=cluster.rollout_startup_timeout_s, memory=estimate.as_dict(),
-        memory_text=estimate.format())
+        memory_text=estimate.format(), memory_what_ifs=memory_what_ifs(train_cfg, dims, **mem_kwargs))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ def plan_text(plan: LaunchPlan, cluster: ClusterConfig) -> str:
               "  trainer overrides:"]
     lines += [f"    {o}" for o in plan.train_overrides]
     lines += ["  memory per GPU (trainer, estimate):", plan.memory_text]
+    if plan.memory_what_ifs:
+        lines.append("  why it fits: total per GPU")
+        limit = plan.memory["gpu_memory"] / 1024 ** 3
+        for name, gib in plan.memory_what_ifs.items():
+            lines.append(f"    {name:<34}{gib:8.2f} GiB{'  (over ' + f'{limit:.0f} GiB)' if gib > limit else ''}")
     return "\n".join(lines)
 
 
