@@ -208,9 +208,9 @@ class AgentLoop:
         # does not.
         if not new_ids or new_ids[-1] in self.end_ids or reason.get("matched") in self.end_ids:
             return "stop"
-        if kind == "stop":
-            return ""  # paused at a marker token that did not close a call
-        return ""  # "length" of this request: the loop checks the trajectory budget
+        # Paused at a marker token that closed no call, or this request's length cap (the
+        # loop checks the trajectory budget): generate on.
+        return ""
 
     async def _run_tool(self, traj: Trajectory, code: str, segment_text: str) -> None:
         result = await self.sandbox.run(code, self.cfg.tool_timeout_s)
