@@ -10,7 +10,8 @@ A save writes into `<tag>.incomplete`, fsyncs every file, renames the directory 
 and only then replaces `latest` atomically (write temp file, fsync, os.replace, fsync the
 directory). A save killed at any point therefore leaves `latest` pointing at the previous
 complete checkpoint. Model tensors are saved in megatron's global (layout-free) form, and the
-distributed optimizer in its `fully_sharded_model_space` form, so a checkpoint loads under a
+distributed optimizer in its `fully_reshardable` form (per-parameter state, like a plain
+optimizer), so a checkpoint loads under a
 different TP/PP/DP layout.
 """
 
@@ -21,6 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ctpo_megatron.models.hf_io import unwrap_model
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 INCOMPLETE = ".incomplete"
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _fsync_path(path: Path) -> None:
@@ -73,9 +75,52 @@ def _state(actor, *, is_loading: bool, with_optimizer: bool) -> dict:
     model_sd = unwrap_model(actor.model[0]).sharded_state_dict()
     state = {"model": model_sd}
     if with_optimizer:
+        if is_loading:
+            _materialize_optimizer_state(actor.optimizer)
         state["optimizer"] = actor.optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA)
     return state
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam has no state tensors for the checkpoint to load into (megatron's
+    state_dict asserts on them without TE/Apex); create them (zeros) the way megatron's FSDP
+    path does. The values are overwritten by the load."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not opt.optimizer.state:
+            init()
+
+
+def _skip_step_in_state_copy(optimizer) -> None:
+    """megatron-core 0.16 with torch's Adam (no TE/Apex) sets Adam's "step" from the param
+    groups, then copies every state key from the per-parameter checkpoint tensors, which do not
+    hold "step" (KeyError). Copy only the keys the checkpoint has."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
+            continue
+        if getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            continue  # that path copies only the given keys already
+
+        def set_states(model_param, tensors, opt=opt):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+            dst = {"param": main_param, **opt.optimizer.state[main_param]}
+            for key, value in tensors.items():
+                dst[key].copy_(value)
+
+        opt._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.16 (no TE/Apex) loads one "step" tensor object into every parameter's
+    Adam state; torch's foreach Adam then increments that shared tensor once per parameter,
+    corrupting the bias correction. Give each parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def save_checkpoint(actor, ckpt_dir: str | os.PathLike, extra_state: dict) -> str:
@@ -126,7 +171,9 @@ def load_checkpoint(actor, ckpt_dir: str | os.PathLike, *, load_optimizer: bool 
     loaded = dist_checkpointing.load(state, str(path))
     unwrap_model(actor.model[0]).load_state_dict(loaded["model"])
     if load_optimizer:
+        _skip_step_in_state_copy(actor.optimizer)
         actor.optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(actor.optimizer)
     else:
         actor.optimizer.reload_model_params()  # main (fp32) params follow the loaded weights
     actor.step_count = int(loaded.get("step_count", 0))
