@@ -20,7 +20,8 @@ NPROC="${NPROC:-2}"
 INIT="$RUN_DIR/init"
 
 echo "[tiny] preparing model, tokenizer and data in $INIT"
-"$PY" -m ctpo_megatron.data.tiny_setup "$INIT"
+# One thread: on a small shared machine several OpenMP threads per process mostly spin.
+OMP_NUM_THREADS=1 "$PY" -m ctpo_megatron.data.tiny_setup "$INIT"
 
 echo "[tiny] training with CTPO on $NPROC ranks (progress below; logs of the rollout server in $RUN_DIR/logs)"
 OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
