@@ -46,6 +46,9 @@ class TrainerConfig:
     """Also write metrics as TensorBoard events (metrics.jsonl is always written)."""
     clip_position_bins: int = 16
     """Token-position bins of the clip-rate-by-position metric."""
+    collective_timeout_minutes: int = 120
+    """Timeout of torch.distributed collectives, minutes. Ranks other than 0 wait in a
+    broadcast while rank 0 runs a step's rollouts, so it must exceed the longest rollout."""
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -59,7 +62,7 @@ class TrainerConfig:
             raise ValueError(f"trainer.old_log_probs={self.old_log_probs!r}: expected one of "
                              f"{OLD_LOG_PROB_SOURCES}")
         for name in ("eval_every", "save_every", "epochs_per_step", "eval_samples", "log_every",
-                     "keep_checkpoints", "clip_position_bins"):
+                     "keep_checkpoints", "clip_position_bins", "collective_timeout_minutes"):
             if getattr(self, name) < 0 or (name != "eval_every" and name != "save_every"
                                            and getattr(self, name) < 1):
                 raise ValueError(f"trainer.{name}={getattr(self, name)} is out of range")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from typing import Any
 
@@ -80,7 +81,9 @@ class Trainer:
         self.run_dir = cfg.trainer.run_dir
         # Every check that can fail on bad settings runs before the first collective.
         cfg.check_inputs()
-        self.rank, self.world_size = init_distributed()
+        self.rank, self.world_size = init_distributed(timeout_minutes=cfg.trainer.collective_timeout_minutes)
+        self._stop_signal: int | None = None
+        self._install_signal_handlers()
         self.dims = cfg.validate(self.world_size)
         self._check_model_config()
         if self.rank == 0:
@@ -115,6 +118,25 @@ class Trainer:
             self._sync_weights()  # the servers started from the base model
 
     # ---------------------------------------------------------------- set-up
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGUSR1 (preemption, Slurm's time-limit warning, forwarded by the launcher)
+        ask for a checkpoint at the end of the current step, then a clean exit."""
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+            logger.warning("signal %d: will checkpoint after the current step and exit", signum)
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal (all ranks agree: one all-reduce)."""
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _check_model_config(self) -> None:
         from transformers import AutoConfig
 
@@ -155,8 +177,13 @@ class Trainer:
                 done = self.step - start_step
                 eta = (time.monotonic() - start_time) / done * (tc.total_steps - self.step)
                 logger.info(progress_line(self.step, tc.total_steps, metrics, eta))
-            if last or (tc.save_every > 0 and self.step % tc.save_every == 0):
+            stop = self._stop_requested()
+            if last or stop or (tc.save_every > 0 and self.step % tc.save_every == 0):
                 self.save()
+            if stop and not last:
+                logger.warning("stopping after step %d on request; rerun the same command to resume",
+                               self.step)
+                break
 
     def train_step(self) -> dict[str, float]:
         """One RL step; returns its metrics (identical on every rank where it matters: rank 0)."""
