@@ -90,6 +90,23 @@ def test_sampler_resume_draws_the_same_prompts(tmp_path):
         PromptSampler(prompts[:5], seed=5).load_state_dict(state)
 
 
+def test_char_tokenizer_reloads_identically_next_to_a_qwen2_model(tokenizer, tmp_path):
+    # AutoTokenizer loads a Qwen2 model's tokenizer as Qwen2Tokenizer (byte-level pre-tokenizer);
+    # the ids must not change, or rollouts and warm start would see different tokens.
+    from transformers import AutoTokenizer
+
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, intermediate_size=64),
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "<|im_start|>user\nWhat is 37*12-5?\t~{}<|im_end|>\n```python\nprint(1)\n```\n\\boxed{439}"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert reloaded(text, add_special_tokens=False)["input_ids"] == ids
+    assert reloaded.decode(ids) == text
+    assert len(ids) == len(text) - len("<|im_start|>") - len("<|im_end|>") + 2  # one token per char
+
+
 def test_char_tokenizer_round_trip(tokenizer):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 37*12-5?"}],
                                          tokenize=False, add_generation_prompt=True)
