@@ -44,13 +44,14 @@ TORCH_LIBRARY(ctpo_megatron, m) {
   // Fused per-token CTPO terms of a [B, S] padded (or [T] packed) batch. Scans the clamped
   // log-ratios of valid tokens (mask > 0) per sequence, or takes precomputed prefix sums
   // cum/count (e.g. global ones under context parallelism). Returns (pg_loss, dpg_dlogp,
-  // ratio, log_ratio, la_scale, flags): per token the surrogate, its derivative with respect
-  // to log_probs, exp(min(s_t, 10)), the clamped log-ratio d_t, the LA scale (empty unless
-  // adaptive) and uint8 clip flags (1 high, 2 low, 4 dual, 8 clipped surrogate chosen).
+  // ratio, log_ratio, la_scale, clip_high, clip_low, clip_dual, clipped): per token the
+  // surrogate, its derivative with respect to log_probs, exp(min(s_t, 10)), the clamped
+  // log-ratio d_t, the LA scale (empty unless adaptive) and four bool clip masks.
   // adaptive=True: clip_low/high/c are la_low/la_high/la_c with scale max(n_t, 1)^power;
   // adaptive=False: eps_low, eps_high and the constant dual bound clip_ratio_c.
   m.def(
       "ctpo_token_loss(Tensor log_probs, Tensor old_log_probs, Tensor advantages, Tensor mask, "
       "Tensor? cu_seqlens, Tensor? cum, Tensor? count, bool geomean, bool adaptive, float clip_low, "
-      "float clip_high, float clip_c, float power) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float clip_high, float clip_c, float power) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

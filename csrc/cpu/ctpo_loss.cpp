@@ -34,7 +34,10 @@ void loss_cpu_typed(const at::Tensor& log_probs, const at::Tensor& old_log_probs
   T* ratio = out.ratio.data_ptr<T>();
   T* log_ratio = out.log_ratio.data_ptr<T>();
   T* scale = params.adaptive ? out.la_scale.data_ptr<T>() : nullptr;
-  uint8_t* flags = out.flags.data_ptr<uint8_t>();
+  bool* high = out.clip_high.data_ptr<bool>();
+  bool* low = out.clip_low.data_ptr<bool>();
+  bool* dual = out.clip_dual.data_ptr<bool>();
+  bool* clipped = out.clipped.data_ptr<bool>();
   // d_t = clamp(lp - olp, -20, 20) in the math type; invalid tokens contribute nothing, even
   // when their log-probs are garbage (-inf padding).
   auto delta = [&](int64_t i) {
@@ -72,20 +75,23 @@ void loss_cpu_typed(const at::Tensor& log_probs, const at::Tensor& old_log_probs
         loss[i] = T(0);
         grad[i] = T(0);
         ratio[i] = T(0);
-        flags[i] = 0;
+        high[i] = low[i] = dual[i] = clipped[i] = false;
         continue;
       }
       const TokenTerms<T> tt = ctpo_token<T>(cum, cnt, static_cast<T>(lp[i]), static_cast<T>(adv[i]), g, params);
       loss[i] = tt.loss;
       grad[i] = tt.grad;
       ratio[i] = tt.ratio;
-      flags[i] = tt.flags;
+      high[i] = (tt.flags & kClipHigh) != 0;
+      low[i] = (tt.flags & kClipLow) != 0;
+      dual[i] = (tt.flags & kClipDual) != 0;
+      clipped[i] = (tt.flags & kClipSurrogate) != 0;
     }
   };
   run_segments(L, nullptr, nullptr, /*reverse=*/false, total, scan);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctpo_token_loss_cpu(
+LossResult ctpo_token_loss_cpu(
     const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
     const at::Tensor& mask, const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& cum,
     const c10::optional<at::Tensor>& count, bool geomean, bool adaptive, double clip_low, double clip_high,
@@ -101,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     loss_cpu_typed<scalar_t, T>(log_probs, old_log_probs, advantages, mask, cum, count, L, params, out);
   });
-  return {out.loss, out.grad, out.ratio, out.log_ratio, out.la_scale, out.flags};
+  return out.as_tuple();
 }
 
 }  // namespace

@@ -33,7 +33,10 @@ struct LossArgs {
   T* __restrict__ ratio;
   T* __restrict__ log_ratio;
   T* __restrict__ scale;  // nullptr unless adaptive
-  uint8_t* __restrict__ flags;
+  bool* __restrict__ high;
+  bool* __restrict__ low;
+  bool* __restrict__ dual;
+  bool* __restrict__ clipped;
   CtpoParams params;
 };
 
@@ -59,14 +62,17 @@ __device__ __forceinline__ void emit_token(const LossArgs<scalar_t, T>& a, int64
     a.loss[i] = T(0);
     a.grad[i] = T(0);
     a.ratio[i] = T(0);
-    a.flags[i] = 0;
+    a.high[i] = a.low[i] = a.dual[i] = a.clipped[i] = false;
     return;
   }
   const TokenTerms<T> tt = ctpo_token<T>(cum, count, static_cast<T>(a.lp[i]), static_cast<T>(a.adv[i]), g, a.params);
   a.loss[i] = tt.loss;
   a.grad[i] = tt.grad;
   a.ratio[i] = tt.ratio;
-  a.flags[i] = tt.flags;
+  a.high[i] = (tt.flags & kClipHigh) != 0;
+  a.low[i] = (tt.flags & kClipLow) != 0;
+  a.dual[i] = (tt.flags & kClipDual) != 0;
+  a.clipped[i] = (tt.flags & kClipSurrogate) != 0;
 }
 
 template <typename scalar_t, typename T>
@@ -94,7 +100,7 @@ __global__ void ctpo_loss_given_sums_kernel(LossArgs<scalar_t, T> a, int64_t num
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctpo_token_loss_cuda(
+LossResult ctpo_token_loss_cuda(
     const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
     const at::Tensor& mask, const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& cum,
     const c10::optional<at::Tensor>& count, bool geomean, bool adaptive, double clip_low, double clip_high,
@@ -104,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const SegmentLayout L = parse_layout(log_probs, cu_seqlens, what);
   const c10::cuda::CUDAGuard guard(log_probs.device());
   LossOutputs out = make_loss_outputs(log_probs, adaptive, /*zero_fill=*/L.cu != nullptr && !cum.has_value());
-  if (L.num_tokens == 0) return {out.loss, out.grad, out.ratio, out.log_ratio, out.la_scale, out.flags};
+  if (L.num_tokens == 0) return out.as_tuple();
   const CtpoParams params{geomean, adaptive, clip_low, clip_high, clip_c, power};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, log_probs.scalar_type(), "ctpo_token_loss_cuda", [&] {
@@ -115,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                             count.has_value() ? count->data_ptr<T>() : nullptr,
                             out.loss.data_ptr<T>(), out.grad.data_ptr<T>(), out.ratio.data_ptr<T>(),
                             out.log_ratio.data_ptr<T>(), adaptive ? out.la_scale.data_ptr<T>() : nullptr,
-                            out.flags.data_ptr<uint8_t>(), params};
+                            out.clip_high.data_ptr<bool>(), out.clip_low.data_ptr<bool>(),
+                            out.clip_dual.data_ptr<bool>(), out.clipped.data_ptr<bool>(), params};
     if (cum.has_value()) {
       const int threads = 256;
       const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((L.num_tokens + threads - 1) / threads, 1 << 20));
@@ -127,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out.loss, out.grad, out.ratio, out.log_ratio, out.la_scale, out.flags};
+  return out.as_tuple();
 }
 
 }  // namespace

@@ -100,6 +100,7 @@ class _ContextParallelCumsum(torch.autograd.Function):
         ctx.cp_group = cp_group
         ctx.values_dtype = values.dtype
         ctx.mark_non_differentiable(count)
+        ctx.set_materialize_grads(False)
         return cum, count
 
     @staticmethod

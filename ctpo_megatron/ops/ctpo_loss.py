@@ -20,10 +20,6 @@ from ctpo_megatron.ops._backend import extension_backends, use_extension
 
 _OP = "ctpo_megatron::ctpo_token_loss"
 
-# Bits of the kernel's uint8 flags (csrc/include/ctpo/ctpo_math.h, ClipFlag).
-FLAG_HIGH, FLAG_LOW, FLAG_DUAL, FLAG_CLIPPED = 1, 2, 4, 8
-
-
 def fused_ctpo_token_terms(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                            response_mask: torch.Tensor, cfg: PolicyLossConfig, *,
                            cum_log_ratio: torch.Tensor | None = None, cum_count: torch.Tensor | None = None,
@@ -66,12 +62,11 @@ def fused_ctpo_token_terms(log_probs: torch.Tensor, old_log_probs: torch.Tensor,
     adaptive = bool(cfg.adaptive_clip)
     lows = (cfg.la_clip_low, cfg.la_clip_high, cfg.la_clip_c) if adaptive else (
         cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
-    pg, _, ratio, log_ratio, la_scale, flags = torch.ops.ctpo_megatron.ctpo_token_loss(
+    pg, _, ratio, log_ratio, la_scale, high, low, dual, clipped = torch.ops.ctpo_megatron.ctpo_token_loss(
         lp, olp, adv, mask, cu_seqlens, cum, count, cfg.variant == "geomean", adaptive, *lows,
         float(cfg.la_power))
     return TokenTerms(pg_losses=pg, ratio=ratio.detach(), log_ratio_clamped=log_ratio.detach(),
-                      clip_high=(flags & FLAG_HIGH).bool(), clip_low=(flags & FLAG_LOW).bool(),
-                      clip_dual=(flags & FLAG_DUAL).bool(), clipped=(flags & FLAG_CLIPPED).bool(),
+                      clip_high=high, clip_low=low, clip_dual=dual, clipped=clipped,
                       la_scale=la_scale.detach() if adaptive else None)
 
 
@@ -92,12 +87,13 @@ def _register() -> None:
         dtype = reference.result_dtype(log_probs.dtype)
         like = [torch.empty_like(log_probs, dtype=dtype) for _ in range(4)]
         scale = torch.empty_like(log_probs, dtype=dtype) if adaptive else log_probs.new_empty((0,), dtype=dtype)
-        return (*like, scale, torch.empty_like(log_probs, dtype=torch.uint8))
+        return (*like, scale, *(torch.empty_like(log_probs, dtype=torch.bool) for _ in range(4)))
 
     def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])
         ctx.lp_dtype = inputs[0].dtype
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # else autograd allocates zero grads for 8 unused outputs
 
     def _backward(ctx, grad_pg, *unused):
         (dpg_dlogp,) = ctx.saved_tensors

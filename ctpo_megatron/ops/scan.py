@@ -106,6 +106,8 @@ def _register() -> None:
         ctx.save_for_backward(mask, cu_seqlens)
         ctx.reverse = reverse
         ctx.values_dtype = values.dtype
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the count
 
     def _backward(ctx, grad_cum, grad_count):
         mask, cu_seqlens = ctx.saved_tensors

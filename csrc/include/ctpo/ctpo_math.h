@@ -81,10 +81,32 @@ CTPO_HD TokenTerms<T> ctpo_token(T cum, T count, T log_prob, T adv, T scale, con
   if (p.adaptive) {
     const T lo = -(T(p.clip_low) * scale);
     const T hi = T(p.clip_high) * scale;
-    const T xc = x < lo ? lo : (x > hi ? hi : x);
-    rhat = ctpo_exp(xc);
-    drhat = (x >= lo && x <= hi) ? rhat : T(0);
-    dual = ctpo_exp(T(p.clip_c) * scale);
+    // exp(clamp(x, lo, hi)) is r itself inside the bounds (bitwise: same argument), so exp
+    // runs again only for clamped tokens; exp(la_c * g) only where A < 0, reusing exp(hi)
+    // when la_c == la_high (the default).
+    T exp_hi = T(0);
+    bool have_exp_hi = false;
+    if (x < lo) {
+      rhat = ctpo_exp(lo);
+      drhat = T(0);
+    } else if (x > hi) {
+      exp_hi = ctpo_exp(hi);
+      have_exp_hi = true;
+      rhat = exp_hi;
+      drhat = T(0);
+    } else {
+      rhat = r;
+      drhat = r;
+    }
+    if (adv < T(0)) {
+      if (p.clip_c == p.clip_high) {
+        dual = have_exp_hi ? exp_hi : ctpo_exp(hi);
+      } else {
+        dual = ctpo_exp(T(p.clip_c) * scale);
+      }
+    } else {
+      dual = T(1);  // unused: the dual clip applies only where A < 0
+    }
     if (x > hi && adv > T(0)) flags |= kClipHigh;
     if (x < lo && adv < T(0)) flags |= kClipLow;
   } else {

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
 #include <utility>
 
 #include "ctpo/checks.h"
@@ -12,8 +13,18 @@
 namespace ctpo {
 
 struct LossOutputs {
-  at::Tensor loss, grad, ratio, log_ratio, la_scale, flags;
+  at::Tensor loss, grad, ratio, log_ratio, la_scale;
+  at::Tensor clip_high, clip_low, clip_dual, clipped;  // bool
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+             at::Tensor>
+  as_tuple() const {
+    return {loss, grad, ratio, log_ratio, la_scale, clip_high, clip_low, clip_dual, clipped};
+  }
 };
+
+using LossResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                              at::Tensor, at::Tensor>;
 
 inline void check_like(const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have the shape of log_probs ", ref.sizes(), ", got ",
@@ -42,7 +53,7 @@ inline void check_loss_inputs(const at::Tensor& log_probs, const at::Tensor& old
 }
 
 // Float outputs are float32 for 16-bit inputs, else the input dtype; la_scale is empty when
-// the clip is not adaptive; flags are uint8.
+// the clip is not adaptive; the four clip masks are bool.
 inline LossOutputs make_loss_outputs(const at::Tensor& log_probs, bool adaptive, bool zero_fill) {
   auto opts = log_probs.options().dtype(result_dtype(log_probs.scalar_type()));
   auto make = [&](const at::TensorOptions& o) {
@@ -54,7 +65,11 @@ inline LossOutputs make_loss_outputs(const at::Tensor& log_probs, bool adaptive,
   out.ratio = make(opts);
   out.log_ratio = make(opts);
   out.la_scale = adaptive ? make(opts) : at::empty({0}, opts);
-  out.flags = make(log_probs.options().dtype(at::kByte));
+  const auto bools = log_probs.options().dtype(at::kBool);
+  out.clip_high = make(bools);
+  out.clip_low = make(bools);
+  out.clip_dual = make(bools);
+  out.clipped = make(bools);
   return out;
 }
 
