@@ -19,6 +19,8 @@ from ctpo_megatron.cluster.config import ClusterConfig
 from ctpo_megatron.cluster.memory import GIB, MemoryEstimate, estimate_memory
 from ctpo_megatron.cluster.model_dims import ModelDims
 from ctpo_megatron.parallel.dims import ParallelDims
+from ctpo_megatron.rollout.launcher import (LaunchConfig, embedded_server_command, router_command,
+                                            sglang_server_command)
 
 MASTER_PORT_BASE = 20000
 
@@ -159,14 +161,13 @@ def memory_what_ifs(train_cfg, dims, **kwargs) -> dict[str, float]:
     return {name: total / GIB for name, total in out.items()}
 
 
-def _rollout_argv(cluster: ClusterConfig, model_path: str, port: int) -> list[str]:
-    if cluster.rollout_backend == "embedded":
-        base = ["-m", "ctpo_megatron.rollout.server", "--model", model_path, "--host", "0.0.0.0",
-                "--port", str(port)]
-    else:
-        base = ["-m", "sglang.launch_server", "--model-path", model_path, "--host", "0.0.0.0",
-                "--port", str(port), "--tp-size", str(cluster.rollout_gpus_per_server)]
-    return base + list(cluster.rollout_args)
+def _rollout_argv(cluster: ClusterConfig, model_path: str, port: int, number: int) -> list[str]:
+    # The rollout launcher's own command builders; server index 0 because the role narrows
+    # CUDA_VISIBLE_DEVICES to this server's GPUs. `number` (global server index) seeds it.
+    cfg = LaunchConfig(model_path=model_path, backend=cluster.rollout_backend, host="0.0.0.0",
+                       tp_size=cluster.rollout_gpus_per_server, seed=number, extra_args=list(cluster.rollout_args))
+    build = sglang_server_command if cluster.rollout_backend == "sglang" else embedded_server_command
+    return build(cfg, 0, port)[1:]  # drop the interpreter: the role process supplies its own
 
 
 def _dedupe(generated: list[str], user: list[str]) -> list[str]:
@@ -197,11 +198,11 @@ def build_plan(cluster: ClusterConfig, train_cfg, user_overrides: list[str], *, 
     cwd = cwd or os.getcwd()
     run_dir = os.path.normpath(os.path.join(cwd, cluster.run_dir or train_cfg.trainer.run_dir))
     attempt = f"slurm-{job_id}" + (f"-r{restart}" if restart else "")
+    per_node, gpus = cluster.servers_per_node, cluster.rollout_gpus_per_server
     servers = [ServerSpec(host=h, local_index=i, port=cluster.rollout_port + i,
-                          gpu_slots=list(range(i * cluster.rollout_gpus_per_server,
-                                               (i + 1) * cluster.rollout_gpus_per_server)),
-                          argv=_rollout_argv(cluster, model_path, cluster.rollout_port + i))
-               for h in rollout_hosts for i in range(cluster.servers_per_node)]
+                          gpu_slots=list(range(i * gpus, (i + 1) * gpus)),
+                          argv=_rollout_argv(cluster, model_path, cluster.rollout_port + i, n * per_node + i))
+               for n, h in enumerate(rollout_hosts) for i in range(per_node)]
     router = cluster.router and cluster.rollout_backend == "sglang" and bool(servers)
     master_port = cluster.master_port or MASTER_PORT_BASE + (int(job_id) % 20000 if job_id.isdigit() else 0)
 
@@ -229,8 +230,8 @@ def build_plan(cluster: ClusterConfig, train_cfg, user_overrides: list[str], *, 
         run_dir=run_dir, log_dir=os.path.join(run_dir, "logs", attempt), train_argv=train_argv,
         train_overrides=overrides, servers=servers,
         router_host=rollout_hosts[0] if router else "", router_port=cluster.router_port if router else 0,
-        router_argv=(["-m", "sglang_router.launch_router", "--worker-urls", *[s.url for s in servers],
-                      "--host", "0.0.0.0", "--port", str(cluster.router_port)] if router else []),
+        router_argv=router_command(LaunchConfig(model_path=model_path, host="0.0.0.0"),
+                                   [s.url for s in servers], cluster.router_port)[1:] if router else [],
         startup_timeout_s=cluster.rollout_startup_timeout_s, memory=estimate.as_dict(),
         memory_text=estimate.format(), memory_what_ifs=memory_what_ifs(train_cfg, dims, **mem_kwargs))
 

@@ -33,13 +33,13 @@ def slurm_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> str:
-    """A random tiny Qwen2-style HF checkpoint (model + char tokenizer) the rollout server loads."""
-    from ctpo_megatron.data.tiny_model import TinyModelConfig, build_tiny_model, save_tiny_model
-    from ctpo_megatron.data.tiny_tokenizer import build_char_tokenizer
+def tiny_inputs(tmp_path_factory) -> dict[str, str]:
+    """The tiny run's inputs (HF checkpoint + tokenizer, train/val parquet), no warm start.
 
-    out = str(tmp_path_factory.mktemp("tiny_ckpt"))
-    tokenizer = build_char_tokenizer(out)
-    model = build_tiny_model(TinyModelConfig(), eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    return save_tiny_model(model, tokenizer, out)
+    Returns {"model", "train", "val"} paths.
+    """
+    from ctpo_megatron.data.tiny_setup import TinySetupConfig, prepare_tiny_run
+    from ctpo_megatron.data.warm_start import WarmStartConfig
+
+    out = str(tmp_path_factory.mktemp("tiny_inputs"))
+    return prepare_tiny_run(out, TinySetupConfig(warm_start=WarmStartConfig(steps=0)))
