@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# System packages some tests need (Debian): Slurm daemons for the launcher tests.
+# System packages some tests need (Debian): the Slurm daemons and clients of the launcher tests
+# (tests/slurm start their own slurmctld + slurmd fake nodes with auth/none, so munge is not
+# needed). --no-install-recommends keeps it to a handful of packages (recommends pull ~40).
 # Skipped quietly where apt-get is unavailable or we are not root.
 set -uo pipefail
+PATH="$PATH:/usr/sbin:/sbin"
 need=()
-command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
-command -v munged >/dev/null 2>&1 || need+=(munge)
+command -v slurmctld >/dev/null 2>&1 || need+=(slurmctld)
+command -v slurmd >/dev/null 2>&1 || need+=(slurmd)
+command -v sbatch >/dev/null 2>&1 || need+=(slurm-client)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "[setup] cannot install ${need[*]} (needs root + apt-get); Slurm tests will fail" >&2
+  echo "[setup] cannot install ${need[*]} (needs root + apt-get); the Slurm tests will be skipped" >&2
   exit 0
 fi
 echo "[setup] installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -q >/dev/null && apt-get install -y -q "${need[@]}" >/dev/null
+# the packages try to start their services through policy-rc.d/systemd: harmless, nothing starts
+apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
