@@ -5,7 +5,8 @@ a local token needs the totals of every earlier chunk, most of which live on oth
 Instead of all-gathering the values (O(tokens) bytes, what verl/slime do for sequence-level
 losses), every rank scans its two chunks locally, all-gathers only the per-chunk totals
 (sum and count: 4 float64 per sequence per rank, O(cp x sequences) bytes, independent of the
-length), computes the carry-in of each local chunk and adds it. The backward is the reverse
+length), computes the carry-in of each local chunk and scans again from it (the kernel adds
+the carry in its float64 accumulator, so the result is rounded once, like an unsharded scan). The backward is the reverse
 prefix sum of the incoming gradient, whose carries come from LATER chunks, exchanged the same
 way: forward and backward are exact.
 """
@@ -59,43 +60,28 @@ def _exchange_carries(totals: torch.Tensor, cp_group: dist.ProcessGroup, reverse
     return torch.stack([exclusive[..., rank], exclusive[..., 2 * cp - 1 - rank]], dim=-1)
 
 
-def _add_chunk_values(x: torch.Tensor, per_chunk: torch.Tensor, view_shape: torch.Size,
-                      chunk_cu: torch.Tensor | None) -> torch.Tensor:
-    """x + per_chunk broadcast over each chunk's tokens (in x's dtype)."""
-    per_chunk = per_chunk.to(x.dtype)
-    if chunk_cu is None:
-        return (x.reshape(view_shape) + per_chunk.unsqueeze(-1)).reshape(x.shape)
-    lengths = (chunk_cu[1:] - chunk_cu[:-1]).to(torch.int64)
-    spread = torch.repeat_interleave(per_chunk, lengths, output_size=int(chunk_cu[-1]))
-    out = x.clone()
-    out[: spread.numel()] += spread
-    return out
-
-
 def _cp_scan(values: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-             cp_group: dist.ProcessGroup, reverse: bool, with_count: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             cp_group: dist.ProcessGroup, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local chunk scan, exchange of chunk totals, then the scan again from the carries (the
+    kernel adds them in its float64 accumulator: one rounding, as in an unsharded scan)."""
     view_shape, chunk_cu = _chunk_layout(values, cu_seqlens)
     local = values.reshape(view_shape) if chunk_cu is None else values
-    local_mask = None if mask is None else (mask.reshape(view_shape) if chunk_cu is None else mask)
-    cum, count = raw_scan(local.contiguous(), local_mask, chunk_cu, reverse=reverse)
-    cum, count = cum.reshape(values.shape), count.reshape(values.shape)
-    if dist.get_world_size(cp_group) == 1:
-        return cum, count
-    stats = [cum, count] if with_count else [cum]
-    scan_cu = None if chunk_cu is None else chunk_cu
-    flat = [s.reshape(view_shape) if chunk_cu is None else s for s in stats]
-    totals = torch.stack([segment_boundary(s, scan_cu, at_end=not reverse).to(torch.float64) for s in flat])
-    carries = _exchange_carries(totals.reshape(len(stats), -1, 2), cp_group, reverse).reshape(len(stats), -1)
-    cum = _add_chunk_values(cum, carries[0], view_shape, chunk_cu)
-    if with_count:
-        count = _add_chunk_values(count, carries[1], view_shape, chunk_cu)
-    return cum, count
+    local_mask = mask.reshape(view_shape) if mask is not None and chunk_cu is None else mask
+    cum, count = raw_scan(local, local_mask, chunk_cu, reverse=reverse)
+    if dist.get_world_size(cp_group) > 1:
+        # A chunk's total sits at its last token (first, for the reverse scan); 0 when empty.
+        totals = torch.stack([segment_boundary(s, chunk_cu, at_end=not reverse).to(torch.float64)
+                              for s in (cum, count)])
+        carries = _exchange_carries(totals.reshape(2, -1, 2), cp_group, reverse).reshape(2, -1)
+        cum, count = raw_scan(local, local_mask, chunk_cu, carries[0].contiguous(), carries[1].contiguous(),
+                              reverse=reverse)
+    return cum.reshape(values.shape), count.reshape(values.shape)
 
 
 class _ContextParallelCumsum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, mask, cu_seqlens, cp_group):
-        cum, count = _cp_scan(values, mask, cu_seqlens, cp_group, reverse=False, with_count=True)
+        cum, count = _cp_scan(values, mask, cu_seqlens, cp_group, reverse=False)
         ctx.save_for_backward(mask, cu_seqlens)
         ctx.cp_group = cp_group
         ctx.values_dtype = values.dtype
@@ -109,7 +95,7 @@ class _ContextParallelCumsum(torch.autograd.Function):
         if grad_cum is None:
             return None, None, None, None
         # Every rank must join the exchange, even one whose local gradient is all zeros.
-        back, _ = _cp_scan(grad_cum.contiguous(), None, cu_seqlens, ctx.cp_group, reverse=True, with_count=False)
+        back, _ = _cp_scan(grad_cum.contiguous(), None, cu_seqlens, ctx.cp_group, reverse=True)
         return (back * mask).to(ctx.values_dtype), None, None, None
 
 
@@ -127,7 +113,7 @@ def context_parallel_cumsum(values: torch.Tensor, mask: torch.Tensor, cp_group: 
     Returns (cum, count), shaped like values: the same values `segmented_cumsum` gives on the
     unsharded sequences, at the local tokens (float32 for 16-bit values, float64 carries).
     Autograd flows to values; the backward runs one more exchange over cp_group.
-    Collective: one all_gather of 4 float64 per sequence per rank in forward, 2 in backward.
+    Collective: one all_gather of 4 float64 per sequence per rank in forward, one in backward.
     """
     if cp_group is None:
         raise ValueError("context_parallel_cumsum: cp_group is required (use a group of size 1 "
