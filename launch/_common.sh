@@ -27,7 +27,7 @@ ctpo_srun_role() {
   local container=()
   if [ -n "$CTPO_CONTAINER_IMAGE" ]; then
     container=(--container-image="$CTPO_CONTAINER_IMAGE" --container-mounts="$CTPO_CONTAINER_MOUNTS"
-               --container-workdir="$PWD")
+               --container-workdir="$CTPO_REPO")
   fi
   srun --overlap --label --nodelist="$nodes" --nodes="$nnodes" --ntasks="$(( nnodes * per_node ))" \
        --ntasks-per-node="$per_node" --cpus-per-task="$cpus" "${container[@]}" "$@" \

@@ -178,3 +178,36 @@ def check_memory(estimate: MemoryEstimate, *, what: str = "the policy") -> None:
         raise ValueError(f"{what} needs an estimated {estimate.total / GIB:.1f} GiB per GPU, more than "
                          f"{estimate.gpu_memory / GIB:.0f} GiB; raise parallel.tp/pp/cp, enable full "
                          f"recompute or chunk the logits:\n{estimate.format()}")
+
+
+@dataclass(frozen=True)
+class RolloutMemory:
+    """Per-GPU memory of one inference server (SGLang-style: weights + a static KV-cache pool)."""
+
+    weights: int
+    """bf16 weights per GPU (every matrix, embeddings included, split over the server's TP)."""
+    kv_bytes_per_token: int
+    """bf16 K and V of one token over all layers, on one GPU (KV heads split over TP, replicated
+    when TP exceeds the number of KV heads)."""
+    kv_tokens: int
+    """Tokens the KV pool holds: (mem_fraction * GPU memory - weights) / kv_bytes_per_token."""
+
+
+def estimate_rollout_memory(model_dims: ModelDims, tp: int, *, gpu_memory_gib: float = 80.0,
+                            mem_fraction: float = 0.85) -> RolloutMemory:
+    """Weights and KV-cache capacity of an inference server at tensor-parallel size `tp`.
+
+    mem_fraction: share of GPU memory for weights + KV pool (SGLang's --mem-fraction-static).
+    Raises ValueError when the weights alone exceed that share.
+    """
+    if tp < 1 or not 0 < mem_fraction <= 1:
+        raise ValueError(f"tp={tp} must be >= 1 and mem_fraction={mem_fraction} in (0, 1]")
+    weights = model_dims.total_params * PARAM_BYTES // tp
+    kv_heads_per_gpu = -(-model_dims.num_query_groups // tp)
+    kv_per_token = 2 * model_dims.num_layers * kv_heads_per_gpu * model_dims.kv_channels * PARAM_BYTES
+    room = int(mem_fraction * gpu_memory_gib * GIB) - weights
+    if room <= 0:
+        raise ValueError(f"rollout server at tp={tp}: weights need {weights / GIB:.1f} GiB per GPU, more than "
+                         f"mem_fraction {mem_fraction} x {gpu_memory_gib:.0f} GiB; raise "
+                         "cluster.rollout_gpus_per_server")
+    return RolloutMemory(weights=weights, kv_bytes_per_token=kv_per_token, kv_tokens=room // kv_per_token)

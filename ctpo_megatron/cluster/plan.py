@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ctpo_megatron.cluster.config import ClusterConfig
-from ctpo_megatron.cluster.memory import GIB, MemoryEstimate, estimate_memory
+from ctpo_megatron.cluster.memory import GIB, MemoryEstimate, estimate_memory, estimate_rollout_memory
 from ctpo_megatron.cluster.model_dims import ModelDims
 from ctpo_megatron.parallel.dims import ParallelDims
 from ctpo_megatron.rollout.launcher import (LaunchConfig, embedded_server_command, router_command,
@@ -77,6 +77,8 @@ class LaunchPlan:
     memory_text: str = ""
     memory_what_ifs: dict = field(default_factory=dict)
     """Total GiB per GPU with each memory-saving setting turned off (why the config fits)."""
+    rollout_memory: dict = field(default_factory=dict)
+    """Per-GPU weights and KV-cache capacity of one inference server (empty: no servers)."""
 
     @property
     def server_urls(self) -> list[str]:
@@ -221,6 +223,10 @@ def build_plan(cluster: ClusterConfig, train_cfg, user_overrides: list[str], *, 
     mem_kwargs = dict(gpu_memory_gib=cluster.gpu_memory_gib, micro_batch=cluster.micro_batch,
                       logits_chunk_tokens=cluster.logits_chunk_tokens, overhead_gib=cluster.memory_overhead_gib)
     estimate = estimate_for_train_config(train_cfg, dims, **mem_kwargs)
+    rollout_memory = {}
+    if servers:
+        rollout_memory = asdict(estimate_rollout_memory(model_dims_of(train_cfg.model), gpus,
+                                                        gpu_memory_gib=cluster.gpu_memory_gib))
     return LaunchPlan(
         job_id=str(job_id), hosts=hosts, train_hosts=train_hosts, rollout_hosts=rollout_hosts,
         placeholder_hosts=placeholder, gpus_per_node=cluster.gpus_per_node, master_addr=train_hosts[0],
@@ -233,7 +239,8 @@ def build_plan(cluster: ClusterConfig, train_cfg, user_overrides: list[str], *, 
         router_argv=router_command(LaunchConfig(model_path=model_path, host="0.0.0.0"),
                                    [s.url for s in servers], cluster.router_port)[1:] if router else [],
         startup_timeout_s=cluster.rollout_startup_timeout_s, memory=estimate.as_dict(),
-        memory_text=estimate.format(), memory_what_ifs=memory_what_ifs(train_cfg, dims, **mem_kwargs))
+        memory_text=estimate.format(), memory_what_ifs=memory_what_ifs(train_cfg, dims, **mem_kwargs),
+        rollout_memory=rollout_memory)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,12 @@ def plan_text(plan: LaunchPlan, cluster: ClusterConfig) -> str:
         lines.append("             (no rollout nodes: the trainer starts its own servers)")
     for s in plan.servers:
         lines.append(f"             {s.url}  gpus {','.join(map(str, s.gpu_slots))}")
+    if plan.rollout_memory:
+        r = plan.rollout_memory
+        lines.append(f"             per GPU: weights {r['weights'] / 1024 ** 3:.2f} GiB, KV cache "
+                     f"{r['kv_bytes_per_token'] / 1024:.0f} KiB/token -> {r['kv_tokens']:,} tokens per server "
+                     f"(~{r['kv_tokens'] // plan.seq_len} full {plan.seq_len}-token trajectories) at "
+                     "mem-fraction 0.85")
     if plan.router_url:
         lines.append(f"  router   : {plan.router_url}")
     lines += [f"  run dir  : {plan.run_dir}", f"  logs     : {plan.log_dir}/{{trainer,rollout,router}}.log",

@@ -111,3 +111,19 @@ def test_hf_config_reader(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 8}')
     with pytest.raises(ValueError, match="num_attention_heads"):
         model_dims_from_hf_config(tmp_path)
+
+
+def test_rollout_server_memory_by_hand():
+    from ctpo_megatron.cluster.memory import estimate_rollout_memory
+
+    r = estimate_rollout_memory(PRESETS["qwen3_32b"], 4)
+    assert r.weights == 32_762_123_264 * 2 // 4
+    # K and V x 64 layers x (8 kv heads / tp 4 = 2) x head_dim 128 x 2 bytes
+    assert r.kv_bytes_per_token == 2 * 64 * 2 * 128 * 2 == 65536
+    # 0.85 x 80 GiB = 73,014,444,032 bytes; minus weights 16,381,061,632 -> / 65536
+    assert r.kv_tokens == (73_014_444_032 - 16_381_061_632) // 65536 == 864_156
+    # TP 16 > 8 KV heads: each GPU keeps one (replicated) KV head
+    assert estimate_rollout_memory(PRESETS["qwen3_32b"], 16).kv_bytes_per_token == 2 * 64 * 1 * 128 * 2
+    with pytest.raises(ValueError, match="rollout_gpus_per_server"):
+        # 61 GiB of bf16 weights on one GPU > 0.5 x 80 GiB
+        estimate_rollout_memory(PRESETS["qwen3_32b"], 1, mem_fraction=0.5)
