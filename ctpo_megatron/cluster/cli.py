@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not plan.memory["fits"]:
+        print(f"warning: the trainer's estimated memory per GPU exceeds {cluster.gpu_memory_gib:.0f} GiB:\n"
+              f"{plan.memory_text}", file=sys.stderr)
     if args.emit == "sbatch":
         os.makedirs(os.path.join(plan.run_dir, "logs"), exist_ok=True)  # sbatch --output needs it
         print("\n".join(sbatch_args(plan, cluster)))
