@@ -148,7 +148,8 @@ class PolicyActor:
                 pieces += mb.split(lp)
                 if with_entropy:
                     pieces += mb.split(ent.float())
-            flat = torch.cat([p.reshape(-1) for p in pieces]) if pieces else torch.zeros(0)
+            flat = (torch.cat([p.reshape(-1) for p in pieces]) if pieces
+                    else torch.zeros(0, device=model_device()))
         flat = self._broadcast_from_last_stage(flat, per_sample).cpu()
         log_probs, entropies, offset = [], [], 0
         for mb in micro_batches:

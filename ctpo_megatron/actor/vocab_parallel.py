@@ -21,7 +21,11 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
-    """Forward returns (log_probs [M] float32, entropy [M] float32 or empty)."""
+    """Forward returns (log_probs [M] float32, entropy [M] float32 or empty).
+
+    Every chunk works in place on one [chunk, V_tp] float32 buffer (two in backward with
+    entropy), so the extra memory is that, plus the gradient of the logits in backward.
+    """
 
     @staticmethod
     def forward(ctx, logits, rows, targets, temperature, chunk_size, vocab_start, valid_local,
@@ -34,20 +38,26 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             sl = slice(start, min(start + chunk_size, m))
             z, in_shard, local_t = _chunk_logits(logits, rows[sl], targets[sl], temperature,
                                                  vocab_start, valid_local)
-            z_max = _all_reduce(z.max(dim=-1).values, dist.ReduceOp.MAX, tp_group)
-            exp = torch.exp(z - z_max[:, None])
             z_target = torch.where(in_shard, z.gather(-1, local_t[:, None])[:, 0], 0.0)
-            stats = [exp.sum(-1), z_target]
+            z_max = _all_reduce(z.max(dim=-1).values, dist.ReduceOp.MAX, tp_group)
+            shifted = z.sub_(z_max[:, None])  # z - max, in place; -inf on padded entries
+            z_target -= torch.where(in_shard, z_max, 0.0)  # the owning rank's shifted target
             if with_entropy:
-                # Padded vocabulary entries are -inf: exp is 0 there, keep 0 * -inf out of the sum.
-                stats.append((exp * torch.nan_to_num(z, neginf=0.0)).sum(-1))
-            stats = _all_reduce(torch.stack(stats, dim=-1), dist.ReduceOp.SUM, tp_group)
-            chunk_lse = z_max + torch.log(stats[:, 0])
-            lse[sl] = chunk_lse
-            log_probs[sl] = stats[:, 1] - chunk_lse
+                exp = shifted.exp()
+                sum_exp = exp.sum(-1)
+                # sum_j e^{z'_j} z'_j; padded entries have e = 0 and z' = -inf: keep them out.
+                sum_exp_z = exp.mul_(shifted.nan_to_num_(neginf=0.0)).sum(-1)
+                stats = torch.stack([sum_exp, z_target, sum_exp_z], dim=-1)
+                del exp
+            else:
+                stats = torch.stack([shifted.exp_().sum(-1), z_target], dim=-1)
+            del z, shifted
+            stats = _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
+            log_z = torch.log(stats[:, 0])  # log-sum-exp of the shifted logits
+            lse[sl] = z_max + log_z
+            log_probs[sl] = stats[:, 1] - log_z
             if with_entropy:
-                entropy[sl] = chunk_lse - stats[:, 2] / stats[:, 0]
-            del z, exp
+                entropy[sl] = log_z - stats[:, 2] / stats[:, 0]
         ctx.save_for_backward(logits, rows, targets, lse, entropy)
         ctx.args = (temperature, chunk_size, vocab_start, valid_local, with_entropy)
         if not with_entropy:
@@ -59,28 +69,36 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         logits, rows, targets, lse, entropy = ctx.saved_tensors
         temperature, chunk_size, vocab_start, valid_local, with_entropy = ctx.args
         grad_logits = torch.zeros_like(logits)
+        use_entropy = with_entropy and grad_entropy is not None
         for start in range(0, rows.numel(), chunk_size):
             sl = slice(start, min(start + chunk_size, rows.numel()))
             z, in_shard, local_t = _chunk_logits(logits, rows[sl], targets[sl], temperature,
                                                  vocab_start, valid_local)
-            probs = torch.exp(z - lse[sl, None])  # 0 on padded vocabulary entries
-            g_lp = grad_log_probs[sl].float()
-            # d log p_t / d z_j = 1[j = t] - p_j
-            g_z = probs * (-g_lp[:, None])
-            g_z.scatter_add_(-1, local_t[:, None], torch.where(in_shard, g_lp, 0.0)[:, None])
-            if with_entropy and grad_entropy is not None:
-                # d H / d z_j = -p_j (log p_j + H)
-                log_p = torch.nan_to_num(z, neginf=0.0) - lse[sl, None]
-                g_z -= grad_entropy[sl].float()[:, None] * probs * (log_p + entropy[sl, None])
-            grad_logits[rows[sl]] = (g_z / temperature).to(logits.dtype)
-            del z, probs, g_z
+            g_lp = grad_log_probs[sl].float()[:, None]
+            log_p = z.sub_(lse[sl, None])  # in place; -inf on padded entries
+            if use_entropy:
+                # d log p_t / d z_j = 1[j = t] - p_j ;  d H / d z_j = -p_j (log p_j + H)
+                # => g_j = -p_j (g_lp + g_H (log p_j + H)) + g_lp 1[j = t]
+                probs = log_p.exp()
+                g_z = log_p.nan_to_num_(neginf=0.0).add_(entropy[sl, None])
+                g_z.mul_(grad_entropy[sl].float()[:, None]).add_(g_lp).mul_(probs).neg_()
+                del probs
+            else:
+                g_z = log_p.exp_().mul_(-g_lp)
+            g_z.scatter_add_(-1, local_t[:, None], torch.where(in_shard[:, None], g_lp, 0.0))
+            if temperature != 1.0:
+                g_z.div_(temperature)
+            grad_logits.index_copy_(0, rows[sl], g_z.to(logits.dtype))
+            del z, log_p, g_z
         return grad_logits, None, None, None, None, None, None, None, None
 
 
 def _chunk_logits(logits, rows, targets, temperature, vocab_start, valid_local):
-    """float32 scaled logits of the chunk's rows, padded vocabulary set to -inf, and where
-    each target falls in this shard."""
-    z = logits.index_select(0, rows).float() / temperature
+    """A fresh float32 copy of the chunk's rows divided by the temperature, padded vocabulary
+    set to -inf, and where each target falls in this shard."""
+    z = logits.index_select(0, rows).float()  # index_select copies: safe to modify in place
+    if temperature != 1.0:
+        z.div_(temperature)
     if valid_local < z.shape[-1]:
         z[:, valid_local:] = float("-inf")
     local_t = targets - vocab_start

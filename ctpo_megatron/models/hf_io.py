@@ -108,6 +108,7 @@ def iter_hf_weights(model_chunks, pgs, *, dtype: torch.dtype | None = None
     tp_group, pp_group = pgs.tp, pgs.pp
     tp_rank, tp, pp_rank = tp_group.rank(), tp_group.size(), pp_group.rank()
     params = dict(model.named_parameters())
+    device = next(iter(params.values())).device  # NCCL needs receive buffers on the GPU
     local = []
     for pmap in build_param_maps(model, spec, tp):
         if _is_tied_copy(spec, pmap.megatron_name) and pp_rank != 0:
@@ -125,19 +126,21 @@ def iter_hf_weights(model_chunks, pgs, *, dtype: torch.dtype | None = None
                 if tp_rank == 0:
                     hf_tensors = [t.contiguous() for t in full_to_hf(pmap, spec, shards)]
             if tp_rank == 0 and stage != 0 and pp_rank in (0, stage):
-                hf_tensors = _send_stage_to_first(pmap, hf_tensors, send_dtype, stage, pp_group)
+                hf_tensors = _send_stage_to_first(pmap, hf_tensors, send_dtype, stage, pp_group,
+                                                  device)
             global_zero = tp_rank == 0 and pp_rank == 0
             for i, name in enumerate(pmap.hf_names):
                 yield name, hf_tensors[i] if global_zero else None
 
 
-def _send_stage_to_first(pmap: ParamMap, hf_tensors, dtype: torch.dtype, stage: int, pp_group):
+def _send_stage_to_first(pmap: ParamMap, hf_tensors, dtype: torch.dtype, stage: int, pp_group,
+                         device: torch.device):
     """Moves one parameter's HF tensors from PP stage `stage` to stage 0 (TP rank 0 only)."""
     if pp_group.rank() == stage:
         for t in hf_tensors:
             dist.send(t, group=pp_group, group_dst=0)
         return None
-    received = [torch.empty(shape, dtype=dtype) for shape in pmap.hf_shapes]
+    received = [torch.empty(shape, dtype=dtype, device=device) for shape in pmap.hf_shapes]
     for t in received:
         dist.recv(t, group=pp_group, group_src=stage)
     return received

@@ -4,7 +4,6 @@ One `ParamMap` per megatron parameter of a model chunk says which HF tensors fee
 TP shard is cut:
 
   replicated  same tensor on every TP rank (norms)
-  row         split along dim 0 (column-parallel output rows)
   col         split along dim 1 (row-parallel input columns: o_proj, down_proj)
   vocab       split along dim 0 of the padded vocabulary (embedding, lm_head); rows past the HF
               vocabulary are zero
@@ -49,7 +48,7 @@ class ParamMap:
     megatron_name: str
     """Name in the GPTModel chunk's `named_parameters()` (layer indices local to the stage)."""
     kind: str
-    """One of replicated, row, col, vocab, qkv, fc1 (see module docstring)."""
+    """One of replicated, col, vocab, qkv, fc1 (see module docstring)."""
     hf_names: tuple[str, ...]
     """HF tensor names in order (q, k, v for qkv; gate, up for fc1)."""
     hf_shapes: tuple[tuple[int, ...], ...]
@@ -61,8 +60,6 @@ def _hf_shapes(kind: str, hf_suffixes: tuple[str, ...], spec: ModelSpec,
     h, d = spec.hidden_size, spec.head_dim
     if kind == "replicated":
         return (tuple(local_shape),)
-    if kind == "row":
-        return ((local_shape[0] * tp, *local_shape[1:]),)
     if kind == "col":
         return ((local_shape[0], local_shape[1] * tp),)
     if kind == "vocab":
@@ -108,7 +105,7 @@ def shard_slices(pmap: ParamMap, spec: ModelSpec, tp_rank: int, tp: int) -> list
     """Per HF tensor of `pmap`, the index (tuple of slices) this TP rank reads from it."""
     if pmap.kind == "replicated":
         return [tuple(slice(None) for _ in pmap.hf_shapes[0])]
-    if pmap.kind in ("row", "fc1"):
+    if pmap.kind == "fc1":
         rows = pmap.hf_shapes[0][0] // tp
         return [(slice(tp_rank * rows, (tp_rank + 1) * rows),) for _ in pmap.hf_names]
     if pmap.kind == "col":
@@ -130,7 +127,7 @@ def shard_slices(pmap: ParamMap, spec: ModelSpec, tp_rank: int, tp: int) -> list
 def assemble_shard(pmap: ParamMap, spec: ModelSpec, parts: list[torch.Tensor], tp: int,
                    local_shape: tuple[int, ...]) -> torch.Tensor:
     """Builds this rank's megatron shard from the HF slices read by `shard_slices`."""
-    if pmap.kind in ("replicated", "row", "col"):
+    if pmap.kind in ("replicated", "col"):
         return parts[0]
     if pmap.kind == "fc1":
         return torch.cat(parts, dim=0)
@@ -150,8 +147,6 @@ def full_to_hf(pmap: ParamMap, spec: ModelSpec, shards: list[torch.Tensor]) -> l
     tp = len(shards)
     if pmap.kind == "replicated":
         return [shards[0]]
-    if pmap.kind == "row":
-        return [torch.cat(shards, dim=0)]
     if pmap.kind == "col":
         return [torch.cat(shards, dim=1)]
     if pmap.kind == "vocab":

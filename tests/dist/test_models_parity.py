@@ -7,6 +7,7 @@ to pay process start-up once.
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 TEMPERATURE = 0.7
 
 
-def _layouts(rank, world_size, models, samples, export_root):
+def _layouts(rank, world_size, models, samples, export_root, bad_dir):
     from safetensors import safe_open
 
     from ctpo_megatron.actor import ActorConfig, PolicyActor
@@ -46,6 +47,11 @@ def _layouts(rank, world_size, models, samples, export_root):
                     assert src.keys() == dst.keys(), (name, src.keys() ^ dst.keys())
                     for key in src:
                         assert src[key].dtype == dst[key].dtype and torch.equal(src[key], dst[key]), key
+    # A checkpoint whose tensors do not match its config: the error names the tensor.
+    try:
+        PolicyActor(ActorConfig(hf_model_dir=bad_dir, dims=ParallelDims(tp=2, pp=2)))
+    except ValueError as e:
+        results["bad"] = str(e)
     return results
 
 
@@ -73,8 +79,17 @@ def test_log_probs_match_transformers_across_layouts(tmp_path):
     models["qwen2_untied_bias_sharded"] = tmp_path / "qwen2"
     assert (tmp_path / "qwen2" / "model.safetensors.index.json").is_file()
     models = {k: str(v) for k, v in models.items()}
+    bad = tmp_path / "bad"
+    shutil.copytree(models["llama_tied_gqa"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=128)))
     samples = random_samples(5, seed=7)  # ragged: 3..19 prompt and response tokens
-    results = run_on_ranks(_layouts, 4, models, samples, str(tmp_path / "export"), timeout=600)
+    results = run_on_ranks(_layouts, 4, models, samples, str(tmp_path / "export"), str(bad),
+                           timeout=600)
+    for r in results:
+        assert "model.layers.0.mlp.gate_proj.weight" in r["bad"] or \
+            "model.layers.2.mlp.gate_proj.weight" in r["bad"], r["bad"]  # first layer of each stage
+        assert "(96, 64), expected (128, 64)" in r["bad"]
     for name, model_dir in models.items():
         ref_lp, ref_ent = hf_response_log_probs(model_dir, samples, temperature=TEMPERATURE,
                                                 with_entropy=True)
