@@ -109,7 +109,10 @@ def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     for arg in args:
         if "=" not in arg:
             raise ValueError(f"argument {arg!r} is neither an option nor a Hydra override KEY=VALUE")
-        (cluster.append(arg[len("cluster."):]) if arg.startswith("cluster.") else trainer.append(arg))
+        if arg.startswith("cluster."):
+            cluster.append(arg[len("cluster."):])
+        else:
+            trainer.append(arg)
     return cluster, trainer
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -19,6 +20,15 @@ from ctpo_megatron.config.store import load_config
 from ctpo_megatron.parallel.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def shell_vars(text: str) -> dict[str, str]:
+    """KEY=value lines as bash's `eval` would assign them."""
+    out = {}
+    for line in text.splitlines():
+        key, value = line.split("=", 1)
+        out[key] = " ".join(shlex.split(value))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +102,7 @@ def test_cli_dry_run_sbatch_and_job(tmp_path, capsys):
     assert "--requeue" in sbatch and "--signal=B:USR1@60" in sbatch
     assert (tmp_path / "run" / "logs").is_dir()  # sbatch --output needs the directory
     assert cli.main(["--emit", "job", "--hosts", "x1,x2,x3", "--job-id", "9", "--restart", "2", *base]) == 0
-    env = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    env = shell_vars(capsys.readouterr().out)
     log_dir = tmp_path / "run" / "logs" / "slurm-9-r2"
     assert env["CTPO_LOG_DIR"] == str(log_dir) and env["CTPO_TRAIN_NODES"] == "x1,x2"
     assert env["CTPO_ROLLOUT_NODES"] == "x3" and env["CTPO_MASTER_ADDR"] == "x1"
@@ -150,3 +160,15 @@ def test_wait_for_servers_real_http():
             role.wait_for_servers([dead], timeout_s=30, watch_pid=exited.pid, poll_s=0.05)
     finally:
         server.shutdown()
+
+
+def test_container_environment_mounts_repo_and_run_dir(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert cli.main(["--emit", "job", "--cluster", "tiny", "--hosts", "a,b,c", "--run-dir", str(run_dir),
+                     "--container-image", "nvcr.io#nvidia/pytorch:25.01-py3", "--container-mounts", "/data:/data",
+                     "model.path=/ckpt/tiny"]) == 0
+    env = shell_vars(capsys.readouterr().out)
+    assert env["CTPO_CONTAINER_IMAGE"] == "nvcr.io#nvidia/pytorch:25.01-py3"
+    mounts = env["CTPO_CONTAINER_MOUNTS"].split(",")
+    assert mounts == [f"{REPO}:{REPO}", f"{run_dir}:{run_dir}", "/data:/data"]
+    assert env["CTPO_PY"] == "python"  # the image's interpreter, not this venv's
