@@ -165,10 +165,10 @@ def test_wait_for_servers_real_http():
 def test_container_environment_mounts_repo_and_run_dir(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert cli.main(["--emit", "job", "--cluster", "tiny", "--hosts", "a,b,c", "--run-dir", str(run_dir),
-                     "--container-image", "nvcr.io#nvidia/pytorch:25.01-py3", "--container-mounts", "/data:/data",
+                     "--container-image", "/images/ctpo-pytorch.sqsh", "--container-mounts", "/data:/data",
                      "model.path=/ckpt/tiny"]) == 0
     env = shell_vars(capsys.readouterr().out)
-    assert env["CTPO_CONTAINER_IMAGE"] == "nvcr.io#nvidia/pytorch:25.01-py3"
+    assert env["CTPO_CONTAINER_IMAGE"] == "/images/ctpo-pytorch.sqsh"
     mounts = env["CTPO_CONTAINER_MOUNTS"].split(",")
     assert mounts == [f"{REPO}:{REPO}", f"{run_dir}:{run_dir}", "/data:/data"]
     assert env["CTPO_PY"] == "python"  # the image's interpreter, not this venv's
