@@ -4,6 +4,7 @@ travels in meta_info. The trainer side runs on spawned gloo ranks (a default gro
 in the trainer) and rank 0 syncs through its own side group."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -29,7 +30,8 @@ def server(tmp_path_factory):
         yield group.worker_urls[0]
 
 
-TRANSPORTS = [("distributed", 11), ("tensor", 12), ("disk", 13)]
+TRANSPORTS = [("distributed:per_tensor", 11), ("distributed:flattened_bucket", 14), ("tensor", 12),
+              ("disk", 13)]
 
 
 def _server_scores(url):
@@ -52,11 +54,13 @@ def _trainer(rank, world_size, url, model_dirs, disk_dir):
     if rank == 0:
         for (transport, seed), model_dir in zip(TRANSPORTS, model_dirs):
             model = load_local(model_dir)
-            cfg = WeightSyncConfig(transport=transport, bucket_bytes=16 << 10, disk_dir=disk_dir,
-                                   disk_config_dir=model_dir)
+            kind, _, fmt = transport.partition(":")
+            cfg = WeightSyncConfig(transport=kind, bucket_bytes=16 << 10, disk_dir=disk_dir,
+                                   disk_config_dir=model_dir, distributed_format=fmt or "auto",
+                                   group_name=f"group_{seed}")
             updater = make_weight_updater(cfg)
             updater.connect([url])
-            version = f"{transport}-v{seed}"
+            version = f"{kind}-v{seed}"
             updater.update(((n, p.detach()) for n, p in model.state_dict().items()), version)
             metrics = updater.metrics()
             updater.close()
@@ -64,13 +68,33 @@ def _trainer(rank, world_size, url, model_dirs, disk_dir):
             expected_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
             results.append((transport, version, metrics, expected_bytes, server,
                             _local_scores(model, server[2])))
+        results.append(_duplicate_group_fails_fast(url))
     dist.barrier()  # the default group is untouched by the side group
     return results
 
 
+def _duplicate_group_fails_fast(url):
+    """A server that refuses to join must fail connect() at once, not after the join timeout."""
+    first = make_weight_updater(WeightSyncConfig(transport="distributed", group_name="dup"))
+    first.connect([url])
+    second = make_weight_updater(WeightSyncConfig(transport="distributed", group_name="dup"))
+    start = time.monotonic()
+    try:
+        second.connect([url])
+        error = None
+    except WeightSyncError as e:
+        error = str(e)
+    elapsed = time.monotonic() - start
+    first.close()
+    return error, elapsed
+
+
 def test_each_transport_then_server_log_probs_equal_local(server, tmp_path):
-    model_dirs = [build_tiny_model(tmp_path / t, seed=seed) for t, seed in TRANSPORTS]
+    model_dirs = [build_tiny_model(tmp_path / f"model{seed}", seed=seed) for _, seed in TRANSPORTS]
     results = run_on_ranks(_trainer, 2, server, model_dirs, str(tmp_path / "ckpt"), timeout=240)[0]
+    dup_error, dup_seconds = results.pop()
+    assert dup_error is not None and "exists" in dup_error and server in dup_error
+    assert dup_seconds < 60  # the join timeout is 30 minutes
     assert [r[0] for r in results] == [t for t, _ in TRANSPORTS]
     for transport, version, metrics, expected_bytes, server_scores, local_scores in results:
         assert metrics["weight_sync/buckets"] > 1, transport  # 16 KiB buckets: bucketing exercised

@@ -35,6 +35,7 @@ class ServerState:
     counter: list[int] = field(default_factory=lambda: [0])
     session_open: bool = False
     groups: dict[str, Any] = field(default_factory=dict)
+    recv_buffers: dict[str, Any] = field(default_factory=dict)
     startup_time: float = field(default_factory=time.time)
 
 

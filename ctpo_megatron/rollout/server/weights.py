@@ -28,6 +28,7 @@ from aiohttp import web
 from safetensors.torch import load as load_safetensors
 
 from ctpo_megatron.rollout.server.bodies import BodyError, parse_body
+from ctpo_megatron.rollout.server.receive import receive_flattened, receive_into_model
 from ctpo_megatron.rollout.weight_sync.process_group import (
     destroy_custom_process_group, init_custom_process_group, resolve_backend)
 
@@ -173,34 +174,6 @@ async def destroy_weights_update_group(request: web.Request) -> web.Response:
     return _reply(True, "Succeeded to destroy custom process group.")
 
 
-def _receive(pg, names: list[str], dtypes: list[str], shapes: list[list[int]],
-             load_format: str | None) -> list[tuple[str, torch.Tensor]]:
-    """Receives one bucket broadcast by rank 0 (per tensor, or one flattened uint8 buffer)."""
-    dts = []
-    for name, dtype in zip(names, dtypes):
-        dt = getattr(torch, dtype, None)
-        if not isinstance(dt, torch.dtype):
-            raise ValueError(f"tensor {name!r}: dtype {dtype!r} is not a torch dtype name")
-        dts.append(dt)
-    if load_format == "flattened_bucket":
-        sizes = [torch.Size(s).numel() * dt.itemsize for s, dt in zip(shapes, dts)]
-        flat = torch.empty(sum(sizes), dtype=torch.uint8)
-        torch.distributed.broadcast(flat, src=0, group=pg)
-        out, offset = [], 0
-        for name, dt, shape, size in zip(names, dts, shapes, sizes):
-            if offset % dt.itemsize:
-                raise ValueError(f"Unaligned received tensor {name}: byte offset {offset}, dtype {dt}")
-            out.append((name, flat[offset:offset + size].view(dt).view(shape)))
-            offset += size
-        return out
-    out = []
-    for name, dt, shape in zip(names, dts, shapes):
-        tensor = torch.empty(shape, dtype=dt)
-        torch.distributed.broadcast(tensor, src=0, group=pg)
-        out.append((name, tensor))
-    return out
-
-
 @routes.post("/update_weights_from_distributed")
 async def update_weights_from_distributed(request: web.Request) -> web.Response:
     body, error = await _body(request, "update_weights_from_distributed")
@@ -218,14 +191,20 @@ async def update_weights_from_distributed(request: web.Request) -> web.Response:
     if not len(names) == len(dtypes) == len(shapes):
         return _reply(False, f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes "
                              f"({len(shapes)}) must have the same length")
-    try:
-        # Receive outside the model lock: the broadcast must not wait for generation.
-        received = await asyncio.to_thread(_receive, pg, names, dtypes, shapes, body["load_format"])
-    except Exception as e:  # noqa: BLE001 - reported to the caller as success=false
-        return _reply(False, f"Failed to receive weights: {e}")
     runner = state.scheduler.runner
-    success, message = await _apply(
-        request, body, lambda: (runner.load_weights(received), "Succeeded to update parameter online.")[1])
+    if body["load_format"] == "flattened_bucket":
+        try:
+            # Receive outside the model lock (the broadcast must not wait for generation), then load.
+            received = await asyncio.to_thread(receive_flattened, pg, names, dtypes, shapes,
+                                               state.recv_buffers)
+        except Exception as e:  # noqa: BLE001 - reported to the caller as success=false
+            return _reply(False, f"Failed to receive weights: {e}")
+        success, message = await _apply(
+            request, body, lambda: (runner.load_weights(received), "Succeeded to update parameter online.")[1])
+    else:
+        # Per tensor: received straight into the parameters, under the model-update lock.
+        success, message = await _apply(request, body, lambda: receive_into_model(
+            pg, names, dtypes, shapes, runner) or "Succeeded to update parameter online.")
     return _reply(success, message)
 
 

@@ -61,6 +61,9 @@ class WeightSyncConfig:
     """`distributed`: name of the group on the servers."""
     backend: str = "auto"
     """`distributed`: `nccl`, `gloo`, or `auto` (nccl with CUDA, else gloo)."""
+    distributed_format: str = "auto"
+    """`distributed`: `flattened_bucket` (one broadcast per bucket), `per_tensor` (one per tensor,
+    no staging copies), or `auto` (flattened on nccl, per tensor on gloo)."""
 
     def __post_init__(self) -> None:
         if self.transport not in ("disk", "tensor", "distributed"):
@@ -73,6 +76,9 @@ class WeightSyncConfig:
         if self.tensor_encoding not in ("safetensors", "sglang"):
             raise ValueError(f"weight_sync.tensor_encoding={self.tensor_encoding!r}: expected "
                              "safetensors or sglang")
+        if self.distributed_format not in ("auto", "flattened_bucket", "per_tensor"):
+            raise ValueError(f"weight_sync.distributed_format={self.distributed_format!r}: expected "
+                             "auto, flattened_bucket or per_tensor")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"weight_sync.backend={self.backend!r}: expected auto, nccl or gloo")
 

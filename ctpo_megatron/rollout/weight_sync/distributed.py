@@ -2,14 +2,17 @@
 (`/init_weights_update_group`), then per bucket one `/update_weights_from_distributed` call on
 each server runs while the trainer broadcasts the bucket, inside a begin/end session.
 
-Each bucket travels as SGLang's `flattened_bucket`: one uint8 buffer, the tensors' bytes
-concatenated in list order (one dtype per bucket, so offsets stay aligned). NCCL on GPUs; gloo
-on CPU (the embedded server maps `nccl` to gloo when it has no CUDA).
+A bucket travels either as SGLang's `flattened_bucket` (one uint8 buffer, the tensors' bytes
+concatenated in list order; one dtype per bucket keeps offsets aligned) or per tensor (one
+broadcast each, straight from the tensor's memory). `distributed_format="auto"` picks
+flattened buckets on NCCL and per tensor on gloo. NCCL on GPUs; gloo on CPU (the embedded
+server maps `nccl` to gloo when it has no CUDA).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,10 +26,19 @@ from ctpo_megatron.rollout.weight_sync.process_group import (destroy_custom_proc
 logger = logging.getLogger(__name__)
 
 
-def flatten_bucket(bucket: list[tuple[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """The bucket's bytes as one uint8 tensor on `device`, tensors in list order, no padding."""
+def flatten_bucket(bucket: list[tuple[str, torch.Tensor]], device: torch.device,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """The bucket's bytes as one uint8 tensor on `device`, tensors in list order, no padding.
+
+    out: optional uint8 buffer with at least that many bytes, reused (fresh multi-MB buffers
+    cost page faults on first write, as much as the copy itself on CPU).
+    """
     sizes = [t.numel() * t.element_size() for _, t in bucket]
-    flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    total = sum(sizes)
+    if out is not None and out.numel() >= total:
+        flat = out[:total]
+    else:
+        flat = torch.empty(total, dtype=torch.uint8, device=device)
     offset = 0
     for (_, t), size in zip(bucket, sizes):
         flat[offset:offset + size].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
@@ -40,12 +52,19 @@ class DistributedWeightUpdater(WeightUpdater):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.pg: dist.ProcessGroup | None = None
+        self._buffers: list[torch.Tensor | None] = [None, None]
         backend = cfg.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.backend = backend
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
             else torch.device("cpu")
+        fmt = cfg.distributed_format
+        if fmt == "auto":
+            # gloo (CPU): per-tensor broadcasts land straight in the server's parameters; NCCL:
+            # one flattened buffer per bucket (fewer collectives), as SGLang recommends.
+            fmt = "per_tensor" if backend == "gloo" else "flattened_bucket"
+        self.format = fmt
 
     def connect(self, urls: list[str]) -> None:
         """Creates the group: trainer rank 0, server i's TP ranks at 1 + i * server_tp_size."""
@@ -58,46 +77,100 @@ class DistributedWeightUpdater(WeightUpdater):
             "master_address": cfg.master_address, "master_port": port,
             "rank_offset": 1 + i * cfg.server_tp_size, "world_size": world_size,
             "group_name": cfg.group_name, "backend": self.backend})
-        try:
-            # Rank 0 hosts the rendezvous store; it joins while the servers are joining.
-            self.pg = init_custom_process_group(
-                master_address=cfg.master_address, master_port=port, rank=0, world_size=world_size,
-                group_name=cfg.group_name, backend=self.backend, timeout_s=cfg.http_timeout_s)
-        finally:
-            wait_all(futures)
+        # Rank 0 hosts the rendezvous store and joins while the servers are joining. A server
+        # that refuses (e.g. the group name exists) would leave the join waiting until its
+        # timeout: watch the HTTP replies and fail at once instead.
+        join = self.calls.pool.submit(
+            init_custom_process_group, master_address=cfg.master_address, master_port=port, rank=0,
+            world_size=world_size, group_name=cfg.group_name, backend=self.backend,
+            timeout_s=cfg.http_timeout_s)
+        while not join.done():
+            failed = [f for f in futures if f.done() and f.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            time.sleep(0.01)
+        self.pg = join.result()
+        wait_all(futures)
         logger.info("weight-update group %s ready: %d servers, world size %d (%s)", cfg.group_name,
                     len(urls), world_size, self.backend)
 
     def _send(self, named_tensors: NamedTensors, version: str) -> dict[str, int]:
+        """Pipelined: bucket k+1 is flattened while bucket k is broadcast and loaded.
+
+        The servers get one bucket call at a time (their receives must follow the broadcast
+        order), so only the flatten overlaps; two reused buffers alternate.
+        """
         if self.pg is None or self.calls is None:
             raise RuntimeError("call connect(urls) before update()")
         self.calls.all("/begin_weight_update", {})
         total = buckets = 0
+        in_flight = None
         try:
             pending = None
             for bucket in iter_buckets(named_tensors, self.cfg.bucket_bytes):
                 if pending is not None:
-                    self._broadcast(pending, None)
+                    in_flight = self._start(pending, None, buckets % 2, in_flight)
                 pending = bucket
                 buckets += 1
                 total += sum(t.numel() * t.element_size() for _, t in bucket)
             if pending is None:
                 raise ValueError("weight sync got no tensors")
-            self._broadcast(pending, version)  # the version and the flush go with the last bucket
+            # The version and the cache flush go with the last bucket.
+            in_flight = self._start(pending, version, buckets % 2, in_flight)
         finally:
+            self._finish(in_flight)
             self.calls.all("/end_weight_update", {})
         return {"bytes": total, "buckets": buckets}
 
-    def _broadcast(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> None:
+    def _start(self, bucket: list[tuple[str, torch.Tensor]], version: str | None, slot: int, previous):
+        """Flattens `bucket` (overlapping `previous`), waits for `previous`, starts this one."""
         assert self.calls is not None and self.pg is not None
-        body = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.cfg.group_name,
-                "load_format": "flattened_bucket", "flush_cache": version is not None,
-                "weight_version": version}
-        flat = flatten_bucket(bucket, self.device)
+        if self.format == "per_tensor":
+            return self._start_per_tensor(bucket, version, previous)
+        size = sum(t.numel() * t.element_size() for _, t in bucket)
+        if self._buffers[slot] is None or self._buffers[slot].numel() < size:
+            self._buffers[slot] = torch.empty(size, dtype=torch.uint8, device=self.device)
+        flat = flatten_bucket(bucket, self.device, out=self._buffers[slot])
+        self._finish(previous)
+        body = self._body(bucket, version, "flattened_bucket")
         futures = self.calls.submit_all("/update_weights_from_distributed", lambda i, url: body)
         try:
-            dist.broadcast(flat, src=0, group=self.pg)
+            work = dist.broadcast(flat, src=0, group=self.pg, async_op=True)
+        except BaseException:
+            wait_all(futures)
+            raise
+        return work, futures
+
+    def _body(self, bucket: list[tuple[str, torch.Tensor]], version: str | None, load_format) -> dict:
+        return {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.cfg.group_name,
+                "load_format": load_format, "flush_cache": version is not None,
+                "weight_version": version}
+
+    def _start_per_tensor(self, bucket, version: str | None, previous):
+        """One broadcast per tensor, from the tensor's own memory (no staging copy)."""
+        assert self.calls is not None and self.pg is not None
+        tensors = [t.detach().to(self.device).contiguous() for _, t in bucket]
+        self._finish(previous)
+        body = self._body(bucket, version, None)
+        futures = self.calls.submit_all("/update_weights_from_distributed", lambda i, url: body)
+        works = []
+        try:
+            for t in tensors:
+                works.append(dist.broadcast(t, src=0, group=self.pg, async_op=True))
+        except BaseException:
+            wait_all(futures)
+            raise
+        return works, futures, tensors
+
+    @staticmethod
+    def _finish(in_flight) -> None:
+        if in_flight is None:
+            return
+        works, futures = in_flight[0], in_flight[1]
+        try:
+            for work in works if isinstance(works, list) else [works]:
+                work.wait()
         finally:
             wait_all(futures)
 

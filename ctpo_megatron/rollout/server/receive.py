@@ -1,0 +1,77 @@
+"""Receiving broadcast weights on the embedded server (`/update_weights_from_distributed`).
+
+Two layouts, as SGLang: `flattened_bucket` (one uint8 broadcast of the bucket's bytes in list
+order) and per tensor (one broadcast per name, in list order). The per-tensor path receives
+straight into the model's parameter memory when dtype, shape and layout match: no staging
+copy on either side. Every broadcast is always received, even for a bad name, so the trainer
+never hangs; errors are raised afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ctpo_megatron.rollout.server.model_runner import ModelRunner
+
+
+def parse_dtypes(names: list[str], dtypes: list[str]) -> list[torch.dtype]:
+    out = []
+    for name, dtype in zip(names, dtypes):
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"tensor {name!r}: dtype {dtype!r} is not a torch dtype name")
+        out.append(dt)
+    return out
+
+
+def receive_flattened(pg, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                      buffers: dict) -> list[tuple[str, torch.Tensor]]:
+    """Receives one flattened bucket; returns views into a reused buffer (load before next call).
+
+    buffers: holds the grow-only receive buffer (fresh large buffers cost page faults).
+    """
+    dts = parse_dtypes(names, dtypes)
+    sizes = [torch.Size(s).numel() * dt.itemsize for s, dt in zip(shapes, dts)]
+    total = sum(sizes)
+    if buffers.get("flat") is None or buffers["flat"].numel() < total:
+        buffers["flat"] = torch.empty(total, dtype=torch.uint8)
+    flat = buffers["flat"][:total]
+    dist.broadcast(flat, src=0, group=pg)
+    out, offset = [], 0
+    for name, dt, shape, size in zip(names, dts, shapes, sizes):
+        if offset % dt.itemsize:
+            raise ValueError(f"Unaligned received tensor {name}: byte offset {offset}, dtype {dt}")
+        out.append((name, flat[offset:offset + size].view(dt).view(shape)))
+        offset += size
+    return out
+
+
+@torch.no_grad()
+def receive_into_model(pg, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                       runner: ModelRunner) -> None:
+    """Receives one broadcast per tensor, into the parameter itself where possible.
+
+    Call with the model-update lock held. Raises (after all receives) on unknown names or
+    shape mismatches.
+    """
+    dts = parse_dtypes(names, dtypes)
+    errors, staged = [], []
+    works = []
+    for name, dt, shape in zip(names, dts, shapes):
+        target = runner._named.get(name)
+        direct = (target is not None and target.dtype == dt and list(target.shape) == list(shape)
+                  and target.is_contiguous() and target.device.type == "cpu")
+        buf = target.data if direct else torch.empty(shape, dtype=dt)
+        works.append(dist.broadcast(buf, src=0, group=pg, async_op=True))
+        if not direct:
+            staged.append((name, buf))
+    for work in works:
+        work.wait()
+    for name, buf in staged:
+        try:
+            runner.load_weights([(name, buf)])
+        except (KeyError, ValueError) as e:
+            errors.append(str(e))
+    if errors:
+        raise ValueError("; ".join(errors))
