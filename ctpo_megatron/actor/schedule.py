@@ -40,6 +40,14 @@ def model_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=8)
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, S, S] bool, True = masked (megatron's convention). Passed explicitly because
+    megatron's default mask is built on "cuda", which activation recomputation in CPU mode
+    reaches outside the CPU-mode device redirection (autograd's backward)."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
+
+
 def make_micro_batches(samples: Sequence[dict], *, micro_batch_size: int, fixed_shape: bool,
                        fields: Sequence[str] = ()) -> list[MicroBatch]:
     """Splits samples (in order) into micro-batches. fixed_shape (PP > 1: the pipeline's p2p
@@ -54,7 +62,8 @@ def make_micro_batches(samples: Sequence[dict], *, micro_batch_size: int, fixed_
 def _forward_step(data_iterator, model, *, settings: ScoreSettings, tp_group, consume: Callable):
     mb: MicroBatch = next(data_iterator)
     device = model_device()
-    output = model(mb.tokens.to(device), mb.position_ids.to(device), attention_mask=None)
+    output = model(mb.tokens.to(device), mb.position_ids.to(device),
+                   attention_mask=causal_mask(mb.tokens.shape[1], device))
     return output, functools.partial(_score, mb, settings=settings, tp_group=tp_group,
                                      consume=consume)
 

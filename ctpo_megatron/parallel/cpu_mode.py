@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 _ACTIVE_MODE: "_CpuDeviceMode | None" = None
 _SAVED_CUDA_FNS: dict[str, object] = {}
 _SAVED_TRACKER: object | None = None
+_SAVED_RNG_FNS: dict[str, object] = {}
 
 
 def _is_cuda_device(device: object) -> bool:
@@ -121,6 +122,12 @@ def enable_cpu_mode() -> None:
     torch.cuda.current_device = lambda: 0  # 0 is then mapped to cpu by the mode
     torch.cuda.synchronize = lambda *args, **kwargs: None
     _SAVED_TRACKER = mp_random.CudaRNGStatesTracker
+    # Activation recomputation saves/restores the CUDA RNG state around each recomputed layer;
+    # on CPU there is none (the CPU state is saved by megatron separately).
+    _SAVED_RNG_FNS.update(_get_cuda_rng_state=mp_random._get_cuda_rng_state,
+                          _set_cuda_rng_state=mp_random._set_cuda_rng_state)
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
     # initialize_rng_tracker() instantiates whatever this name points to.
     mp_random.CudaRNGStatesTracker = _cpu_rng_tracker_class()
     _ACTIVE_MODE = _CpuDeviceMode()
@@ -142,6 +149,9 @@ def disable_cpu_mode() -> None:
     _SAVED_CUDA_FNS.clear()
     mp_random.CudaRNGStatesTracker = _SAVED_TRACKER
     _SAVED_TRACKER = None
+    for name, fn in _SAVED_RNG_FNS.items():
+        setattr(mp_random, name, fn)
+    _SAVED_RNG_FNS.clear()
 
 
 def maybe_enable_cpu_mode() -> bool:
