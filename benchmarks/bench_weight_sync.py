@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctpo_megatron.parallel.net import free_port  # noqa: E402
 from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup  # noqa: E402
-from ctpo_megatron.rollout.weight_sync import WeightSyncConfig, iter_buckets, make_weight_updater  # noqa: E402
+from ctpo_megatron.rollout.weight_sync import (WeightSyncConfig, iter_buckets,  # noqa: E402
+                                               make_weight_updater)
 from ctpo_megatron.rollout.weight_sync.distributed import flatten_bucket  # noqa: E402
 from ctpo_megatron.rollout.weight_sync.process_group import init_custom_process_group  # noqa: E402
 

@@ -17,7 +17,8 @@ fi
 
 stamp="$VENV/.ctpo_stamp"
 want="$(find constraints.txt setup.py requirements-test.txt csrc -type f 2>/dev/null | sort | xargs cat | sha256sum | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import ctpo_megatron" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$ROOT/.cache/sglang_contract/api_types.py" ] \
+    && "$VENV/bin/python" -c "import ctpo_megatron" 2>/dev/null; then
   echo "[setup] environment up to date"
   exit 0
 fi

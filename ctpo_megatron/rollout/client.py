@@ -217,7 +217,8 @@ class SGLangClient:
             out = json.loads(text)
             meta = out["meta_info"]
             output_ids = [int(t) for t in out["output_ids"]]
-            logprobs = [float(e[0]) for e in meta.get("output_token_logprobs") or []] if return_logprob else []
+            entries = (meta.get("output_token_logprobs") or []) if return_logprob else []
+            logprobs = [float(e[0]) for e in entries]
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise ServerError(url, 200, f"malformed /generate response ({e}): {text[:2000]}") from None
         if return_logprob and len(logprobs) != len(output_ids):

@@ -125,7 +125,8 @@ def _check_kind(value: Any, kind: str) -> None:
         for item in value:
             _check_kind(item, "int" if kind == "int_list" else "str")
             if item is None:
-                raise ContractError(f"invalid type: null, expected {'i64' if kind == 'int_list' else 'a string'}")
+                expected = "i64" if kind == "int_list" else "a string"
+                raise ContractError(f"invalid type: null, expected {expected}")
     if kind == "str_or_list" and not isinstance(value, str):
         if not isinstance(value, list):
             raise ContractError(f"invalid type: {_unexpected(value)}, expected a value or an array "

@@ -29,7 +29,8 @@ def _per_item(value: Any, batch: int, name: str) -> list[Any]:
     return [value] * batch
 
 
-def build_requests(body: dict, scheduler: Scheduler, seed_base: int, counter: list[int]) -> tuple[list[Request], bool]:
+def build_requests(body: dict, scheduler: Scheduler, seed_base: int,
+                   counter: list[int]) -> tuple[list[Request], bool]:
     """Turns a contract-checked body into Requests (prompt-major for n > 1); returns (reqs, is_batch)."""
     if body.get("text") is not None or body.get("input_embeds") is not None:
         raise ValueError("this server is token-in/token-out (like --skip-tokenizer-init): "

@@ -25,8 +25,13 @@ def parse_dtypes(names: list[str], dtypes: list[str]) -> list[torch.dtype]:
     return out
 
 
+def comm_device(pg, runner: ModelRunner) -> torch.device:
+    """Where receive buffers live: the model's CUDA device for NCCL, else CPU (gloo)."""
+    return runner.device if dist.get_backend(pg) == "nccl" else torch.device("cpu")
+
+
 def receive_flattened(pg, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                      buffers: dict) -> list[tuple[str, torch.Tensor]]:
+                      buffers: dict, device: torch.device) -> list[tuple[str, torch.Tensor]]:
     """Receives one flattened bucket; returns views into a reused buffer (load before next call).
 
     buffers: holds the grow-only receive buffer (fresh large buffers cost page faults).
@@ -35,7 +40,7 @@ def receive_flattened(pg, names: list[str], dtypes: list[str], shapes: list[list
     sizes = [torch.Size(s).numel() * dt.itemsize for s, dt in zip(shapes, dts)]
     total = sum(sizes)
     if buffers.get("flat") is None or buffers["flat"].numel() < total:
-        buffers["flat"] = torch.empty(total, dtype=torch.uint8)
+        buffers["flat"] = torch.empty(total, dtype=torch.uint8, device=device)
     flat = buffers["flat"][:total]
     dist.broadcast(flat, src=0, group=pg)
     out, offset = [], 0
@@ -56,13 +61,14 @@ def receive_into_model(pg, names: list[str], dtypes: list[str], shapes: list[lis
     shape mismatches.
     """
     dts = parse_dtypes(names, dtypes)
+    device = comm_device(pg, runner)
     errors, staged = [], []
     works = []
     for name, dt, shape in zip(names, dts, shapes):
         target = runner._named.get(name)
         direct = (target is not None and target.dtype == dt and list(target.shape) == list(shape)
-                  and target.is_contiguous() and target.device.type == "cpu")
-        buf = target.data if direct else torch.empty(shape, dtype=dt)
+                  and target.is_contiguous() and target.device == device)
+        buf = target.data if direct else torch.empty(shape, dtype=dt, device=device)
         works.append(dist.broadcast(buf, src=0, group=pg, async_op=True))
         if not direct:
             staged.append((name, buf))

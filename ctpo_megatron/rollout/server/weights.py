@@ -23,12 +23,11 @@ import asyncio
 import base64
 import logging
 
-import torch
 from aiohttp import web
 from safetensors.torch import load as load_safetensors
 
 from ctpo_megatron.rollout.server.bodies import BodyError, parse_body
-from ctpo_megatron.rollout.server.receive import receive_flattened, receive_into_model
+from ctpo_megatron.rollout.server.receive import comm_device, receive_flattened, receive_into_model
 from ctpo_megatron.rollout.weight_sync.process_group import (
     destroy_custom_process_group, init_custom_process_group, resolve_backend)
 
@@ -196,11 +195,14 @@ async def update_weights_from_distributed(request: web.Request) -> web.Response:
         try:
             # Receive outside the model lock (the broadcast must not wait for generation), then load.
             received = await asyncio.to_thread(receive_flattened, pg, names, dtypes, shapes,
-                                               state.recv_buffers)
+                                               state.recv_buffers, comm_device(pg, runner))
         except Exception as e:  # noqa: BLE001 - reported to the caller as success=false
             return _reply(False, f"Failed to receive weights: {e}")
-        success, message = await _apply(
-            request, body, lambda: (runner.load_weights(received), "Succeeded to update parameter online.")[1])
+        def load() -> str:
+            runner.load_weights(received)
+            return "Succeeded to update parameter online."
+
+        success, message = await _apply(request, body, load)
     else:
         # Per tensor: received straight into the parameters, under the model-update lock.
         success, message = await _apply(request, body, lambda: receive_into_model(

@@ -67,7 +67,8 @@ class WeightSyncConfig:
 
     def __post_init__(self) -> None:
         if self.transport not in ("disk", "tensor", "distributed"):
-            raise ValueError(f"weight_sync.transport={self.transport!r}: expected disk, tensor or distributed")
+            raise ValueError(f"weight_sync.transport={self.transport!r}: expected disk, tensor or "
+                             "distributed")
         if self.bucket_bytes < 1:
             raise ValueError(f"weight_sync.bucket_bytes={self.bucket_bytes} must be >= 1")
         if self.pause_mode not in (None, "abort", "retract", "in_place"):
