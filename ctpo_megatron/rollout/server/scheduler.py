@@ -217,7 +217,8 @@ class Scheduler:
         for i, req in enumerate(batch):
             if wants_input[i]:
                 req.input_logprobs = self._input_logprobs(logits[i, pads[i]:], req)
-        step_logits = logits[:, -1, :]
+        # Sampling runs on CPU (per-request CPU generators); one transfer per step on GPU.
+        step_logits = logits[:, -1, :].cpu()
         del logits
         while True:
             tokens = []
@@ -230,7 +231,7 @@ class Scheduler:
             if not self._step_gate(batch):
                 return
             with runner.lock:
-                step_logits = runner.decode(tokens, state)
+                step_logits = runner.decode(tokens, state).cpu()
 
     def _sample_into(self, req: Request, logits: torch.Tensor) -> None:
         params = req.params
