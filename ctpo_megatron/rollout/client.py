@@ -192,7 +192,11 @@ class SGLangClient:
             try:
                 status, text = await self._request("POST", url, "/generate", body)
             except _TRANSIENT as e:
-                self._down_until[url] = time.monotonic() + self.down_cooldown_s
+                if isinstance(e, asyncio.TimeoutError):
+                    # The server may still be generating it: abort there before retrying elsewhere.
+                    asyncio.ensure_future(self._abort_quietly(url, body["rid"]))
+                else:
+                    self._down_until[url] = time.monotonic() + self.down_cooldown_s
                 failures.append(f"{url}: {type(e).__name__}: {e}")
                 logger.warning("generate on %s failed (%s), attempt %d/%d", url, e, attempt + 1,
                                self.max_retries + 1)
@@ -210,6 +214,13 @@ class SGLangClient:
                 await asyncio.sleep(min(self.retry_backoff_s * 2 ** attempt, 10.0))
         raise GenerationError(f"generate (rid {body['rid']}) failed after {self.max_retries + 1} "
                               "attempts:\n  " + "\n  ".join(failures))
+
+    async def _abort_quietly(self, url: str, rid: str) -> None:
+        try:
+            await self._request("POST", url, "/abort_request", {"rid": rid},
+                                timeout=aiohttp.ClientTimeout(total=10))
+        except Exception as e:  # noqa: BLE001 - best effort; the retry goes on regardless
+            logger.warning("could not abort %s on %s: %s", rid, url, e)
 
     @staticmethod
     def _parse(url: str, text: str, return_logprob: bool) -> GenerateResult:

@@ -171,3 +171,22 @@ def test_thousand_requests_in_flight(urls):
 
     results = run(go())
     assert len(results) == 1000 and all(len(r.output_ids) == 1 for r in results)
+
+
+def test_timeout_aborts_the_request_on_the_server(urls):
+    long = {"max_new_tokens": 4000, "ignore_eos": True}  # > 4 s of decoding on this model
+
+    async def go():
+        async with SGLangClient(urls[:1], timeout_s=0.5, max_retries=0) as client:
+            with pytest.raises(GenerationError, match="TimeoutError"):
+                await client.generate([9, 9], long)
+            # The abort reached the server: idle again within 1 s, long before 4000 tokens are done.
+            status = None
+            for _ in range(20):
+                status, _ = await client._request("POST", urls[0], "/flush_cache")
+                if status == 200:
+                    break
+                await asyncio.sleep(0.05)
+            return status
+
+    assert run(go()) == 200

@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> None:
                        dtype=args.dtype, device=args.device, weight_version=args.weight_version,
                        host=args.host, port=args.port)
     logger.info("serving %s on http://%s:%d", args.model, args.host, args.port)
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its
+    # requests (SGLang aborts on disconnect too).
     web.run_app(build_app(state), host=args.host, port=args.port, print=None,
-                access_log=None, handle_signals=True)
+                access_log=None, handle_signals=True, handler_cancellation=True)
 
 
 if __name__ == "__main__":
