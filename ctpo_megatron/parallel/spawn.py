@@ -51,8 +51,10 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
     results = ctx.Queue()
     port = free_port()
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    # Not daemonic: ranks may start processes of their own (megatron's dist-checkpoint writer
+    # starts a multiprocessing Manager). The finally block below kills them on any exit.
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, env, fn, args, results),
-                         daemon=True) for r in range(world_size)]
+                         daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout

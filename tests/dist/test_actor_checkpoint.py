@@ -40,13 +40,7 @@ def _weights(actor):
 
 
 def _save_then_resume(rank, world_size, model_dir, ckpt):
-    import multiprocessing
-
     from ctpo_megatron.actor.checkpoint import read_latest
-
-    # dist_checkpointing's writer starts a multiprocessing Manager, which a daemonic process may
-    # not do; the spawn helper's ranks are daemonic (torchrun's are not).
-    multiprocessing.current_process()._config["daemon"] = False
 
     out = {}
     actor = _actor(model_dir, 2, 1)  # TP2
