@@ -152,16 +152,17 @@ def test_log_probs_equal_local_float32_forward(server, local):
 
 
 def test_greedy_batch_with_padding_matches_single_requests(server, local):
-    prompts = [[4, 5, 6, 7, 8, 9], [20], [30, 31, 32]]
-    status, batch = call(server, "/generate", {"input_ids": prompts,
-                                               "sampling_params": {"max_new_tokens": 6, "temperature": 0.0}})
+    # Different prompt lengths (left padding) and lengths (rows leave the batch as they finish).
+    prompts, lengths = [[4, 5, 6, 7, 8, 9], [20], [30, 31, 32]], [6, 2, 4]
+    params = [{"max_new_tokens": n, "temperature": 0.0} for n in lengths]
+    status, batch = call(server, "/generate", {"input_ids": prompts, "sampling_params": params})
     assert status == 200 and isinstance(batch, list) and len(batch) == 3
-    for prompt, out in zip(prompts, batch):
-        single = gen(server, prompt, max_new_tokens=6, temperature=0.0)[1]
+    for prompt, n, out in zip(prompts, lengths, batch):
+        single = gen(server, prompt, max_new_tokens=n, temperature=0.0)[1]
         assert out["output_ids"] == single["output_ids"]
         with torch.no_grad():  # greedy = argmax of the local model, token by token
             seq = list(prompt)
-            for _ in range(6):
+            for _ in range(n):
                 seq.append(int(local(torch.tensor([seq])).logits[0, -1].argmax()))
         assert out["output_ids"] == seq[len(prompt):]
 

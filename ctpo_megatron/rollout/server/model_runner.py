@@ -118,6 +118,14 @@ class ModelRunner:
         state.next_position = state.next_position + 1
         return out.logits[:, -1, :].float()
 
+    def select_rows(self, state: BatchState, keep: list[int]) -> None:
+        """Drops finished rows from a running batch (KV cache, mask, positions) in place."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        state.past_key_values.batch_select_indices(idx)
+        if state.attention_mask is not None:
+            state.attention_mask = state.attention_mask[idx]
+        state.next_position = state.next_position[idx]
+
     # ---- weights -------------------------------------------------------------------------
     def parameter_names(self) -> list[str]:
         return list(self._named)

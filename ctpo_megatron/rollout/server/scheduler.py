@@ -220,18 +220,19 @@ class Scheduler:
         # Sampling runs on CPU (per-request CPU generators); one transfer per step on GPU.
         step_logits = logits[:, -1, :].cpu()
         del logits
+        rows = list(batch)  # the requests behind the cache rows, in row order
         while True:
-            tokens = []
-            for i, req in enumerate(batch):
-                if req.finished:
-                    tokens.append(req.output_ids[-1] if req.output_ids else req.input_ids[-1])
-                    continue
-                self._sample_into(req, step_logits[i])
-                tokens.append(req.output_ids[-1] if req.output_ids else req.input_ids[-1])
+            for i, req in enumerate(rows):
+                if not req.finished:
+                    self._sample_into(req, step_logits[i])
             if not self._step_gate(batch):
                 return
+            keep = [i for i, r in enumerate(rows) if not r.finished]
             with runner.lock:
-                step_logits = runner.decode(tokens, state).cpu()
+                if len(keep) < len(rows):  # finished rows leave the batch: no compute for them
+                    runner.select_rows(state, keep)
+                    rows = [rows[i] for i in keep]
+                step_logits = runner.decode([r.output_ids[-1] for r in rows], state).cpu()
 
     def _sample_into(self, req: Request, logits: torch.Tensor) -> None:
         params = req.params
