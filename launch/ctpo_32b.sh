@@ -6,9 +6,9 @@
 #        [--partition P] [--time T] [--cluster NAME] [hydra overrides...]
 #
 # Outside an allocation it submits itself with sbatch; inside one (SLURM_JOB_ID set) it runs the
-# job: plan -> rollout servers -> wait for /health -> torchrun trainer -> stop servers. SIGTERM
-# (preemption, scancel) and USR1 (time limit near) are forwarded to the steps as SIGTERM so
-# the trainer checkpoints; on USR1 the job requeues itself and resumes from the checkpoint.
+# job: plan -> rollout servers -> wait for /health -> torchrun trainer -> stop servers. On SIGTERM
+# (preemption, scancel) or USR1 (time limit near) the trainer is asked (SIGUSR1) to checkpoint
+# after its current step and stop; on USR1 the job then requeues itself and resumes.
 set -euo pipefail
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${CTPO_REPO:-}" ]; then
   :  # sbatch runs a spool copy of this file: the repository comes from the submit environment
@@ -41,11 +41,18 @@ vars=$("$PY" -m ctpo_megatron.cluster.plan --emit job --hosts "$hosts" --job-id 
 eval "$vars"
 echo "[ctpo] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $hosts; plan: $CTPO_LOG_DIR/plan.txt"
 
-SIGNALED=""
+SIGNALED="" ROLLOUT_PID="" ROUTER_PID="" WAIT_PID="" TRAIN_PID=""
+# SIGTERM (preemption, scancel) or USR1 (time limit near): ask the trainer for a checkpoint at
+# the end of its step with SIGUSR1 to its step (srun forwards it; torchrun's agent ignores it).
 forward() {
   SIGNALED=$1
-  echo "[ctpo] SIG$1 received: forwarding SIGTERM to all job steps (the trainer checkpoints)"
-  scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true
+  if [ -n "$TRAIN_PID" ]; then
+    echo "[ctpo] SIG$1 received: the trainer checkpoints after its current step and stops"
+    kill -USR1 "$TRAIN_PID" 2>/dev/null || true
+  else
+    echo "[ctpo] SIG$1 received before the trainer started"
+    [ -z "$WAIT_PID" ] || kill -TERM "$WAIT_PID" 2>/dev/null || true
+  fi
 }
 trap 'forward TERM' TERM
 trap 'forward USR1' USR1
@@ -58,7 +65,7 @@ wait_for() {  # wait_for PID: the exit status of PID, waiting again after trappe
   return "$rc"
 }
 
-ROLLOUT_PID="" ROUTER_PID=""
+rc=0
 if [ "$CTPO_ROLLOUT_NNODES" -gt 0 ]; then
   ctpo_srun_role rollout "$CTPO_ROLLOUT_NODES" "$CTPO_ROLLOUT_NNODES" "$CTPO_SERVERS_PER_NODE" \
     --gres="gpu:$CTPO_GPUS_PER_NODE"
@@ -67,21 +74,24 @@ if [ "$CTPO_ROLLOUT_NNODES" -gt 0 ]; then
     ctpo_srun_role router "$CTPO_ROUTER_NODE" 1 1
     ROUTER_PID=$CTPO_LAST_PID
   fi
-  rc=0
   "$PY" -m ctpo_megatron.cluster.role wait --plan "$CTPO_PLAN" --watch-pid "$ROLLOUT_PID" \
-    >>"$CTPO_LOG_DIR/rollout.log" 2>&1 || rc=$?
-  if [ "$rc" -ne 0 ]; then
+    >>"$CTPO_LOG_DIR/rollout.log" 2>&1 &
+  WAIT_PID=$!
+  wait_for "$WAIT_PID" || rc=$?
+  WAIT_PID=""
+  if [ "$rc" -ne 0 ] && [ -z "$SIGNALED" ]; then
     echo "[ctpo] rollout servers did not come up (rc $rc); see $CTPO_LOG_DIR/rollout.log" >&2
-    kill -TERM $ROLLOUT_PID $ROUTER_PID 2>/dev/null || true
-    exit "$rc"
   fi
 fi
 
-ctpo_srun_role trainer "$CTPO_TRAIN_NODES" "$CTPO_TRAIN_NNODES" 1 \
-  --gres="gpu:$CTPO_GPUS_PER_NODE" --kill-on-bad-exit=1
-rc=0
-wait_for "$CTPO_LAST_PID" || rc=$?
-echo "[ctpo] trainer exited with rc $rc"
+if [ "$rc" -eq 0 ] && [ -z "$SIGNALED" ]; then
+  ctpo_srun_role trainer "$CTPO_TRAIN_NODES" "$CTPO_TRAIN_NNODES" 1 \
+    --gres="gpu:$CTPO_GPUS_PER_NODE" --kill-on-bad-exit=1
+  TRAIN_PID=$CTPO_LAST_PID
+  wait_for "$TRAIN_PID" || rc=$?
+  TRAIN_PID=""
+  echo "[ctpo] trainer exited with rc $rc"
+fi
 
 for pid in $ROUTER_PID $ROLLOUT_PID; do kill -TERM "$pid" 2>/dev/null || true; done
 for pid in $ROUTER_PID $ROLLOUT_PID; do wait "$pid" 2>/dev/null || true; done

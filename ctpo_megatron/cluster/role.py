@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -91,6 +92,24 @@ def wait_for_servers(urls: list[str], timeout_s: float, *, watch_pid: int = 0, p
         time.sleep(poll_s)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+
+
+def shield_agent_from_stop_signals() -> None:
+    """Lets the trainer finish its step and checkpoint on SIGTERM/SIGUSR1.
+
+    Slurm delivers a step's signals to every process of the step, torchrun's agent included.
+    The agent would answer SIGTERM by killing its workers 30 s later and die on SIGUSR1, so it
+    ignores both (ignored dispositions survive exec; TORCHELASTIC_SIGNALS_TO_HANDLE keeps the
+    agent from installing its own SIGTERM handler). The workers inherit the ignore, and the
+    trainer installs its own handlers for both; SIGKILL after Slurm's grace time still applies.
+    """
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = AGENT_SIGNALS
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _exec(argv: list[str]) -> None:
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, *argv])
@@ -116,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "trainer":
         print(header("trainer", rendezvous=f"{plan.master_addr}:{plan.master_port}",
                      servers=",".join(plan.server_urls) or "-"), flush=True)
+        shield_agent_from_stop_signals()
         _exec(plan.train_argv)
     elif args.role == "rollout":
         server = server_for_this_task(plan)

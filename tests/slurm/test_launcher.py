@@ -1,11 +1,11 @@
 """`launch/ctpo_32b.sh` on a real Slurm: 3 fake nodes (2 training + 1 rollout), tiny configuration.
 
-With the real trainer (`python -m ctpo_megatron.train`, Megatron in CPU mode at TP 2 across the
-two training nodes, one embedded rollout server): each role ran on the node the plan gave it
-(role logs record the Slurm node name), the trainer reached the rollout server and pushed
-weights to it, the job completed, and a second job on the same run directory resumes from the
-checkpoint. With the probe trainer: the time-limit warning path (USR1 -> SIGTERM to the steps
--> checkpoint -> requeue -> resume).
+The real trainer (`python -m ctpo_megatron.train`, Megatron in CPU mode at TP 2 across the two
+training nodes) and one embedded rollout server on the third node: each role ran on the node the
+plan gave it (role logs record the Slurm node name), the trainer reached the rollout server and
+pushed weights to it, the job completed, and a second job on the same run directory resumes
+from the checkpoint. Then the time-limit path: USR1 -> trainer checkpoints after its step ->
+requeue -> the next attempt resumes.
 """
 
 from __future__ import annotations
@@ -25,17 +25,16 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launch" / "ctpo_32b.sh"
-PROBE = "tests.slurm.probe_trainer"
 # the smallest real training step: 2 prompts x 2 samples, one update, a checkpoint every step
 TINY_STEP = ["trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2", "rollout.n_samples=2",
              "trainer.eval_every=0", "trainer.save_every=1"]
 
 
-def cluster_args(run_dir: Path, inputs: dict[str, str], train_module: str = "ctpo_megatron.train") -> list[str]:
+def cluster_args(run_dir: Path, inputs: dict[str, str]) -> list[str]:
     """The tiny cluster config with ports free on this host."""
     return ["--cluster", "tiny", "--run-dir", str(run_dir), "--time", "00:05:00",
             f"cluster.rollout_port={free_port()}", f"cluster.master_port={free_port()}",
-            f"cluster.train_module={train_module}", f"model.path={inputs['model']}",
+            f"model.path={inputs['model']}",
             f"data.train_files=[{inputs['train']}]", f"data.val_files=[{inputs['val']}]"]
 
 
@@ -127,27 +126,28 @@ def test_launcher_places_roles_trains_and_resumes(slurm_cluster, tiny_inputs, tm
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, tiny_inputs, tmp_path):
     """USR1 to the batch shell (what `--signal=B:USR1@T` sends before the time limit): the job
-    forwards SIGTERM to its steps, the trainer checkpoints, the job requeues itself and the
-    next attempt resumes from that checkpoint and finishes."""
+    asks the trainer to stop (SIGUSR1 to its step; torchrun's agent ignores it), the trainer
+    checkpoints after its current step, the job requeues itself, and the next attempt resumes
+    from that checkpoint and finishes."""
     run_dir = tmp_path / "run"
-    # the probe trainer checkpoints on SIGTERM (the contract); the real one resumes from its
-    # last periodic checkpoint, which the test above covers
-    job = submit(slurm_cluster, tmp_path, *cluster_args(run_dir, tiny_inputs, PROBE), "trainer.total_steps=40")
+    no_periodic_saves = [o for o in TINY_STEP if not o.startswith("trainer.save_every")]
+    job = submit(slurm_cluster, tmp_path, *cluster_args(run_dir, tiny_inputs), *no_periodic_saves,
+                 "trainer.save_every=0", "trainer.total_steps=8")
     first = run_dir / "logs" / f"slurm-{job}" / "trainer.log"
-    wait_for(lambda: first.exists() and "step 2 done" in first.read_text(), "step 2 of the first attempt", 120)
+    wait_for(lambda: first.exists() and "step 2/8" in first.read_text(), "step 2 of the first attempt", 200)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
-    fields = wait_job(slurm_cluster, job, timeout=200)
+    fields = wait_job(slurm_cluster, job, timeout=300)
     batch = (run_dir / "logs" / f"slurm-{job}.out").read_text()
     first_text = first.read_text()
     second = run_dir / "logs" / f"slurm-{job}-r1" / "trainer.log"
-    detail = f"\nbatch:\n{batch}\nfirst:\n{first_text}\nsecond:\n{second.read_text() if second.exists() else '-'}"
+    second_text = second.read_text() if second.exists() else "-"
+    detail = f"\nbatch:\n{batch}\nfirst:\n{first_text[-4000:]}\nsecond:\n{second_text[-4000:]}"
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}{detail}"
     assert fields.get("Restarts") == "1", detail
-    assert "SIGUSR1 received" in batch and "requeueing job" in batch, detail
-    stopped = re.search(r"SIGTERM, checkpointed at step (\d+)", first_text)
+    assert "SIGUSR1 received: the trainer checkpoints" in batch and "requeueing job" in batch, detail
+    stopped = re.search(r"stopping after step (\d+) on request", first_text)
     assert stopped, detail
     step = int(stopped.group(1))
-    assert step < 40 and "step 40 done" not in first_text, detail
-    second_text = second.read_text()
-    assert f"resumed from step {step}" in second_text and "step 40 done" in second_text, detail
-    assert f"step {step} done" not in second_text, detail  # no finished step is run twice
+    assert 2 <= step < 8 and f"checkpoint saved at step {step}" in first_text, detail
+    assert re.search(rf"resumed from \S+ at step {step}\b", second_text) and "step 8/8" in second_text, detail
+    assert f"step {step}/8" not in second_text, detail  # no finished step is trained twice
