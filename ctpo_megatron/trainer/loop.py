@@ -172,6 +172,8 @@ class Trainer:
                     metrics.update(self.evaluate())
             metrics.update(self.timer.pop())
             metrics["time/step"] = time.monotonic() - step_start
+            if "perf/tokens" in metrics:
+                metrics["perf/tokens_per_s"] = metrics["perf/tokens"] / metrics["time/step"]
             self._log(self.step, metrics)
             if self.rank == 0 and (self.step % tc.log_every == 0 or last):
                 done = self.step - start_step
