@@ -49,7 +49,8 @@ class ClusterConfig:
     """Run directory; empty: the trainer config's `trainer.run_dir`. Relative paths are taken
     from the submit directory."""
     master_port: int = 0
-    """Rendezvous port of the trainer's torchrun c10d store; 0: 20000 + job id mod 20000."""
+    """Rendezvous port of the trainer's torchrun c10d store; 0: 20000 + job id mod 10000 (below
+    the usual ephemeral range, distinct for concurrent jobs)."""
     train_module: str = "ctpo_megatron.train"
     """Python module the trainer role runs under torchrun."""
     train_overrides: list[str] = field(default_factory=list)

@@ -209,7 +209,7 @@ def build_plan(cluster: ClusterConfig, train_cfg, user_overrides: list[str], *, 
                           argv=_rollout_argv(cluster, model_path, cluster.rollout_port + i, n * per_node + i))
                for n, h in enumerate(rollout_hosts) for i in range(per_node)]
     router = cluster.router and cluster.rollout_backend == "sglang" and bool(servers)
-    master_port = cluster.master_port or MASTER_PORT_BASE + (int(job_id) % 20000 if job_id.isdigit() else 0)
+    master_port = cluster.master_port or MASTER_PORT_BASE + (int(job_id) % 10000 if job_id.isdigit() else 0)
 
     generated = [f"model={train_cfg.model.name}", f"parallel.tp={dims.tp}", f"parallel.pp={dims.pp}",
                  f"parallel.cp={dims.cp}", f"trainer.run_dir={run_dir}"]

@@ -18,11 +18,30 @@ import subprocess
 import time
 from pathlib import Path
 
-from ctpo_megatron.parallel.net import free_port
+import random
 
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 HOSTS_FILE = "/etc/hosts"
+
+
+def quiet_port(low: int = 20000, high: int = 32000) -> int:
+    """A free TCP port below the kernel's ephemeral range (usually 32768+).
+
+    `free_port()`-style picks come from the ephemeral range that every outgoing connection and
+    every other test's free port also use; a port chosen now but bound seconds later (by a
+    daemon or a job) is much less likely to be taken in between when it lies outside it.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in [{low}, {high})")
 
 
 def find_binary(name: str) -> str | None:
@@ -53,7 +72,7 @@ class LocalSlurm:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         lines = [
             "ClusterName=ctpotest", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/none", "CredType=cred/none", f"SlurmctldPort={free_port()}",
+            "AuthType=auth/none", "CredType=cred/none", f"SlurmctldPort={quiet_port()}",
             # a requeued job may start again once its old credentials expired (default 120 s)
             "AuthInfo=cred_expire=5",
             f"StateSaveLocation={self.root}/ctld", f"SlurmdSpoolDir={self.root}/spool-%n",
@@ -67,7 +86,7 @@ class LocalSlurm:
             "MinJobAge=300", "KillWait=5", "Waittime=0", "GresTypes=gpu",
         ]
         for name in self.names:
-            lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
+            lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={quiet_port()} "
                          f"CPUs={self.cpus} RealMemory=4000 Gres=gpu:{self.gpus} State=UNKNOWN")
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")

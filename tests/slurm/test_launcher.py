@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ctpo_megatron.parallel.net import free_port
+from tests.slurm.local_slurm import quiet_port
+
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ TINY_STEP = ["trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2", "roll
 def cluster_args(run_dir: Path, inputs: dict[str, str]) -> list[str]:
     """The tiny cluster config with ports free on this host."""
     return ["--cluster", "tiny", "--run-dir", str(run_dir), "--time", "00:05:00",
-            f"cluster.rollout_port={free_port()}", f"cluster.master_port={free_port()}",
+            f"cluster.rollout_port={quiet_port()}", f"cluster.master_port={quiet_port()}",
             f"model.path={inputs['model']}",
             f"data.train_files=[{inputs['train']}]", f"data.val_files=[{inputs['val']}]"]
 
