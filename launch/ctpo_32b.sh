@@ -27,10 +27,16 @@ if ctpo_has_flag --help "$@" || ctpo_has_flag -h "$@" || ctpo_has_flag --dry-run
 fi
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
+  if ! command -v sbatch >/dev/null 2>&1; then
+    echo "error: sbatch not found: submit from a Slurm login node (or look at the plan with --dry-run)" >&2
+    exit 2
+  fi
   opts=$("$PY" -m ctpo_megatron.cluster.plan --emit sbatch "$@")
   mapfile -t SBATCH_OPTS <<<"$opts"
   job=$(sbatch --parsable "${SBATCH_OPTS[@]}" "$CTPO_REPO/launch/ctpo_32b.sh" "$@")
-  echo "submitted job ${job%%;*}: $(printf '%s\n' "${SBATCH_OPTS[@]}" | grep -- '^--output=' | cut -d= -f2-)"
+  job=${job%%;*}
+  out=$(printf '%s\n' "${SBATCH_OPTS[@]}" | grep -- '^--output=' | cut -d= -f2-)
+  echo "submitted job $job: batch log ${out//%j/$job}, role logs in $(dirname "$out")/slurm-$job/"
   exit 0
 fi
 
