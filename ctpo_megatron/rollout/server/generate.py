@@ -132,6 +132,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
 
     for req in reqs:
         req.notify = notify
+        req.stream = bool(body.get("stream"))
     state.scheduler.submit(reqs)
     index_of = {id(r): i for i, r in enumerate(reqs)}
     if body.get("stream"):

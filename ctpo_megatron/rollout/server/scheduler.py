@@ -42,6 +42,7 @@ class Request:
     finish_reason: dict | None = None
     weight_version: str = "default"
     num_retractions: int = 0
+    stream: bool = False
     created: float = field(default_factory=time.monotonic)
     notify: Callable[["Request", bool], None] | None = None
     _abort_message: str | None = None
@@ -254,7 +255,7 @@ class Scheduler:
             self._finish(req, {"type": "length", "length": limit})
         elif total >= self.runner.context_length:
             self._finish(req, {"type": "length", "length": len(req.output_ids)})
-        else:
+        elif req.stream:  # only streams want per-token events (each one wakes the event loop)
             req._since_notify += 1
             if req._since_notify >= (params.stream_interval or 1):
                 req._since_notify = 0
