@@ -3,9 +3,9 @@
 The real trainer (`python -m ctpo_megatron.train`, Megatron in CPU mode at TP 2 across the two
 training nodes) and one embedded rollout server on the third node: each role ran on the node the
 plan gave it (role logs record the Slurm node name), the trainer reached the rollout server and
-pushed weights to it, the job completed, and a second job on the same run directory resumes
-from the checkpoint. Then the time-limit path: USR1 -> trainer checkpoints after its step ->
-requeue -> the next attempt resumes.
+pushed weights to it, and the job completed with a checkpoint. Then the time-limit path: USR1 ->
+the trainer checkpoints after its step -> requeue -> the next attempt resumes from it and
+completes (a resubmitted job resumes the same way: same command, same run directory).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def role_headers(log: Path) -> list[dict]:
     return rows
 
 
-def test_launcher_places_roles_trains_and_resumes(slurm_cluster, tiny_inputs, tmp_path):
+def test_launcher_places_roles_and_trains(slurm_cluster, tiny_inputs, tmp_path):
     run_dir = tmp_path / "run"
     args = [*cluster_args(run_dir, tiny_inputs), *TINY_STEP]
 
@@ -116,13 +116,8 @@ def test_launcher_places_roles_trains_and_resumes(slurm_cluster, tiny_inputs, tm
     assert "step 1/1" in text and "resumed from" not in text, detail
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(m.get("step", 0) for m in metrics) == 1
-
-    job2 = submit(slurm_cluster, tmp_path, *args, "trainer.total_steps=2")
-    fields2 = wait_job(slurm_cluster, job2, timeout=240)
-    text2 = (run_dir / "logs" / f"slurm-{job2}" / "trainer.log").read_text()
-    assert fields2["JobState"] == "COMPLETED" and fields2["ExitCode"] == "0:0", f"{fields2}\n{text2[-4000:]}"
-    assert re.search(r"resumed from \S+ at step 1", text2) and "step 2/2" in text2, text2[-4000:]
-    assert "step 1/2" not in text2  # the finished step is not trained again
+    assert (run_dir / "checkpoints" / "latest").exists(), detail
+    # resuming from it in a new job attempt: test_time_limit_warning_checkpoints_requeues_and_resumes
 
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, tiny_inputs, tmp_path):
