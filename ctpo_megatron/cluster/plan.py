@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from ctpo_megatron.cluster.config import ClusterConfig
 from ctpo_megatron.cluster.memory import GIB, MemoryEstimate, estimate_memory, estimate_rollout_memory
@@ -21,6 +22,10 @@ from ctpo_megatron.cluster.model_dims import ModelDims
 from ctpo_megatron.parallel.dims import ParallelDims
 from ctpo_megatron.rollout.launcher import (LaunchConfig, embedded_server_command, router_command,
                                             sglang_server_command)
+
+if TYPE_CHECKING:  # the trainer's config pulls in torch; only the annotations need it here
+    from ctpo_megatron.config.model import ModelConfig
+    from ctpo_megatron.config.schema import TrainConfig
 
 MASTER_PORT_BASE = 20000
 
@@ -116,7 +121,7 @@ def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     return cluster, trainer
 
 
-def model_dims_of(model_cfg) -> ModelDims:
+def model_dims_of(model_cfg: "ModelConfig") -> ModelDims:
     """ModelDims of the trainer's `ModelConfig` (Qwen2 family has qkv bias, Qwen3 qk-norm)."""
     return ModelDims(hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
                      num_attention_heads=model_cfg.num_attention_heads,
@@ -125,7 +130,8 @@ def model_dims_of(model_cfg) -> ModelDims:
                      qkv_bias=model_cfg.arch == "qwen2", qk_norm=model_cfg.arch == "qwen3")
 
 
-def estimate_for_train_config(train_cfg, dims, *, gpu_memory_gib: float = 80.0, micro_batch: int = 1,
+def estimate_for_train_config(train_cfg: "TrainConfig", dims: ParallelDims, *,
+                              gpu_memory_gib: float = 80.0, micro_batch: int = 1,
                               logits_chunk_tokens: int = 4096, overhead_gib: float = 4.0,
                               **changes) -> MemoryEstimate:
     """Memory per GPU of the trainer's config (`TrainConfig`) at resolved `dims` (ParallelDims).
@@ -144,7 +150,7 @@ def estimate_for_train_config(train_cfg, dims, *, gpu_memory_gib: float = 80.0, 
     return estimate_memory(model_dims_of(train_cfg.model), dims, **kwargs)
 
 
-def memory_what_ifs(train_cfg, dims, **kwargs) -> dict[str, float]:
+def memory_what_ifs(train_cfg: "TrainConfig", dims: ParallelDims, **kwargs) -> dict[str, float]:
     """Total GiB per GPU with each memory-saving setting of the config turned off in turn."""
     out = {}
     if train_cfg.model.recompute_activations:
@@ -180,8 +186,9 @@ def _dedupe(generated: list[str], user: list[str]) -> list[str]:
     return [o for o in generated if override_key(o) not in taken]
 
 
-def build_plan(cluster: ClusterConfig, train_cfg, user_overrides: list[str], *, hosts: list[str] | None = None,
-               job_id: str = "dryrun", restart: int = 0, cwd: str | None = None) -> LaunchPlan:
+def build_plan(cluster: ClusterConfig, train_cfg: "TrainConfig", user_overrides: list[str], *,
+               hosts: list[str] | None = None, job_id: str = "dryrun", restart: int = 0,
+               cwd: str | None = None) -> LaunchPlan:
     """Lays the job out on `hosts` (None: placeholder names for a dry run).
 
     train_cfg: the trainer's composed `TrainConfig` (with `user_overrides` applied).
