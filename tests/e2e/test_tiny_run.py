@@ -2,7 +2,8 @@
 (Megatron actor at TP 2 on 2 gloo ranks, the embedded rollout server over HTTP, sandboxed tool
 calls, weight resync, csrc kernels), killed with SIGKILL after a checkpoint and resumed.
 
-Asserts: the resumed run continues from the checkpoint (no step logged twice, data position
+Asserts: the resumed run continues from the checkpoint as if never stopped (the step redone
+after the kill reproduces the killed run's metrics; no step logged twice; data position
 continuous), and held-out accuracy rises by a clear margin over the warm-started policy.
 Fixed seeds throughout.
 """
@@ -84,8 +85,8 @@ def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path):
                 pass
     latest = open(os.path.join(run, "checkpoints", "latest")).read().strip()
     assert latest, "no complete checkpoint before the kill"
-    killed_at = max(r["step"] for r in _records(run))
-    assert killed_at >= KILL_AFTER_STEP
+    killed = {r["step"]: r for r in _records(run)}
+    assert max(killed) >= KILL_AFTER_STEP
 
     second = subprocess.run(_train_cmd(tiny_init, run), cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=900)
@@ -93,6 +94,12 @@ def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path):
     assert re.search(r"resumed from \S+ at step 4 ", second.stderr), second.stderr[-3000:]
 
     records = _records(run)
+    # "As if never stopped": step 5 is redone from the step-4 checkpoint with the same weights,
+    # optimizer state, prompts and sampling seeds, so it reproduces the killed run's step 5.
+    redone = records[KILL_AFTER_STEP]
+    for key in ("reward/mean", "response_length/mean", "tool/use_rate", "data/offset"):
+        assert redone[key] == killed[KILL_AFTER_STEP][key], key
+    assert redone["actor/loss"] == pytest.approx(killed[KILL_AFTER_STEP]["actor/loss"], rel=1e-4, abs=1e-6)
     steps = [r["step"] for r in records]
     assert steps == list(range(STEPS + 1)), f"steps logged twice or lost: {steps}"
     # The data position continues where the checkpoint left it: PROMPTS_PER_STEP per step.
@@ -106,3 +113,20 @@ def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path):
                 "time/weight_sync", "tool/use_rate", "response_length/mean", "weight_sync/bytes"):
         assert key in records[-1], key
     assert any(k.startswith("clip_rate_by_pos/") for k in records[-1])
+
+
+def test_pp2_grpo_with_rollout_log_probs(tiny_init, tmp_path):
+    """The other paths through a step: PP 2, the GRPO baseline, the engine's log-probs as old
+    log-probs (no mismatch correction), the `disk` weight transport."""
+    run = str(tmp_path / "run")
+    cmd = _train_cmd(tiny_init, run) + [
+        "parallel=pp2", "algo=grpo", "trainer.old_log_probs=rollout", "correction.enabled=false",
+        "rollout.weight_sync.transport=disk", "trainer.total_steps=2", "trainer.eval_every=0"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    records = _records(run)
+    assert [r["step"] for r in records] == [1, 2]
+    assert not any(k.startswith("mismatch/rollout_is") for k in records[-1])
+    assert records[-1]["weight_sync/bytes"] > 0 and records[-1]["actor/valid_tokens"] > 0
+    assert os.path.isdir(os.path.join(run, "weight_sync"))
