@@ -10,6 +10,7 @@ parallel, algo, rollout, data, cluster; `--cfg job` prints the composed config.
 from __future__ import annotations
 
 import logging
+import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,7 @@ register_configs()
 def main(dict_cfg: DictConfig) -> None:
     init_logging()
     cfg = to_train_config(dict_cfg)
+    _log_to_run_dir(cfg.trainer.run_dir)
     logger.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     from ctpo_megatron.parallel.state import destroy_parallel
     from ctpo_megatron.trainer.loop import Trainer
@@ -36,6 +38,17 @@ def main(dict_cfg: DictConfig) -> None:
     finally:
         trainer.close()
         destroy_parallel()
+
+
+def _log_to_run_dir(run_dir: str) -> None:
+    """Rank 0 also writes its log to `<run_dir>/train.log` (appended across restarts)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    root = logging.getLogger()
+    handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
+    handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
+    root.addHandler(handler)
 
 
 if __name__ == "__main__":
