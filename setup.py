@@ -69,7 +69,12 @@ def _extensions():
     # at::parallel_for is inline: without -fopenmp our kernels would run on one thread. The
     # soname matches torch's bundled libgomp, so the process keeps one OpenMP runtime.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    extra = {"cxx": list(opt) + openmp}
+    # The CPU loss kernel's elementwise loop vectorizes only when the compiler may if-convert
+    # float selects (no FP-exception or errno side effects; values are unchanged).
+    vectorize = ["-fno-math-errno", "-fno-trapping-math"]
+    if sys.platform.startswith("linux"):
+        vectorize.append("--param=max-tree-if-conversion-phi-args=32")
+    extra = {"cxx": list(opt) + openmp + vectorize}
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     skip = _cuda_skip_reason()
     if skip is None:

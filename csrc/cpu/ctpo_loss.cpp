@@ -12,11 +12,78 @@
 
 #include "ctpo/cpu_segments.h"
 #include "ctpo/ctpo_math.h"
+#include "ctpo/fast_exp.h"
 #include "ctpo/layout.h"
 #include "ctpo/loss_checks.h"
 
 namespace ctpo {
 namespace {
+
+constexpr int64_t kTile = 256;
+
+// Calls fn(adaptive, geomean, dual_is_high) with each flag as a std::bool_constant.
+template <typename Fn>
+void dispatch_flags(const CtpoParams& p, const Fn& fn) {
+  auto with_dual = [&](auto adaptive, auto geomean) {
+    if (p.dual_is_high) {
+      fn(adaptive, geomean, std::true_type{});
+    } else {
+      fn(adaptive, geomean, std::false_type{});
+    }
+  };
+  auto with_geomean = [&](auto adaptive) {
+    if (p.geomean) {
+      with_dual(adaptive, std::true_type{});
+    } else {
+      with_dual(adaptive, std::false_type{});
+    }
+  };
+  if (p.adaptive) {
+    with_geomean(std::true_type{});
+  } else {
+    with_geomean(std::false_type{});
+  }
+}
+
+// The elementwise half of a tile: no dependence between tokens, no calls, the three flags
+// compile-time constants and restrict pointers, so the compiler vectorizes it (float). Not
+// inlined: inlined into the scan its restrict parameters stop counting and it stays scalar.
+template <bool kAdaptive, bool kGeomean, bool kDualIsHigh, typename scalar_t, typename T, typename Exp>
+__attribute__((noinline)) void eval_tile(int64_t n, const T* __restrict__ cum, const T* __restrict__ count, const T* __restrict__ scale,
+               const scalar_t* __restrict__ lp, const scalar_t* __restrict__ adv, const scalar_t* __restrict__ m,
+               T* __restrict__ loss, T* __restrict__ grad, T* __restrict__ ratio, bool* __restrict__ high,
+               bool* __restrict__ low, bool* __restrict__ dual, bool* __restrict__ clipped, const CtpoParams& params) {
+  CtpoParams p = params;
+  p.adaptive = kAdaptive;
+  p.geomean = kGeomean;
+  p.dual_is_high = kDualIsHigh;
+  const Exp exp_fn;
+#pragma GCC ivdep
+  for (int64_t k = 0; k < n; ++k) {
+    const bool valid = static_cast<T>(m[k]) > T(0);
+    const TokenTerms<T> tt = ctpo_token<T>(cum[k], count[k], static_cast<T>(lp[k]), static_cast<T>(adv[k]), scale[k],
+                                           p, exp_fn);
+    loss[k] = valid ? tt.loss : T(0);
+    grad[k] = valid ? tt.grad : T(0);
+    ratio[k] = valid ? tt.ratio : T(0);
+    high[k] = valid & (tt.high != 0);
+    low[k] = valid & (tt.low != 0);
+    dual[k] = valid & (tt.dual != 0);
+    clipped[k] = valid & (tt.clipped != 0);
+  }
+}
+
+// LA scale of a tile; the default p = 0.5 is a plain sqrt loop, which vectorizes.
+template <typename T>
+void fill_scale(int64_t n, const T* __restrict__ count, T* __restrict__ scale, const CtpoParams& params) {
+  if (!params.adaptive) {
+    std::fill(scale, scale + n, T(1));
+  } else if (params.power == 0.5) {
+    for (int64_t k = 0; k < n; ++k) scale[k] = std::sqrt(count[k] > T(1) ? count[k] : T(1));
+  } else {
+    for (int64_t k = 0; k < n; ++k) scale[k] = la_scale<T>(count[k], params.power);
+  }
+}
 
 template <typename scalar_t, typename T>
 void loss_cpu_typed(const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
@@ -54,38 +121,36 @@ void loss_cpu_typed(const at::Tensor& log_probs, const at::Tensor& old_log_probs
     }
     return t;
   };
+  // Tiles of kTile tokens: a sequential pass carries the prefix sums (float64) into small
+  // buffers, then an elementwise pass evaluates the surrogate; the second loop has no
+  // dependence between tokens and no calls, so it vectorizes (FastExp for float).
+  using Exp = std::conditional_t<std::is_same_v<T, float>, FastExp, StdExp>;
   auto scan = [&](int64_t, int64_t b, int64_t e, Carry c) {
-    for (int64_t i = b; i < e; ++i) {
-      const bool valid = static_cast<double>(m[i]) > 0.0;
-      const T d = valid ? delta(i) : T(0);
-      T cum, cnt;
-      if (pre_cum != nullptr) {
-        cum = pre_cum[i];
-        cnt = pre_cnt[i];
-      } else {
-        c.sum += static_cast<double>(d);
-        c.count += valid ? 1.0 : 0.0;
-        cum = static_cast<T>(c.sum);
-        cnt = static_cast<T>(c.count);
+    T cum_buf[kTile], cnt_buf[kTile], scale_buf[kTile];
+    for (int64_t t0 = b; t0 < e; t0 += kTile) {
+      const int64_t n = std::min<int64_t>(kTile, e - t0);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t i = t0 + k;
+        const bool valid = static_cast<double>(m[i]) > 0.0;
+        const T d = valid ? delta(i) : T(0);
+        log_ratio[i] = d;
+        if (pre_cum != nullptr) {
+          cum_buf[k] = pre_cum[i];
+          cnt_buf[k] = pre_cnt[i];
+        } else {
+          c.sum += static_cast<double>(d);
+          c.count += valid ? 1.0 : 0.0;
+          cum_buf[k] = static_cast<T>(c.sum);
+          cnt_buf[k] = static_cast<T>(c.count);
+        }
       }
-      const T g = scale != nullptr ? la_scale<T>(cnt, params.power) : T(1);
-      if (scale != nullptr) scale[i] = g;
-      log_ratio[i] = d;
-      if (!valid) {
-        loss[i] = T(0);
-        grad[i] = T(0);
-        ratio[i] = T(0);
-        high[i] = low[i] = dual[i] = clipped[i] = false;
-        continue;
-      }
-      const TokenTerms<T> tt = ctpo_token<T>(cum, cnt, static_cast<T>(lp[i]), static_cast<T>(adv[i]), g, params);
-      loss[i] = tt.loss;
-      grad[i] = tt.grad;
-      ratio[i] = tt.ratio;
-      high[i] = (tt.flags & kClipHigh) != 0;
-      low[i] = (tt.flags & kClipLow) != 0;
-      dual[i] = (tt.flags & kClipDual) != 0;
-      clipped[i] = (tt.flags & kClipSurrogate) != 0;
+      fill_scale(n, cnt_buf, scale_buf, params);
+      if (scale != nullptr) std::copy(scale_buf, scale_buf + n, scale + t0);
+      dispatch_flags(params, [&](auto adaptive, auto geomean, auto dual_is_high) {
+        eval_tile<decltype(adaptive)::value, decltype(geomean)::value, decltype(dual_is_high)::value, scalar_t, T,
+                  Exp>(n, cum_buf, cnt_buf, scale_buf, lp + t0, adv + t0, m + t0, loss + t0, grad + t0, ratio + t0,
+                       high + t0, low + t0, dual + t0, clipped + t0, params);
+      });
     }
   };
   run_segments(L, nullptr, nullptr, /*reverse=*/false, total, scan);
@@ -102,7 +167,7 @@ LossResult ctpo_token_loss_cpu(
   check_cu_seqlens_cpu(L, what);
   const bool tail = L.cu != nullptr && L.cu[L.num_segments] < L.num_tokens;
   LossOutputs out = make_loss_outputs(log_probs, adaptive, tail);
-  const CtpoParams params{geomean, adaptive, clip_low, clip_high, clip_c, power};
+  const CtpoParams params = make_ctpo_params(geomean, adaptive, clip_low, clip_high, clip_c, power);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, log_probs.scalar_type(), "ctpo_token_loss_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     loss_cpu_typed<scalar_t, T>(log_probs, old_log_probs, advantages, mask, cum, count, L, params, out);

@@ -69,10 +69,10 @@ __device__ __forceinline__ void emit_token(const LossArgs<scalar_t, T>& a, int64
   a.loss[i] = tt.loss;
   a.grad[i] = tt.grad;
   a.ratio[i] = tt.ratio;
-  a.high[i] = (tt.flags & kClipHigh) != 0;
-  a.low[i] = (tt.flags & kClipLow) != 0;
-  a.dual[i] = (tt.flags & kClipDual) != 0;
-  a.clipped[i] = (tt.flags & kClipSurrogate) != 0;
+  a.high[i] = tt.high != 0;
+  a.low[i] = tt.low != 0;
+  a.dual[i] = tt.dual != 0;
+  a.clipped[i] = tt.clipped != 0;
 }
 
 template <typename scalar_t, typename T>
@@ -111,7 +111,7 @@ LossResult ctpo_token_loss_cuda(
   const c10::cuda::CUDAGuard guard(log_probs.device());
   LossOutputs out = make_loss_outputs(log_probs, adaptive, /*zero_fill=*/L.cu != nullptr && !cum.has_value());
   if (L.num_tokens == 0) return out.as_tuple();
-  const CtpoParams params{geomean, adaptive, clip_low, clip_high, clip_c, power};
+  const CtpoParams params = make_ctpo_params(geomean, adaptive, clip_low, clip_high, clip_c, power);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, log_probs.scalar_type(), "ctpo_token_loss_cuda", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
