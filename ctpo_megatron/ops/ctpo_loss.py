@@ -60,10 +60,10 @@ def fused_ctpo_token_terms(log_probs: torch.Tensor, old_log_probs: torch.Tensor,
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
     adaptive = bool(cfg.adaptive_clip)
-    lows = (cfg.la_clip_low, cfg.la_clip_high, cfg.la_clip_c) if adaptive else (
+    clips = (cfg.la_clip_low, cfg.la_clip_high, cfg.la_clip_c) if adaptive else (
         cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
     pg, _, ratio, log_ratio, la_scale, high, low, dual, clipped = torch.ops.ctpo_megatron.ctpo_token_loss(
-        lp, olp, adv, mask, cu_seqlens, cum, count, cfg.variant == "geomean", adaptive, *lows,
+        lp, olp, adv, mask, cu_seqlens, cum, count, cfg.variant == "geomean", adaptive, *clips,
         float(cfg.la_power))
     return TokenTerms(pg_losses=pg, ratio=ratio.detach(), log_ratio_clamped=log_ratio.detach(),
                       clip_high=high, clip_low=low, clip_dual=dual, clipped=clipped,
