@@ -50,6 +50,11 @@ class PolicyActor:
         hf_config = AutoConfig.from_pretrained(cfg.hf_model_dir)
         if not dist.is_initialized():
             raise RuntimeError("PolicyActor: call init_distributed() first")
+        if cfg.dims.cp != 1:
+            # The CTPO loss and prefix sums support CP (ctpo_megatron.ops), but feeding zigzag
+            # shards through GPTModel needs TransformerEngine's CP attention, not wired here yet.
+            raise ValueError(f"parallel.cp={cfg.dims.cp}: context parallelism is not supported by "
+                             "the policy actor yet; use parallel.cp=1")
         # Validate the model against the layout before the first collective.
         self.spec = model_spec_from_hf(hf_config, cfg.dims.resolve(dist.get_world_size()),
                                        make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
@@ -61,7 +66,7 @@ class PolicyActor:
         if cfg.params_dtype == "bfloat16":
             model.to(torch.bfloat16)
         if torch.cuda.is_available() and not is_cpu_mode():
-            model.cuda(torch.cuda.currentmodel_device())
+            model.cuda(torch.cuda.current_device())
         hf_io.load_hf_weights(model, self.pgs, cfg.hf_model_dir)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
