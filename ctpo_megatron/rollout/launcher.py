@@ -89,6 +89,9 @@ class LaunchConfig:
     """Interpreter for the server processes."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for every server."""
+    die_with_parent: bool = True
+    """Linux: each server gets SIGTERM when the launching process dies, even by SIGKILL (its own
+    session would otherwise outlive it). Start the group from a thread that outlives it."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("sglang", "embedded"):
@@ -146,6 +149,19 @@ def log_tail(path: str | Path, lines: int = 40) -> str:
         return ""
 
 
+def _parent_death_signal():
+    """A preexec_fn asking the kernel for SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG).
+
+    libc is loaded here, in the parent: the child between fork and exec only makes the call
+    (no imports there, which could deadlock when the parent has other threads).
+    """
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm)
+
+
 @dataclass
 class ManagedProcess:
     """One launched process in its own session; `log` holds its stdout + stderr."""
@@ -156,10 +172,12 @@ class ManagedProcess:
     log: Path
     proc: subprocess.Popen | None = None
 
-    def start(self, env: dict[str, str]) -> None:
+    def start(self, env: dict[str, str], die_with_parent: bool = True) -> None:
+        preexec = _parent_death_signal() if die_with_parent and sys.platform.startswith("linux") else None
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                         preexec_fn=preexec)
         logger.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.cmd))
 
     def alive(self) -> bool:
@@ -246,7 +264,7 @@ class ServerGroup:
                 port = cfg.base_port + i if cfg.base_port is not None else free_port(cfg.host)
                 server = ManagedProcess(f"server{i}", build(cfg, i, port), f"http://{cfg.host}:{port}",
                                         self.log_dir / f"server{i}.log")
-                server.start(self._env())
+                server.start(self._env(), cfg.die_with_parent)
                 self.servers.append(server)
             if wait:
                 self.wait_healthy(self.servers, cfg.health_timeout_s)
@@ -254,7 +272,7 @@ class ServerGroup:
                 port = cfg.router_port or free_port(cfg.host)
                 self.router = ManagedProcess("router", router_command(cfg, self.worker_urls, port),
                                              f"http://{cfg.host}:{port}", self.log_dir / "router.log")
-                self.router.start(self._env())
+                self.router.start(self._env(), cfg.die_with_parent)
                 if wait:
                     self.wait_healthy([self.router], cfg.health_timeout_s)
         except BaseException:

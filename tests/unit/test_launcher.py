@@ -103,3 +103,38 @@ def test_kill_one_of_two_mid_batch(tmp_path):
     finally:
         group.stop()
     assert not any(_group_alive(pid) for pid in group.pids())
+
+
+_PARENT = """
+import sys, time
+from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup
+group = ServerGroup(LaunchConfig(model_path=sys.argv[1], health_timeout_s=120, log_dir=sys.argv[2]))
+group.start()
+print(group.pids()[0], flush=True)
+time.sleep(600)
+"""
+
+
+def test_servers_die_with_a_killed_parent(tmp_path):
+    """The launching process is SIGKILLed (no cleanup runs): its server must not outlive it."""
+    import subprocess
+    import time
+
+    model = build_tiny_model(tmp_path / "model")
+    server_pid = None
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, model, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        server_pid = int(parent.stdout.readline())
+        assert _group_alive(server_pid)
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _group_alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(server_pid)
+    finally:
+        parent.kill()
+        if server_pid is not None and _group_alive(server_pid):
+            os.killpg(server_pid, signal.SIGKILL)
