@@ -2,7 +2,8 @@
 
 Each sample is `prompt_ids + response_ids`, right-padded to the micro-batch's length S. With a
 causal mask, right padding never changes the logits of real tokens, so no attention mask is
-needed. Only response tokens are scored: response token j of sample i sits at position
+needed (nor with S rounded up to a multiple of TP for sequence parallelism: padded positions
+come after every real token and are never scored). Only response tokens are scored: response token j of sample i sits at position
 `P_i + j` and is predicted by the logits at position `P_i + j - 1`.
 """
 
@@ -82,8 +83,9 @@ def _as_float(values, name: str, index: int, length: int) -> torch.Tensor:
 
 def build_micro_batch(samples: Sequence[dict], *, seq_len: int | None = None,
                       batch_size: int | None = None, fields: Sequence[str] = (),
-                      first_index: int = 0) -> MicroBatch:
-    """Pads `samples` to [batch_size, seq_len] (defaults: len(samples), longest sample).
+                      first_index: int = 0, seq_multiple: int = 1) -> MicroBatch:
+    """Pads `samples` to [batch_size, seq_len] (defaults: len(samples), longest sample), with
+    seq_len rounded up to a multiple of `seq_multiple` (TP under sequence parallelism).
 
     fields: per-response-token keys to collect into [b, R] float32 tensors; a missing
     "rollout_is_weights" defaults to ones, a missing "response_mask" to ones.
@@ -92,6 +94,7 @@ def build_micro_batch(samples: Sequence[dict], *, seq_len: int | None = None,
     b = batch_size or len(samples)
     lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
     s_len = seq_len or max(lengths, default=1)
+    s_len = -(-s_len // max(seq_multiple, 1)) * max(seq_multiple, 1)
     if b < len(samples) or s_len < max(lengths, default=0):
         raise ValueError(f"micro-batch of {len(samples)} samples (longest {max(lengths)}) does "
                          f"not fit [{b}, {s_len}]")

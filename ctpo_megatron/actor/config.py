@@ -43,6 +43,10 @@ class ActorConfig:
     """Shard optimizer state over DP (megatron DistributedOptimizer)."""
     seed: int = 1234
     """Seed of megatron's model-parallel RNG tracker."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: activations outside the TP regions (norms, residuals,
+    dropout) are split over TP along the sequence (activation memory / tp there). Needs
+    dims.tp > 1; micro-batches are right-padded to a multiple of tp (padding is never scored)."""
     recompute: bool = False
     """Full activation recomputation of every layer in backward (less memory, ~1/3 more compute)."""
     make_vocab_size_divisible_by: int = 128
@@ -63,6 +67,9 @@ class ActorConfig:
         for name in ("micro_batch_size", "logprob_chunk_size", "make_vocab_size_divisible_by"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"actor.{name}={getattr(self, name)!r}: must be >= 1")
+        if self.sequence_parallel and self.dims.tp < 2:
+            raise ValueError(f"actor.sequence_parallel=True needs tp > 1 (parallel.tp={self.dims.tp}); "
+                             "set parallel.sequence_parallel=false")
         if self.temperature <= 0:
             raise ValueError(f"actor.temperature={self.temperature!r}: must be > 0")
         if self.lr < 0 or self.clip_grad < 0 or self.weight_decay < 0:

@@ -1,7 +1,8 @@
 """`PolicyActor`: the Megatron policy — HF weights in, per-token log-probs, optimizer steps with
 a pluggable loss, distributed checkpoints, HF weights out.
 
-Layout: TP x PP x DP from `ActorConfig.dims` (CP = 1 here). Every method is called on every
+Layout: TP x PP x DP from `ActorConfig.dims` (CP = 1 here), optionally with megatron sequence
+parallelism (`ActorConfig.sequence_parallel`). Every method is called on every
 rank. The samples a rank receives are its DP replica's share (identical on all TP/PP ranks of
 that replica).
 """
@@ -61,6 +62,7 @@ class PolicyActor:
         self.dims, self.pgs = init_parallel(cfg.dims, seed=cfg.seed)
         self.tf_config = transformer_config(self.spec, self.dims, params_dtype=cfg.params_dtype,
                                             recompute=cfg.recompute,
+                                            sequence_parallel=cfg.sequence_parallel,
                                             overrides=cfg.transformer_overrides)
         model = build_gpt_model(self.spec, self.tf_config, self.pgs)
         if cfg.params_dtype == "bfloat16":
@@ -112,7 +114,8 @@ class PolicyActor:
             check_sample(s, i, max_len=self.spec.max_position_embeddings,
                          vocab_size=self.spec.vocab_size)
         return make_micro_batches(samples, micro_batch_size=self.cfg.micro_batch_size,
-                                  fixed_shape=self.pgs.pp.size() > 1, fields=fields)
+                                  fixed_shape=self.pgs.pp.size() > 1, fields=fields,
+                                  seq_multiple=self.dims.tp if self.cfg.sequence_parallel else 1)
 
     def _broadcast_from_last_stage(self, flat: torch.Tensor | None, numel: int) -> torch.Tensor:
         pp = self.pgs.pp

@@ -49,13 +49,15 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
 
 
 def make_micro_batches(samples: Sequence[dict], *, micro_batch_size: int, fixed_shape: bool,
-                       fields: Sequence[str] = ()) -> list[MicroBatch]:
+                       fields: Sequence[str] = (), seq_multiple: int = 1) -> list[MicroBatch]:
     """Splits samples (in order) into micro-batches. fixed_shape (PP > 1: the pipeline's p2p
-    buffers have one shape) pads every micro-batch to [micro_batch_size, longest sample]."""
+    buffers have one shape) pads every micro-batch to [micro_batch_size, longest sample].
+    seq_multiple: every micro-batch's sequence length is rounded up to a multiple of it (TP
+    under sequence parallelism: megatron splits the sequence evenly over the TP ranks)."""
     seq_len = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples) if fixed_shape else None
     return [build_micro_batch(samples[i: i + micro_batch_size], seq_len=seq_len,
                               batch_size=micro_batch_size if fixed_shape else None,
-                              fields=fields, first_index=i)
+                              fields=fields, first_index=i, seq_multiple=seq_multiple)
             for i in range(0, len(samples), micro_batch_size)]
 
 

@@ -162,13 +162,17 @@ def memory_what_ifs(train_cfg: "TrainConfig", dims: ParallelDims, **kwargs) -> d
     if kwargs.get("logits_chunk_tokens"):
         out["without logits chunking"] = estimate_for_train_config(
             train_cfg, dims, **{**kwargs, "logits_chunk_tokens": 0}).total
+    if train_cfg.parallel.sequence_parallel and dims.tp > 1:
+        out["without sequence parallel"] = estimate_for_train_config(
+            train_cfg, dims, **kwargs, sequence_parallel=False).total
     if dims.cp > 1:
         out["with cp=1 (same tp, pp, dp)"] = estimate_for_train_config(
             train_cfg, ParallelDims(tp=dims.tp, pp=dims.pp, cp=1, dp=dims.dp), **kwargs).total
-    if (train_cfg.model.recompute_activations and train_cfg.parallel.distributed_optimizer and dims.cp > 1):
+    if train_cfg.model.recompute_activations and train_cfg.parallel.distributed_optimizer:
         out["with none of these"] = estimate_for_train_config(
             train_cfg, ParallelDims(tp=dims.tp, pp=dims.pp, cp=1, dp=dims.dp),
-            **{**kwargs, "logits_chunk_tokens": 0}, recompute="none", distributed_optimizer=False).total
+            **{**kwargs, "logits_chunk_tokens": 0}, recompute="none", distributed_optimizer=False,
+            sequence_parallel=False).total
     return {name: total / GIB for name, total in out.items()}
 
 

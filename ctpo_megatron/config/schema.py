@@ -42,8 +42,9 @@ class TrainConfig:
     """The RL loop: batch sizes, schedule, evaluation, checkpoints, logging."""
     actor: ActorConfig = field(default_factory=ActorConfig)
     """Megatron policy: optimizer (lr 1e-6, Adam, grad clip), micro-batch size, log-prob chunking.
-    `actor.hf_model_dir`, `actor.dims`, `actor.params_dtype`, `actor.temperature` and
-    `actor.use_distributed_optimizer` are filled in from model, parallel and rollout."""
+    `actor.hf_model_dir`, `actor.dims`, `actor.params_dtype`, `actor.temperature`,
+    `actor.use_distributed_optimizer` and `actor.sequence_parallel` are filled in from model,
+    parallel and rollout."""
     cluster: Any = None
     """Slurm launcher settings (group `cluster`); read by the launcher, ignored by the trainer."""
 
@@ -80,8 +81,9 @@ class TrainConfig:
     def validate(self, world_size: int) -> ParallelDims:
         """Start-up checks that need the world size; returns the resolved parallel dims.
 
-        Raises ValueError naming the settings (TP x PP x CP x DP vs world size, TP vs heads,
-        PP vs layers, DP vs batch sizes) before any collective runs.
+        Raises ValueError naming the settings (parallel.cp > 1, which the actor does not support
+        yet; TP x PP x CP x DP vs world size, TP vs heads, PP vs layers, DP vs batch sizes)
+        before any collective runs.
         """
         dims = self.parallel.check(self.model, world_size)
         per_update = self.trainer.mini_batch_prompts * self.rollout.n_samples

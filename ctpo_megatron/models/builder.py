@@ -38,6 +38,48 @@ def layer_spec(spec: ModelSpec, *, use_te: bool | None = None):
                                                     normalization="RMSNorm")
 
 
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm for megatron's local spec under sequence parallelism.
+
+    megatron's `WrappedTorchNorm` refuses `sequence_parallel`; the math is the same here, and the
+    weight carries megatron's `sequence_parallel` attribute so `finalize_model_grads` sums its
+    gradient over TP (each TP rank saw only its slice of the sequence).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+
+def _local_spec_for_sequence_parallel(layer, config, pgs):
+    """The local layer spec with every torch norm swapped for `SequenceParallelRMSNorm`, wrapped
+    in block submodules so the final norm is swapped too."""
+    import copy
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules, get_num_layers_to_build,
+    )
+
+    layer = copy.deepcopy(layer)
+
+    def swap(obj, depth=0):
+        subs = getattr(obj, "submodules", None)
+        if subs is None or depth > 4:
+            return
+        for name in vars(subs):
+            value = getattr(subs, name)
+            if value is WrappedTorchNorm:
+                setattr(subs, name, SequenceParallelRMSNorm)
+            elif hasattr(value, "submodules"):
+                swap(value, depth + 1)
+
+    swap(layer)
+    num_layers = get_num_layers_to_build(config, None, pgs.pp.rank())
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
+                                      layer_norm=SequenceParallelRMSNorm)
+
+
 def build_gpt_model(spec: ModelSpec, config, pgs, *, use_te: bool | None = None):
     """Builds the GPTModel chunk for this rank's PP stage (pre_process on the first stage,
     post_process on the last), with RoPE frequencies taken from the HF config.
@@ -49,8 +91,13 @@ def build_gpt_model(spec: ModelSpec, config, pgs, *, use_te: bool | None = None)
     from megatron.core.models.gpt import GPTModel
 
     pp_rank, pp_size = pgs.pp.rank(), pgs.pp.size()
+    if use_te is None:
+        use_te = have_transformer_engine()
+    block_spec = layer_spec(spec, use_te=use_te)
+    if config.sequence_parallel and not use_te:
+        block_spec = _local_spec_for_sequence_parallel(block_spec, config, pgs)
     model = GPTModel(
-        config=config, transformer_layer_spec=layer_spec(spec, use_te=use_te),
+        config=config, transformer_layer_spec=block_spec,
         vocab_size=spec.padded_vocab_size, max_sequence_length=spec.max_position_embeddings,
         pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
         parallel_output=True, share_embeddings_and_output_weights=spec.tie_word_embeddings,

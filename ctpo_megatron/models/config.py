@@ -153,12 +153,15 @@ def model_spec_from_hf(hf_config: Any, dims: ParallelDims, *,
 
 
 def transformer_config(spec: ModelSpec, dims: ParallelDims, *, params_dtype: str = "float32",
-                       recompute: bool = False, overrides: dict | None = None):
+                       recompute: bool = False, sequence_parallel: bool = False,
+                       overrides: dict | None = None):
     """Builds megatron's `TransformerConfig` for `spec` under the parallel sizes `dims`.
 
     params_dtype: "float32" | "bfloat16" | "float16"; bf16/fp16 set megatron's mixed-precision
     flags (fp32 main params live in the optimizer). recompute: full activation recomputation of
-    every layer (uniform, 1 layer per checkpoint). overrides: rarely used TransformerConfig
+    every layer (uniform, 1 layer per checkpoint). sequence_parallel: megatron sequence
+    parallelism (needs dims.tp > 1; every micro-batch's sequence length must then be a multiple
+    of tp). overrides: rarely used TransformerConfig
     fields, applied last; unknown names raise ValueError.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -166,6 +169,9 @@ def transformer_config(spec: ModelSpec, dims: ParallelDims, *, params_dtype: str
     if params_dtype not in _DTYPES:
         raise ValueError(f"params_dtype={params_dtype!r}: expected one of {sorted(_DTYPES)}")
     dtype = _DTYPES[params_dtype]
+    if sequence_parallel and dims.tp < 2:
+        raise ValueError(f"sequence_parallel=True needs tensor parallelism (tp={dims.tp}); "
+                         "it splits the sequence over the TP ranks")
     kwargs: dict[str, Any] = dict(
         num_layers=spec.num_layers, hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.ffn_hidden_size, num_attention_heads=spec.num_attention_heads,
@@ -175,7 +181,7 @@ def transformer_config(spec: ModelSpec, dims: ParallelDims, *, params_dtype: str
         add_qkv_bias=spec.qkv_bias, qk_layernorm=spec.qk_layernorm,
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
-        context_parallel_size=dims.cp, sequence_parallel=False,
+        context_parallel_size=dims.cp, sequence_parallel=bool(sequence_parallel),
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16, autocast_dtype=dtype,
         # Softmax and residual math in fp32 keeps bf16 log-probs close to the rollout engine's.

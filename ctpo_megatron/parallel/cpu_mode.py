@@ -13,7 +13,9 @@ tested in CI without a GPU. It is selected by `CTPO_CPU_MODE`:
 
 Call `maybe_enable_cpu_mode()` in every worker process before
 `parallel_state.initialize_model_parallel`. The redirection is a `TorchFunctionMode`, which is
-thread-local: code that starts its own threads runs outside it.
+thread-local: code that starts its own threads runs outside it. torch pops the mode while it
+handles `torch.autograd.backward`, so the autograd engine is wrapped to run backward passes
+(megatron's sequence-parallel reduce-scatter buffers, recomputed layers) inside it again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ _ACTIVE_MODE: "_CpuDeviceMode | None" = None
 _SAVED_CUDA_FNS: dict[str, object] = {}
 _SAVED_TRACKER: object | None = None
 _SAVED_RNG_FNS: dict[str, object] = {}
+_SAVED_ENGINE_RUN: list = []
 
 
 def _is_cuda_device(device: object) -> bool:
@@ -130,6 +133,16 @@ def enable_cpu_mode() -> None:
     mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
     # initialize_rng_tracker() instantiates whatever this name points to.
     mp_random.CudaRNGStatesTracker = _cpu_rng_tracker_class()
+    import torch.autograd as autograd
+
+    engine_run = autograd._engine_run_backward
+    _SAVED_ENGINE_RUN.append(engine_run)
+
+    def run_backward_in_cpu_mode(*args, **kwargs):
+        with _CpuDeviceMode():
+            return engine_run(*args, **kwargs)
+
+    autograd._engine_run_backward = run_backward_in_cpu_mode
     _ACTIVE_MODE = _CpuDeviceMode()
     _ACTIVE_MODE.__enter__()
     logger.info("CPU mode on: megatron-core runs on CPU with gloo")
@@ -144,6 +157,10 @@ def disable_cpu_mode() -> None:
 
     _ACTIVE_MODE.__exit__(None, None, None)
     _ACTIVE_MODE = None
+    if _SAVED_ENGINE_RUN:
+        import torch.autograd as autograd
+
+        autograd._engine_run_backward = _SAVED_ENGINE_RUN.pop()
     for name, fn in _SAVED_CUDA_FNS.items():
         setattr(torch.cuda, name, fn)
     _SAVED_CUDA_FNS.clear()

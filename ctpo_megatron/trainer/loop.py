@@ -47,6 +47,7 @@ def actor_config(cfg: TrainConfig, dims) -> Any:
                                params_dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
                                recompute=cfg.model.recompute_activations or cfg.actor.recompute,
                                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+                               sequence_parallel=cfg.parallel.sequence_parallel,
                                temperature=cfg.rollout.temperature)
 
 
@@ -81,6 +82,7 @@ class Trainer:
         self.run_dir = cfg.trainer.run_dir
         # Every check that can fail on bad settings runs before the first collective.
         cfg.check_inputs()
+        cfg.parallel.check_supported()
         self.rank, self.world_size = init_distributed(timeout_minutes=cfg.trainer.collective_timeout_minutes)
         self._stop_signal: int | None = None
         self._install_signal_handlers()

@@ -41,7 +41,7 @@ def test_paper_layout_on_twelve_nodes(paper_cfg):
     hosts = [f"gpu{i}" for i in range(12)]
     plan = build_plan(cluster, paper_cfg, ["trainer.total_steps=7"], hosts=hosts, job_id="4242", cwd="/runs")
     assert plan.train_hosts == hosts[:8] and plan.rollout_hosts == hosts[8:]
-    assert plan.parallel == {"tp": 8, "pp": 2, "cp": 2, "dp": 2} and plan.world_size == 64
+    assert plan.parallel == {"tp": 8, "pp": 2, "cp": 1, "dp": 4} and plan.world_size == 64
     assert (plan.master_addr, plan.master_port) == ("gpu0", 20000 + 4242)
     # 4 GPUs per SGLang server -> 2 servers per rollout node on consecutive ports
     assert plan.server_urls[:3] == ["http://gpu8:30000", "http://gpu8:30001", "http://gpu9:30000"]
@@ -63,12 +63,12 @@ def test_paper_layout_on_twelve_nodes(paper_cfg):
 
 def test_user_overrides_win_and_change_the_plan(paper_cfg):
     cluster = load_cluster_config("qwen3_32b", ["nodes=10", "rollout_nodes=2"])
-    user = ["parallel.cp=4", "model.path=/ckpt/qwen3-32b"]
+    user = ["parallel.pp=4", "model.path=/ckpt/qwen3-32b"]
     cfg = load_config(user)
     plan = build_plan(cluster, cfg, user, hosts=[f"n{i}" for i in range(10)], job_id="1")
-    assert plan.parallel == {"tp": 8, "pp": 2, "cp": 4, "dp": 1}
+    assert plan.parallel == {"tp": 8, "pp": 4, "cp": 1, "dp": 2}
     keys = [override_key(o) for o in plan.train_overrides]
-    assert len(keys) == len(set(keys)) and "parallel.cp=4" in plan.train_overrides
+    assert len(keys) == len(set(keys)) and "parallel.pp=4" in plan.train_overrides
 
 
 def test_errors_name_the_setting(paper_cfg):
@@ -77,8 +77,10 @@ def test_errors_name_the_setting(paper_cfg):
         build_plan(cluster, paper_cfg, [], hosts=["a", "b", "c"])
     with pytest.raises(ValueError, match="model.path"):
         build_plan(cluster, load_config([]), [])
-    with pytest.raises(ValueError, match="world size 40"):  # 5 training nodes x 8 GPUs vs tp*pp*cp=32
+    with pytest.raises(ValueError, match="world size 40"):  # 5 training nodes x 8 GPUs vs tp*pp*cp=16
         build_plan(load_cluster_config("qwen3_32b", ["nodes=9"]), paper_cfg, [])
+    with pytest.raises(ValueError, match="parallel.cp=2: context parallelism is not supported"):
+        build_plan(cluster, load_config(["model.path=/ckpt/qwen3-32b", "parallel=tp8_pp2_cp2"]), [])
     with pytest.raises(ValueError, match="rollout_gpus_per_server"):
         ClusterConfig(rollout_gpus_per_server=3)
     with pytest.raises(ValueError, match="rollout_nodes"):
@@ -117,7 +119,7 @@ def test_launcher_script_dry_run_and_help():
                           "model.path=/ckpt/q"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "CTPO_PYTHON": sys.executable})
     assert out.returncode == 0, out.stderr
-    assert "trainer  : 16 node(s)" in out.stdout and "dp 4" in out.stdout
+    assert "trainer  : 16 node(s)" in out.stdout and "dp 8" in out.stdout
     help_out = subprocess.run(["bash", str(REPO / "launch" / "ctpo_32b.sh"), "--help"], capture_output=True,
                               text=True, timeout=120, env={**os.environ, "CTPO_PYTHON": sys.executable})
     assert help_out.returncode == 0 and "usage: bash launch/ctpo_32b.sh" in help_out.stdout

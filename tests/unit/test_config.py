@@ -21,7 +21,9 @@ def test_paper_defaults():
     assert cfg.correction.level == "sequence" and cfg.correction.mode == "truncate"
     assert cfg.correction.threshold == 5.0
     assert cfg.algo.name == "ctpo" and cfg.algo.la_clip_high == 0.05
-    assert cfg.validate(world_size=64).dp == 2
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp) == (8, 2, 1)
+    assert cfg.parallel.sequence_parallel and cfg.parallel.distributed_optimizer
+    assert cfg.validate(world_size=64).dp == 4
 
 
 @pytest.mark.parametrize("model", ["tiny", "qwen3_14b", "qwen3_32b", "qwen2.5_32b"])
@@ -45,10 +47,19 @@ def test_tiny_preset():
 
 def test_world_size_mismatch_names_sizes():
     cfg = load_config(PAPER)
-    with pytest.raises(ValueError, match=r"world size 48 is not a multiple of tp\(8\) \* pp\(2\) \* cp\(2\)"):
-        cfg.validate(world_size=48)
+    with pytest.raises(ValueError, match=r"world size 40 is not a multiple of tp\(8\) \* pp\(2\) \* cp\(1\)"):
+        cfg.validate(world_size=40)
     cfg = load_config(PAPER + ["parallel.dp=4"])
     with pytest.raises(ValueError, match=r"dp\(4\)"):
+        cfg.validate(world_size=128)
+
+
+@pytest.mark.parametrize("overrides", [["parallel=tp8_pp2_cp2"], ["parallel.cp=2"]])
+def test_context_parallel_is_refused_before_any_process_group(overrides):
+    cfg = load_config(PAPER + overrides)  # composes: the layout is kept for when the actor has CP
+    with pytest.raises(ValueError, match=r"parallel.cp=2: context parallelism is not supported"):
+        cfg.parallel.check_supported()  # what the trainer calls before init_distributed
+    with pytest.raises(ValueError, match=r"parallel.cp=2"):
         cfg.validate(world_size=64)
 
 
