@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ctpo_megatron.config.schema import TrainConfig
 from ctpo_megatron.config.store import save_config
 from ctpo_megatron.data.prompts import PromptSampler, load_prompts
+from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 from ctpo_megatron.trainer import checkpoint as ckpt
 from ctpo_megatron.trainer.batch import (build_samples, compute_advantages, dp_shard, mini_batches,
                                          rollout_metrics)
@@ -49,6 +50,19 @@ def actor_config(cfg: TrainConfig, dims) -> Any:
                                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
                                sequence_parallel=cfg.parallel.sequence_parallel,
                                temperature=cfg.rollout.temperature)
+
+
+def check_policy_memory(cfg: TrainConfig, dims, *, gpu_memory_gib: float):
+    """Estimates the policy's memory per GPU (`ctpo_megatron.cluster.memory`) for `cfg` at the
+    resolved `dims`; raises ValueError with the breakdown when it cannot fit `gpu_memory_gib`,
+    so an oversized layout fails at start-up instead of out of memory mid-step."""
+    from ctpo_megatron.cluster.memory import check_memory
+    from ctpo_megatron.cluster.plan import estimate_for_train_config
+
+    estimate = estimate_for_train_config(cfg, dims, gpu_memory_gib=gpu_memory_gib,
+                                         micro_batch=cfg.actor.micro_batch_size)
+    check_memory(estimate)
+    return estimate
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -88,6 +102,11 @@ class Trainer:
         self._install_signal_handlers()
         self.dims = cfg.validate(self.world_size)
         self._check_model_config()
+        if torch.cuda.is_available() and not is_cpu_mode():
+            gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+            estimate = check_policy_memory(cfg, self.dims, gpu_memory_gib=gib)
+            if self.rank == 0:
+                logger.info("estimated memory per GPU:\n%s", estimate.format())
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
