@@ -49,14 +49,7 @@ std::tuple<at::Tensor, at::Tensor> segmented_scan_cpu(const at::Tensor& values,
                                                       const c10::optional<at::Tensor>& carry_count,
                                                       bool reverse) {
   constexpr const char* what = "ctpo_megatron::segmented_scan";
-  CTPO_CHECK_FLOATING(values);
-  CTPO_CHECK_CONTIGUOUS(values);
-  if (mask.has_value()) {
-    CTPO_CHECK_SAME_SHAPE(*mask, values);
-    CTPO_CHECK_SAME_DTYPE(*mask, values);
-    CTPO_CHECK_SAME_DEVICE(*mask, values);
-    CTPO_CHECK_CONTIGUOUS(*mask);
-  }
+  check_scan_inputs(values, mask);
   const SegmentLayout L = parse_layout(values, cu_seqlens, what);
   check_cu_seqlens_cpu(L, what);
   const double* cs = carry_ptr(carry_sum, values, L, "carry_sum");

@@ -45,6 +45,23 @@ inline SegmentLayout parse_layout(const at::Tensor& values, const c10::optional<
   return layout;
 }
 
+// Checks the scan's values (floating, contiguous) and optional mask (shape, dtype and device
+// of values, contiguous); shared by the CPU and CUDA kernels.
+inline void check_scan_inputs(const at::Tensor& values, const c10::optional<at::Tensor>& mask) {
+  CTPO_CHECK_FLOATING(values);
+  CTPO_CHECK_CONTIGUOUS(values);
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.sizes() == values.sizes(), "mask must have the shape of values ", values.sizes(), ", got ",
+                m.sizes());
+    TORCH_CHECK(m.scalar_type() == values.scalar_type(), "mask must have the dtype of values (",
+                values.scalar_type(), "), got ", m.scalar_type());
+    TORCH_CHECK(m.device() == values.device(), "mask must be on the device of values (", values.device(),
+                "), got ", m.device());
+    TORCH_CHECK(m.is_contiguous(), "mask must be contiguous");
+  }
+}
+
 // Checks one optional carry tensor: float64, contiguous, [num_segments], on the values' device.
 inline const double* carry_ptr(const c10::optional<at::Tensor>& carry, const at::Tensor& values,
                                const SegmentLayout& layout, const char* name) {
