@@ -33,6 +33,19 @@ def _prefixed(records: list[dict], suffix: str) -> str | None:
     return None
 
 
+def _finish(fig, ax, out: str, *, title: str, xlabel: str, ylabel: str) -> None:
+    """Labels, grid and title shared by every plot; writes `out` and frees the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def plot_reward(records: list[dict], out: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -42,15 +55,9 @@ def plot_reward(records: list[dict], out: str) -> None:
         x, y = _series(records, key)
         if x:
             ax.plot(x, y, style, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward / accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("reward")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, out, title="reward", xlabel="step", ylabel="reward / accuracy")
 
 
 def _position_rates(record: dict, kind: str) -> list[tuple[int, float]]:
@@ -79,13 +86,8 @@ def plot_clip_by_position(records: list[dict], out: str) -> None:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no clip_rate_by_pos metrics", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("generated-token position (bucket start)")
-    ax.set_ylabel("fraction of tokens clipped")
-    ax.grid(alpha=0.3)
-    ax.set_title("clip rate vs. position")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, out, title="clip rate vs. position",
+            xlabel="generated-token position (bucket start)", ylabel="fraction of tokens clipped")
 
 
 def plot_ratio(records: list[dict], out: str) -> None:
@@ -106,13 +108,8 @@ def plot_ratio(records: list[dict], out: str) -> None:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no is_ratio metrics", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("step")
-    ax.set_ylabel("policy ratio r_t (valid tokens)")
-    ax.grid(alpha=0.3)
-    ax.set_title("ratio distribution")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, out, title="ratio distribution", xlabel="step",
+            ylabel="policy ratio r_t (valid tokens)")
 
 
 def plot_run(run_dir: str) -> list[str]:

@@ -196,25 +196,23 @@ def validate_generate_request(body: Any) -> None:
     Raises ContractError with the server's own 400 message. Uses SGLang's `api_types.py` when
     it can be loaded, else `FallbackContract`.
     """
-    try:
-        api = load_contract()
-    except (FileNotFoundError, ImportError):
-        FallbackContract.check_generate(body)
-        return
-    try:
-        api.GenerateRequest.from_json_value(body)
-    except api.JsonContractError as e:
-        raise ContractError(str(e)) from None
+    _validate("GenerateRequest", FallbackContract.check_generate, body)
 
 
 def validate_sampling_params(params: Any) -> None:
     """Checks one `sampling_params` object (unknown keys and bad types raise ContractError)."""
+    _validate("SamplingParams", FallbackContract.check_sampling_params, params)
+
+
+def _validate(type_name: str, fallback: Any, value: Any) -> None:
+    """Decodes `value` as SGLang's `api_types.<type_name>`, or checks it with `fallback` when
+    SGLang's contract file cannot be loaded; raises ContractError with the server's message."""
     try:
         api = load_contract()
     except (FileNotFoundError, ImportError):
-        FallbackContract.check_sampling_params(params)
+        fallback(value)
         return
     try:
-        api.SamplingParams.from_json_value(params)
+        getattr(api, type_name).from_json_value(value)
     except api.JsonContractError as e:
         raise ContractError(str(e)) from None
