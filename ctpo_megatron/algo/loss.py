@@ -47,7 +47,7 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
                 loss_scale_factor: float | None = None,
                 cum_log_ratio: torch.Tensor | None = None,
                 cum_count: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                cu_seqlens: torch.Tensor | None = None, return_terms: bool = False):
     """The policy-gradient loss of one micro-batch and its metrics.
 
     log_probs: [B, S] float — current policy log-prob per response token (autograd); B
@@ -65,8 +65,11 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     cu_seqlens: optional [N+1] int — packed layout (THD): every per-token tensor above is [T]
         (or [1, T]) with sequence n at [cu_seqlens[n], cu_seqlens[n+1]); advantages per token.
         The loss is computed on the zero-padded [N, S_max] view; gradients flow back packed.
+    return_terms: also return the per-token `TokenTerms` the loss was built from (e.g. for
+        clip rates by position), so callers need not compute them a second time.
     Returns (loss: 0-d tensor in the compute dtype with autograd to log_probs; metrics: dict of
-    floats, see `algo.metrics.policy_metrics`).
+    floats, see `algo.metrics.policy_metrics`), plus the TokenTerms ([B, S], padded layout)
+    when `return_terms`.
     """
     if cu_seqlens is not None:
         padded = packed_to_padded(cu_seqlens, {
@@ -94,4 +97,4 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
                           loss_scale_factor=loss_scale_factor)
     with torch.no_grad():
         metrics = policy_metrics(terms, response_mask, advantages, cfg)
-    return loss, metrics
+    return (loss, metrics, terms) if return_terms else (loss, metrics)

@@ -15,7 +15,6 @@ import torch
 
 from ctpo_megatron.algo import (PolicyLossConfig, RolloutCorrectionConfig, clip_rate_by_position,
                                 policy_loss, rollout_correction_weights)
-from ctpo_megatron.algo.registry import LOSSES
 from ctpo_megatron.trainer.batch import Sample, dp_shard, mini_batches
 from ctpo_megatron.trainer.metrics import mean_metrics
 
@@ -86,15 +85,11 @@ def make_loss_fn(cfg: PolicyLossConfig, edges: list[int]) -> Callable[[torch.Ten
     """
     def loss_fn(log_probs: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         mask = batch["response_mask"]
-        loss, metrics = policy_loss(
+        loss, metrics, terms = policy_loss(
             log_probs, batch["old_log_probs"], batch["advantages"], mask, cfg,
             rollout_is_weights=batch["rollout_is_weights"],
-            batch_num_tokens=batch["global_num_tokens"], dp_size=batch["dp_size"])
+            batch_num_tokens=batch["global_num_tokens"], dp_size=batch["dp_size"], return_terms=True)
         with torch.no_grad():
-            # policy_loss does not return its per-token terms; recomputing them without
-            # autograd costs one elementwise pass, small next to the model's forward.
-            terms = LOSSES[cfg.name](log_probs.detach(), batch["old_log_probs"], batch["advantages"],
-                                     mask, cfg)
             clipped, tokens = clip_rate_by_position(terms.clip_any, mask, bucket_edges=edges)
         for k, (c, t) in enumerate(zip(clipped.tolist(), tokens.tolist())):
             metrics[f"_clip_pos_clipped/{k}"] = float(c)

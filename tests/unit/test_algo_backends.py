@@ -124,3 +124,21 @@ def test_packed_layout_equals_padded(name):
     assert (y.grad[-3:] == 0).all() and metrics["valid_tokens"] == ref_metrics["valid_tokens"]
     with pytest.raises(ValueError, match="packed advantages"):
         policy_loss(y, pack(olp), adv[:, 0], pack(mask), cfg, cu_seqlens=cu)
+
+
+def test_return_terms_gives_the_terms_the_loss_was_built_from():
+    from ctpo_megatron.algo import PolicyLossConfig, policy_loss
+    from ctpo_megatron.algo.registry import LOSSES
+
+    torch.manual_seed(3)
+    lp = (torch.randn(3, 7, dtype=torch.float64) * 0.2 - 1).requires_grad_()
+    olp = lp.detach() + torch.randn(3, 7, dtype=torch.float64) * 0.1
+    adv = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    mask = (torch.rand(3, 7) > 0.3).double()
+    cfg = PolicyLossConfig()
+    loss, metrics, terms = policy_loss(lp, olp, adv, mask, cfg, return_terms=True)
+    plain_loss, plain_metrics = policy_loss(lp, olp, adv, mask, cfg)
+    assert torch.equal(loss, plain_loss) and metrics == plain_metrics
+    ref = LOSSES[cfg.name](lp.detach(), olp, adv[:, None].expand(3, 7), mask, cfg)
+    assert torch.equal(terms.clip_any, ref.clip_any)
+    assert torch.allclose(terms.pg_losses.detach(), ref.pg_losses, atol=1e-12)
