@@ -68,7 +68,7 @@ def _own_paths() -> dict[str, str]:
 
 def _join(mount_root: str, mount_point: str, path: str) -> str:
     rel = path[len(mount_root):] if mount_root != "/" and path.startswith(mount_root) else path
-    return os.path.join(mount_point, rel.lstrip("/"))
+    return os.path.normpath(os.path.join(mount_point, rel.lstrip("/")))
 
 
 def _write(path: str, value: str) -> None:
