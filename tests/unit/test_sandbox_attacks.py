@@ -17,9 +17,10 @@ import uuid
 
 import pytest
 
-from ctpo_megatron.rollout.sandbox import SandboxConfig, SandboxPool, SandboxResult, run_code
+from ctpo_megatron.rollout.sandbox import SandboxConfig, SandboxPool, SandboxResult, SandboxSetupError, run_code
 from ctpo_megatron.rollout.sandbox._launcher import _ARGS, _DENY
 from ctpo_megatron.rollout.sandbox.cgroup import detect as detect_cgroups
+from ctpo_megatron.rollout.sandbox.runner import _UIDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARCH = platform.machine()
@@ -143,6 +144,7 @@ def test_host_failure_of_one_run_is_a_failed_result_not_an_exception():
         pool.config.python = "/nonexistent/bin/python"  # now every run fails on the host side
         res = pool.submit("print(1)").result()
     assert res.exit_code == 1 and res.error and "[sandbox]" in res.stderr
+    assert not _UIDS._in_use  # the failed run handed its uid back
 
 
 @pytest.mark.skipif(detect_cgroups().mode == "none", reason="no cgroup this process may create")
@@ -306,3 +308,15 @@ def test_self_test_reports_the_isolation():
     for item in ("isolation", "namespaces", "root", "cgroup", "seccomp"):
         assert f" {item} " in text, text
     assert "new: pid net mnt ipc uts" in text and "seccomp     filter" in text
+
+
+def test_without_a_cgroup_the_fallback_is_loud(caplog, tmp_path):
+    # A parent that cannot hold run cgroups (a plain directory): rlimits only, with a warning;
+    # cgroup="require" refuses to run instead.
+    with caplog.at_level("WARNING", logger="ctpo_megatron.rollout.sandbox.cgroup"):
+        support = detect_cgroups(str(tmp_path))
+    assert support.mode == "none" and "no usable cgroup" in caplog.text
+    ok = _run("print('ran')", cgroup_parent=str(tmp_path))
+    assert ok.stdout == "ran\n" and ok.exit_code == 0
+    with pytest.raises(SandboxSetupError, match="cgroup='require'"):
+        _run("print('ran')", cgroup_parent=str(tmp_path), cgroup="require")

@@ -1,7 +1,8 @@
-"""Sandbox launcher: a standalone script, run as `python -I -S _launcher.py CONFIG_JSON`.
+"""Sandbox launcher: a standalone script, run as `python -I -S _launcher.py`.
 
 It must not import the package (it runs without site-packages, for speed and so that nothing
-of the trainer's environment is loaded). Process tree:
+of the trainer's environment is loaded), and it imports only modules that load fast (no json,
+re, enum: `_signal` instead of `signal`, `marshal` for the protocol). Process tree:
 
     launcher (trainer's uid, own session)          waits with the wall-clock timeout
       └─ init (pid 1 of new pid/net/mount/ipc/uts ns) joins the run's cgroup, builds the root,
@@ -23,22 +24,21 @@ Without namespaces (use_namespaces=False, a fallback for hosts that lack them) i
 the leader of a new process group, the launcher is the code's subreaper, and at the end it kills
 that group and, as root, every process of the run's uid, then reaps.
 
-Protocol: the code arrives on stdin; stdout/stderr are pipes the caller drains; one JSON object
-per line is written to the status fd: {"isolation": str} and {"seccomp": str} from the launcher,
+Protocol: stdin carries a record (4-byte little-endian length + `marshal` of a dict: the
+settings) followed by the code; stdout/stderr are pipes the caller drains; records of the same
+form are written to the status fd (held by the launcher and init only): {"isolation": str} and {"seccomp": str} from the launcher,
 {"error": str} when setup failed (the code did not run; a host problem), {"started": true} once
 the code is about to run, {"code_error": str} when the code itself made the run impossible
 (e.g. it does not fit in the tmpfs), {"exit_code": int} from init, {"timed_out": true} from the
 launcher.
 """
 
+import _signal as signal
 import ctypes
 import errno
-import json
+import marshal
 import os
-import platform
 import resource
-import signal
-import stat
 import struct
 import sys
 import time
@@ -68,9 +68,28 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
+def record(obj):
+    """One protocol record: length, then the marshalled object."""
+    data = marshal.dumps(obj)
+    return struct.pack("<I", len(data)) + data
+
+
+def read_records(raw):
+    """Merges a stream of records (dicts) into one dict; a partial last record (a process
+    killed mid-write) is ignored."""
+    merged, pos = {}, 0
+    while pos + 4 <= len(raw):
+        (n,) = struct.unpack_from("<I", raw, pos)
+        if pos + 4 + n > len(raw):
+            break
+        merged.update(marshal.loads(raw[pos + 4:pos + 4 + n]))
+        pos += 4 + n
+    return merged
+
+
 def _status(fd, **kv):
     try:
-        os.write(fd, (json.dumps(kv) + "\n").encode())
+        os.write(fd, record(kv))
     except OSError:
         pass
 
@@ -193,7 +212,7 @@ def _install_seccomp(prog):
 # ---------------------------------------------------------------------------------------------
 
 def _pivot_root(new, old):
-    _check(_libc.syscall(155 if platform.machine() == "x86_64" else 41, new.encode(), old.encode()),
+    _check(_libc.syscall(155 if os.uname().machine == "x86_64" else 41, new.encode(), old.encode()),
            f"pivot_root {new}")
 
 
@@ -390,9 +409,11 @@ def _init(cfg, status_fd, code, namespaced, seccomp):
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
+    data = sys.stdin.buffer.read()
+    (n,) = struct.unpack_from("<I", data)
+    cfg = read_records(data[:4 + n])
+    code = data[4 + n:]
     status_fd = cfg["status_fd"]
-    code = sys.stdin.buffer.read()
     root = os.geteuid() == 0
     flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
     if not root:
@@ -414,9 +435,10 @@ def main():
         sys.exit(125)
     else:
         _status(status_fd, isolation="none")
-    seccomp = seccomp_program(platform.machine()) if cfg["seccomp"] else None
+    arch = os.uname().machine
+    seccomp = seccomp_program(arch) if cfg["seccomp"] else None
     _status(status_fd, seccomp="off" if not cfg["seccomp"] else
-            ("filter" if seccomp is not None else f"unsupported architecture {platform.machine()}"))
+            ("filter" if seccomp is not None else f"unsupported architecture {arch}"))
     if not root:
         cfg["uid"] = None  # cannot change uid; the user namespace (if any) is the boundary
     if not namespaced:

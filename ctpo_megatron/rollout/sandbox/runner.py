@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import selectors
@@ -16,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from ctpo_megatron.rollout.sandbox._launcher import read_records, record
 from ctpo_megatron.rollout.sandbox.cgroup import RunCgroup
 from ctpo_megatron.rollout.sandbox.cgroup import detect as detect_cgroups
 from ctpo_megatron.rollout.sandbox.config import SandboxConfig, SandboxResult, SandboxSetupError
@@ -53,6 +53,9 @@ class _UidPool:
 
 
 _UIDS = _UidPool()
+
+
+
 _RUN_IDS = itertools.count()
 
 
@@ -158,14 +161,6 @@ class _Stream:
         return out
 
 
-def _parse_status(raw: bytes) -> dict:
-    status: dict = {}
-    for line in raw.decode(errors="replace").splitlines():
-        try:
-            status.update(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a partial line from a process killed mid-write
-    return status
 
 
 def _communicate(proc: subprocess.Popen, code: bytes, status_r: int, streams: list[_Stream],
@@ -263,12 +258,14 @@ def run_code(code: str, timeout: float = 10.0, config: SandboxConfig | None = No
         raise SandboxSetupError(f"sandbox: SandboxConfig.cgroup='require' but {cgroups.describe()}")
     base = cfg.uid_base if cfg.uid_base is not None else 1_000_000 + (os.getpid() % 4096) * 256
     uid = _UIDS.acquire(base, cfg.uid_slots) if root else None
-    plan = _root_plan(cfg, uid)
-    fallback_dir = None if cfg.use_namespaces else tempfile.mkdtemp(prefix="ctpo_sandbox_")
-    status_r, status_w = os.pipe()
+    fallback_dir = None
+    status_r = status_w = -1
     run_cg = None
     start = time.monotonic()
     try:
+        plan = _root_plan(cfg, uid)
+        fallback_dir = None if cfg.use_namespaces else tempfile.mkdtemp(prefix="ctpo_sandbox_")
+        status_r, status_w = os.pipe()
         if cgroups is not None and cgroups.mode != "none":
             run_cg = RunCgroup(cgroups.mode, cgroups.parents, f"ctpo-sandbox-{os.getpid()}-{next(_RUN_IDS)}")
             try:
@@ -292,7 +289,7 @@ def run_code(code: str, timeout: float = 10.0, config: SandboxConfig | None = No
         err_r, err_w = os.pipe()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(launch_cfg)],
+                [sys.executable, "-I", "-S", _LAUNCHER],
                 stdin=subprocess.PIPE, stdout=out_w, stderr=err_w, pass_fds=(status_w,),
                 start_new_session=True, env={}, close_fds=True)
         except BaseException:
@@ -307,13 +304,13 @@ def run_code(code: str, timeout: float = 10.0, config: SandboxConfig | None = No
         cap = max(cfg.file_size_bytes, cfg.max_output_bytes)
         streams = [_Stream(out_r, cfg.max_output_bytes, cap), _Stream(err_r, cfg.max_output_bytes, cap)]
         try:
-            raw, killed = _communicate(proc, code_bytes, status_r, streams,
+            raw, killed = _communicate(proc, record(launch_cfg) + code_bytes, status_r, streams,
                                        time.monotonic() + timeout + _PARENT_GRACE_S)
         finally:
             for s in streams:
                 s.close()
             proc.wait()
-        status = _parse_status(raw)
+        status = read_records(raw)
         if "error" in status:
             raise SandboxSetupError(f"sandbox: {status['error']}")
         if not status.get("started") and not killed:
