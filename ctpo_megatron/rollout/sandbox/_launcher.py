@@ -278,14 +278,23 @@ def _build_root(cfg, code):
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")):
         os.symlink(target, f"{dev}/{name}")
-    # Its own devpts instance: the code sees and can open only its own (few) ptys.
-    _mount("devpts", dev + "/pts", "devpts", MS_NOSUID | MS_NOEXEC,
-           f"newinstance,ptmxmode=0666,mode=0620,max={MAX_PTYS}")
+    # Its own devpts instance: the code sees and can open only its own (few) ptys. Where the
+    # kernel refuses one, /dev/pts stays empty (no ptys at all; never the host's).
+    try:
+        _mount("devpts", dev + "/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+               f"newinstance,ptmxmode=0666,mode=0620,max={MAX_PTYS}")
+    except OSError:
+        pass
     os.mkdir(dev + "/shm", 0o755)
     _mount("tmpfs", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmpfs_bytes']},mode=1777")
     os.mkdir(new + "/proc", 0o555)
-    # A procfs of the new pid namespace: the code sees only its own processes.
-    _mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # A procfs of the new pid namespace: the code sees only its own processes. A user namespace
+    # may not mount one where the host's /proc is partly masked (containers): then /proc stays
+    # empty (Python runs without it; the host's is never visible).
+    try:
+        _mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError:
+        pass
     workdir = "/tmp/work"
     os.mkdir(new + workdir, 0o700)
     _write_code(new + workdir, cfg["uid"], code)

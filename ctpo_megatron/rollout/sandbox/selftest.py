@@ -25,7 +25,7 @@ MUST_BE_ABSENT = ("/run", "/var/run", "/sys", "/home", "/data", "/mnt", "/srv", 
 _PROBE = r"""
 import ctypes, json, os
 libc = ctypes.CDLL(None, use_errno=True)
-status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l) if os.path.exists("/proc/self/status") else {}
 r = {"uid": os.getuid(), "root": sorted(os.listdir("/")),
      "ns": {n: os.readlink(f"/proc/self/ns/{n}") for n in NAMESPACES if os.path.exists(f"/proc/self/ns/{n}")},
      "seccomp": status.get("Seccomp", "?").strip(), "no_new_privs": status.get("NoNewPrivs", "?").strip(),
@@ -62,7 +62,7 @@ def self_test(config: SandboxConfig | None = None) -> SelfTestReport:
     rep = SelfTestReport()
     code = f"NAMESPACES = {NAMESPACES!r}\nMUST_BE_ABSENT = {MUST_BE_ABSENT!r}\n" + _PROBE
     try:
-        res = run_code(code, timeout=60.0, config=cfg)
+        res = run_code(code, timeout=min(60.0, cfg.max_timeout_s), config=cfg)
         probe = json.loads(res.stdout) if res.exit_code == 0 else None
     except (SandboxSetupError, OSError) as e:
         rep.items.append(("sandbox", False, f"cannot be built: {e}"))
@@ -81,7 +81,8 @@ def self_test(config: SandboxConfig | None = None) -> SelfTestReport:
     rep.items.append(("namespaces", need <= set(new),
                       f"new: {' '.join(new) or '-'}; shared with the host: {' '.join(shared) or '-'}"))
     rep.items.append(("root", not probe["present"] and "tmp" in probe["root"],
-                      f"/ holds {' '.join(probe['root'])}; {probe['procs']} process(es) in /proc"
+                      f"/ holds {' '.join(probe['root'])}; "
+                      + (f"{probe['procs']} process(es) in /proc" if probe["procs"] else "no procfs (/proc empty)")
                       + (f"; HOST PATHS VISIBLE: {' '.join(probe['present'])}" if probe["present"] else "")))
     if cfg.cgroup == "off":
         rep.items.append(("cgroup", True, "off (SandboxConfig.cgroup='off'): rlimits only"))
