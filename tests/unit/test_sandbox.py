@@ -53,6 +53,20 @@ def test_runs_code_and_reports_errors():
     assert syntax.exit_code == 1 and "SyntaxError" in syntax.stderr
 
 
+def test_scientific_stack_works_in_the_allowlisted_root():
+    # The root holds only the system directories, the interpreter and a few /etc files: what
+    # math code uses (numpy's BLAS through ld.so.cache, sympy, time zone, locale) still works.
+    res = _run("""
+        import locale, tempfile, time
+        import numpy, sympy
+        x = sympy.Symbol("x")
+        print(numpy.linalg.det(numpy.eye(3)), sympy.factor(x**2 - 1), time.strftime("%Z", time.gmtime()),
+              locale.getpreferredencoding(), tempfile.gettempdir())
+        """, timeout=60.0)
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == "1.0 (x - 1)*(x + 1) GMT UTF-8 /tmp\n"
+
+
 def test_infinite_loop_times_out():
     res = _run("while True:\n    pass", timeout=1.0)
     assert res.timed_out and res.exit_code is None and not res.ok
@@ -236,6 +250,11 @@ try:
     print("WROTE")
 except OSError:
     print("write-denied")
+try:  # init is uid 0 of the same user namespace, but holds capabilities the code lacks
+    open("/proc/1/mem", "rb")
+    print("INIT-MEM")
+except OSError:
+    print("init-mem-denied")
 ''', config=cfg)
 bomb = run_code("import os\nwhile True:\n    try: os.fork()\n    except OSError: pass", timeout=2, config=cfg)
 loop = run_code("while True: pass", timeout=1, config=cfg)
@@ -276,7 +295,7 @@ def test_unprivileged_caller_is_isolated_by_a_user_namespace():
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["isolation"] == "userns"
-    assert res["probe"].split() == ["no-secret", "net-blocked", "write-denied"]
+    assert res["probe"].split() == ["no-secret", "net-blocked", "write-denied", "init-mem-denied"]
     assert res["bomb"] and res["loop"] == [True, None]
     leftover = [p.pid for p in psutil.process_iter(["uids", "cmdline"])
                 if p.info["uids"] and p.info["uids"].real == 65534 and "main.py" in (p.info["cmdline"] or [])]

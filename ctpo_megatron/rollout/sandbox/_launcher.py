@@ -26,11 +26,11 @@ that group and, as root, every process of the run's uid, then reaps.
 
 Protocol: stdin carries a record (4-byte little-endian length + `marshal` of a dict: the
 settings) followed by the code; stdout/stderr are pipes the caller drains; records of the same
-form are written to the status fd (held by the launcher and init only): {"isolation": str} and {"seccomp": str} from the launcher,
-{"error": str} when setup failed (the code did not run; a host problem), {"started": true} once
-the code is about to run, {"code_error": str} when the code itself made the run impossible
-(e.g. it does not fit in the tmpfs), {"exit_code": int} from init, {"timed_out": true} from the
-launcher.
+form are written to the status fd (held by the launcher and init only): {"isolation": str} and
+{"seccomp": str} from the launcher, {"error": str} when setup failed (the code did not run; a
+host problem), {"started": true} once the code is about to run, {"code_error": str} when the
+code itself made the run impossible (it does not fit in the tmpfs), {"exit_code": int} from
+init, {"timed_out": true} from the launcher.
 """
 
 import _signal as signal
@@ -43,7 +43,8 @@ import struct
 import sys
 import time
 
-CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWNS, CLONE_NEWCGROUP = 0x00020000, 0x02000000
+CLONE_NEWUTS, CLONE_NEWIPC = 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 NAMESPACE_FLAGS = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
                    | CLONE_NEWPID | CLONE_NEWNET)

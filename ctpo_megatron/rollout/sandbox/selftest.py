@@ -25,7 +25,9 @@ MUST_BE_ABSENT = ("/run", "/var/run", "/sys", "/home", "/data", "/mnt", "/srv", 
 _PROBE = r"""
 import ctypes, json, os
 libc = ctypes.CDLL(None, use_errno=True)
-status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l) if os.path.exists("/proc/self/status") else {}
+status = {}
+if os.path.exists("/proc/self/status"):
+    status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
 r = {"uid": os.getuid(), "root": sorted(os.listdir("/")),
      "ns": {n: os.readlink(f"/proc/self/ns/{n}") for n in NAMESPACES if os.path.exists(f"/proc/self/ns/{n}")},
      "seccomp": status.get("Seccomp", "?").strip(), "no_new_privs": status.get("NoNewPrivs", "?").strip(),
