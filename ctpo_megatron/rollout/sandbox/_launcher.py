@@ -212,9 +212,15 @@ def _install_seccomp(prog):
 # The allowlisted root.
 # ---------------------------------------------------------------------------------------------
 
+# pivot_root has no C library wrapper; its number differs per architecture.
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+
 def _pivot_root(new, old):
-    _check(_libc.syscall(155 if os.uname().machine == "x86_64" else 41, new.encode(), old.encode()),
-           f"pivot_root {new}")
+    arch = os.uname().machine
+    if arch not in SYS_PIVOT_ROOT:
+        raise OSError(errno.ENOSYS, f"pivot_root: syscall number unknown for {arch}")
+    _check(_libc.syscall(SYS_PIVOT_ROOT[arch], new.encode(), old.encode()), f"pivot_root {new}")
 
 
 def _make_readonly(path, keep_dev):
