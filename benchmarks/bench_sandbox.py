@@ -18,6 +18,7 @@ import sys
 import time
 
 from ctpo_megatron.rollout.sandbox import SandboxPool, run_code
+from ctpo_megatron.rollout.sandbox.selftest import self_test
 
 PROGRAM = "import math\nprint(sum(math.sqrt(i) for i in range(10000)))"
 SLEEPER = "import time\ntime.sleep(0.2)\nprint('done')"
@@ -42,6 +43,7 @@ def main() -> None:
 
     print(f"python {platform.python_version()}  cpus {os.cpu_count()}  uid {os.geteuid()}  "
           f"kernel {platform.release()}")
+    print(self_test().summary())  # what the measured runs pay for
     bare = _median_s(lambda: subprocess.run([sys.executable, "-I", "-c", PROGRAM], capture_output=True,
                                             check=True), args.reps)
     boxed = _median_s(lambda: run_code(PROGRAM, timeout=10), args.reps)

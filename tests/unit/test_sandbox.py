@@ -32,6 +32,16 @@ def _uid_range() -> range:
     return range(base, base + 256)
 
 
+def _leftover_processes(deadline_s: float = 10.0) -> list[int]:
+    """Processes of the runs' uids still alive; polls until there are none or the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        left = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real in _uid_range()]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
 def test_runs_code_and_reports_errors():
     ok = _run("import sys\nprint(6 * 7)\nprint('warn', file=sys.stderr)")
     assert (ok.stdout, ok.stderr, ok.exit_code, ok.timed_out, ok.ok) == ("42\n", "warn\n", 0, False, True)
@@ -43,11 +53,23 @@ def test_runs_code_and_reports_errors():
     assert syntax.exit_code == 1 and "SyntaxError" in syntax.stderr
 
 
+def test_scientific_stack_works_in_the_allowlisted_root():
+    # The root holds only the system directories, the interpreter and a few /etc files: what
+    # math code uses (numpy's BLAS through ld.so.cache, sympy, time zone, locale) still works.
+    res = _run("""
+        import locale, tempfile, time
+        import numpy, sympy
+        x = sympy.Symbol("x")
+        print(numpy.linalg.det(numpy.eye(3)), sympy.factor(x**2 - 1), time.strftime("%Z", time.gmtime()),
+              locale.getpreferredencoding(), tempfile.gettempdir())
+        """, timeout=60.0)
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == "1.0 (x - 1)*(x + 1) GMT UTF-8 /tmp\n"
+
+
 def test_infinite_loop_times_out():
-    start = time.monotonic()
     res = _run("while True:\n    pass", timeout=1.0)
     assert res.timed_out and res.exit_code is None and not res.ok
-    assert time.monotonic() - start < 4.0
 
 
 def test_timeout_keeps_output_printed_before_it():
@@ -91,9 +113,7 @@ def test_fork_bomb_is_bounded_and_cleaned_up():
         """, timeout=2.0, max_processes=16)
     assert res.timed_out
     # Every process of the bomb died with the sandbox's pid namespace.
-    time.sleep(0.2)
-    leftover = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real in _uid_range()]
-    assert leftover == []
+    assert _leftover_processes() == []
     assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0  # machine still fine
 
 
@@ -127,18 +147,17 @@ def test_memory_bomb_fails_cleanly():
 
 
 def test_huge_output_is_truncated():
-    start = time.monotonic()
     res = _run("""
         import sys
         while True:
             sys.stdout.write("x" * 65536)
         """, timeout=10.0, max_output_bytes=1000, file_size_bytes=4 << 20)
-    # The file-size limit stops the writer long before the timeout (Python ignores SIGXFSZ,
-    # so the write fails with EFBIG; other programs die of the signal).
-    assert not res.timed_out and res.exit_code in (1, -signal.SIGXFSZ)
-    assert res.exit_code == -signal.SIGXFSZ or "File too large" in res.stderr
+    # The parent closes the output pipe after file_size_bytes, which stops the writer long
+    # before the timeout (Python ignores SIGPIPE, so the write fails with EPIPE; other
+    # programs die of the signal).
+    assert not res.timed_out and res.exit_code in (1, -signal.SIGPIPE)
+    assert res.exit_code == -signal.SIGPIPE or "Broken pipe" in res.stderr
     assert res.stdout.startswith("x" * 1000) and "truncated" in res.stdout and len(res.stdout) < 1100
-    assert time.monotonic() - start < 8.0
 
 
 def test_cannot_write_outside_its_directory():
@@ -197,7 +216,9 @@ def test_pool_runs_concurrently_in_order():
 
         assert [r.stdout for r in asyncio.run(both())] == ["a\n", "b\n"]
     assert [r.stdout for r in results] == [f"{i * i}\n" for i in range(8)]
-    assert elapsed < 8 * 0.3  # overlapped, not one after another
+    # Overlapped, not one after another: each run lies within `elapsed`, so their lengths can
+    # only add up to more than it if runs were in flight at the same time.
+    assert sum(r.wall_s for r in results) > 2 * elapsed
     assert not _UIDS._in_use  # every uid handed back
 
 
@@ -229,6 +250,11 @@ try:
     print("WROTE")
 except OSError:
     print("write-denied")
+try:  # init is uid 0 of the same user namespace, but holds capabilities the code lacks
+    open("/proc/1/mem", "rb")
+    print("INIT-MEM")
+except OSError:
+    print("init-mem-denied")
 ''', config=cfg)
 bomb = run_code("import os\nwhile True:\n    try: os.fork()\n    except OSError: pass", timeout=2, config=cfg)
 loop = run_code("while True: pass", timeout=1, config=cfg)
@@ -269,7 +295,7 @@ def test_unprivileged_caller_is_isolated_by_a_user_namespace():
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["isolation"] == "userns"
-    assert res["probe"].split() == ["no-secret", "net-blocked", "write-denied"]
+    assert res["probe"].split() == ["no-secret", "net-blocked", "write-denied", "init-mem-denied"]
     assert res["bomb"] and res["loop"] == [True, None]
     leftover = [p.pid for p in psutil.process_iter(["uids", "cmdline"])
                 if p.info["uids"] and p.info["uids"].real == 65534 and "main.py" in (p.info["cmdline"] or [])]
@@ -299,7 +325,7 @@ def test_interpreter_under_a_covered_directory_stays_usable_read_only(tmp_path):
 
 def test_fallback_without_namespaces_still_limits(tmp_path):
     # Hosts without namespace support: rlimits, own uid as root, process-group kill; no netns.
-    cfg = dict(use_namespaces=False, require_isolation=False, readonly_root=False)
+    cfg = dict(use_namespaces=False, require_isolation=False)
     with pytest.raises(ValueError, match="require_isolation=False"):
         SandboxConfig(use_namespaces=False)
     python = _unprivileged_python() if IS_ROOT else sys.executable
@@ -328,6 +354,4 @@ def test_fallback_without_namespaces_still_limits(tmp_path):
         escape = _run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
                       "print('parent done')", **cfg)
         assert escape.stdout == "parent done\n"
-    time.sleep(0.2)
-    leftover = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real in _uid_range()]
-    assert leftover == []  # the sleeping children died with the process group
+    assert _leftover_processes() == []  # the sleeping children died with the process group

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
+
+CGROUP_MODES = ("auto", "require", "off")
 
 
 @dataclass
@@ -20,8 +23,30 @@ class SandboxConfig:
     uid, so this interpreter (and its site-packages) must be readable by other users."""
 
     memory_bytes: int = 2 << 30
-    """RLIMIT_AS (address space) of the code process, bytes. Python with numpy/sympy needs
-    a few hundred MiB of address space."""
+    """RLIMIT_AS (address space) of each process of the code, bytes. Python with numpy/sympy
+    needs a few hundred MiB of address space."""
+
+    run_memory_bytes: int | None = None
+    """Memory of the whole run (every process, its tmpfs files and SysV shared memory), bytes:
+    the cgroup's memory limit. None: memory_bytes + 2 * tmpfs_bytes + 64 MiB, so that one
+    process meets its RLIMIT_AS (a MemoryError) before the run meets this limit (the kernel
+    kills a process of the run, reported in stderr)."""
+
+    cgroup: str = "auto"
+    """"auto": a per-run cgroup (v2 where this process may create one, else v1) bounds the whole
+    run's memory and processes; without one, runs fall back to rlimits and a warning is
+    logged once. "require": no cgroup is an error (SandboxSetupError). "off": rlimits only."""
+
+    cgroup_parent: str | None = None
+    """A delegated cgroup v2 directory (memory and pids available, no processes of its own)
+    to create the run cgroups in. None: this process's own cgroup, else cgroup v1."""
+
+    seccomp: bool = True
+    """Install the seccomp filter in the code process (see `_launcher.seccomp_program`)."""
+
+    extra_ro_paths: tuple[str, ...] = ()
+    """Host paths bound read-only into the sandbox's root, beyond the system directories and
+    the interpreter's prefixes. Never put data or checkpoints here: the code can read them."""
 
     cpu_seconds_extra: float = 1.0
     """RLIMIT_CPU is ceil(timeout + this) seconds per process (SIGXCPU, then SIGKILL)."""
@@ -34,7 +59,14 @@ class SandboxConfig:
     root every concurrent run gets its own unprivileged uid."""
 
     tmpfs_bytes: int = 64 << 20
-    """Size of the private tmpfs mounted on /tmp (the working directory lives there)."""
+    """Size of the private tmpfs on /tmp (the working directory lives there) and of /dev/shm."""
+
+    max_code_bytes: int = 1 << 20
+    """Largest program accepted (UTF-8 bytes); a larger one is reported as the code's error
+    without launching anything. Must be below tmpfs_bytes."""
+
+    max_timeout_s: float = 3600.0
+    """Largest wall-clock timeout a caller may ask for, seconds."""
 
     max_output_bytes: int = 64 << 10
     """Bytes of stdout and of stderr kept in the result; the rest is replaced by a marker."""
@@ -51,10 +83,6 @@ class SandboxConfig:
     fallback for hosts without namespace support: rlimits, an unprivileged uid as root, the
     process group killed at the end; the network is NOT isolated and a process that leaves
     the group (setsid) can outlive the run."""
-
-    readonly_root: bool = True
-    """Remount the whole filesystem read-only inside the sandbox's mount namespace (best
-    effort); the private /tmp, /var/tmp and /dev/shm tmpfs mounts stay writable."""
 
     uid_base: int | None = None
     """First uid of the range used when running as root (one uid per concurrent run). None:
@@ -76,11 +104,41 @@ class SandboxConfig:
     """The complete environment of the code process (nothing is inherited from the trainer);
     HOME is set to the working directory."""
 
+    @property
+    def run_memory_limit(self) -> int:
+        """The whole run's memory limit, bytes (see `run_memory_bytes`)."""
+        if self.run_memory_bytes is not None:
+            return self.run_memory_bytes
+        return self.memory_bytes + 2 * self.tmpfs_bytes + (64 << 20)
+
+    def check_timeout(self, timeout: float, where: str = "run_code") -> float:
+        """`timeout` as a float, or ValueError unless it is finite and in (0, max_timeout_s]."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ValueError(f"{where}: timeout must be a number of seconds, got {timeout!r}")
+        if not (math.isfinite(timeout) and 0 < timeout <= self.max_timeout_s):
+            raise ValueError(f"{where}: timeout must be finite and in (0, {self.max_timeout_s}] seconds "
+                             f"(SandboxConfig.max_timeout_s), got {timeout!r}")
+        return float(timeout)
+
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "file_size_bytes", "max_processes", "tmpfs_bytes",
-                     "max_output_bytes", "uid_slots"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)}")
+                     "max_output_bytes", "uid_slots", "max_code_bytes", "run_memory_bytes"):
+            value = getattr(self, name)
+            if value is None and name == "run_memory_bytes":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"SandboxConfig.{name} must be an integer > 0, got {value!r}")
+        if self.max_code_bytes >= self.tmpfs_bytes:
+            raise ValueError(f"SandboxConfig.max_code_bytes ({self.max_code_bytes}) must be below "
+                             f"tmpfs_bytes ({self.tmpfs_bytes}): the program is written to that tmpfs")
+        if not (isinstance(self.max_timeout_s, (int, float)) and math.isfinite(self.max_timeout_s)
+                and 0 < self.max_timeout_s <= 86400):
+            raise ValueError(f"SandboxConfig.max_timeout_s must be finite, in (0, 86400], got {self.max_timeout_s!r}")
+        if self.cgroup not in CGROUP_MODES:
+            raise ValueError(f"SandboxConfig.cgroup must be one of {CGROUP_MODES}, got {self.cgroup!r}")
+        for path in (*self.extra_ro_paths, *([self.cgroup_parent] if self.cgroup_parent else [])):
+            if not os.path.isabs(path):
+                raise ValueError(f"SandboxConfig: paths must be absolute, got {path!r}")
         if self.cpu_seconds_extra < 0:
             raise ValueError(f"SandboxConfig.cpu_seconds_extra must be >= 0, got {self.cpu_seconds_extra}")
         if not self.use_namespaces and self.require_isolation:
@@ -107,6 +165,9 @@ class SandboxResult:
     isolation: str = ""
     """What isolated the run: "root+ns" (own uid + namespaces), "userns" (user namespace) or
     "none" (rlimits only; only when require_isolation is False)."""
+    error: str = ""
+    """Set when the sandbox, not the code, failed (a host problem, see `SandboxPool`); the
+    result then reads as a failed run (exit_code 1) with this text in stderr."""
 
     @property
     def ok(self) -> bool:
