@@ -215,9 +215,10 @@ class PolicyActor:
             loss, metrics = loss_fn(log_probs, batch)
             out = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()}
             out["loss"] = float(loss.detach())
-            # megatron divides each micro-batch loss by num_microbatches; the loss is already
-            # normalized by the global token count, so undo it.
-            return loss * num_mb, out
+            # megatron divides each micro-batch loss by num_microbatches (and multiplies it by
+            # the CP size, taking it for a CP-averaged loss); the loss is already normalized
+            # by the global token count and DP x CP, so undo both.
+            return loss * (num_mb / self.cp_size), out
 
         per_mb = run_schedule(self.model, micro_batches, pgs=self.pgs,
                               settings=self._settings(False), consume=consume, forward_only=False)
