@@ -38,14 +38,17 @@ def causal_block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     sq, sk = query.shape[0], key.shape[0]
     if sk != key_offset + sq:
         raise ValueError(f"causal_block_attention: {sk} keys, expected key_offset {key_offset} + {sq} queries")
-    scores = torch.einsum("qbgrh,kbgh->bgrqk", query, key) * scale
+    # Broadcasting matmuls rather than einsum: einsum would save a permuted copy of the
+    # [.., sq, sk] probabilities for backward, doubling the largest activation.
+    scores = torch.matmul(query.permute(1, 2, 3, 0, 4), key.permute(1, 2, 3, 0)[:, :, None]) * scale
     if softmax_in_fp32:
         scores = scores.float()
     masked = torch.ones(sq, sk, dtype=torch.bool, device=query.device).triu_(key_offset + 1)
     probs = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1).to(value.dtype)
     if dropout is not None:
         probs = dropout(probs)
-    return torch.einsum("bgrqk,kbgh->qbgrh", probs, value)
+    context = torch.matmul(probs, value.permute(1, 2, 0, 3)[:, :, None])  # [b, ng, rep, sq, hn]
+    return context.permute(3, 0, 1, 2, 4)
 
 
 def zigzag_global_chunks(cp_size: int, cp_rank: int) -> tuple[int, int]:
