@@ -13,9 +13,10 @@ pytestmark = pytest.mark.dist
 
 
 def _samples():
-    """Ragged lengths (none a multiple of 2*cp = 4 for most), one response of length 1."""
+    """Ragged lengths (most not a multiple of 2*cp = 4), a one-token prompt, and a one-token
+    response alone in the last micro-batch (so one CP rank scores nothing there)."""
     samples = random_samples(5, seed=31, max_len=14)
-    samples[1]["response_ids"] = samples[1]["response_ids"][:1]
+    samples[4]["response_ids"] = samples[4]["response_ids"][:1]
     samples[2]["prompt_ids"] = samples[2]["prompt_ids"][:1]
     return samples
 
