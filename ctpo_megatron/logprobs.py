@@ -1,11 +1,12 @@
 """Score responses with a Hugging Face model on megatron-core: per-token log-probs.
 
     torchrun --nproc-per-node N -m ctpo_megatron.logprobs --hf-model DIR \\
-        --input IN.jsonl --output OUT.jsonl --tp T --pp P [--temperature 1.0] [--micro-batch-size 4]
+        --input IN.jsonl --output OUT.jsonl --tp T --pp P --cp C [--temperature 1.0] [--micro-batch-size 4]
 
 Each input line is {"prompt_ids": [...], "response_ids": [...]} (other keys are kept); each
 output line adds "log_probs": one float per response token, in order. N must be a multiple of
-T x P; the remaining factor is data parallelism (lines are split over DP replicas). Runs in CPU
+T x P x C; the remaining factor is data parallelism (lines are split over DP replicas). With
+C > 1 (context parallelism) every sequence is cut into 2*C zigzag chunks over C ranks. Runs in CPU
 mode (gloo) when no GPU is present (see CTPO_CPU_MODE).
 """
 
@@ -26,13 +27,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m ctpo_megatron.logprobs",
         description=__doc__.split("\n\n")[0] + " Launch with torchrun, one process per rank.",
         epilog="Example: torchrun --nproc-per-node 4 -m ctpo_megatron.logprobs --hf-model ckpt "
-               "--input in.jsonl --output out.jsonl --tp 2 --pp 2",
+               "--input in.jsonl --output out.jsonl --tp 2 --pp 2 (--cp 2 splits long sequences too)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--hf-model", required=True, help="HF checkpoint directory (config.json + safetensors)")
     parser.add_argument("--input", required=True, help='JSONL, one {"prompt_ids": [...], "response_ids": [...]} per line')
     parser.add_argument("--output", required=True, help='JSONL written by rank 0: each input line plus "log_probs"')
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--cp", type=int, default=1,
+                        help="context-parallel size (each sequence split into 2*cp zigzag chunks)")
     parser.add_argument("--temperature", type=float, default=1.0, help="score softmax(logits / temperature)")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward micro-batch")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model parameter dtype")
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     init_logging(rank)
     try:
         records = _read_jsonl(args.input)
-        cfg = ActorConfig(hf_model_dir=args.hf_model, dims=ParallelDims(tp=args.tp, pp=args.pp),
+        cfg = ActorConfig(hf_model_dir=args.hf_model, dims=ParallelDims(tp=args.tp, pp=args.pp, cp=args.cp),
                           params_dtype=args.dtype, temperature=args.temperature,
                           micro_batch_size=args.micro_batch_size, logprob_chunk_size=args.chunk_size,
                           lr=0.0)
@@ -84,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         mine = [(lp.tolist(), None if entropies is None else entropies[i].tolist())
                 for i, lp in enumerate(log_probs)]
         gathered = [None] * world_size if rank == 0 else None
-        dist.gather_object(mine if actor.pgs.tp.rank() == 0 and actor.pgs.pp.rank() == 0 else None,
-                           gathered, dst=0)
+        first = actor.pgs.tp.rank() == 0 and actor.pgs.pp.rank() == 0 and actor.pgs.cp.rank() == 0
+        dist.gather_object(mine if first else None, gathered, dst=0)
         if rank == 0:
             by_replica = [g for g in gathered if g is not None]
             results = [item for replica in by_replica for item in replica]

@@ -47,6 +47,10 @@ class ActorConfig:
     """Megatron sequence parallelism: activations outside the TP regions (norms, residuals,
     dropout) are split over TP along the sequence (activation memory / tp there). Needs
     dims.tp > 1; micro-batches are right-padded to a multiple of tp (padding is never scored)."""
+    cp_comm_type: str = "p2p"
+    """Under context parallelism (dims.cp > 1) on TransformerEngine: how its attention exchanges
+    K/V ("p2p", "all_gather", "a2a", "a2a+p2p"). Megatron's local spec (no TE) always uses the
+    exact all-gather attention of `models.cp_attention`."""
     recompute: bool = False
     """Full activation recomputation of every layer in backward (less memory, ~1/3 more compute)."""
     make_vocab_size_divisible_by: int = 128
@@ -70,6 +74,10 @@ class ActorConfig:
         if self.sequence_parallel and self.dims.tp < 2:
             raise ValueError(f"actor.sequence_parallel=True needs tp > 1 (parallel.tp={self.dims.tp}); "
                              "set parallel.sequence_parallel=false")
+        from ctpo_megatron.models.config import CP_COMM_TYPES
+
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(f"actor.cp_comm_type={self.cp_comm_type!r}: expected one of {CP_COMM_TYPES}")
         if self.temperature <= 0:
             raise ValueError(f"actor.temperature={self.temperature!r}: must be > 0")
         if self.lr < 0 or self.clip_grad < 0 or self.weight_decay < 0:

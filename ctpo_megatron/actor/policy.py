@@ -1,10 +1,11 @@
 """`PolicyActor`: the Megatron policy — HF weights in, per-token log-probs, optimizer steps with
 a pluggable loss, distributed checkpoints, HF weights out.
 
-Layout: TP x PP x DP from `ActorConfig.dims` (CP = 1 here), optionally with megatron sequence
+Layout: TP x PP x CP x DP from `ActorConfig.dims`, optionally with megatron sequence
 parallelism (`ActorConfig.sequence_parallel`). Every method is called on every
-rank. The samples a rank receives are its DP replica's share (identical on all TP/PP ranks of
-that replica).
+rank. The samples a rank receives are its DP replica's share (identical on all TP/PP/CP ranks
+of that replica); under CP each rank runs its zigzag chunks of every sequence
+(`actor/context_parallel.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from ctpo_megatron.actor.batching import PER_TOKEN_FIELDS, MicroBatch, check_sample
 from ctpo_megatron.actor.config import ActorConfig
+from ctpo_megatron.actor.context_parallel import cp_micro_batches, gather_response_layout
 from ctpo_megatron.actor.schedule import (
     ScoreSettings, make_micro_batches, model_device, run_schedule,
 )
@@ -51,11 +53,6 @@ class PolicyActor:
         hf_config = AutoConfig.from_pretrained(cfg.hf_model_dir)
         if not dist.is_initialized():
             raise RuntimeError("PolicyActor: call init_distributed() first")
-        if cfg.dims.cp != 1:
-            # The CTPO loss and prefix sums support CP (ctpo_megatron.ops), but feeding zigzag
-            # shards through GPTModel needs TransformerEngine's CP attention, not wired here yet.
-            raise ValueError(f"parallel.cp={cfg.dims.cp}: context parallelism is not supported by "
-                             "the policy actor yet; use parallel.cp=1")
         # Validate the model against the layout before the first collective.
         self.spec = model_spec_from_hf(hf_config, cfg.dims.resolve(dist.get_world_size()),
                                        make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
@@ -63,6 +60,7 @@ class PolicyActor:
         self.tf_config = transformer_config(self.spec, self.dims, params_dtype=cfg.params_dtype,
                                             recompute=cfg.recompute,
                                             sequence_parallel=cfg.sequence_parallel,
+                                            cp_comm_type=cfg.cp_comm_type,
                                             overrides=cfg.transformer_overrides)
         model = build_gpt_model(self.spec, self.tf_config, self.pgs)
         if cfg.params_dtype == "bfloat16":
@@ -98,6 +96,10 @@ class PolicyActor:
     def dp_size(self) -> int:
         return self.pgs.dp.size()
 
+    @property
+    def cp_size(self) -> int:
+        return self.pgs.cp.size()
+
     def set_lr(self, lr: float) -> None:
         """Sets the learning rate of every parameter group (for the trainer's schedule)."""
         for group in self.optimizer.param_groups:
@@ -113,6 +115,10 @@ class PolicyActor:
         for i, s in enumerate(samples):
             check_sample(s, i, max_len=self.spec.max_position_embeddings,
                          vocab_size=self.spec.vocab_size)
+        if self.cp_size > 1:
+            return cp_micro_batches(samples, self.pgs.cp, micro_batch_size=self.cfg.micro_batch_size,
+                                    fixed_shape=self.pgs.pp.size() > 1, fields=fields,
+                                    tp_size=self.dims.tp, sequence_parallel=self.cfg.sequence_parallel)
         return make_micro_batches(samples, micro_batch_size=self.cfg.micro_batch_size,
                                   fixed_shape=self.pgs.pp.size() > 1, fields=fields,
                                   seq_multiple=self.dims.tp if self.cfg.sequence_parallel else 1)
@@ -142,6 +148,9 @@ class PolicyActor:
         outputs: list = []
 
         def consume(mb, log_probs, entropy):
+            if self.cp_size > 1:  # local zigzag layout -> [b, R] response order, full over CP
+                log_probs = gather_response_layout(mb, log_probs, self.pgs.cp)
+                entropy = None if entropy is None else gather_response_layout(mb, entropy, self.pgs.cp)
             outputs.append((log_probs.float(), entropy))
             return log_probs.new_zeros(()), {}
 
@@ -179,11 +188,17 @@ class PolicyActor:
         scaling is undone here and DDP averages over DP, so the gradient equals that of the
         whole mini-batch loss on one rank. Returns metrics (mean over micro-batches and DP
         ranks), "loss" (the mini-batch loss), grad_norm and lr, on every rank.
+
+        Under context parallelism (cp > 1) log_probs and the per-token fields are [b, S/cp] in
+        the rank's local zigzag layout (`actor/context_parallel.py`; 0 where the rank scores no
+        response token), global_num_tokens counts over DP and CP, dp_size is DP x CP (DDP's
+        averaging group) and batch["cp_group"] is the CP group (also present, of size 1, at
+        CP = 1); `context_parallel.context_parallel_policy_loss` is a loss for that layout.
         """
         micro_batches = self._micro_batches(samples, fields=PER_TOKEN_FIELDS)
         local_tokens = torch.tensor([float(sum(mb.fields["response_mask"].sum() for mb in micro_batches))],
                                     dtype=torch.float64, device=model_device())
-        dist.all_reduce(local_tokens, group=self.pgs.dp)
+        dist.all_reduce(local_tokens, group=self.pgs.dp_cp)  # CP ranks hold disjoint tokens
         global_num_tokens = int(round(local_tokens.item()))
         num_mb = len(micro_batches)
         for chunk in self.model:
@@ -193,13 +208,17 @@ class PolicyActor:
 
         def consume(mb, log_probs, entropy):
             batch = {k: v.to(log_probs.device) for k, v in mb.fields.items()}
-            batch.update(global_num_tokens=global_num_tokens, dp_size=self.dp_size)
+            # DDP averages gradients over DP x CP: normalizing by that size makes the summed
+            # CP contributions the whole mini-batch's gradient (the loss contract).
+            batch.update(global_num_tokens=global_num_tokens, dp_size=self.pgs.dp_cp.size(),
+                         cp_group=self.pgs.cp)
             loss, metrics = loss_fn(log_probs, batch)
             out = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()}
             out["loss"] = float(loss.detach())
-            # megatron divides each micro-batch loss by num_microbatches; the loss is already
-            # normalized by the global token count, so undo it.
-            return loss * num_mb, out
+            # megatron divides each micro-batch loss by num_microbatches (and multiplies it by
+            # the CP size, taking it for a CP-averaged loss); the loss is already normalized
+            # by the global token count and DP x CP, so undo both.
+            return loss * (num_mb / self.cp_size), out
 
         per_mb = run_schedule(self.model, micro_batches, pgs=self.pgs,
                               settings=self._settings(False), consume=consume, forward_only=False)
@@ -213,15 +232,15 @@ class PolicyActor:
 
     def _reduce_metrics(self, per_mb: list[dict]) -> dict[str, float]:
         """Mean over micro-batches ("loss": sum, the rank's share of the mini-batch loss), then
-        mean over DP; computed on the last stage and broadcast over PP."""
+        mean over DP x CP; computed on the last stage and broadcast over PP."""
         pp = self.pgs.pp
         payload = [None]
         if self.is_last_stage:
             keys = sorted(per_mb[0])
             values = torch.tensor([sum(m[k] for m in per_mb) / (1 if k == "loss" else len(per_mb))
                                    for k in keys], dtype=torch.float64, device=model_device())
-            dist.all_reduce(values, group=self.pgs.dp)
-            payload = [dict(zip(keys, (values / self.dp_size).tolist()))]
+            dist.all_reduce(values, group=self.pgs.dp_cp)
+            payload = [dict(zip(keys, (values / self.pgs.dp_cp.size()).tolist()))]
         if pp.size() > 1:
             dist.broadcast_object_list(payload, group=pp, group_src=pp.size() - 1)
         return payload[0]

@@ -64,8 +64,11 @@ def make_micro_batches(samples: Sequence[dict], *, micro_batch_size: int, fixed_
 def _forward_step(data_iterator, model, *, settings: ScoreSettings, tp_group, consume: Callable):
     mb: MicroBatch = next(data_iterator)
     device = model_device()
+    # Under context parallelism the core attention builds the causal mask from each rank's
+    # zigzag chunk positions (actor/context_parallel.py).
+    cp = getattr(mb, "cp_size", 1) > 1
     output = model(mb.tokens.to(device), mb.position_ids.to(device),
-                   attention_mask=causal_mask(mb.tokens.shape[1], device))
+                   attention_mask=None if cp else causal_mask(mb.tokens.shape[1], device))
     return output, functools.partial(_score, mb, settings=settings, tp_group=tp_group,
                                      consume=consume)
 
@@ -79,6 +82,7 @@ def _score(mb: MicroBatch, logits: torch.Tensor, *, settings: ScoreSettings, tp_
         vocab_size=settings.vocab_size, temperature=settings.temperature,
         chunk_size=settings.chunk_size, with_entropy=settings.with_entropy)
     mb.resp_row, mb.resp_col = mb.resp_row.to(logits.device), mb.resp_col.to(logits.device)
+    # [b, R] response order, or [b, S/cp] local layout under context parallelism.
     return consume(mb, mb.scatter(log_probs),
                    mb.scatter(entropy) if entropy is not None else None)
 
@@ -106,5 +110,5 @@ def run_schedule(model_chunks: list, micro_batches: list[MicroBatch], *, pgs,
     first = micro_batches[0]
     return forward_backward(
         forward_step_func=step, data_iterator=iter(micro_batches), model=model_chunks,
-        num_microbatches=len(micro_batches), seq_length=first.tokens.shape[1],
+        num_microbatches=len(micro_batches), seq_length=first.tokens.shape[1] * pgs.cp.size(),
         micro_batch_size=first.tokens.shape[0], forward_only=forward_only, pg_collection=pgs, **extra)

@@ -1,7 +1,10 @@
 """Builds the megatron-core `GPTModel` chunk of this pipeline stage from a `ModelSpec`.
 
 The layer spec is TransformerEngine's when TE is importable (GPU clusters), else megatron's local
-spec (pure torch; CPU mode). That choice is made here and nowhere else.
+spec (pure torch; CPU mode). That choice is made here and nowhere else. Under context
+parallelism (CP > 1) TE's attention runs CP itself (`TransformerConfig.cp_comm_type`); the local
+spec's attention refuses CP, so its core attention is swapped for
+`models.cp_attention.ContextParallelDotProductAttention` (exact, K/V all-gathered over CP).
 """
 
 from __future__ import annotations
@@ -51,6 +54,21 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
 
+def _local_spec_for_context_parallel(layer):
+    """A copy of the local layer spec whose core attention runs under context parallelism."""
+    import copy
+
+    from ctpo_megatron.models.cp_attention import ContextParallelDotProductAttention
+
+    layer = copy.deepcopy(layer)
+    attention = getattr(getattr(layer.submodules, "self_attention", None), "submodules", None)
+    if attention is None or not hasattr(attention, "core_attention"):
+        raise RuntimeError("megatron's local layer spec has no self_attention.core_attention to "
+                           "replace for context parallelism")
+    attention.core_attention = ContextParallelDotProductAttention
+    return layer
+
+
 def _local_spec_for_sequence_parallel(layer, config, pgs):
     """The local layer spec with every torch norm swapped for `SequenceParallelRMSNorm`, wrapped
     in block submodules so the final norm is swapped too."""
@@ -94,6 +112,8 @@ def build_gpt_model(spec: ModelSpec, config, pgs, *, use_te: bool | None = None)
     if use_te is None:
         use_te = have_transformer_engine()
     block_spec = layer_spec(spec, use_te=use_te)
+    if config.context_parallel_size > 1 and not use_te:
+        block_spec = _local_spec_for_context_parallel(block_spec)
     if config.sequence_parallel and not use_te:
         block_spec = _local_spec_for_sequence_parallel(block_spec, config, pgs)
     model = GPTModel(

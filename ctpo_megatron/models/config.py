@@ -24,6 +24,8 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
+"""TransformerEngine's context-parallel communication schemes (megatron `cp_comm_type`)."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -154,14 +156,17 @@ def model_spec_from_hf(hf_config: Any, dims: ParallelDims, *,
 
 def transformer_config(spec: ModelSpec, dims: ParallelDims, *, params_dtype: str = "float32",
                        recompute: bool = False, sequence_parallel: bool = False,
-                       overrides: dict | None = None):
+                       cp_comm_type: str = "p2p", overrides: dict | None = None):
     """Builds megatron's `TransformerConfig` for `spec` under the parallel sizes `dims`.
 
     params_dtype: "float32" | "bfloat16" | "float16"; bf16/fp16 set megatron's mixed-precision
     flags (fp32 main params live in the optimizer). recompute: full activation recomputation of
     every layer (uniform, 1 layer per checkpoint). sequence_parallel: megatron sequence
     parallelism (needs dims.tp > 1; every micro-batch's sequence length must then be a multiple
-    of tp). overrides: rarely used TransformerConfig
+    of tp). cp_comm_type: how TransformerEngine's attention exchanges K/V under context
+    parallelism ("p2p", "all_gather", "a2a", "a2a+p2p"; only read when dims.cp > 1 and TE runs:
+    megatron's local spec uses the all-gather attention of `models.cp_attention`).
+    overrides: rarely used TransformerConfig
     fields, applied last; unknown names raise ValueError.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -189,6 +194,10 @@ def transformer_config(spec: ModelSpec, dims: ParallelDims, *, params_dtype: str
         persist_layer_norm=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
     )
+    if dims.cp > 1:
+        if cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(f"cp_comm_type={cp_comm_type!r}: expected one of {CP_COMM_TYPES}")
+        kwargs["cp_comm_type"] = cp_comm_type
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     for name, value in (overrides or {}).items():

@@ -63,18 +63,20 @@ def _exchange_carries(totals: torch.Tensor, cp_group: dist.ProcessGroup, reverse
 def _cp_scan(values: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
              cp_group: dist.ProcessGroup, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Local chunk scan, exchange of chunk totals, then the scan again from the carries (the
-    kernel adds them in its float64 accumulator: one rounding, as in an unsharded scan)."""
+    kernel adds them in its float64 accumulator: one rounding, as in an unsharded scan).
+    A group of one rank holds whole sequences: one scan, no chunk view (any length)."""
+    if dist.get_world_size(cp_group) == 1:
+        return raw_scan(values, mask, cu_seqlens, reverse=reverse)
     view_shape, chunk_cu = _chunk_layout(values, cu_seqlens)
     local = values.reshape(view_shape) if chunk_cu is None else values
     local_mask = mask.reshape(view_shape) if mask is not None and chunk_cu is None else mask
     cum, count = raw_scan(local, local_mask, chunk_cu, reverse=reverse)
-    if dist.get_world_size(cp_group) > 1:
-        # A chunk's total sits at its last token (first, for the reverse scan); 0 when empty.
-        totals = torch.stack([segment_boundary(s, chunk_cu, at_end=not reverse).to(torch.float64)
-                              for s in (cum, count)])
-        carries = _exchange_carries(totals.reshape(2, -1, 2), cp_group, reverse).reshape(2, -1)
-        cum, count = raw_scan(local, local_mask, chunk_cu, carries[0].contiguous(), carries[1].contiguous(),
-                              reverse=reverse)
+    # A chunk's total sits at its last token (first, for the reverse scan); 0 when empty.
+    totals = torch.stack([segment_boundary(s, chunk_cu, at_end=not reverse).to(torch.float64)
+                          for s in (cum, count)])
+    carries = _exchange_carries(totals.reshape(2, -1, 2), cp_group, reverse).reshape(2, -1)
+    cum, count = raw_scan(local, local_mask, chunk_cu, carries[0].contiguous(), carries[1].contiguous(),
+                          reverse=reverse)
     return cum.reshape(values.shape), count.reshape(values.shape)
 
 

@@ -53,6 +53,10 @@ class _CpuDeviceMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            # Pinned memory needs an accelerator; megatron pins host buffers it then copies to
+            # the GPU (e.g. the zigzag RoPE slice under context parallelism).
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu") + tuple(args[2:])
         if func is torch.Tensor.cuda:
