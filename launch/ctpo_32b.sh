@@ -108,7 +108,7 @@ if [ "${#SERVER_NODES[@]}" -gt 0 ]; then
     ctpo_srun_role router "$CTPO_LOG_DIR/router.log" "$CTPO_ROUTER_NODE" 1 1 1
     ROUTER_PID=$CTPO_LAST_PID
   fi
-  watch=(); for pid in "${SERVER_PIDS[@]}"; do watch+=(--watch-pid "$pid"); done
+  watch=(); for pid in "${SERVER_PIDS[@]}" $ROUTER_PID; do watch+=(--watch-pid "$pid"); done
   "$PY" -m ctpo_megatron.cluster.role wait --plan "$CTPO_PLAN" "${watch[@]}" >>"$CTPO_LOG_DIR/rollout.log" 2>&1 &
   WAIT_PID=$!
   wait_for "$WAIT_PID" || rc=$?

@@ -150,6 +150,7 @@ def job_env(plan: LaunchPlan, cluster: ClusterConfig, plan_path: str) -> dict[st
         "CTPO_TRAIN_NODES": ",".join(plan.train_hosts), "CTPO_TRAIN_NNODES": str(len(plan.train_hosts)),
         "CTPO_ROLLOUT_NODES": ",".join(plan.rollout_hosts),
         "CTPO_ROLLOUT_NNODES": str(len(plan.rollout_hosts)),
+        "CTPO_SERVERS_PER_NODE": str(cluster.servers_per_node),
         "CTPO_SERVER_NODES": " ".join(s.host for s in plan.servers),
         "CTPO_SERVER_URLS": " ".join(s.url for s in plan.servers),
         "CTPO_ROLLOUT_GPUS": str(cluster.rollout_gpus), "CTPO_ROUTER_NODE": plan.router_host,

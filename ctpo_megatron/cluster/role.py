@@ -107,8 +107,8 @@ def wait_for_servers(urls: list[str], timeout_s: float, *, watch_pid: int | list
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                raise RuntimeError(f"a rollout server step (pid {pid}) exited before {pending} became "
-                                   "healthy; see server-<i>.log") from None
+                raise RuntimeError(f"a rollout step (pid {pid}) exited before {pending} became "
+                                   "healthy; see server-<i>.log and router.log") from None
         if time.monotonic() > deadline:
             raise TimeoutError(f"rollout servers not healthy after {timeout_s:.0f} s: {pending} "
                                "(cluster.rollout_startup_timeout_s)")
@@ -149,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     plan = load_plan(args.plan)
     if args.role == "wait":
-        print(header("wait", servers=",".join(plan.server_urls) or "-"), flush=True)
+        urls = plan.server_urls + ([plan.router_url] if plan.router_url else [])
+        print(header("wait", servers=",".join(urls) or "-"), flush=True)
         try:
-            wait_for_servers(plan.server_urls, plan.startup_timeout_s, watch_pid=args.watch_pid)
+            wait_for_servers(urls, plan.startup_timeout_s, watch_pid=args.watch_pid)
         except (TimeoutError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(f"[ctpo-role] all {len(plan.server_urls)} rollout server(s) healthy", flush=True)
+        print(f"[ctpo-role] all {len(plan.server_urls)} rollout server(s) healthy"
+              + (f", router {plan.router_url} healthy" if plan.router_url else ""), flush=True)
         return 0
     env = export_role_env(plan, args.role)
     if args.role != "wait":
