@@ -179,6 +179,10 @@ class StopPlanner:
                             "checkpoint (~%.0f s) fit with %.0f s to spare",
                             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(end)), end - self.clock(),
                             self.checkpoint_estimate, cfg.margin_s)
+            elif os.environ.get("SLURM_JOB_ID"):
+                logger.warning("deadline: the Slurm job has no time limit, or its end is unknown (no squeue here, no "
+                               "SLURM_JOB_END_TIME): "
+                               "only signals stop this run early; set trainer.deadline.end_time")
             self._write_status("running", step=None)
 
     # ---------------------------------------------------------------- inputs
