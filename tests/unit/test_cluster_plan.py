@@ -231,9 +231,8 @@ def test_env_per_role_and_weight_sync_rule(paper_cfg, monkeypatch):
                                    "NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO"}
     assert plan.env["rollout"] == {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO"}  # empty values: unset
     # a tensor-transport run without sequence parallelism needs neither automatic variable
-    plain = build_plan(load_cluster_config("tiny"), load_config(["model.path=/m", "rollout.weight_sync.transport=tensor"],
-                                                                config_name="tiny"),
-                       [], hosts=["a", "b", "c"])
+    tiny_cfg = load_config(["model.path=/m", "rollout.weight_sync.transport=tensor"], config_name="tiny")
+    plain = build_plan(load_cluster_config("tiny"), tiny_cfg, [], hosts=["a", "b", "c"])
     assert "NCCL_CUMEM_ENABLE" not in plain.env["trainer"] and "CUDA_DEVICE_MAX_CONNECTIONS" not in plain.env["trainer"]
     # the user's value wins over an automatic one
     mine = build_plan(load_cluster_config("qwen3_32b", ["env.NCCL_CUMEM_ENABLE=1"]), cfg, [],
