@@ -14,6 +14,7 @@ behind the real sglang-router), `distributed` weight sync. One job, two attempts
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -136,7 +137,7 @@ def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny
     trainer_log = job.logs() / "trainer.log"
 
     # 1. placement, each role in its own node's namespace
-    job.wait_for(lambda: job.steps_done(), "step 1 of attempt 1", 300)
+    job.wait_for(lambda: job.steps_done(), "step 1 of attempt 1", 600)
     plan = json.loads((job.logs() / "plan.json").read_text())
     names = slurm_cluster.names
     assert plan["train_hosts"] == names[:2] and plan["rollout_hosts"] == names[2:], job.detail()
@@ -158,12 +159,16 @@ def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny
 
     # 2. a server dies mid-run (SIGKILL, as a crash): reported by the launcher, training goes on
     before = max(job.steps_done())
-    killed_at = time.monotonic()
+    killed_at, killed_wall = time.monotonic(), time.time()
     os.kill(server_pid(slurm_cluster, names[3]), signal.SIGKILL)
-    job.wait_for(lambda: max(job.steps_done()) > before + 1, f"two more steps after step {before}", 240)
-    resumed_s = time.monotonic() - killed_at
-    print(f"\n[figure] server killed after step {before}: step {before + 2} done {resumed_s:.1f} s later")
-    assert re.search(rf"rollout server 1 \(http://{names[3]}:\d+\) exited with rc", read(job.batch)), job.detail()
+    job.wait_for(lambda: max(job.steps_done()) > before, f"a step after step {before}", 300)
+    next_step_s = time.monotonic() - killed_at
+    job.wait_for(lambda: max(job.steps_done()) > before + 1, f"two more steps after step {before}", 300)
+    noticed = re.search(rf"\[ctpo\] (\S+) rollout server 1 \(http://{names[3]}:\d+\) exited with rc", read(job.batch))
+    assert noticed, job.detail()
+    noticed_s = datetime.datetime.fromisoformat(noticed.group(1).replace("Z", "+00:00")).timestamp() - killed_wall
+    print(f"\n[figure] server killed after step {before}: the launcher reported it after {noticed_s:.0f} s "
+          f"(1 s clock resolution), step {before + 1} finished {next_step_s:.1f} s after the kill")
 
     # 3. the time limit is cut to 1-2 minutes ahead: the trainer stops and the job requeues
     hours, minutes, _ = job_fields(slurm_cluster, job.id)["RunTime"].split("-")[-1].split(":")
