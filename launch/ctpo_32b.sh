@@ -48,6 +48,11 @@ hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -)
 vars=$("$PY" -m ctpo_megatron.cluster.plan --emit job --hosts "$hosts" --job-id "$SLURM_JOB_ID" \
        --restart "${SLURM_RESTART_COUNT:-0}" "$@")
 eval "$vars"
+# The job's end for the trainer where squeue is missing (containers): unix seconds, or empty.
+end=$(squeue -h -o %e -j "$SLURM_JOB_ID" 2>/dev/null | head -1 || true)
+CTPO_JOB_END=""
+case "$end" in [0-9]*) CTPO_JOB_END=$(date -d "$end" +%s 2>/dev/null || true) ;; esac
+export CTPO_JOB_END
 echo "[ctpo] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $hosts; plan: $CTPO_LOG_DIR/plan.txt"
 
 SIGNALED="" ROUTER_PID="" WAIT_PID="" TRAIN_PID="" ALL_DOWN=""

@@ -8,8 +8,9 @@ it checkpoints now and exits cleanly; the job script requeues the job because wo
 
 * **The end** (`job_end`): `trainer.deadline.end_time` when set, else Slurm's: `squeue -h -o %e
   -j $SLURM_JOB_ID` (re-read every `refresh_s`, so `scontrol update TimeLimit=...` is seen),
-  falling back to `$SLURM_JOB_END_TIME` where squeue is missing (containers). Outside Slurm with
-  no configured end there is no deadline.
+  falling back to `$SLURM_JOB_END_TIME` (newer Slurm) and then `$CTPO_JOB_END` (unix seconds,
+  exported by the job script, which runs outside the container) where squeue is missing.
+  Outside Slurm with no configured end there is no deadline.
 * **The estimates**: a step costs the most of the last `STEP_WINDOW` steps (steps vary with
   response lengths; a high guess stops one step early, a low guess loses the step); a
   checkpoint costs the most of the saves measured so far, before the first one
@@ -95,7 +96,8 @@ def parse_end_time(text: str, *, what: str) -> float | None:
 def slurm_job_end(env: dict[str, str] | None = None, *, squeue: str | None = None) -> float | None:
     """The Slurm job's current end (unix seconds), or None outside Slurm / without a limit.
 
-    squeue first (it sees `scontrol update TimeLimit=...`), then `$SLURM_JOB_END_TIME`.
+    squeue first (it sees `scontrol update TimeLimit=...`), then `$SLURM_JOB_END_TIME`, then
+    `$CTPO_JOB_END` (what the job script read with squeue when the attempt started).
     """
     env = os.environ if env is None else env
     job = env.get("SLURM_JOB_ID")
@@ -110,8 +112,9 @@ def slurm_job_end(env: dict[str, str] | None = None, *, squeue: str | None = Non
                 return parse_end_time(out.stdout.splitlines()[0], what="squeue end time")
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             logger.warning("squeue could not tell the job's end (%s); using SLURM_JOB_END_TIME", e)
-    if env.get("SLURM_JOB_END_TIME"):
-        return parse_end_time(env["SLURM_JOB_END_TIME"], what="SLURM_JOB_END_TIME")
+    for name in ("SLURM_JOB_END_TIME", "CTPO_JOB_END"):
+        if env.get(name):
+            return parse_end_time(env[name], what=name)
     return None
 
 
@@ -180,9 +183,9 @@ class StopPlanner:
                             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(end)), end - self.clock(),
                             self.checkpoint_estimate, cfg.margin_s)
             elif os.environ.get("SLURM_JOB_ID"):
-                logger.warning("deadline: the Slurm job has no time limit, or its end is unknown (no squeue here, no "
-                               "SLURM_JOB_END_TIME): "
-                               "only signals stop this run early; set trainer.deadline.end_time")
+                logger.warning("deadline: the Slurm job has no time limit, or its end is unknown (no squeue here, "
+                               "no SLURM_JOB_END_TIME or CTPO_JOB_END): only signals stop this run early; "
+                               "set trainer.deadline.end_time")
             self._write_status("running", step=None)
 
     # ---------------------------------------------------------------- inputs

@@ -105,6 +105,9 @@ def test_slurm_job_end_from_squeue_then_env(tmp_path):
     assert dl.slurm_job_end(env, squeue=str(squeue)) == datetime.datetime(2030, 1, 2, 3, 4, 5).timestamp()
     assert dl.slurm_job_end({**env, "SLURM_JOB_ID": "43"}, squeue=str(squeue)) == 1234.0  # squeue: nothing
     assert dl.slurm_job_end({"SLURM_JOB_ID": "42"}, squeue=str(tmp_path / "missing")) is None
+    # no squeue in the container: what the job script read outside it
+    assert dl.slurm_job_end({"SLURM_JOB_ID": "42", "CTPO_JOB_END": "1700000000"},
+                            squeue=str(tmp_path / "missing")) == 1700000000.0
     assert dl.slurm_job_end({}) is None
     assert dl.parse_end_time("Unknown", what="x") is None
     with pytest.raises(ValueError, match="trainer.deadline.end_time='soon'"):

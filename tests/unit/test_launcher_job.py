@@ -9,6 +9,7 @@ a real trainer writes and exits 0. The real Slurm run is tests/slurm/test_launch
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -50,10 +51,12 @@ elif role == "trainer":
     time.sleep(5)
     state = os.environ["STUB_TRAINER_STATE"]
     status = {{"state": state, "step": 3 if state == "stopped" else 8, "total_steps": 8,
-               "attempt": "77-0", "reason": "test"}}
+               "attempt": "77-0", "reason": "test", "job_end": os.environ.get("CTPO_JOB_END")}}
     with open(os.path.join(plan["run_dir"], "status.json"), "w") as f:
         json.dump(status, f)
 '''
+
+SQUEUE = "#!/bin/sh\necho 2030-01-02T03:04:05\n"
 
 SCONTROL = r'''#!/bin/sh
 echo "$@" >> "$STUB_LOG"
@@ -86,7 +89,8 @@ def test_job_reports_dead_server_and_requeues_only_when_steps_remain(tmp_path, t
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(SRUN.format(python=sys.executable))
     (bin_dir / "scontrol").write_text(SCONTROL)
-    for stub in ("srun", "scontrol"):
+    (bin_dir / "squeue").write_text(SQUEUE)
+    for stub in ("srun", "scontrol", "squeue"):
         (bin_dir / stub).chmod(0o755)
     run_dir = tmp_path / "run"
     log = tmp_path / "calls.log"
@@ -110,3 +114,6 @@ def test_job_reports_dead_server_and_requeues_only_when_steps_remain(tmp_path, t
     assert "[ctpo] trainer exited with rc 0" in text
     assert (f"work remains: {'yes' if requeued else 'no'}") in text, text
     assert ("requeue 77" in calls) is requeued, calls
+    # the job's end reaches the trainer's environment (for containers without squeue)
+    job_end = json.loads((run_dir / "status.json").read_text())["job_end"]
+    assert int(job_end) == int(datetime.datetime(2030, 1, 2, 3, 4, 5).timestamp())
