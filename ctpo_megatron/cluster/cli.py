@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     if not plan.memory["fits"]:
         print(f"warning: the trainer's estimated memory per GPU exceeds {cluster.gpu_memory_gib:.0f} GiB:\n"
               f"{plan.memory_text}", file=sys.stderr)
+    if args.emit != "text":  # the dry run prints them in the plan
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     if args.emit == "sbatch" and plan.rollout_hosts and not plan.model_path:
         print("error: the inference servers load the checkpoint: pass model.path=<HF checkpoint dir> "
               "(--dry-run shows the plan without it)", file=sys.stderr)
