@@ -45,10 +45,14 @@ MARGIN_S = 100
 
 def cluster_args(run_dir: Path, inputs: dict[str, str]) -> list[str]:
     """4 nodes of the tiny config with ports free on this host."""
+    server_port = quiet_port()
+    router_port = quiet_port()
+    while server_port <= router_port <= server_port + 1000:  # SGLang's NCCL range of the server
+        router_port = quiet_port()
     return ["--cluster", "tiny", "--nodes", "4", "--rollout-nodes", "2", "--run-dir", str(run_dir),
             "--time", "00:10:00", f"cluster.rollout_gpus_per_node={SERVER_TP}",
             f"cluster.rollout_gpus_per_server={SERVER_TP}", "cluster.router=true",
-            f"cluster.router_port={quiet_port()}", f"cluster.rollout_port={quiet_port()}",
+            f"cluster.router_port={router_port}", f"cluster.rollout_port={server_port}",
             f"cluster.master_port={quiet_port()}", "cluster.signal_before_end_s=20",
             f"cluster.deadline_margin_s={MARGIN_S}", "trainer.deadline.refresh_s=1",
             f"rollout.weight_sync.transport={TRANSPORT}", f"model.path={inputs['model']}",
