@@ -20,7 +20,9 @@ FLAG_FIELDS = {"nodes": "nodes", "rollout_nodes": "rollout_nodes", "gpus_per_nod
 EPILOG = """\
 Hydra overrides (KEY=VALUE) go to the trainer (`python -m ctpo_megatron.train`), e.g.
 trainer.total_steps=200 model.path=/ckpt/Qwen3-32B parallel.cp=4; `cluster.KEY=VALUE`
-overrides a launcher setting of configs/cluster/<name>.yaml (e.g. cluster.rollout_port=31000).
+overrides a launcher setting of configs/cluster/<name>.yaml (e.g. cluster.rollout_port=31000,
+cluster.env.NCCL_SOCKET_IFNAME=ib0 for the network NCCL and Gloo use; docs/slurm.md has a
+first-run checklist).
 
 Outside an allocation the launcher submits itself with sbatch; inside one (SLURM_JOB_ID set)
 it starts the roles with srun: rollout servers on the last `--rollout-nodes` nodes (one step per
