@@ -131,6 +131,7 @@ if [ "$rc" -eq 0 ] && [ -z "$SIGNALED" ]; then
     watch_servers
     sleep 2 & wait $! 2>/dev/null || true  # a trapped signal interrupts this wait at once
   done
+  watch_servers  # a server that died in the last poll interval is reported too
   wait_for "$TRAIN_PID" || rc=$?
   TRAIN_PID=""
   echo "[ctpo] trainer exited with rc $rc"

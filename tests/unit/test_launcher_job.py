@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 SRUN = r'''#!{python}
-import http.server, json, os, sys, threading, time
+import http.server, json, os, socket, sys, threading, time
 args = sys.argv[1:]
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(" ".join(args) + "\n")
@@ -48,7 +48,13 @@ if role == "rollout":
     time.sleep(120)
 elif role == "trainer":
     open(os.environ["STUB_LOG"] + ".trainer", "w").close()
-    time.sleep(5)
+    for _ in range(300):  # until server 1 is gone (its port refuses), so its death precedes ours
+        try:
+            socket.create_connection(("127.0.0.1", plan["servers"][1]["port"]), timeout=1).close()
+            time.sleep(0.1)
+        except OSError:
+            break
+    time.sleep(0.5)
     state = os.environ["STUB_TRAINER_STATE"]
     status = {{"state": state, "step": 3 if state == "stopped" else 8, "total_steps": 8,
                "attempt": "77-0", "reason": "test", "job_end": os.environ.get("CTPO_JOB_END")}}
