@@ -6,9 +6,12 @@
 #        [--partition P] [--time T] [--cluster NAME] [hydra overrides...]
 #
 # Outside an allocation it submits itself with sbatch; inside one (SLURM_JOB_ID set) it runs the
-# job: plan -> rollout servers -> wait for /health -> torchrun trainer -> stop servers. On SIGTERM
-# (preemption, scancel) or USR1 (time limit near) the trainer is asked (SIGUSR1) to checkpoint
-# after its current step and stop; on USR1 the job then requeues itself and resumes.
+# job: plan -> one srun step per rollout server (+ router) -> wait for /health -> torchrun
+# trainer, while watching the server steps -> stop servers -> requeue if steps remain.
+# The trainer stops by itself before a step that cannot finish by the job's end. On SIGTERM
+# (preemption, scancel) or USR1 (Slurm's time-limit warning) it is asked (SIGUSR1) to checkpoint
+# after its current step and stop. The job requeues itself only when the trainer reports a clean
+# stop with steps left (<run_dir>/status.json): a finished or crashed run does not requeue.
 set -euo pipefail
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${CTPO_REPO:-}" ]; then
   :  # sbatch runs a spool copy of this file: the repository comes from the submit environment
@@ -45,9 +48,18 @@ hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -)
 vars=$("$PY" -m ctpo_megatron.cluster.plan --emit job --hosts "$hosts" --job-id "$SLURM_JOB_ID" \
        --restart "${SLURM_RESTART_COUNT:-0}" "$@")
 eval "$vars"
+# The job's end for the trainer where squeue is missing (containers): unix seconds, or empty.
+end=$(squeue -h -o %e -j "$SLURM_JOB_ID" 2>/dev/null | head -1 || true)
+CTPO_JOB_END=""
+case "$end" in [0-9]*) CTPO_JOB_END=$(date -d "$end" +%s 2>/dev/null || true) ;; esac
+export CTPO_JOB_END
 echo "[ctpo] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $hosts; plan: $CTPO_LOG_DIR/plan.txt"
 
-SIGNALED="" ROLLOUT_PID="" ROUTER_PID="" WAIT_PID="" TRAIN_PID=""
+SIGNALED="" ROUTER_PID="" WAIT_PID="" TRAIN_PID="" ALL_DOWN=""
+SERVER_PIDS=()
+read -r -a SERVER_NODES <<<"$CTPO_SERVER_NODES"
+read -r -a SERVER_URLS <<<"$CTPO_SERVER_URLS"
+CPUS=${SLURM_CPUS_ON_NODE:-1}
 # SIGTERM (preemption, scancel) or USR1 (time limit near): ask the trainer for a checkpoint at
 # the end of its step with SIGUSR1 to its step (srun forwards it; torchrun's agent ignores it).
 forward() {
@@ -71,39 +83,69 @@ wait_for() {  # wait_for PID: the exit status of PID, waiting again after trappe
   return "$rc"
 }
 
+watch_servers() {  # reports every server step that ended; all gone: the trainer saves and stops
+  local i pid src alive=0
+  for i in "${!SERVER_PIDS[@]}"; do
+    pid=${SERVER_PIDS[$i]}
+    [ -n "$pid" ] || continue
+    if kill -0 "$pid" 2>/dev/null; then alive=$((alive + 1)); continue; fi
+    src=0; wait "$pid" 2>/dev/null || src=$?
+    SERVER_PIDS[$i]=""
+    echo "[ctpo] $(date -u +%FT%TZ) rollout server $i (${SERVER_URLS[$i]}) exited with rc $src;" \
+         "see $CTPO_LOG_DIR/server-$i.log; the trainer goes on with the others"
+  done
+  if [ "${#SERVER_PIDS[@]}" -gt 0 ] && [ "$alive" -eq 0 ] && [ -z "$ALL_DOWN" ] && [ -n "$TRAIN_PID" ]; then
+    ALL_DOWN=1
+    echo "[ctpo] every rollout server is down: the trainer checkpoints after its current step and stops"
+    kill -USR1 "$TRAIN_PID" 2>/dev/null || true
+  fi
+}
+
 rc=0
-if [ "$CTPO_ROLLOUT_NNODES" -gt 0 ]; then
-  ctpo_srun_role rollout "$CTPO_ROLLOUT_NODES" "$CTPO_ROLLOUT_NNODES" "$CTPO_SERVERS_PER_NODE" \
-    --gres="gpu:$CTPO_GPUS_PER_NODE"
-  ROLLOUT_PID=$CTPO_LAST_PID
+if [ "${#SERVER_NODES[@]}" -gt 0 ]; then
+  per_node_cpus=$(( CPUS / CTPO_SERVERS_PER_NODE ))
+  for i in "${!SERVER_NODES[@]}"; do  # one step per server: its own log, its own exit status
+    ctpo_srun_role rollout "$CTPO_LOG_DIR/server-$i.log" "${SERVER_NODES[$i]}" 1 1 "$per_node_cpus" \
+      --gres="gpu:$CTPO_ROLLOUT_GPUS" --kill-on-bad-exit=1 -- --server "$i"
+    SERVER_PIDS[$i]=$CTPO_LAST_PID
+  done
   if [ -n "$CTPO_ROUTER_NODE" ]; then
-    ctpo_srun_role router "$CTPO_ROUTER_NODE" 1 1
+    ctpo_srun_role router "$CTPO_LOG_DIR/router.log" "$CTPO_ROUTER_NODE" 1 1 1
     ROUTER_PID=$CTPO_LAST_PID
   fi
-  "$PY" -m ctpo_megatron.cluster.role wait --plan "$CTPO_PLAN" --watch-pid "$ROLLOUT_PID" \
-    >>"$CTPO_LOG_DIR/rollout.log" 2>&1 &
+  watch=(); for pid in "${SERVER_PIDS[@]}" $ROUTER_PID; do watch+=(--watch-pid "$pid"); done
+  "$PY" -m ctpo_megatron.cluster.role wait --plan "$CTPO_PLAN" "${watch[@]}" >>"$CTPO_LOG_DIR/rollout.log" 2>&1 &
   WAIT_PID=$!
   wait_for "$WAIT_PID" || rc=$?
   WAIT_PID=""
   if [ "$rc" -ne 0 ] && [ -z "$SIGNALED" ]; then
-    echo "[ctpo] rollout servers did not come up (rc $rc); see $CTPO_LOG_DIR/rollout.log" >&2
+    echo "[ctpo] rollout servers did not come up (rc $rc); see $CTPO_LOG_DIR/rollout.log and server-<i>.log" >&2
   fi
 fi
 
 if [ "$rc" -eq 0 ] && [ -z "$SIGNALED" ]; then
-  ctpo_srun_role trainer "$CTPO_TRAIN_NODES" "$CTPO_TRAIN_NNODES" 1 \
+  ctpo_srun_role trainer "$CTPO_LOG_DIR/trainer.log" "$CTPO_TRAIN_NODES" "$CTPO_TRAIN_NNODES" 1 "$CPUS" \
     --gres="gpu:$CTPO_GPUS_PER_NODE" --kill-on-bad-exit=1
   TRAIN_PID=$CTPO_LAST_PID
+  while kill -0 "$TRAIN_PID" 2>/dev/null; do
+    watch_servers
+    sleep 2 & wait $! 2>/dev/null || true  # a trapped signal interrupts this wait at once
+  done
+  watch_servers  # a server that died in the last poll interval is reported too
   wait_for "$TRAIN_PID" || rc=$?
   TRAIN_PID=""
   echo "[ctpo] trainer exited with rc $rc"
 fi
 
-for pid in $ROUTER_PID $ROLLOUT_PID; do kill -TERM "$pid" 2>/dev/null || true; done
-for pid in $ROUTER_PID $ROLLOUT_PID; do wait "$pid" 2>/dev/null || true; done
+for pid in $ROUTER_PID "${SERVER_PIDS[@]}"; do [ -z "$pid" ] || kill -TERM "$pid" 2>/dev/null || true; done
+for pid in $ROUTER_PID "${SERVER_PIDS[@]}"; do [ -z "$pid" ] || wait "$pid" 2>/dev/null || true; done
 
-if [ "$SIGNALED" = USR1 ] && [ "$CTPO_REQUEUE" = 1 ]; then
-  echo "[ctpo] time limit near: requeueing job $SLURM_JOB_ID (it resumes from the checkpoint)"
+# Requeue only a clean stop with steps left, and not after SIGTERM/INT (a user's scancel must
+# stay cancelled; on preemption with PreemptMode=REQUEUE Slurm requeues the job itself).
+attempt="$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}"
+if [ "$CTPO_REQUEUE" = 1 ] && [ "$SIGNALED" != TERM ] && [ "$SIGNALED" != INT ] && [ "$rc" -eq 0 ] \
+   && "$PY" -m ctpo_megatron.trainer.deadline --work-remains "$CTPO_RUN_DIR" --attempt "$attempt"; then
+  echo "[ctpo] steps remain: requeueing job $SLURM_JOB_ID (it resumes from the checkpoint)"
   scontrol requeue "$SLURM_JOB_ID"
 fi
 exit "$rc"

@@ -20,12 +20,15 @@ FLAG_FIELDS = {"nodes": "nodes", "rollout_nodes": "rollout_nodes", "gpus_per_nod
 EPILOG = """\
 Hydra overrides (KEY=VALUE) go to the trainer (`python -m ctpo_megatron.train`), e.g.
 trainer.total_steps=200 model.path=/ckpt/Qwen3-32B parallel.cp=4; `cluster.KEY=VALUE`
-overrides a launcher setting of configs/cluster/<name>.yaml (e.g. cluster.rollout_port=31000).
+overrides a launcher setting of configs/cluster/<name>.yaml (e.g. cluster.rollout_port=31000,
+cluster.env.NCCL_SOCKET_IFNAME=ib0 for the network NCCL and Gloo use; docs/slurm.md has a
+first-run checklist).
 
 Outside an allocation the launcher submits itself with sbatch; inside one (SLURM_JOB_ID set)
-it starts the roles with srun: rollout servers on the last `--rollout-nodes` nodes, torchrun on
-the others. Logs: <run_dir>/logs/slurm-<job>/{trainer,rollout,router}.log and plan.txt.
-A requeued or resubmitted job resumes from <run_dir>/checkpoints/latest.
+it starts the roles with srun: rollout servers on the last `--rollout-nodes` nodes (one step per
+server), torchrun on the others. Logs: <run_dir>/logs/slurm-<job>/{trainer,router,server-<i>,
+rollout}.log and plan.txt. The trainer stops before a step that cannot finish by the job's end;
+the job requeues when steps remain and resumes from <run_dir>/checkpoints/latest.
 """
 
 
@@ -87,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     if not plan.memory["fits"]:
         print(f"warning: the trainer's estimated memory per GPU exceeds {cluster.gpu_memory_gib:.0f} GiB:\n"
               f"{plan.memory_text}", file=sys.stderr)
+    if args.emit != "text":  # the dry run prints them in the plan
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    if args.emit == "sbatch" and plan.rollout_hosts and not plan.model_path:
+        print("error: the inference servers load the checkpoint: pass model.path=<HF checkpoint dir> "
+              "(--dry-run shows the plan without it)", file=sys.stderr)
+        return 2
     if args.emit == "sbatch":
         os.makedirs(os.path.join(plan.run_dir, "logs"), exist_ok=True)  # sbatch --output needs it
         print("\n".join(sbatch_args(plan, cluster)))

@@ -7,16 +7,17 @@ plan that `python -m ctpo_megatron.cluster.role` executes on every node.
 
 Layout: the first `nodes - rollout_nodes` hosts of the allocation train (the first of them is
 the torchrun c10d rendezvous host), the remaining hosts run inference servers, each node
-`gpus_per_node / rollout_gpus_per_server` of them on consecutive ports.
+`rollout GPUs / rollout_gpus_per_server` of them, `rollout_port_stride` ports apart.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from ctpo_megatron.cluster.config import ClusterConfig
+from ctpo_megatron.cluster.config import REPO_ROOT, ClusterConfig
 from ctpo_megatron.cluster.memory import GIB, MemoryEstimate, estimate_memory, estimate_rollout_memory
 from ctpo_megatron.cluster.model_dims import ModelDims
 from ctpo_megatron.parallel.dims import ParallelDims
@@ -28,6 +29,12 @@ if TYPE_CHECKING:  # the trainer's config pulls in torch; only the annotations n
     from ctpo_megatron.config.schema import TrainConfig
 
 MASTER_PORT_BASE = 20000
+CHECKPOINT_BYTES_PER_PARAM = 14
+"""bf16 weights (2) + the distributed optimizer's fp32 master weights and Adam m, v (12)."""
+SIGNAL_SLACK_S = 60
+"""Slurm checks time limits (and sends `--signal`) about every 30 s: the warning can come late."""
+UNSET_MODEL = "<model.path unset>"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -44,6 +51,8 @@ class ServerSpec:
     """Positions in the node's visible GPU list that this server uses."""
     argv: list[str]
     """Arguments after the Python interpreter (`-m module ...`)."""
+    index: int = 0
+    """Global index of the server (its log file, its `role rollout --server` argument)."""
 
     @property
     def url(self) -> str:
@@ -84,6 +93,20 @@ class LaunchPlan:
     """Total GiB per GPU with each memory-saving setting turned off (why the config fits)."""
     rollout_memory: dict = field(default_factory=dict)
     """Per-GPU weights and KV-cache capacity of one inference server (empty: no servers)."""
+    model_path: str = ""
+    """`model.path` ('' in a dry run without one)."""
+    server_tp_size: int = 1
+    """GPUs (tensor-parallel ranks) of each server."""
+    weight_sync: dict = field(default_factory=dict)
+    """transport, master_address (the rule), master_port, ranks in the group."""
+    env: dict = field(default_factory=dict)
+    """Environment per role (`trainer`, `rollout`, `router`), exported by `role` before exec."""
+    deadline: dict = field(default_factory=dict)
+    """checkpoint_bytes, checkpoint_s (first estimate), margin_s, signal_before_end_s."""
+    container_mounts: list[str] = field(default_factory=list)
+    """pyxis mounts `src:dst` of every role (container mode)."""
+    warnings: list[str] = field(default_factory=list)
+    """Settings that will not work on a real cluster (printed by the dry run and the job)."""
 
     @property
     def server_urls(self) -> list[str]:
@@ -176,6 +199,75 @@ def memory_what_ifs(train_cfg: "TrainConfig", dims: ParallelDims, **kwargs) -> d
     return {name: total / GIB for name, total in out.items()}
 
 
+def role_env(cluster: ClusterConfig, train_cfg: "TrainConfig", dims: ParallelDims, has_servers: bool
+             ) -> dict[str, dict[str, str]]:
+    """Environment of each role: `cluster.env` (empty values: unset) over the automatic ones."""
+    base = {k: str(v) for k, v in cluster.env.items() if str(v)}
+    auto: dict[str, str] = {}
+    if dims.tp > 1 and train_cfg.parallel.sequence_parallel:
+        auto["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron's TP/SP overlap orders kernels by it
+    if has_servers and train_cfg.rollout.weight_sync.transport == "distributed":
+        auto["NCCL_CUMEM_ENABLE"] = "0"  # SGLang sets it; both sides of one communicator must agree
+    return {"trainer": {**auto, **base}, "rollout": dict(base), "router": dict(base)}
+
+
+def weight_sync_info(cluster: ClusterConfig, train_cfg: "TrainConfig", servers: list[ServerSpec]
+                     ) -> tuple[dict, list[str]]:
+    """How weights reach the servers, as the plan prints it; plus warnings for settings that
+    cannot work across nodes."""
+    ws = train_cfg.rollout.weight_sync
+    warnings = []
+    info = {"transport": ws.transport, "server_tp_size": cluster.rollout_gpus_per_server,
+            "servers": len(servers), "group_world_size": 1 + len(servers) * cluster.rollout_gpus_per_server}
+    if ws.transport == "distributed":
+        pinned = ws.master_address not in ("auto", "")
+        info["master_address"] = (
+            f"pinned to {ws.master_address} (rollout.weight_sync.master_address)" if pinned else
+            "found at run time: trainer global rank 0 (on whichever training node torchrun puts it) "
+            "uses the address of its interface that routes to the servers")
+        info["master_port"] = ws.master_port or "a free port on trainer rank 0's node"
+        if pinned and ws.master_address in LOOPBACK and servers:
+            warnings.append(f"rollout.weight_sync.master_address={ws.master_address}: the servers run on other "
+                            "nodes and would dial their own loopback; use auto")
+    configured = ws.server_tp_size
+    if servers and configured is not None and configured != cluster.rollout_gpus_per_server:
+        warnings.append(f"rollout.weight_sync.server_tp_size={configured} but the servers run TP "
+                        f"{cluster.rollout_gpus_per_server} (cluster.rollout_gpus_per_server): leave it unset, "
+                        "the trainer reads each server's tp_size")
+    return info, warnings
+
+
+def deadline_settings(cluster: ClusterConfig, train_cfg: "TrainConfig") -> dict:
+    """Checkpoint size and time estimate, the trainer's margin, the lead of Slurm's warning."""
+    params = model_dims_of(train_cfg.model).total_params
+    ckpt_bytes = params * CHECKPOINT_BYTES_PER_PARAM
+    ckpt_s = math.ceil(ckpt_bytes / (cluster.checkpoint_write_gbps * 1e9))
+    lead = cluster.signal_before_end_s
+    if lead < 0:
+        lead = math.ceil(ckpt_s + cluster.deadline_margin_s + SIGNAL_SLACK_S)
+    return {"checkpoint_bytes": ckpt_bytes, "checkpoint_s": ckpt_s, "margin_s": cluster.deadline_margin_s,
+            "signal_before_end_s": lead if cluster.requeue else 0, "write_gbps": cluster.checkpoint_write_gbps}
+
+
+def container_mounts(cluster: ClusterConfig, train_cfg: "TrainConfig", run_dir: str, repo: str) -> list[str]:
+    """`src:dst` mounts (same path inside): repository, run dir, model, tokenizer, data folders,
+    then `cluster.container_mounts`. A path inside an already mounted one is skipped."""
+    paths = [repo, run_dir, train_cfg.model.path, train_cfg.model.tokenizer_path,
+             *(os.path.dirname(f) for f in (*train_cfg.data.train_files, *train_cfg.data.val_files))]
+    mounted: list[str] = []
+    for path in paths:
+        if not path or not os.path.isabs(path):  # a hub id or an unset path
+            continue
+        path = os.path.normpath(path)
+        if any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounted):
+            continue
+        mounted.append(path)
+    out = [f"{m}:{m}" for m in mounted]
+    if cluster.container_mounts:
+        out += [m for m in cluster.container_mounts.split(",") if m]
+    return out
+
+
 def _rollout_argv(cluster: ClusterConfig, model_path: str, port: int, number: int) -> list[str]:
     # The rollout launcher's own command builders; server index 0 because the role narrows
     # CUDA_VISIBLE_DEVICES to this server's GPUs. `number` (global server index) seeds it.
@@ -208,24 +300,30 @@ def build_plan(cluster: ClusterConfig, train_cfg: "TrainConfig", user_overrides:
     world = cluster.train_nodes * cluster.gpus_per_node
     dims = train_cfg.validate(world)
     model_path = train_cfg.model.path
-    if rollout_hosts and not model_path:
+    if rollout_hosts and not model_path and not placeholder:
         raise ValueError(f"cluster.rollout_nodes={cluster.rollout_nodes}: the inference servers load the "
                          "checkpoint, pass model.path=<HF checkpoint dir>")
     cwd = cwd or os.getcwd()
     run_dir = os.path.normpath(os.path.join(cwd, cluster.run_dir or train_cfg.trainer.run_dir))
     attempt = f"slurm-{job_id}" + (f"-r{restart}" if restart else "")
-    per_node, gpus = cluster.servers_per_node, cluster.rollout_gpus_per_server
-    servers = [ServerSpec(host=h, local_index=i, port=cluster.rollout_port + i,
-                          gpu_slots=list(range(i * gpus, (i + 1) * gpus)),
-                          argv=_rollout_argv(cluster, model_path, cluster.rollout_port + i, n * per_node + i))
+    per_node, gpus, ports = cluster.servers_per_node, cluster.rollout_gpus_per_server, cluster.server_ports
+    servers = [ServerSpec(host=h, local_index=i, port=ports[i], gpu_slots=list(range(i * gpus, (i + 1) * gpus)),
+                          argv=_rollout_argv(cluster, model_path or UNSET_MODEL, ports[i], n * per_node + i),
+                          index=n * per_node + i)
                for n, h in enumerate(rollout_hosts) for i in range(per_node)]
-    router = cluster.router and cluster.rollout_backend == "sglang" and bool(servers)
+    router = cluster.router and bool(servers)
+    router_url = f"http://{rollout_hosts[0]}:{cluster.router_port}" if router else ""
     master_port = cluster.master_port or MASTER_PORT_BASE + (int(job_id) % 10000 if job_id.isdigit() else 0)
 
     generated = [f"model={train_cfg.model.name}", f"parallel.tp={dims.tp}", f"parallel.pp={dims.pp}",
                  f"parallel.cp={dims.cp}", f"trainer.run_dir={run_dir}"]
     if servers:
         generated.append("rollout.server_urls=[" + ",".join(f"'{s.url}'" for s in servers) + "]")
+        if router and hasattr(train_cfg.rollout, "router_url"):  # generation goes through the router
+            generated.append(f"rollout.router_url={router_url}")
+    deadline = deadline_settings(cluster, train_cfg)
+    generated += [f"trainer.deadline.checkpoint_s={deadline['checkpoint_s']}",
+                  f"trainer.deadline.margin_s={deadline['margin_s']:g}"]
     user = list(cluster.train_overrides) + list(user_overrides)
     overrides = _dedupe(generated, user) + user
     config_args = [] if cluster.train_config == "config" else ["--config-name", cluster.train_config]
@@ -237,6 +335,9 @@ def build_plan(cluster: ClusterConfig, train_cfg: "TrainConfig", user_overrides:
     mem_kwargs = dict(gpu_memory_gib=cluster.gpu_memory_gib, micro_batch=cluster.micro_batch,
                       logits_chunk_tokens=cluster.logits_chunk_tokens, overhead_gib=cluster.memory_overhead_gib)
     estimate = estimate_for_train_config(train_cfg, dims, **mem_kwargs)
+    sync_info, warnings = weight_sync_info(cluster, train_cfg, servers)
+    if placeholder and not model_path:
+        warnings.append("model.path is unset: pass model.path=<HF checkpoint dir> to submit")
     rollout_memory = {}
     if servers:
         rollout_memory = asdict(estimate_rollout_memory(model_dims_of(train_cfg.model), gpus,
@@ -250,11 +351,14 @@ def build_plan(cluster: ClusterConfig, train_cfg: "TrainConfig", user_overrides:
         run_dir=run_dir, log_dir=os.path.join(run_dir, "logs", attempt), train_argv=train_argv,
         train_overrides=overrides, servers=servers,
         router_host=rollout_hosts[0] if router else "", router_port=cluster.router_port if router else 0,
-        router_argv=router_command(LaunchConfig(model_path=model_path, host="0.0.0.0"),
+        router_argv=router_command(LaunchConfig(model_path=model_path or UNSET_MODEL, host="0.0.0.0"),
                                    [s.url for s in servers], cluster.router_port)[1:] if router else [],
         startup_timeout_s=cluster.rollout_startup_timeout_s, memory=estimate.as_dict(),
         memory_text=estimate.format(), memory_what_ifs=memory_what_ifs(train_cfg, dims, **mem_kwargs),
-        rollout_memory=rollout_memory)
+        rollout_memory=rollout_memory, model_path=model_path, server_tp_size=gpus, weight_sync=sync_info,
+        env=role_env(cluster, train_cfg, dims, bool(servers)), deadline=deadline,
+        container_mounts=container_mounts(cluster, train_cfg, run_dir, REPO_ROOT) if cluster.container_image else [],
+        warnings=warnings)
 
 
 if __name__ == "__main__":

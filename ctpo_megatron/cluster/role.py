@@ -1,10 +1,11 @@
 """Runs one role of a launch plan on this node: `python -m ctpo_megatron.cluster.role ROLE --plan FILE`.
 
-Roles: `trainer` (torchrun, one per training node), `rollout` (one inference server per srun
-task; task i of a node runs that node's server i on its GPU slots), `router` (sglang-router),
-`wait` (blocks until every server answers /health, run by the job script before the trainer).
-Each role first prints one header line (role, Slurm node, host, job, task, GPUs) so the role
-logs record where it ran, then replaces itself with the role's process so signals reach it.
+Roles: `trainer` (torchrun, one per training node), `rollout --server I` (inference server I of
+the plan, one srun step per server, on its GPU slots), `router` (sglang-router), `wait` (blocks
+until every server answers /health, run by the job script before the trainer).
+Each role first prints one header line (role, Slurm node, host, job, task, GPUs) and one line
+with the environment it adds (`cluster.env` and the automatic NCCL settings), so the role logs
+record where and how it ran, then replaces itself with the role's process so signals reach it.
 """
 
 from __future__ import annotations
@@ -41,13 +42,31 @@ def header(role: str, **extra) -> str:
     return "[ctpo-role] " + " ".join(f"{k}={v}" for k, v in fields.items())
 
 
-def server_for_this_task(plan: LaunchPlan) -> ServerSpec:
-    node, local = node_name(), int(os.environ.get("SLURM_LOCALID", "0"))
+def server_for_this_task(plan: LaunchPlan, index: int | None = None) -> ServerSpec:
+    """Server `index` of the plan (checked to be planned on this node), or, without an index,
+    the server of this node's Slurm local task id."""
+    node = node_name()
+    if index is not None:
+        if not 0 <= index < len(plan.servers):
+            raise ValueError(f"--server {index}: the plan has {len(plan.servers)} server(s)")
+        server = plan.servers[index]
+        if server.host != node:
+            raise ValueError(f"server {index} ({server.url}) is planned on node {server.host!r}, not on "
+                             f"this node {node!r}")
+        return server
+    local = int(os.environ.get("SLURM_LOCALID", "0"))
     for server in plan.servers:
         if server.host == node and server.local_index == local:
             return server
     raise ValueError(f"no rollout server planned for node {node!r} local task {local} "
                      f"(planned: {[(s.host, s.local_index) for s in plan.servers]})")
+
+
+def export_role_env(plan: LaunchPlan, role: str) -> dict[str, str]:
+    """Sets the plan's environment of `role` in os.environ (inherited through exec); returns it."""
+    env = dict(plan.env.get(role, {}))
+    os.environ.update(env)
+    return env
 
 
 def visible_gpus_for(server: ServerSpec) -> str | None:
@@ -62,12 +81,14 @@ def visible_gpus_for(server: ServerSpec) -> str | None:
     return ",".join(devices[i] for i in server.gpu_slots)
 
 
-def wait_for_servers(urls: list[str], timeout_s: float, *, watch_pid: int = 0, poll_s: float = 1.0) -> None:
+def wait_for_servers(urls: list[str], timeout_s: float, *, watch_pid: int | list[int] = 0,
+                     poll_s: float = 1.0) -> None:
     """Polls GET <url>/health until every server answers 200.
 
     Raises TimeoutError naming the servers still down after `timeout_s`, or RuntimeError when
-    process `watch_pid` (the rollout srun) exits first.
+    a process of `watch_pid` (the servers' srun steps) exits first.
     """
+    watch = [watch_pid] if isinstance(watch_pid, int) else list(watch_pid)
     pending = list(urls)
     deadline = time.monotonic() + timeout_s
     while pending:
@@ -80,12 +101,14 @@ def wait_for_servers(urls: list[str], timeout_s: float, *, watch_pid: int = 0, p
                 pass
         if not pending:
             return
-        if watch_pid:
+        for pid in watch:
+            if not pid:
+                continue
             try:
-                os.kill(watch_pid, 0)
+                os.kill(pid, 0)
             except ProcessLookupError:
-                raise RuntimeError(f"the rollout step (pid {watch_pid}) exited before {pending} became "
-                                   "healthy; see rollout.log") from None
+                raise RuntimeError(f"a rollout step (pid {pid}) exited before {pending} became "
+                                   "healthy; see server-<i>.log and router.log") from None
         if time.monotonic() > deadline:
             raise TimeoutError(f"rollout servers not healthy after {timeout_s:.0f} s: {pending} "
                                "(cluster.rollout_startup_timeout_s)")
@@ -120,25 +143,32 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("role", choices=ROLES)
     p.add_argument("--plan", required=True, help="plan.json written by `ctpo_megatron.cluster.plan --emit job`")
-    p.add_argument("--watch-pid", type=int, default=0, help="wait: fail when this process exits")
+    p.add_argument("--watch-pid", type=int, action="append", default=[],
+                   help="wait: fail when this process exits (repeatable)")
+    p.add_argument("--server", type=int, help="rollout: index of the server in the plan")
     args = p.parse_args(argv)
     plan = load_plan(args.plan)
     if args.role == "wait":
-        print(header("wait", servers=",".join(plan.server_urls) or "-"), flush=True)
+        urls = plan.server_urls + ([plan.router_url] if plan.router_url else [])
+        print(header("wait", servers=",".join(urls) or "-"), flush=True)
         try:
-            wait_for_servers(plan.server_urls, plan.startup_timeout_s, watch_pid=args.watch_pid)
+            wait_for_servers(urls, plan.startup_timeout_s, watch_pid=args.watch_pid)
         except (TimeoutError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(f"[ctpo-role] all {len(plan.server_urls)} rollout server(s) healthy", flush=True)
+        print(f"[ctpo-role] all {len(plan.server_urls)} rollout server(s) healthy"
+              + (f", router {plan.router_url} healthy" if plan.router_url else ""), flush=True)
         return 0
+    env = export_role_env(plan, args.role)
+    if args.role != "wait":
+        print("[ctpo-role] env " + (" ".join(f"{k}={v}" for k, v in env.items()) or "-"), flush=True)
     if args.role == "trainer":
         print(header("trainer", rendezvous=f"{plan.master_addr}:{plan.master_port}",
                      servers=",".join(plan.server_urls) or "-"), flush=True)
         shield_agent_from_stop_signals()
         _exec(plan.train_argv)
     elif args.role == "rollout":
-        server = server_for_this_task(plan)
+        server = server_for_this_task(plan, args.server)
         gpus = visible_gpus_for(server)
         if gpus is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus

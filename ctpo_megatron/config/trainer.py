@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ctpo_megatron.trainer.deadline import DeadlineConfig
 
 OLD_LOG_PROB_SOURCES = ("actor", "rollout")
 
@@ -49,6 +51,9 @@ class TrainerConfig:
     collective_timeout_minutes: int = 120
     """Timeout of torch.distributed collectives, minutes. Ranks other than 0 wait in a
     broadcast while rank 0 runs a step's rollouts, so it must exceed the longest rollout."""
+    deadline: DeadlineConfig = field(default_factory=DeadlineConfig)
+    """When to stop before the job's end (Slurm time limit or a configured end): see
+    `ctpo_megatron.trainer.deadline`."""
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:

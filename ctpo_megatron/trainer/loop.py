@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 from ctpo_megatron.trainer import checkpoint as ckpt
 from ctpo_megatron.trainer.batch import (build_samples, compute_advantages, dp_shard, mini_batches,
                                          rollout_metrics)
+from ctpo_megatron.trainer.deadline import StopPlanner
 from ctpo_megatron.trainer.metrics import MetricsSink
 from ctpo_megatron.trainer.timers import PhaseTimer, format_eta
 from ctpo_megatron.trainer.update import (attach_old_log_probs, make_loss_fn, position_edges,
@@ -98,8 +98,8 @@ class Trainer:
         cfg.check_inputs()
         cfg.parallel.check_supported()
         self.rank, self.world_size = init_distributed(timeout_minutes=cfg.trainer.collective_timeout_minutes)
-        self._stop_signal: int | None = None
-        self._install_signal_handlers()
+        self.stopper = StopPlanner(cfg.trainer.deadline, run_dir=self.run_dir, total_steps=cfg.trainer.total_steps,
+                                   rank=self.rank)  # signals, the job's end, when to stop
         self.dims = cfg.validate(self.world_size)
         self._check_model_config()
         if torch.cuda.is_available() and not is_cpu_mode():
@@ -141,25 +141,6 @@ class Trainer:
             self._sync_weights()  # the servers started from the base model
 
     # ---------------------------------------------------------------- set-up
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM/SIGUSR1 (preemption, Slurm's time-limit warning, forwarded by the launcher)
-        ask for a checkpoint at the end of the current step, then a clean exit."""
-        def request_stop(signum, _frame):
-            self._stop_signal = signum
-            logger.warning("signal %d: will checkpoint after the current step and exit", signum)
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
-
-    def _stop_requested(self) -> bool:
-        """Whether any rank received a stop signal (all ranks agree: one all-reduce)."""
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def _check_model_config(self) -> None:
         from transformers import AutoConfig
 
@@ -190,7 +171,8 @@ class Trainer:
             step_start = time.monotonic()
             metrics = self.train_step()
             last = self.step == tc.total_steps
-            if self.val_prompts and tc.eval_every > 0 and (self.step % tc.eval_every == 0 or last):
+            if self.val_prompts and tc.eval_every > 0 and (self.step % tc.eval_every == 0 or last) \
+                    and not self.stopper.stopping:  # a stopping step kept the servers' old weights
                 with self.timer.phase("eval"):
                     metrics.update(self.evaluate())
             metrics.update(self.timer.pop())
@@ -202,13 +184,15 @@ class Trainer:
                 done = self.step - start_step
                 eta = (time.monotonic() - start_time) / done * (tc.total_steps - self.step)
                 logger.info(progress_line(self.step, tc.total_steps, metrics, eta))
-            stop = self._stop_requested()
+            stop = self.stopper.should_stop(self.step, metrics["time/step"])
             if last or stop or (tc.save_every > 0 and self.step % tc.save_every == 0):
-                self.save()
+                with self.stopper.checkpointing():
+                    self.save()
             if stop and not last:
                 logger.warning("stopping after step %d on request; rerun the same command to resume",
                                self.step)
                 break
+        self.stopper.finish(self.step)
 
     def train_step(self) -> dict[str, float]:
         """One RL step; returns its metrics (identical on every rank where it matters: rank 0)."""
@@ -234,8 +218,9 @@ class Trainer:
                                        epochs=tc.epochs_per_step, dp_rank=self.dp_rank,
                                        dp_size=self.dp_size, loss_fn=self.loss_fn, edges=self.edges))
         metrics.update(world_mean(local))
-        with self.timer.phase("weight_sync"):
-            metrics.update(self._sync_weights())
+        if not self.stopper.skip_weight_sync(self.step):  # stopping after this step: save first
+            with self.timer.phase("weight_sync"):
+                metrics.update(self._sync_weights())
         tokens = sum(len(t["prompt_ids"]) + len(t["response_ids"]) for t in trajs)
         metrics["perf/tokens"] = float(tokens)
         metrics["data/epoch"] = float(self.sampler.epoch)

@@ -8,12 +8,13 @@ import pytest
 
 from tests.slurm.local_slurm import LocalSlurm, missing_binaries
 
-NODES = 3  # 2 training nodes + 1 rollout node
+NODES = 4  # 2 training nodes + 2 rollout nodes
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """Slurm daemons with NODES fake nodes (1 fake GPU, 2 CPUs each); torn down after the session.
+    """Slurm daemons with NODES fake nodes (2 fake GPUs, 2 CPUs, its own network namespace and host
+    name each); torn down after the session.
 
     Skips only when the Slurm binaries are missing (scripts/setup_system.sh installs them).
     """
@@ -22,7 +23,7 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(f"Slurm binaries missing: {', '.join(missing)} (run scripts/setup_system.sh as root)")
     if os.geteuid() != 0:
         pytest.fail("the local Slurm cluster runs its daemons as root (SlurmUser=root); run as root")
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=NODES, cpus=2, gpus=1)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=NODES, cpus=2, gpus=2)
     try:
         cluster.start()
         yield cluster

@@ -1,16 +1,22 @@
-"""A real Slurm (Debian slurm-wlm 22.05) on this machine: slurmctld + one slurmd per fake node.
+"""A real Slurm (Debian slurm-wlm 22.05) on this machine in which every fake node is its own host.
 
-Fake nodes `<prefix>1..N` all run on this host (NodeHostname = this host, one slurmd port each),
-declare `cpus` CPUs and `gpus` fake GPUs (gres files are symlinks to /dev/null, so Slurm sets
-CUDA_VISIBLE_DEVICES). auth/none: no munged. The config lives in a private directory and is
-found through $SLURM_CONF (jobs inherit it). The node names are added to /etc/hosts (tagged
-line, removed at stop) so `http://<node>:port` and the torchrun rendezvous resolve.
-Daemons run in the foreground as children of this process (`-D`), so `stop` owns their pids.
+Each fake node `<prefix>1..N` runs its slurmd inside its own network namespace (own eth0 with
+address `NET.(10+i)` on a bridge, own loopback, own port space) and its own UTS namespace
+(hostname = node name), like netns-slurm.sh in the project notes. Everything a job starts on a
+node inherits both, so a process that dials 127.0.0.1 for another node gets "connection refused",
+as on a cluster, and torch/gloo see distinct host names. slurmctld runs in this namespace at the
+bridge address. Only loopback and addresses of NET.0/24 are used; no route leads out.
+
+auth/none: no munged. The config lives in a private directory and is found through $SLURM_CONF
+(jobs inherit it). Node names resolve through tagged /etc/hosts lines (removed at stop).
+Daemons run in the foreground as children of this process (`-D`), so `stop` owns their pids;
+leftovers inside the namespaces are ours too and are killed before the namespaces go.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,11 +24,13 @@ import subprocess
 import time
 from pathlib import Path
 
-import random
-
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
-BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
+BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo", "ip", "nsenter",
+            "unshare")
 HOSTS_FILE = "/etc/hosts"
+NET = "10.231.7"
+"""First three octets of the fake nodes' /24 (reserved for these tests on the project machines)."""
+BRIDGE = "ctposlurm0"
 
 
 def quiet_port(low: int = 20000, high: int = 32000) -> int:
@@ -54,16 +62,55 @@ def missing_binaries() -> list[str]:
 
 
 class LocalSlurm:
-    """Start/stop a private Slurm cluster of `nodes` fake nodes; `env` is the clients' environment."""
+    """Start/stop a private Slurm cluster of `nodes` fake nodes, one network namespace each;
+    `env` is the clients' environment."""
 
-    def __init__(self, root: Path, *, nodes: int = 3, cpus: int = 2, gpus: int = 1, prefix: str = "ctpo-n"):
+    def __init__(self, root: Path, *, nodes: int = 4, cpus: int = 2, gpus: int = 2, prefix: str = "ctpo-n"):
+        if nodes > 200:
+            raise ValueError("at most 200 fake nodes (addresses NET.11..NET.210)")
         self.root, self.nodes, self.cpus, self.gpus = Path(root), nodes, cpus, gpus
         self.names = [f"{prefix}{i}" for i in range(1, nodes + 1)]
+        self.addrs = {name: f"{NET}.{10 + i}" for i, name in enumerate(self.names, start=1)}
         self.conf = self.root / "slurm.conf"
         self.tag = f"# ctpo-megatron test slurm {self.root}"
         self.procs: list[subprocess.Popen] = []
         self.env = {**os.environ, "SLURM_CONF": str(self.conf),
                     "PATH": os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(SBIN_DIRS)}
+
+    # -- network --------------------------------------------------------------------------
+    def _ip(self, *args: str, check: bool = True) -> None:
+        subprocess.run([find_binary("ip"), *args], check=check, capture_output=True, timeout=30)
+
+    def _veth(self, name: str) -> tuple[str, str]:
+        i = self.names.index(name) + 1
+        return f"vctsl{i}", f"vctsp{i}"  # <= 15 characters
+
+    def _net_down(self) -> None:
+        for name in self.names:
+            self._ip("netns", "del", name, check=False)  # deletes its eth0, hence the veth peer
+            self._ip("link", "del", self._veth(name)[0], check=False)
+        self._ip("link", "del", BRIDGE, check=False)
+
+    def _net_up(self) -> None:
+        self._net_down()  # leftovers of a killed earlier run (our names only)
+        self._ip("link", "add", BRIDGE, "type", "bridge")
+        self._ip("addr", "add", f"{NET}.1/24", "dev", BRIDGE)
+        self._ip("link", "set", BRIDGE, "up")
+        for name in self.names:
+            host_end, node_end = self._veth(name)
+            self._ip("netns", "add", name)
+            self._ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            self._ip("link", "set", host_end, "master", BRIDGE, "up")
+            self._ip("link", "set", node_end, "netns", name)
+            self._ip("-n", name, "link", "set", node_end, "name", "eth0")
+            self._ip("-n", name, "addr", "add", f"{self.addrs[name]}/24", "dev", "eth0")
+            self._ip("-n", name, "link", "set", "eth0", "up")
+            self._ip("-n", name, "link", "set", "lo", "up")  # 127.0.0.1 inside: refused, not unreachable
+
+    def namespace_pids(self, name: str) -> list[int]:
+        out = subprocess.run([find_binary("ip"), "netns", "pids", name], capture_output=True, text=True,
+                             timeout=30)
+        return [int(p) for p in out.stdout.split() if p.isdigit()]
 
     # -- config ---------------------------------------------------------------------------
     def _write_conf(self) -> None:
@@ -71,8 +118,9 @@ class LocalSlurm:
         for sub in ("ctld", "log", "run", "dev"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         lines = [
-            "ClusterName=ctpotest", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
+            "ClusterName=ctpotest", f"SlurmctldHost={host}({NET}.1)", "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/none", "CredType=cred/none", f"SlurmctldPort={quiet_port()}",
+            "SlurmdPort=6818",  # one port for all: every node has its own port space
             # a requeued job may start again once its old credentials expired (default 120 s)
             "AuthInfo=cred_expire=5",
             f"StateSaveLocation={self.root}/ctld", f"SlurmdSpoolDir={self.root}/spool-%n",
@@ -86,16 +134,14 @@ class LocalSlurm:
             "MinJobAge=300", "KillWait=5", "Waittime=0", "GresTypes=gpu",
         ]
         for name in self.names:
-            lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={quiet_port()} "
-                         f"CPUs={self.cpus} RealMemory=4000 Gres=gpu:{self.gpus} State=UNKNOWN")
+            lines.append(f"NodeName={name} NodeHostname={name} NodeAddr={self.addrs[name]} CPUs={self.cpus} "
+                         f"RealMemory=4000 Gres=gpu:{self.gpus} State=UNKNOWN")
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
-        devices = []
         for g in range(self.gpus):
             dev = self.root / "dev" / f"fakegpu{g}"
             if not dev.is_symlink():
                 dev.symlink_to("/dev/null")  # gres/gpu needs a character device
-            devices.append(dev)
         gres = ["AutoDetect=off"] + [f"NodeName={n} Name=gpu File={self.root}/dev/fakegpu[0-{self.gpus - 1}]"
                                      for n in self.names]
         (self.root / "gres.conf").write_text("\n".join(gres) + "\n")
@@ -107,7 +153,7 @@ class LocalSlurm:
     def _set_hosts(self, add: bool) -> None:
         lines = self._hosts_without_tag()
         if add:
-            lines.append(f"127.0.0.1 {' '.join(self.names)} {self.tag}")
+            lines += [f"{self.addrs[n]} {n} {self.tag}" for n in self.names]
         with open(HOSTS_FILE, "w") as f:  # rewrite in place: /etc/hosts is often a bind mount
             f.write("\n".join(lines) + "\n")
 
@@ -122,13 +168,19 @@ class LocalSlurm:
                               capture_output=True, text=True, timeout=timeout)
 
     def start(self, timeout: float = 30) -> None:
+        self._net_up()
         self._write_conf()
         self._set_hosts(add=True)
         self._spawn(find_binary("slurmctld"), "-D", "-i", "-f", str(self.conf))
         for name in self.names:
             (self.root / f"spool-{name}").mkdir(exist_ok=True)
-            self._spawn(find_binary("slurmd"), "-D", "-f", str(self.conf), "-N", name)
+            # nsenter, not `ip netns exec` (it remounts /sys and slurmd then finds no cgroup fs);
+            # a UTS namespace of its own so `hostname` is the node's name (torch resolves it)
+            self._spawn(find_binary("nsenter"), f"--net=/run/netns/{name}", find_binary("unshare"), "--uts",
+                        "sh", "-c", f'hostname {name} && exec "$0" -D -f "$1" -N {name}',
+                        find_binary("slurmd"), str(self.conf))
         deadline = time.monotonic() + timeout
+        states: dict[str, str] = {}
         while time.monotonic() < deadline:
             out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False, timeout=10).stdout.split()
             states = dict(zip(out[::2], out[1::2]))
@@ -156,7 +208,8 @@ class LocalSlurm:
         return pids
 
     def stop(self) -> list[int]:
-        """Cancels all jobs, stops the daemons, removes the hosts line; returns pids it had to KILL."""
+        """Cancels all jobs, stops the daemons, removes namespaces, bridge and hosts lines;
+        returns the pids it had to KILL."""
         try:
             self.run("scancel", "--user=root", check=False, timeout=10)
             deadline = time.monotonic() + 20
@@ -176,13 +229,16 @@ class LocalSlurm:
                 p.wait()
         killed = []
         deadline = time.monotonic() + 10
-        while (left := self.processes_of_cluster()) and time.monotonic() < deadline:
+        while (left := set(self.processes_of_cluster())) and time.monotonic() < deadline:
             time.sleep(0.3)
+        for name in self.names:  # what is left inside our namespaces was started by our slurmd
+            left.update(self.namespace_pids(name))
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             except ProcessLookupError:
                 pass
+        self._net_down()
         self._set_hosts(add=False)
         return killed

@@ -1,18 +1,24 @@
-"""`launch/ctpo_32b.sh` on a real Slurm: 3 fake nodes (2 training + 1 rollout), tiny configuration.
+"""`launch/ctpo_32b.sh` on a real Slurm whose 4 fake nodes are 4 hosts (own network namespace,
+address and host name each): 2 training nodes (the real trainer, Megatron in CPU mode at TP 2,
+under torchrun spanning both) + 2 rollout nodes (one embedded server of `SERVER_TP` ranks each,
+behind the real sglang-router), `distributed` weight sync. One job, two attempts:
 
-The real trainer (`python -m ctpo_megatron.train`, Megatron in CPU mode at TP 2 across the two
-training nodes) and one embedded rollout server on the third node: each role ran on the node the
-plan gave it (role logs record the Slurm node name), the trainer reached the rollout server and
-pushed weights to it, and the job completed with a checkpoint. Then the time-limit path: USR1 ->
-the trainer checkpoints after its step -> requeue -> the next attempt resumes from it and
-completes (a resubmitted job resumes the same way: same command, same run directory).
+1. placement: every role ran on the node the plan gave it, in that node's namespace;
+2. a rollout server is SIGKILLed mid-run: the launcher reports it, training goes on;
+3. the job's time limit is cut short: the trainer sees the new end (squeue), skips the weight
+   sync of its last step, checkpoints and exits cleanly; the job requeues itself because steps
+   remain;
+4. attempt 2 resumes from that checkpoint, finishes, and does not requeue (it is done):
+   every step 1..N trained exactly once.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,21 +27,35 @@ import pytest
 
 from tests.slurm.local_slurm import quiet_port
 
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launch" / "ctpo_32b.sh"
-# the smallest real training step: 2 prompts x 2 samples, one update, a checkpoint every step
+SERVER_TP = 1
+"""Ranks (fake GPUs) of each embedded server. 2 once the embedded server runs `--tp-size N` ranks;
+the rest of the test does not change."""
+TRANSPORT = "distributed"
+TOTAL_STEPS = 16
+# the smallest real training step: 2 prompts x 2 samples, one update; checkpoints only at the stop
 TINY_STEP = ["trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2", "rollout.n_samples=2",
-             "trainer.eval_every=0", "trainer.save_every=1"]
+             "trainer.eval_every=0", "trainer.save_every=0"]
+MARGIN_S = 100
+"""trainer.deadline.margin_s: once the limit is cut to 60-120 s ahead, no further step fits."""
 
 
 def cluster_args(run_dir: Path, inputs: dict[str, str]) -> list[str]:
-    """The tiny cluster config with ports free on this host."""
-    return ["--cluster", "tiny", "--run-dir", str(run_dir), "--time", "00:05:00",
-            f"cluster.rollout_port={quiet_port()}", f"cluster.master_port={quiet_port()}",
-            f"model.path={inputs['model']}",
+    """4 nodes of the tiny config with ports free on this host."""
+    server_port = quiet_port()
+    router_port = quiet_port()
+    while server_port <= router_port <= server_port + 1000:  # SGLang's NCCL range of the server
+        router_port = quiet_port()
+    return ["--cluster", "tiny", "--nodes", "4", "--rollout-nodes", "2", "--run-dir", str(run_dir),
+            "--time", "00:10:00", f"cluster.rollout_gpus_per_node={SERVER_TP}",
+            f"cluster.rollout_gpus_per_server={SERVER_TP}", "cluster.router=true",
+            f"cluster.router_port={router_port}", f"cluster.rollout_port={server_port}",
+            f"cluster.master_port={quiet_port()}", "cluster.signal_before_end_s=20",
+            f"cluster.deadline_margin_s={MARGIN_S}", "trainer.deadline.refresh_s=1",
+            f"rollout.weight_sync.transport={TRANSPORT}", f"model.path={inputs['model']}",
             f"data.train_files=[{inputs['train']}]", f"data.val_files=[{inputs['val']}]"]
 
 
@@ -57,93 +77,133 @@ def job_fields(slurm, job: str) -> dict:
     return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
 
 
-def wait_for(predicate, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.5)
+def read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
-def wait_job(slurm, job: str, timeout: float = 150) -> dict:
-    """Polls `scontrol show job` until the job reaches a final state; returns its fields."""
-    deadline = time.monotonic() + timeout
-    while True:
-        fields = job_fields(slurm, job)
-        if fields.get("JobState") in FINAL_STATES:
-            return fields
-        if time.monotonic() > deadline:
-            slurm.run("scancel", job, check=False)
-            raise AssertionError(f"job {job} still {fields.get('JobState')} after {timeout} s")
-        time.sleep(0.5)
+class Job:
+    """The submitted job's files; `detail()` is the failure message's evidence."""
+
+    def __init__(self, slurm, run_dir: Path, job: str):
+        self.slurm, self.run_dir, self.id = slurm, run_dir, job
+        self.batch = run_dir / "logs" / f"slurm-{job}.out"
+
+    def logs(self, restart: int = 0) -> Path:
+        return self.run_dir / "logs" / (f"slurm-{self.id}" + (f"-r{restart}" if restart else ""))
+
+    def detail(self) -> str:
+        out = [f"\nbatch:\n{read(self.batch)}"]
+        for restart in (0, 1):
+            for name in ("trainer.log", "server-0.log", "server-1.log", "router.log", "rollout.log"):
+                text = read(self.logs(restart) / name)
+                if text:
+                    out.append(f"\n{self.logs(restart).name}/{name}:\n{text[-3000:]}")
+        return "".join(out)
+
+    def wait_for(self, predicate, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            fields = job_fields(self.slurm, self.id)
+            if fields.get("JobState") in FINAL_STATES:
+                raise AssertionError(f"job ended ({fields.get('JobState')}) while waiting for {what}{self.detail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}{self.detail()}")
+            time.sleep(0.3)
+
+    def steps_done(self, restart: int = 0) -> list[int]:
+        return [int(s) for s in re.findall(rf"step (\d+)/{TOTAL_STEPS} \|", read(self.logs(restart) / "trainer.log"))]
 
 
 def role_headers(log: Path) -> list[dict]:
     rows = []
-    for line in log.read_text().splitlines():
+    for line in read(log).splitlines():
         if "[ctpo-role] role=" in line:
             rows.append(dict(kv.split("=", 1) for kv in line.split("[ctpo-role]", 1)[1].split() if "=" in kv))
     return rows
 
 
-def test_launcher_places_roles_and_trains(slurm_cluster, tiny_inputs, tmp_path):
+def server_pid(slurm, node: str) -> int:
+    """Pid of the embedded server process running in `node`'s namespace."""
+    for pid in slurm.namespace_pids(node):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"ctpo_megatron.rollout.server" in cmdline and b"-m" in cmdline:
+            return pid
+    raise AssertionError(f"no rollout server process in namespace {node}")
+
+
+def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny_inputs, tmp_path):
     run_dir = tmp_path / "run"
-    args = [*cluster_args(run_dir, tiny_inputs), *TINY_STEP]
+    job = Job(slurm_cluster, run_dir, submit(slurm_cluster, tmp_path, *cluster_args(run_dir, tiny_inputs),
+                                             *TINY_STEP, f"trainer.total_steps={TOTAL_STEPS}"))
+    trainer_log = job.logs() / "trainer.log"
 
-    job = submit(slurm_cluster, tmp_path, *args, "trainer.total_steps=1")
-    fields = wait_job(slurm_cluster, job, timeout=240)
-    logs = run_dir / "logs" / f"slurm-{job}"
-    batch_out = run_dir / "logs" / f"slurm-{job}.out"
-    detail = f"\nbatch:\n{batch_out.read_text() if batch_out.exists() else '-'}"
-    for name in ("trainer.log", "rollout.log"):
-        if (logs / name).exists():
-            detail += f"\n{name}:\n{(logs / name).read_text()[-4000:]}"
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}{detail}"
+    # 1. placement, each role in its own node's namespace
+    job.wait_for(lambda: job.steps_done(), "step 1 of attempt 1", 600)
+    plan = json.loads((job.logs() / "plan.json").read_text())
+    names = slurm_cluster.names
+    assert plan["train_hosts"] == names[:2] and plan["rollout_hosts"] == names[2:], job.detail()
+    assert [s["host"] for s in plan["servers"]] == names[2:] and plan["server_tp_size"] == SERVER_TP
+    router_url = f"http://{names[2]}:{plan['router_port']}"
+    assert plan["router_host"] == names[2]
+    for i, server in enumerate(plan["servers"]):
+        rows = [h for h in role_headers(job.logs() / f"server-{i}.log") if h["role"] == "rollout"]
+        assert [(h["node"], h["host"]) for h in rows] == [(server["host"], server["host"])], job.detail()
+        assert rows[0]["gpus"] == ",".join(str(g) for g in range(SERVER_TP))  # Slurm's fake GPUs, narrowed
+    trainers = [h for h in role_headers(trainer_log) if h["role"] == "trainer"]
+    assert sorted((h["node"], h["host"]) for h in trainers) == [(n, n) for n in names[:2]], job.detail()
+    assert [h["node"] for h in role_headers(job.logs() / "router.log") if h["role"] == "router"] == [names[2]]
+    text = read(trainer_log)
+    assert "world size 2 = tp 2 x pp 1 x cp 1 x dp 1" in text, job.detail()  # torchrun across both nodes
+    assert re.search(rf"weight sync \({TRANSPORT}\) version step_1", text), job.detail()
+    if "router_url" in json.dumps(plan["train_overrides"]):
+        assert f"rollout.router_url={router_url}" in plan["train_overrides"]
 
-    plan = json.loads((logs / "plan.json").read_text())
-    assert plan["train_hosts"] == slurm_cluster.names[:2] and plan["rollout_hosts"] == slurm_cluster.names[2:]
-    rollout = [h for h in role_headers(logs / "rollout.log") if h["role"] == "rollout"]
-    assert [h["node"] for h in rollout] == plan["rollout_hosts"], detail
-    assert rollout[0]["gpus"] == "0"  # the fake gres GPU Slurm gave the step
-    trainer = [h for h in role_headers(logs / "trainer.log") if h["role"] == "trainer"]
-    assert sorted(h["node"] for h in trainer) == plan["train_hosts"], detail
-    text = (logs / "trainer.log").read_text()
-    # torchrun's c10d rendezvous joined one process per training node: world 2 = tp 2
-    assert "world size 2 = tp 2 x pp 1 x cp 1 x dp 1" in text, detail
-    url = f"http://{plan['rollout_hosts'][0]}:{plan['servers'][0]['port']}"
-    assert f"using external rollout servers ['{url}']" in text, detail
-    assert re.search(r"weight sync \(\w+\) version step_1", text), detail  # pushed weights to the server
-    assert "step 1/1" in text and "resumed from" not in text, detail
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(m.get("step", 0) for m in metrics) == 1
-    assert (run_dir / "checkpoints" / "latest").exists(), detail
-    # resuming from it in a new job attempt: test_time_limit_warning_checkpoints_requeues_and_resumes
+    # 2. a server dies mid-run (SIGKILL, as a crash): reported by the launcher, training goes on
+    before = max(job.steps_done())
+    killed_at, killed_wall = time.monotonic(), time.time()
+    os.kill(server_pid(slurm_cluster, names[3]), signal.SIGKILL)
+    job.wait_for(lambda: max(job.steps_done()) > before, f"a step after step {before}", 300)
+    next_step_s = time.monotonic() - killed_at
+    job.wait_for(lambda: max(job.steps_done()) > before + 1, f"two more steps after step {before}", 300)
+    noticed = re.search(rf"\[ctpo\] (\S+) rollout server 1 \(http://{names[3]}:\d+\) exited with rc", read(job.batch))
+    assert noticed, job.detail()
+    noticed_s = datetime.datetime.fromisoformat(noticed.group(1).replace("Z", "+00:00")).timestamp() - killed_wall
+    print(f"\n[figure] server killed after step {before}: the launcher reported it after {noticed_s:.0f} s "
+          f"(1 s clock resolution), step {before + 1} finished {next_step_s:.1f} s after the kill")
 
+    # 3. the time limit is cut to 1-2 minutes ahead: the trainer stops and the job requeues
+    hours, minutes, _ = job_fields(slurm_cluster, job.id)["RunTime"].split("-")[-1].split(":")
+    slurm_cluster.run("scontrol", "update", f"JobId={job.id}", f"TimeLimit={60 * int(hours) + int(minutes) + 2}")
+    job.wait_for(lambda: job_fields(slurm_cluster, job.id).get("Restarts") == "1", "the requeue", 240)
+    # attempt 2 gets room to finish (the trainer re-reads the end before each step)
+    slurm_cluster.run("scontrol", "update", f"JobId={job.id}", "TimeLimit=10")
+    deadline = time.monotonic() + 300
+    while (fields := job_fields(slurm_cluster, job.id)).get("JobState") not in FINAL_STATES:
+        assert time.monotonic() < deadline, f"job still {fields.get('JobState')}{job.detail()}"
+        time.sleep(0.5)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}{job.detail()}"
+    assert fields["Restarts"] == "1", job.detail()  # the finished attempt did not requeue again
 
-def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, tiny_inputs, tmp_path):
-    """USR1 to the batch shell (what `--signal=B:USR1@T` sends before the time limit): the job
-    asks the trainer to stop (SIGUSR1 to its step; torchrun's agent ignores it), the trainer
-    checkpoints after its current step, the job requeues itself, and the next attempt resumes
-    from that checkpoint and finishes."""
-    run_dir = tmp_path / "run"
-    no_periodic_saves = [o for o in TINY_STEP if not o.startswith("trainer.save_every")]
-    job = submit(slurm_cluster, tmp_path, *cluster_args(run_dir, tiny_inputs), *no_periodic_saves,
-                 "trainer.save_every=0", "trainer.total_steps=8")
-    first = run_dir / "logs" / f"slurm-{job}" / "trainer.log"
-    wait_for(lambda: first.exists() and "step 2/8" in first.read_text(), "step 2 of the first attempt", 200)
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
-    fields = wait_job(slurm_cluster, job, timeout=300)
-    batch = (run_dir / "logs" / f"slurm-{job}.out").read_text()
-    first_text = first.read_text()
-    second = run_dir / "logs" / f"slurm-{job}-r1" / "trainer.log"
-    second_text = second.read_text() if second.exists() else "-"
-    detail = f"\nbatch:\n{batch}\nfirst:\n{first_text[-4000:]}\nsecond:\n{second_text[-4000:]}"
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}{detail}"
-    assert fields.get("Restarts") == "1", detail
-    assert "SIGUSR1 received: the trainer checkpoints" in batch and "requeueing job" in batch, detail
-    stopped = re.search(r"stopping after step (\d+) on request", first_text)
-    assert stopped, detail
-    step = int(stopped.group(1))
-    assert 2 <= step < 8 and f"checkpoint saved at step {step}" in first_text, detail
-    assert re.search(rf"resumed from \S+ at step {step}\b", second_text) and "step 8/8" in second_text, detail
-    assert f"step {step}/8" not in second_text, detail  # no finished step is trained twice
+    first, second = read(trainer_log), read(job.logs(1) / "trainer.log")
+    stop = re.search(r"stopping: the job ends in \d+ s; another step needs", first)
+    assert stop, job.detail()
+    saved = re.search(r"checkpoint saved at step (\d+)", first)
+    assert saved, job.detail()
+    step = int(saved.group(1))
+    assert f"stopping after step {step} on request" in first
+    # once the stop was decided no weight sync ran (a stop known before a step's sync skips it)
+    assert "weight sync (" not in first[stop.start():], job.detail()
+    assert "steps remain: requeueing job" in read(job.batch), job.detail()
+    assert re.search(rf"resumed from \S+ at step {step}\b", second), job.detail()
+    assert f"version step_{step}" in second  # the fresh servers get the checkpoint's weights
+    # no step lost, none done twice
+    assert job.steps_done(0) == list(range(1, step + 1)), job.detail()
+    assert job.steps_done(1) == list(range(step + 1, TOTAL_STEPS + 1)), job.detail()
+    metrics = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if "step" in json.loads(line)]
+    assert sorted(metrics) == list(range(1, TOTAL_STEPS + 1)), metrics
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == TOTAL_STEPS

@@ -43,8 +43,8 @@ def test_paper_layout_on_twelve_nodes(paper_cfg):
     assert plan.train_hosts == hosts[:8] and plan.rollout_hosts == hosts[8:]
     assert plan.parallel == {"tp": 8, "pp": 2, "cp": 1, "dp": 4} and plan.world_size == 64
     assert (plan.master_addr, plan.master_port) == ("gpu0", 20000 + 4242)
-    # 4 GPUs per SGLang server -> 2 servers per rollout node on consecutive ports
-    assert plan.server_urls[:3] == ["http://gpu8:30000", "http://gpu8:30001", "http://gpu9:30000"]
+    # 4 GPUs per SGLang server -> 2 servers per rollout node, ports spaced past SGLang's NCCL range
+    assert plan.server_urls[:3] == ["http://gpu8:30000", "http://gpu8:31100", "http://gpu9:30000"]
     assert [s.gpu_slots for s in plan.servers[:2]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert plan.router_url == "http://gpu8:30080"
     argv = plan.train_argv
@@ -56,6 +56,10 @@ def test_paper_layout_on_twelve_nodes(paper_cfg):
     assert tail[0] == "ctpo_megatron.train" and "--config-name" not in tail
     assert "parallel.tp=8" in tail and "model=qwen3_32b" in tail and "trainer.run_dir=/runs/runs/ctpo" in tail
     assert tail[-1] == "trainer.total_steps=7"  # the user's overrides come last
+    # the deadline: 32.8 B params x 14 bytes = 459 GB at 2 GB/s -> 230 s; warning lead 230 + 120 + 60
+    assert "trainer.deadline.checkpoint_s=230" in tail and "trainer.deadline.margin_s=120" in tail
+    assert plan.deadline["signal_before_end_s"] == 410
+    assert not any(o.startswith("rollout.weight_sync.master_address") for o in tail)  # found at run time
     urls = next(o for o in tail if o.startswith("rollout.server_urls="))
     assert load_config([urls]).rollout.server_urls == plan.server_urls  # Hydra parses what we emit
     assert plan.memory["fits"] and plan.memory_what_ifs["with none of these"] > 80
@@ -75,8 +79,8 @@ def test_errors_name_the_setting(paper_cfg):
     cluster = load_cluster_config("qwen3_32b")
     with pytest.raises(ValueError, match="cluster.nodes=12 but the allocation has 3"):
         build_plan(cluster, paper_cfg, [], hosts=["a", "b", "c"])
-    with pytest.raises(ValueError, match="model.path"):
-        build_plan(cluster, load_config([]), [])
+    with pytest.raises(ValueError, match="model.path"):  # a real allocation needs it; a dry run does not
+        build_plan(cluster, load_config([]), [], hosts=[f"n{i}" for i in range(12)])
     with pytest.raises(ValueError, match="world size 40"):  # 5 training nodes x 8 GPUs vs tp*pp*cp=16
         build_plan(load_cluster_config("qwen3_32b", ["nodes=9"]), paper_cfg, [])
     with pytest.raises(ValueError, match="parallel.cp=2: context parallelism is not supported"):
@@ -101,7 +105,7 @@ def test_cli_dry_run_sbatch_and_job(tmp_path, capsys):
     assert cli.main(["--emit", "sbatch", "--partition", "gpu", *base]) == 0
     sbatch = capsys.readouterr().out.split()
     assert "--nodes=3" in sbatch and "--gres=gpu:1" in sbatch and "--partition=gpu" in sbatch
-    assert "--requeue" in sbatch and "--signal=B:USR1@60" in sbatch
+    assert "--requeue" in sbatch and "--signal=B:USR1@60" in sbatch  # tiny.yaml: fixed lead
     assert (tmp_path / "run" / "logs").is_dir()  # sbatch --output needs the directory
     assert cli.main(["--emit", "job", "--hosts", "x1,x2,x3", "--job-id", "9", "--restart", "2", *base]) == 0
     env = shell_vars(capsys.readouterr().out)
@@ -132,7 +136,10 @@ def test_role_picks_its_server_and_gpus(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
     server = role.server_for_this_task(plan)
-    assert server.url == "http://h9:30001" and role.visible_gpus_for(server) == "4,5,6,7"
+    assert server.url == "http://h9:31100" and role.visible_gpus_for(server) == "4,5,6,7"
+    assert role.server_for_this_task(plan, 3) is server  # by index (one srun step per server)
+    with pytest.raises(ValueError, match="planned on node 'h8', not on this node 'h9'"):
+        role.server_for_this_task(plan, 0)
     monkeypatch.setenv("SLURMD_NODENAME", "h0")  # a training node has no server
     with pytest.raises(ValueError, match="no rollout server planned for node 'h0'"):
         role.server_for_this_task(plan)
@@ -172,5 +179,103 @@ def test_container_environment_mounts_repo_and_run_dir(tmp_path, capsys):
     env = shell_vars(capsys.readouterr().out)
     assert env["CTPO_CONTAINER_IMAGE"] == "/images/ctpo-pytorch.sqsh"
     mounts = env["CTPO_CONTAINER_MOUNTS"].split(",")
-    assert mounts == [f"{REPO}:{REPO}", f"{run_dir}:{run_dir}", "/data:/data"]
+    assert mounts == [f"{REPO}:{REPO}", f"{run_dir}:{run_dir}", "/ckpt/tiny:/ckpt/tiny", "/data:/data"]
     assert env["CTPO_PY"] == "python"  # the image's interpreter, not this venv's
+    assert env["CTPO_CONTAINER_NAME"] == "ctpo-dryrun"
+
+
+def readme_dry_run_line() -> str:
+    """The dry-run command exactly as README.md shows it (without its trailing comment)."""
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("bash launch/ctpo_32b.sh --dry-run"):
+            return line.split("#", 1)[0].strip()
+    raise AssertionError("README.md shows no `bash launch/ctpo_32b.sh --dry-run` line")
+
+
+def test_readme_dry_run_line_prints_the_plan():
+    """The README's own line, as a new user types it (no model.path), prints the whole plan."""
+    line = readme_dry_run_line()
+    out = subprocess.run(shlex.split(line), cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CTPO_PYTHON": sys.executable})
+    assert out.returncode == 0, f"{line!r} failed:\n{out.stdout}\n{out.stderr}"
+    text = out.stdout
+    assert "model    : (unset: pass model.path=<HF checkpoint dir> to submit)" in text
+    assert "8 server(s) of TP 4" in text and "= 33 ranks" in text  # 1 + 8 x 4
+    assert "master address: " in text and ("found at run time" in text or "pinned to" in text)
+    assert "trainer also: CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_CUMEM_ENABLE=0" in text
+    assert "unset (NCCL/Gloo choose): NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_IB_HCA" in text
+    assert "checkpoint ~459 GB -> ~230 s" in text and "USR1) 410 s before the end" in text
+    assert "--signal=B:USR1@410" in text and "requeues only when steps remain" in text
+
+
+def test_submit_needs_model_path(capsys):
+    assert cli.main(["--emit", "sbatch"]) == 2  # what the launcher runs before sbatch
+    assert "pass model.path=<HF checkpoint dir>" in capsys.readouterr().err
+
+
+def test_server_ports_leave_room_for_sglang_nccl_ports(paper_cfg):
+    cluster = load_cluster_config("qwen3_32b", ["rollout_gpus_per_server=2"])  # 4 servers per node
+    plan = build_plan(cluster, paper_cfg, [], hosts=[f"g{i}" for i in range(12)])
+    ports = sorted(s.port for s in plan.servers if s.host == "g8")
+    assert len(ports) == 4 and all(b - a > 1000 for a, b in zip(ports, ports[1:]))
+    with pytest.raises(ValueError, match="more than 1000 apart"):
+        load_cluster_config("qwen3_32b", ["rollout_port_stride=1"])
+    with pytest.raises(ValueError, match="router_port=30500 lies in a server's port range"):
+        load_cluster_config("qwen3_32b", ["router_port=30500"])
+
+
+def test_env_per_role_and_weight_sync_rule(paper_cfg, monkeypatch):
+    cfg = load_config(["model.path=/ckpt/q", "rollout.weight_sync.transport=distributed"])
+    cluster = load_cluster_config("qwen3_32b", ["env.NCCL_SOCKET_IFNAME=ib0", "env.NCCL_DEBUG=INFO"])
+    plan = build_plan(cluster, cfg, [], hosts=[f"h{i}" for i in range(12)])
+    assert plan.env["trainer"] == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_CUMEM_ENABLE": "0",
+                                   "NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO"}
+    assert plan.env["rollout"] == {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO"}  # empty values: unset
+    # a tensor-transport run without sequence parallelism needs neither automatic variable
+    tiny_cfg = load_config(["model.path=/m", "rollout.weight_sync.transport=tensor"], config_name="tiny")
+    plain = build_plan(load_cluster_config("tiny"), tiny_cfg, [], hosts=["a", "b", "c"])
+    assert "NCCL_CUMEM_ENABLE" not in plain.env["trainer"] and "CUDA_DEVICE_MAX_CONNECTIONS" not in plain.env["trainer"]
+    # the user's value wins over an automatic one
+    mine = build_plan(load_cluster_config("qwen3_32b", ["env.NCCL_CUMEM_ENABLE=1"]), cfg, [],
+                      hosts=[f"h{i}" for i in range(12)])
+    assert mine.env["trainer"]["NCCL_CUMEM_ENABLE"] == "1"
+    assert plan.weight_sync["group_world_size"] == 33 and plan.server_tp_size == 4
+    pinned = build_plan(cluster, load_config(["model.path=/ckpt/q", "rollout.weight_sync.transport=distributed",
+                                              "rollout.weight_sync.master_address=127.0.0.1"]), [],
+                        hosts=[f"h{i}" for i in range(12)])
+    assert any("would dial their own loopback" in w for w in pinned.warnings)
+    # the role exports its environment before exec
+    monkeypatch.delenv("NCCL_CUMEM_ENABLE", raising=False)
+    assert role.export_role_env(plan, "trainer")["NCCL_CUMEM_ENABLE"] == "0"
+    assert os.environ["NCCL_CUMEM_ENABLE"] == "0"
+    with pytest.raises(ValueError, match="not an environment variable name"):
+        load_cluster_config("tiny", ["env.1BAD=x"])
+
+
+def test_srun_lines_per_server_and_container(tmp_path):
+    """`ctpo_srun_role` as the job script calls it, with a recording `srun`: one step per server
+    with --kill-on-bad-exit and its own log; container mode names the container per job, mounts
+    no home and does not pass the host PYTHONPATH."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (stub / "srun").chmod(0o755)
+    script = f"""
+        set -euo pipefail
+        CTPO_REPO={REPO}; source {REPO}/launch/_common.sh
+        CTPO_PY=python CTPO_PLAN=/run/plan.json CTPO_CONTAINER_IMAGE=/img.sqsh CTPO_CONTAINER_NAME=ctpo-77
+        CTPO_CONTAINER_MOUNTS=/ckpt:/ckpt,/data:/data PYTHONPATH=/host/site
+        ctpo_srun_role rollout {tmp_path}/server-1.log n4 1 1 2 --gres=gpu:2 --kill-on-bad-exit=1 -- --server 1
+        wait $CTPO_LAST_PID
+    """
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PATH": f"{stub}:{os.environ['PATH']}",
+                              "SRUN_ARGS": str(tmp_path / "args")})
+    assert out.returncode == 0, out.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert "--kill-on-bad-exit=1" in args and "--nodelist=n4" in args and "--gres=gpu:2" in args
+    assert "--container-name=ctpo-77" in args and "--no-container-mount-home" in args
+    assert "--container-mounts=/ckpt:/ckpt,/data:/data" in args
+    assert f"PYTHONPATH={REPO}" in args and not any("/host/site" in a for a in args)
+    assert args[-4:] == ["--plan", "/run/plan.json", "--server", "1"]
+    assert (tmp_path / "server-1.log").exists()
