@@ -133,8 +133,7 @@ class Trainer:
             from ctpo_megatron.trainer.rollout_driver import RolloutDriver
 
             self.rollout = RolloutDriver(cfg, run_dir=self.run_dir)
-            self.sink = MetricsSink(self.run_dir, tensorboard=cfg.trainer.tensorboard,
-                                    resume_step=self.step + 1 if self.step else 0)
+            self.sink = MetricsSink.from_config(cfg, resume_step=self.step + 1 if self.step else 0)
         if self.step:
             self._sync_weights()  # the servers started from the base model
 
