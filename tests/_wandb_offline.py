@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 _BLOCK = 32 * 1024
 _HEADER = 7
@@ -27,6 +28,8 @@ def _payloads(path: str):
             pos += left
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if pos + _HEADER + length > len(data):
+            return  # a record still being written
         chunk = data[pos + _HEADER: pos + _HEADER + length]
         pos += _HEADER + length
         if kind == _FULL:
@@ -42,10 +45,11 @@ def _payloads(path: str):
 
 
 def read_offline_run(run_file: str) -> dict:
-    """{"run_id", "project", "name", "group", "tags", "history": [row dicts]} of one file."""
+    """{"run_id", "project", "name", "group", "tags", "history": [row dicts], "finished"} of one
+    file; finished: its exit record is there."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    out: dict = {"history": []}
+    out: dict = {"history": [], "finished": False}
     for payload in _payloads(run_file):
         record = pb.Record()
         record.ParseFromString(payload)
@@ -57,10 +61,21 @@ def read_offline_run(run_file: str) -> dict:
         elif kind == "history":
             out["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                                    for item in record.history.item})
+        elif kind == "exit":
+            out["finished"] = True
     return out
 
 
-def offline_runs(run_dir: str) -> list[dict]:
-    """Every offline run of `run_dir/wandb/`, oldest first."""
-    files = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb")))
-    return [read_offline_run(f) for f in files]
+def offline_runs(run_dir: str, *, timeout_s: float = 60.0) -> list[dict]:
+    """Every offline run of `run_dir/wandb/`, oldest first ("dir": its folder name there).
+
+    wandb-core writes the file in the background and finishes shortly after `run.finish()`
+    returns, so this waits (up to timeout_s) until every run's exit record is there.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        files = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb")))
+        runs = [dict(read_offline_run(f), dir=os.path.basename(os.path.dirname(f))) for f in files]
+        if all(r["finished"] for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.1)
