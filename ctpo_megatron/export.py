@@ -347,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"base model {base} has no config.json (from "
                                   f"{'--base-model' if args.base_model else RUN_CONFIG}; pass "
                                   "--base-model if the run's files moved)")
+        out = out_dir.resolve()
+        for what, path in (("the checkpoint", ckpt), ("the base model", Path(base))):
+            path = path.resolve()
+            if out == path or out in path.parents or path in out.parents:
+                raise CheckpointError(f"OUT_DIR {out_dir} overlaps {what} {path}: choose another "
+                                      "directory (it is replaced as a whole)")
         if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
             raise CheckpointError(f"{out_dir} exists and is not empty (pass --overwrite)")
     except CheckpointError as e:

@@ -76,8 +76,8 @@ class TrainerConfig:
     it), `tensorboard` (`RUN_DIR/tensorboard/`), `wandb` (Weights & Biases, see `wandb`; needs
     the `wandb` package). E.g. `trainer.loggers=[jsonl,tensorboard,wandb]`."""
     tensorboard: Optional[bool] = None
-    """Older switch for the TensorBoard logger: true/false adds/removes `tensorboard` in
-    `loggers`. After validation it always says whether TensorBoard is on."""
+    """Older switch for the TensorBoard logger, kept for existing command lines: true/false
+    adds/removes `tensorboard` in `loggers`; null (default): `loggers` decides."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases project, run name, group, tags, mode (with `wandb` in `loggers`)."""
     clip_position_bins: int = 16
@@ -117,7 +117,8 @@ class TrainerConfig:
                 self.loggers.append("tensorboard")
             elif not self.tensorboard and "tensorboard" in self.loggers:
                 self.loggers.remove("tensorboard")
-        self.tensorboard = "tensorboard" in self.loggers
+        # `tensorboard` itself stays as given: OmegaConf builds the schema from a default
+        # instance, so a value set here would become the default of every config.
 
     def check_loggers_installed(self) -> None:
         """Raises ValueError when a logger in `loggers` needs a package that is not installed."""

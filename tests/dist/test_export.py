@@ -145,7 +145,7 @@ def test_cli_single_process_bf16_from_tp2_run(trained, tmp_path):
         assert torch.equal(state[name], torch.from_numpy(trained_w).to(torch.bfloat16)), name
 
 
-def test_missing_and_partial_checkpoints_are_named(trained, tmp_path):
+def test_missing_and_partial_checkpoints_are_named(trained, tmp_path, capsys):
     _, jobs, _, _ = trained
     run_dir = jobs["tp2"][1]
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -181,6 +181,13 @@ def test_missing_and_partial_checkpoints_are_named(trained, tmp_path):
                            str(tmp_path / "never")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and ".metadata missing" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "never").exists()
+    # OUT_DIR is replaced as a whole: never the run, the checkpoint or the base model.
+    from ctpo_megatron.export import main
+
+    for out in (run_dir, jobs["tp2"][0], os.path.dirname(run_dir)):
+        assert main([run_dir, out, "--overwrite"]) == 2
+    assert "overlaps" in capsys.readouterr().err
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(jobs["tp2"][0])
 
 
 def test_help_documents_the_options():
