@@ -3,15 +3,16 @@
     python -m ctpo_megatron.export RUN_DIR OUT_DIR                  # one process: small models
     torchrun --nproc-per-node 8 -m ctpo_megatron.export RUN_DIR OUT_DIR --dtype bf16   # large
 
-CHECKPOINT is a run directory (its `checkpoints/latest`), a checkpoint root holding `latest`,
+CHECKPOINT_OR_RUN_DIR is a run directory (its `checkpoints/latest`), a checkpoint root holding `latest`,
 or one `iter_*` checkpoint directory; `--step N` picks `iter_N` instead of `latest`. The
 checkpoint may have been saved at any TP/PP/CP layout (megatron stores it layout-free); the
 export runs at its own layout (`--tp`/`--pp`, default: the training layout when the world size
 matches it, else TP = world size), and each rank reads only its own slices of the checkpoint.
 
-Memory: every rank holds its model shard (model bytes / (tp x pp)); rank 0 in addition holds at
-most one output file's worth of full tensors (`--max-shard-size`) while writing. A single
-process therefore holds the whole model: use torchrun with several ranks when it does not fit.
+Memory: every rank holds its model shard (model bytes / (tp x pp)) plus a few transient copies
+of the tensor being gathered; rank 0 in addition holds at most one output file's worth of full
+tensors (`--max-shard-size`) while writing. A single process therefore holds the whole model:
+use torchrun with several ranks when it does not fit.
 
 OUT_DIR gets config.json (dtype set to the written one), generation_config.json, the tokenizer
 files of the base model, and the weights as safetensors (`model.safetensors`, or
@@ -32,6 +33,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("ctpo_megatron.export")
 
@@ -160,7 +165,7 @@ def read_run_config(run_dir: Path | None) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def _saved_model_info(metadata) -> tuple[int, "object"]:
+def _saved_model_info(metadata) -> tuple[int, "torch.dtype"]:
     """(padded vocabulary rows, parameter dtype) of the saved model."""
     entry = metadata.state_dict_metadata.get("embedding.word_embeddings.weight")
     if entry is None or not hasattr(entry, "size"):
@@ -304,10 +309,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "parameters' dtype (default: %(default)s)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB", metavar="SIZE",
                         help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
-    parser.add_argument("--base-model", default="",
+    parser.add_argument("--base-model", default="", metavar="DIR",
                         help="HF directory the run started from (config, tokenizer); default: "
                         "model.path in the run's config.yaml")
-    parser.add_argument("--tokenizer", default="", help="tokenizer directory; default: "
+    parser.add_argument("--tokenizer", default="", metavar="DIR", help="tokenizer directory; default: "
                         "model.tokenizer_path in config.yaml, else the base model's files")
     parser.add_argument("--tp", type=int, default=0, help="tensor-parallel size of the export "
                         "(default: the training layout if the world size matches it, else the "
