@@ -101,6 +101,10 @@ def test_export_round_trip_is_exact(trained, layout):
     assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= files
     assert len([f for f in files if f.endswith(".safetensors")]) >= 2  # sharded at 150 kB
     assert not os.path.exists(f"{export_dir}.incomplete")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in (f for f in files if f.endswith(".safetensors")):  # readable by the server's user
+        assert os.stat(export_dir / name).st_mode & 0o777 == 0o666 & ~umask, name
     state, _ = _load_hf(export_dir)
     base, _ = _load_hf(model_dir)
     moved = 0.0
