@@ -174,24 +174,43 @@ def _saved_model_info(metadata) -> tuple[int, "torch.dtype"]:
     return int(entry.size[0]), entry.properties.dtype
 
 
-def _check_model_keys(model_sd: dict, metadata, ckpt: Path, base_model: str) -> None:
-    """Every tensor the model needs is in the checkpoint with its global shape."""
-    missing, wrong = [], []
-    for key, item in sorted(model_sd.items()):
+def _model_keys(model_sd: dict) -> dict[str, tuple | None]:
+    """Checkpoint key -> global shape (None when not a plain tensor) of a model's sharded state
+    dict; megatron's `_extra_state` objects are left out."""
+    keys = {}
+    for item in model_sd.values():
         name = getattr(item, "key", None)
-        if name is None or "_extra_state" in name:
-            continue
-        saved = metadata.state_dict_metadata.get(name)
-        if saved is None:
-            missing.append(name)
-        elif hasattr(item, "global_shape") and tuple(saved.size) != tuple(item.global_shape):
-            wrong.append(f"{name} {tuple(saved.size)} (model: {tuple(item.global_shape)})")
-    if missing or wrong:
-        raise CheckpointError(
-            f"checkpoint {ckpt} does not match the base model {base_model}: "
-            + "; ".join(filter(None, [f"missing {', '.join(missing[:8])}" if missing else "",
-                                      f"shapes differ: {', '.join(wrong[:8])}" if wrong else ""]))
-            + " (pass --base-model with the model the run trained)")
+        if name is not None and "_extra_state" not in name:
+            shape = getattr(item, "global_shape", None)
+            keys[name] = tuple(shape) if shape is not None else None
+    return keys
+
+
+def _check_model_keys(model_sd: dict, metadata, ckpt: Path, base_model: str) -> None:
+    """The checkpoint's model tensors are exactly those of the model built from the base model
+    (same names, same global shapes), so a wrong --base-model fails instead of exporting a
+    different architecture. Called on every rank (gathers every stage's names)."""
+    import torch.distributed as dist
+
+    mine = _model_keys(model_sd)
+    stages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, sorted(mine))
+    wanted = set().union(*stages)
+    saved = {k for k in metadata.state_dict_metadata
+             if not k.startswith("optimizer.") and "_extra_state" not in k}
+    missing = sorted(k for k in mine if k not in saved)
+    extra = sorted(saved - wanted)
+    wrong = [f"{k} {tuple(metadata.state_dict_metadata[k].size)} (model: {shape})"
+             for k, shape in sorted(mine.items())
+             if k in saved and shape is not None
+             and tuple(metadata.state_dict_metadata[k].size) != shape]
+    if missing or extra or wrong:
+        parts = [f"missing {', '.join(missing[:8])}" if missing else "",
+                 f"not in the model: {', '.join(extra[:8])}" if extra else "",
+                 f"shapes differ: {', '.join(wrong[:8])}" if wrong else ""]
+        raise CheckpointError(f"checkpoint {ckpt} does not match the base model {base_model}: "
+                              + "; ".join(p for p in parts if p)
+                              + " (pass --base-model with the model the run trained)")
 
 
 # ---------------------------------------------------------------------------- the export

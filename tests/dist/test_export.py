@@ -65,6 +65,16 @@ def _train_save_export(rank, world_size, jobs, eval_samples):
         summary = export_checkpoint(ckpt, export_dir, base_model=model_dir, tp=tp, pp=pp,
                                     max_shard_bytes=150_000, progress=False)
         out[name] = dict(weights=weights, log_probs=log_probs, summary=summary)
+    # The Qwen2 checkpoint with the Llama base model: same sizes, but QKV bias and an untied
+    # lm_head the Llama lacks. Every rank must fail the same way, before any weight is read.
+    from ctpo_megatron.export import CheckpointError
+
+    qwen2_ckpt, _ = resolve_checkpoint(jobs["tp2"][1])
+    try:
+        export_checkpoint(qwen2_ckpt, jobs["tp2"][2].parent / "wrong", base_model=jobs["pp2"][0],
+                          tp=2, pp=1, progress=False)
+    except CheckpointError as e:
+        out["wrong_base"] = str(e)
     return out if rank == 0 else None
 
 
@@ -119,6 +129,14 @@ def test_export_round_trip_is_exact(trained, layout):
     for actor_lp, hf_lp in zip(res["log_probs"], ref):
         # Same fp32 weights, two implementations (megatron vs transformers): summation order only.
         torch.testing.assert_close(torch.from_numpy(actor_lp), hf_lp, rtol=0, atol=2e-5)
+
+
+def test_wrong_base_model_is_named(trained):
+    _, jobs, _, out = trained
+    msg = out["wrong_base"]
+    assert "does not match the base model" in msg and "linear_qkv.bias" in msg, msg
+    assert "output_layer.weight" in msg and "--base-model" in msg, msg
+    assert not (jobs["tp2"][2].parent / "wrong").exists()
 
 
 def test_export_carries_tokenizer_and_generation_config(trained):
