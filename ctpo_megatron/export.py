@@ -214,9 +214,10 @@ def _check_model_keys(model_sd: dict, metadata, ckpt: Path, base_model: str) -> 
 
 
 # ---------------------------------------------------------------------------- the export
-def export_checkpoint(ckpt: Path, out_dir: Path, *, base_model: str, tokenizer_dir: str = "",
-                      dtype: str = "auto", max_shard_bytes: int = 5 * 10**9, tp: int = 1,
-                      pp: int = 1, progress: bool = True) -> dict:
+def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str,
+                      tokenizer_dir: str = "", dtype: str = "auto",
+                      max_shard_bytes: int = 5 * 10**9, tp: int = 1, pp: int = 1,
+                      progress: bool = True) -> dict:
     """Writes checkpoint `ckpt` as an HF model directory `out_dir` (called on every rank of an
     initialized torch.distributed world; tp * pp must divide the world size).
 
@@ -237,6 +238,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path, *, base_model: str, tokenizer_d
     from ctpo_megatron.parallel.dims import ParallelDims
 
     start = time.monotonic()
+    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
     metadata = check_checkpoint_files(ckpt)
     padded_vocab, saved_dtype = _saved_model_info(metadata)
     if saved_dtype not in (torch.float32, torch.bfloat16):
