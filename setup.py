@@ -39,7 +39,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # GPU clusters (NVIDIA containers usually ship TE and apex already).
     "gpu": ["transformer-engine[pytorch]", "sglang[all]>=0.5.23", "sglang-router"],
-    "test": ["pytest", "pytest-timeout"],
+    "test": ["pytest", "pytest-timeout", "wandb"],
+    # Weights & Biases logging (trainer.loggers=[jsonl,tensorboard,wandb]).
+    "wandb": ["wandb"],
 }
 
 

@@ -71,9 +71,14 @@ def read_latest(root: str | os.PathLike) -> Path | None:
     return path
 
 
+def _model_state(model_chunk) -> dict:
+    """The model part of a checkpoint: `{"model": <the chunk's sharded state dict>}`."""
+    return {"model": unwrap_model(model_chunk).sharded_state_dict()}
+
+
 def _state(actor, *, is_loading: bool, with_optimizer: bool) -> dict:
-    model_sd = unwrap_model(actor.model[0]).sharded_state_dict()
-    state = {"model": model_sd}
+    state = _model_state(actor.model[0])
+    model_sd = state["model"]
     if with_optimizer:
         if is_loading:
             _materialize_optimizer_state(actor.optimizer)
@@ -157,6 +162,16 @@ def save_checkpoint(actor, ckpt_dir: str | os.PathLike, extra_state: dict) -> st
         logger.info("saved checkpoint %s", final)
     dist.barrier()
     return str(final)
+
+
+def load_model_weights(model_chunk, path: str | os.PathLike) -> None:
+    """Loads only the model weights of the checkpoint directory `path` (an `iter_*` directory,
+    not the root) into `model_chunk`, a GPTModel chunk of any TP/PP layout (each rank reads
+    only its own slices; no optimizer needed). Called on every rank."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(_model_state(model_chunk), str(path))
+    unwrap_model(model_chunk).load_state_dict(loaded["model"])
 
 
 def load_checkpoint(actor, ckpt_dir: str | os.PathLike, *, load_optimizer: bool = True) -> dict:

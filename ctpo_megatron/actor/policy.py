@@ -34,6 +34,37 @@ logger = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 
+def build_policy_model(cfg: ActorConfig, *, load_hf_weights: bool = True):
+    """Creates the process groups of `cfg.dims` and builds this rank's GPTModel chunk (no DDP,
+    no optimizer), in `cfg.params_dtype`, on the GPU unless in CPU mode.
+
+    load_hf_weights: fill it from `cfg.hf_model_dir`'s safetensors (each rank reads its own
+    slices); otherwise the weights are whatever the builder left (load a checkpoint next).
+    Returns (model, spec, resolved dims, process groups, TransformerConfig). Needs
+    `init_distributed()` first.
+    """
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(cfg.hf_model_dir)
+    if not dist.is_initialized():
+        raise RuntimeError("build_policy_model: call init_distributed() first")
+    # Validate the model against the layout before the first collective.
+    spec = model_spec_from_hf(hf_config, cfg.dims.resolve(dist.get_world_size()),
+                              make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+    dims, pgs = init_parallel(cfg.dims, seed=cfg.seed)
+    tf_config = transformer_config(spec, dims, params_dtype=cfg.params_dtype,
+                                   recompute=cfg.recompute, sequence_parallel=cfg.sequence_parallel,
+                                   cp_comm_type=cfg.cp_comm_type, overrides=cfg.transformer_overrides)
+    model = build_gpt_model(spec, tf_config, pgs)
+    if cfg.params_dtype == "bfloat16":
+        model.to(torch.bfloat16)
+    if torch.cuda.is_available() and not is_cpu_mode():
+        model.cuda(torch.cuda.current_device())
+    if load_hf_weights:
+        hf_io.load_hf_weights(model, pgs, cfg.hf_model_dir)
+    return model, spec, dims, pgs, tf_config
+
+
 class PolicyActor:
     """The policy on megatron-core: GPTModel + DDP + (Distributed)Optimizer.
 
@@ -47,27 +78,8 @@ class PolicyActor:
             DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from transformers import AutoConfig
-
         self.cfg = cfg
-        hf_config = AutoConfig.from_pretrained(cfg.hf_model_dir)
-        if not dist.is_initialized():
-            raise RuntimeError("PolicyActor: call init_distributed() first")
-        # Validate the model against the layout before the first collective.
-        self.spec = model_spec_from_hf(hf_config, cfg.dims.resolve(dist.get_world_size()),
-                                       make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
-        self.dims, self.pgs = init_parallel(cfg.dims, seed=cfg.seed)
-        self.tf_config = transformer_config(self.spec, self.dims, params_dtype=cfg.params_dtype,
-                                            recompute=cfg.recompute,
-                                            sequence_parallel=cfg.sequence_parallel,
-                                            cp_comm_type=cfg.cp_comm_type,
-                                            overrides=cfg.transformer_overrides)
-        model = build_gpt_model(self.spec, self.tf_config, self.pgs)
-        if cfg.params_dtype == "bfloat16":
-            model.to(torch.bfloat16)
-        if torch.cuda.is_available() and not is_cpu_mode():
-            model.cuda(torch.cuda.current_device())
-        hf_io.load_hf_weights(model, self.pgs, cfg.hf_model_dir)
+        model, self.spec, self.dims, self.pgs, self.tf_config = build_policy_model(cfg)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
             use_distributed_optimizer=cfg.use_distributed_optimizer)

@@ -61,7 +61,8 @@ class TrainConfig:
                              "(set correction.enabled=false)")
 
     def check_inputs(self) -> None:
-        """Start-up checks of the files the run reads: model checkpoint and prompt files.
+        """Start-up checks of the files the run reads (model checkpoint, prompt files) and of the
+        packages the chosen loggers need.
 
         Raises ValueError naming the setting when a path is empty or missing.
         """
@@ -71,6 +72,7 @@ class TrainConfig:
         if not os.path.isfile(os.path.join(self.model.path, "config.json")):
             raise ValueError(f"model.path={self.model.path!r} has no config.json (not a Hugging Face "
                              "checkpoint directory)")
+        self.trainer.check_loggers_installed()
         if not self.data.train_files:
             raise ValueError("data.train_files is empty: pass data.train_files=[a.parquet,...]")
         for name in ("train_files", "val_files"):

@@ -3,10 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ctpo_megatron.trainer.deadline import DeadlineConfig
 
 OLD_LOG_PROB_SOURCES = ("actor", "rollout")
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases run settings (used when `trainer.loggers` lists `wandb`)."""
+
+    project: str = "ctpo"
+    """W&B project."""
+    entity: str = ""
+    """W&B team or user; empty: the default entity of the logged-in account."""
+    name: str = ""
+    """Run name shown in W&B; empty: the run directory's name."""
+    group: str = ""
+    """Run group (e.g. one per sweep or per model size)."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags."""
+    mode: str = ""
+    """`online`, `offline` (no network: sync later with `wandb sync RUN_DIR/wandb/offline-run-*`)
+    or `disabled`; empty: $WANDB_MODE, else online."""
+    log_plots: bool = True
+    """At the end of the run, also log the PNG plots of `python -m ctpo_megatron.plot` as images."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"trainer.wandb.mode={self.mode!r}: expected one of online, offline, "
+                             "disabled (or empty)")
 
 
 @dataclass
@@ -44,8 +73,15 @@ class TrainerConfig:
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
     log_every: int = 1
     """Log a progress line every this many steps."""
-    tensorboard: bool = True
-    """Also write metrics as TensorBoard events (metrics.jsonl is always written)."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Where step metrics go: `jsonl` (`metrics.jsonl`, always needed: resume and the plots read
+    it), `tensorboard` (`RUN_DIR/tensorboard/`), `wandb` (Weights & Biases, see `wandb`; needs
+    the `wandb` package). E.g. `trainer.loggers=[jsonl,tensorboard,wandb]`."""
+    tensorboard: Optional[bool] = None
+    """Older switch for the TensorBoard logger, kept for existing command lines: true/false
+    adds/removes `tensorboard` in `loggers`; null (default): `loggers` decides."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases project, run name, group, tags, mode (with `wandb` in `loggers`)."""
     clip_position_bins: int = 16
     """Token-position bins of the clip-rate-by-position metric."""
     collective_timeout_minutes: int = 120
@@ -66,11 +102,37 @@ class TrainerConfig:
         if self.old_log_probs not in OLD_LOG_PROB_SOURCES:
             raise ValueError(f"trainer.old_log_probs={self.old_log_probs!r}: expected one of "
                              f"{OLD_LOG_PROB_SOURCES}")
+        self._check_loggers()
         for name in ("eval_every", "save_every", "epochs_per_step", "eval_samples", "log_every",
                      "keep_checkpoints", "clip_position_bins", "collective_timeout_minutes"):
             if getattr(self, name) < 0 or (name != "eval_every" and name != "save_every"
                                            and getattr(self, name) < 1):
                 raise ValueError(f"trainer.{name}={getattr(self, name)} is out of range")
+
+    def _check_loggers(self) -> None:
+        self.loggers = list(self.loggers)
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise ValueError(f"trainer.loggers: unknown {unknown}; expected some of {list(LOGGERS)}")
+        if "jsonl" not in self.loggers:
+            raise ValueError(f"trainer.loggers={self.loggers} must include jsonl: resuming and the "
+                             "plots read metrics.jsonl")
+        if self.tensorboard is not None:  # the older boolean switch wins where it is set
+            if self.tensorboard and "tensorboard" not in self.loggers:
+                self.loggers.append("tensorboard")
+            elif not self.tensorboard and "tensorboard" in self.loggers:
+                self.loggers.remove("tensorboard")
+        # `tensorboard` itself stays as given: OmegaConf builds the schema from a default
+        # instance, so a value set here would become the default of every config.
+
+    def check_loggers_installed(self) -> None:
+        """Raises ValueError when a logger in `loggers` needs a package that is not installed."""
+        import importlib.util
+
+        if "wandb" in self.loggers and importlib.util.find_spec("wandb") is None:
+            raise ValueError("trainer.loggers includes wandb, but the wandb package is not "
+                             "installed: pip install wandb (or the ctpo_megatron[wandb] extra), "
+                             "or drop wandb from trainer.loggers")
 
     @property
     def updates_per_step(self) -> int:

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -151,13 +151,17 @@ _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 
 def export_hf_checkpoint(model_chunks, pgs, out_dir: str | os.PathLike,
                          hf_config_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                         max_shard_bytes: int = 5 * 2**30) -> None:
+                         max_shard_bytes: int = 5 * 2**30,
+                         on_tensor: Callable[[str, torch.Tensor], None] | None = None) -> None:
     """Writes this model as an HF checkpoint in `out_dir` (called on every rank).
 
-    Config, generation config and tokenizer files are copied from `hf_config_dir`; the weights
-    are streamed to global rank 0 (see `iter_hf_weights`) and written as safetensors shards of
-    at most `max_shard_bytes`. dtype: of the written tensors; default is the `torch_dtype`/`dtype`
-    in hf_config_dir's config.json, so a load -> export round trip is bit-exact.
+    Config, generation config and tokenizer files are copied from `hf_config_dir` (weight files
+    and weight indexes are not); the weights are streamed to global rank 0 (see
+    `iter_hf_weights`) and written as safetensors shards of at most `max_shard_bytes`, so rank 0
+    holds at most one shard's worth of full tensors at a time. dtype: of the written tensors
+    (config.json's dtype is set to match); default is the `torch_dtype`/`dtype` in
+    hf_config_dir's config.json, so a load -> export round trip is bit-exact. on_tensor: called
+    on global rank 0 after each tensor is queued for writing (progress reporting).
     """
     if dtype is None:
         dtype = _config_dtype(Path(hf_config_dir))
@@ -168,16 +172,37 @@ def export_hf_checkpoint(model_chunks, pgs, out_dir: str | os.PathLike,
         for stale in list(out.glob("*.safetensors")) + [out / INDEX_FILE]:
             stale.unlink(missing_ok=True)
         for src in Path(hf_config_dir).iterdir():
-            if src.is_file() and not src.name.endswith(_WEIGHT_FILES) and src.name != INDEX_FILE:
+            if src.is_file() and not src.name.endswith(_WEIGHT_FILES + (".index.json",)):
                 shutil.copy2(src, out / src.name)
+        if dtype is not None:
+            _set_config_dtype(out / "config.json", dtype)
         writer = ShardedSafetensorsWriter(out, max_shard_bytes=max_shard_bytes)
     for name, tensor in iter_hf_weights(model_chunks, pgs, dtype=dtype):
         if writer is not None:
             writer.add(name, tensor)
+            if on_tensor is not None:
+                on_tensor(name, tensor)
     if writer is not None:
         files = writer.finish()
         logger.info("exported HF checkpoint to %s (%d files)", out_dir, len(files))
     dist.barrier()
+
+
+def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """Records the written dtype in config.json (loaders default to it)."""
+    if not config_path.is_file():
+        return
+    with open(config_path) as f:
+        cfg = json.load(f)
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
+    if all(cfg.get(k) == name for k in keys):
+        return  # unchanged: keep the copied file as it is
+    for key in keys:
+        cfg[key] = name
+    with open(config_path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _config_dtype(config_dir: Path) -> torch.dtype | None:

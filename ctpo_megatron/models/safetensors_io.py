@@ -119,11 +119,19 @@ class ShardedSafetensorsWriter:
             self._flush()
         n = len(self._files)
         names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        mode = 0o666 & ~_umask()  # safetensors creates 0600 files; others must read a model
         for i, name in enumerate(names):
             os.replace(self.out_dir / f"shard-{i}.tmp", self.out_dir / name)
+            os.chmod(self.out_dir / name, mode)
         if n > 1:
             weight_map = {t: names[i] for i, tensors in enumerate(self._files) for t in tensors}
             with open(self.out_dir / INDEX_FILE, "w") as f:
                 json.dump({"metadata": {"total_size": self._total_bytes},
                            "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
         return names
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; restore at once
+    os.umask(mask)
+    return mask

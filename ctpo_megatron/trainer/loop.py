@@ -135,8 +135,7 @@ class Trainer:
             self.rollout = RolloutDriver(cfg, run_dir=self.run_dir)
             from ctpo_megatron.rollout.sandbox.selftest import self_test
             logger.info(self_test(self.rollout.sandbox.config).summary())  # what isolates tool code here
-            self.sink = MetricsSink(self.run_dir, tensorboard=cfg.trainer.tensorboard,
-                                    resume_step=self.step + 1 if self.step else 0)
+            self.sink = MetricsSink.from_config(cfg, resume_step=self.step + 1 if self.step else 0)
         if self.step:
             self._sync_weights()  # the servers started from the base model
 

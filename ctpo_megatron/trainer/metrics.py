@@ -1,8 +1,10 @@
-"""The metrics sink: one JSON line per step in `metrics.jsonl` plus TensorBoard scalars.
+"""The metrics sink: one JSON line per step in `metrics.jsonl`, plus TensorBoard scalars and
+Weights & Biases when `trainer.loggers` asks for them.
 
 Metrics are flat `name -> float` dicts with `/`-separated names (`loss/policy`,
 `clip/high`, `clip_rate_by_pos/4-7`, `time/rollout`, ...). Only rank 0 writes. On resume the
-JSONL file is truncated to the steps before the resumed step, so no step is counted twice.
+JSONL file is truncated to the steps before the resumed step, so no step is counted twice
+(TensorBoard purges them; W&B plots against our `step`, see `wandb_logger`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ctpo_megatron.config.schema import TrainConfig
+    from ctpo_megatron.config.trainer import WandbConfig
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +27,22 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsSink:
-    """Appends per-step metrics to `<run_dir>/metrics.jsonl` and TensorBoard event files."""
+    """Appends per-step metrics to `<run_dir>/metrics.jsonl`, TensorBoard event files and (when
+    `wandb` is given) the run directory's W&B run."""
 
-    def __init__(self, run_dir: str, *, tensorboard: bool = True, resume_step: int = 0) -> None:
+    def __init__(self, run_dir: str, *, tensorboard: bool = True, resume_step: int = 0,
+                 wandb: "WandbConfig | None" = None,
+                 run_config: Mapping[str, Any] | None = None) -> None:
         """resume_step: the first step this process will log; lines of later steps left by a
-        killed run (logged after its last checkpoint) are dropped."""
+        killed run (logged after its last checkpoint) are dropped. wandb: log to W&B with these
+        settings (needs the wandb package); run_config: the resolved config shown in W&B."""
         os.makedirs(run_dir, exist_ok=True)
+        self.run_dir = run_dir
+        self._wandb = None
+        if wandb is not None:  # first: a missing package fails before any file is touched
+            from ctpo_megatron.trainer.wandb_logger import WandbLogger
+
+            self._wandb = WandbLogger(run_dir, wandb, run_config)
         self.path = os.path.join(run_dir, METRICS_FILE)
         _truncate_after(self.path, resume_step)
         self._file = open(self.path, "a")
@@ -39,6 +56,17 @@ class MetricsSink:
             except ImportError as e:  # tensorboard is a declared dependency; keep JSONL anyway
                 logger.warning("TensorBoard disabled: %s", e)
 
+    @classmethod
+    def from_config(cls, cfg: "TrainConfig", *, resume_step: int = 0) -> "MetricsSink":
+        """The sink `cfg.trainer.loggers` asks for, in `cfg.trainer.run_dir`."""
+        from omegaconf import OmegaConf
+
+        tc = cfg.trainer
+        wandb = tc.wandb if "wandb" in tc.loggers else None
+        run_config = OmegaConf.to_container(OmegaConf.structured(cfg)) if wandb else None
+        return cls(tc.run_dir, tensorboard="tensorboard" in tc.loggers, resume_step=resume_step,
+                   wandb=wandb, run_config=run_config)
+
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Writes the metrics of `step` (non-finite values are kept in JSONL as null)."""
         record = {"step": step}
@@ -51,11 +79,33 @@ class MetricsSink:
         self._file.flush()
         if self._writer is not None:
             self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, metrics)
 
     def close(self) -> None:
+        """Flushes and closes every logger; with W&B, first draws the run's plots
+        (`ctpo_megatron.plot`) and logs them as images."""
+        if self._file.closed:
+            return
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            try:
+                if self._wandb.cfg.log_plots:
+                    self._log_plots()
+            finally:
+                self._wandb.close()
+
+    def _log_plots(self) -> None:
+        from ctpo_megatron.plot import plot_run
+
+        try:
+            paths = plot_run(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - a plot must not fail the end of a finished run
+            logger.warning("plots not logged to W&B: drawing them failed: %s", e)
+            return
+        self._wandb.log_images(paths)
 
 
 def _truncate_after(path: str, first_step: int) -> None:
