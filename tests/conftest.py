@@ -32,3 +32,41 @@ def pytest_runtest_setup(item):
     if os.environ.get(REQUIRE_EXT_ENV) == "1":
         pytest.fail(f"{REQUIRE_EXT_ENV}=1 and the csrc extension is required: {problem}", pytrace=False)
     pytest.skip(f"csrc kernels not tested: {problem} (set {REQUIRE_EXT_ENV}=1 to make this an error)")
+
+
+# Random test order, to catch tests that depend on what ran before them: `--shuffle SEED` (or
+# CTPO_TEST_SHUFFLE=SEED; "random" draws a seed) shuffles the modules, then the tests inside
+# each module (module-scoped fixtures stay shared). The seed is printed at the end: rerun with
+# it to get the same order. scripts/test.sh shuffles by default.
+SHUFFLE_ENV = "CTPO_TEST_SHUFFLE"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shuffle", metavar="SEED", default=None,
+                     help=f"run the tests in a random order from SEED ('random': draw one; also ${SHUFFLE_ENV})")
+
+
+def pytest_collection_modifyitems(config, items):
+    import random
+
+    seed = config.getoption("--shuffle") or os.environ.get(SHUFFLE_ENV)
+    if not seed:
+        return
+    if seed == "random":
+        seed = str(random.SystemRandom().randrange(10**6))
+    config.ctpo_shuffle_seed = seed
+    rng = random.Random(seed)
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(str(item.path), []).append(item)
+    order = sorted(modules)
+    rng.shuffle(order)
+    for name in order:
+        rng.shuffle(modules[name])
+    items[:] = [item for name in order for item in modules[name]]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    seed = getattr(config, "ctpo_shuffle_seed", None)
+    if seed is not None:
+        terminalreporter.write_line(f"test order shuffled: rerun it with --shuffle {seed}")
