@@ -54,13 +54,13 @@ def _server_pids(log_text: str) -> list[int]:
 
 
 class Launch:
-    """One `bash launch/ctpo_tiny.sh ...` in its own session, output in log files."""
+    """One `bash launch/ctpo_tiny.sh ...` (or `command`) in its own session, output in log files."""
 
-    def __init__(self, args: list[str], run: str, logs: str):
+    def __init__(self, args: list[str], run: str, logs: str, command: list[str] = TINY_COMMAND):
         self.out_path, self.err_path = f"{logs}.out", f"{logs}.err"
-        env = {**os.environ, "RUN_DIR": run, "PYTHONPATH": ROOT}
+        env = {**os.environ, "RUN_DIR": run, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(TINY_COMMAND + args, cwd=ROOT, env=env, stdout=out, stderr=err,
+            self.proc = subprocess.Popen(command + args, cwd=ROOT, env=env, stdout=out, stderr=err,
                                          start_new_session=True)
 
     def logs(self, chars: int = 6000) -> str:
@@ -174,3 +174,20 @@ def test_pp2_grpo_with_rollout_log_probs(tiny_init, tmp_path):
     assert not any(k.startswith("mismatch/rollout_is") for k in records[-1])
     assert records[-1]["weight_sync/bytes"] > 0 and records[-1]["actor/valid_tokens"] > 0
     assert os.path.isdir(os.path.join(run, "weight_sync"))
+
+
+def test_bench_step_smoke(tiny_init, tmp_path):
+    """benchmarks/bench_step.py at a tiny size (2 steps) prints its CTPO-vs-GRPO ratio line."""
+    out = tmp_path / "bench"
+    shutil.copytree(tiny_init, out / "init")  # the benchmark reuses a complete OUT/init
+    bench = Launch(["--steps", "2", "--prompts-per-step", "4", "--reps", "5", "--out", str(out)], str(out),
+                   str(tmp_path / "bench"), command=[sys.executable, "benchmarks/bench_step.py"])
+    try:
+        bench.wait(time.monotonic() + BUDGET_S)
+    finally:
+        bench.kill()
+    logs = bench.logs()
+    assert bench.proc.returncode == 0, logs
+    stdout = open(bench.out_path).read()
+    assert re.search(r"^loss per step .*: ctpo [\d.]+ ms, grpo [\d.]+ ms, ratio [\d.]+x$", stdout, re.M), logs
+    assert re.search(r"^CTPO loss overhead vs GRPO: -?[\d.]+% of the step time", stdout, re.M), logs
