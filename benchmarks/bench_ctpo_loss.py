@@ -126,6 +126,8 @@ def main() -> None:
                         help="torch threads (default 1: stable timings on a shared machine; 0 = torch's default)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shapes", nargs="+", default=[f"{B}x{S}" for B, S in SHAPES], metavar="BxS",
+                        help="batch x sequence shapes to time (default: %(default)s)")
     parser.add_argument("--child", nargs=5, metavar=("SIDE", "B", "S", "DTYPE", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,7 +146,11 @@ def main() -> None:
     print("time: median (min) ms; speedup = torch/fused of the medians (of the mins)")
     print(f"{'shape':>12} {'torch ms':>15} {'fused ms':>15} {'speedup':>15} {'torch MB':>9} {'fused MB':>9} "
           f"{'mem ratio':>9}")
-    for B, S in SHAPES:
+    try:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
+    except ValueError:
+        parser.error(f"--shapes {args.shapes}: expected BxS, e.g. 8x4096")
+    for B, S in shapes:
         inputs = make_inputs(B, S, getattr(torch, args.dtype), args.device)
         times = time_sides(inputs, cfg, args.reps, args.device)
         t_base, t_fused = (statistics.median(times[s]) for s in ("baseline", "fused"))

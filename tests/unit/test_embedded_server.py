@@ -99,6 +99,16 @@ def local(model_dir):
     return load_local(model_dir)
 
 
+@pytest.fixture
+def restores_weights(server, model_dir):
+    """For tests that change the shared server's weights: reload the originals afterwards, so
+    the other tests (which compare with `local`) pass in any order."""
+    yield
+    call(server, "/end_weight_update", {})  # closes a session a failed test may have left open
+    status, out = call(server, "/update_weights_from_disk", {"model_path": model_dir, "weight_version": "default"})
+    assert status == 200, out
+
+
 def gen(url, input_ids, **sampling):
     return call(url, "/generate", {"input_ids": input_ids, "sampling_params": sampling,
                                    "return_logprob": True})
@@ -266,7 +276,7 @@ def test_pause_abort_and_retract(server):
     assert len(aborted["output_ids"]) < 3000
 
 
-def test_weight_update_session_rules_and_tensor_update(server, local):
+def test_weight_update_session_rules_and_tensor_update(server, local, restores_weights):
     name = "model.layers.0.mlp.up_proj.weight"
     new = torch.randn_like(local.state_dict()[name])
     payload = base64.b64encode(save_safetensors({name: new.contiguous()})).decode()
@@ -287,7 +297,7 @@ def test_weight_update_session_rules_and_tensor_update(server, local):
     assert call(server, "/model_info", method="GET")[1]["weight_version"] == "v7"
 
 
-def test_update_weights_from_disk_then_logprobs_match(server, tmp_path):
+def test_update_weights_from_disk_then_logprobs_match(server, tmp_path, restores_weights):
     fresh_dir = build_tiny_model(tmp_path / "fresh", seed=123)
     status, out = call(server, "/update_weights_from_disk", {"model_path": fresh_dir, "weight_version": "d1"})
     assert status == 200 and out == {"success": True, "message": out["message"], "num_paused_requests": 0}

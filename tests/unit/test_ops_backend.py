@@ -18,16 +18,12 @@ def run_python(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
 
 
+@pytest.mark.csrc  # without the extension: a failure in CI, a skip elsewhere (tests/conftest.py)
 def test_module_reports_the_active_backend():
     import torch
 
-    from ctpo_megatron.ops import extension_backends
-
     out = run_python("-m", "ctpo_megatron.ops")
     assert out.returncode == 0, out.stderr
-    if "cpu" not in extension_backends():
-        assert "extension: not loaded" in out.stdout
-        return
     assert "cpu: csrc CPU kernels" in out.stdout
     if torch.version.cuda is None:
         assert "CUDA kernels not built: torch was a CPU build at install time" in out.stdout
@@ -41,6 +37,8 @@ MISSING_EXTENSION = textwrap.dedent("""
     from ctpo_megatron.algo import PolicyLossConfig, ctpo_token_terms, policy_loss
     from ctpo_megatron.ops import extension_backends, fused_ctpo_token_terms, segmented_cumsum
     assert extension_backends() == frozenset()
+    from ctpo_megatron.ops import backend_report
+    assert "extension: not loaded: extension ctpo_megatron._C not importable" in " ".join(backend_report())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 40, generator=g, dtype=torch.float64, requires_grad=True)
     m = torch.rand(3, 40, generator=g) > 0.3

@@ -12,8 +12,8 @@ import torch
 from ctpo_megatron.ops import extension_backends, reference, segmented_cumsum
 from ctpo_megatron.ops.scan import segment_boundary
 
-pytestmark = pytest.mark.skipif("cpu" not in extension_backends(), reason="csrc extension not built")
-op = torch.ops.ctpo_megatron.segmented_scan
+pytestmark = pytest.mark.csrc  # tests/conftest.py: a failure in CI without the extension, a skip elsewhere
+op = torch.ops.ctpo_megatron.segmented_scan if "cpu" in extension_backends() else None  # loads _C
 
 
 def ragged(seed: int, lengths: list[int], dtype=torch.float64):
@@ -100,7 +100,7 @@ def test_gradients_reach_values_and_carry():
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_131072_token_sequence_within_1e4_of_float64(threads, dtype):
+def test_131072_token_sequence_within_1e5_of_float64(threads, dtype):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # 2 threads take the blocked two-pass path
     try:
@@ -113,8 +113,10 @@ def test_131072_token_sequence_within_1e4_of_float64(threads, dtype):
     assert cum.dtype == torch.float32  # 16-bit inputs accumulate and return float32
     ref = (values.double() * mask).cumsum(-1)
     err = (cum.double() - ref).abs().max().item()
-    # A sequential float32 running sum misses by 1.3e-4 on this input; we get ~2e-6.
-    assert err < 1e-4, f"max abs error {err:.2e}"
+    # A sequential float32 running sum misses by 1.3e-4 on this input; the kernel (float64
+    # accumulation, rounded once to float32) gets ~2e-6: 1e-5 is a 5x margin that still fails
+    # a float32 accumulator by an order of magnitude.
+    assert err < 1e-5, f"max abs error {err:.2e}"
     assert torch.equal(count[0, -1], mask.sum().float())
 
 

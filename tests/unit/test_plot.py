@@ -50,15 +50,79 @@ def test_mean_metrics_over_missing_keys():
     assert mean_metrics([{"a": 1.0, "b": 2.0}, {"a": 3.0}]) == {"a": 2.0, "b": 2.0}
 
 
-def test_plot_command_draws_pngs(tmp_path, capsys):
+def _drawn_figures(monkeypatch) -> dict[str, object]:
+    """Captures each figure as plot.py finishes it (file name -> its only Axes)."""
+    axes = {}
+    finish = plot._finish
+
+    def capture(fig, ax, out, **kwargs):
+        axes[os.path.basename(out)] = ax
+        finish(fig, ax, out, **kwargs)
+
+    monkeypatch.setattr(plot, "_finish", capture)
+    return axes
+
+
+def _line(ax, label):
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == label]
+    return list(line.get_xdata()), list(line.get_ydata())
+
+
+def test_plot_command_draws_the_metrics(tmp_path, capsys, monkeypatch):
     _fake_run(tmp_path)
-    assert plot.main([str(tmp_path)]) == 0
-    printed = capsys.readouterr().out.split()
-    assert [os.path.basename(p) for p in printed] == ["reward.png", "clip_by_position.png", "ratio.png"]
-    for path in printed:
+    records = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    axes = _drawn_figures(monkeypatch)
+    assert plot.main([str(tmp_path), "--summary"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [os.path.basename(p) for p in printed[:3]] == ["reward.png", "clip_by_position.png", "ratio.png"]
+    for path in printed[:3]:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-        assert os.path.getsize(path) > 5000  # a drawn figure, not an empty canvas
+    # The README's promised last line: first and last evaluation (steps 0 and 12).
+    assert printed[-1] == ("held-out accuracy: 0.25 -> 0.73 (step 0 -> step 12, "
+                           "mean@k over the held-out set)")
+
+    steps = [r["step"] for r in records]
+    assert _line(axes["reward.png"], "train reward (mean)") == (steps, [r["reward/mean"] for r in records])
+    evals = [r for r in records if "eval/accuracy" in r]
+    assert _line(axes["reward.png"], "held-out accuracy (mean@k)") == (
+        [r["step"] for r in evals], [r["eval/accuracy"] for r in evals])
+
+    # Clip rate by position: first, middle and last step, x = bucket start, y = the rates.
+    clip = axes["clip_by_position.png"]
+    for step in (0, 6, 12):
+        r = records[step]
+        assert _line(clip, f"step {step}") == (
+            [1, 2, 4], [r["clip_rate_by_pos/1-1"], r["clip_rate_by_pos/2-3"], r["clip_rate_by_pos/4+"]])
+
+    ratio = axes["ratio.png"]
+    assert _line(ratio, "median") == (steps, [r["actor/is_ratio_p50"] for r in records])
+    bands = {c.get_label(): c for c in ratio.collections}
+    assert set(bands) == {"p25-p75", "min-max"}
+    outline = bands["min-max"].get_paths()[0].vertices  # lows left to right, then highs back
+    ys = sorted(set(round(float(y), 9) for y in outline[:, 1]))
+    want = sorted(set(round(r[k], 9) for r in records for k in ("actor/is_ratio_min", "actor/is_ratio_max")))
+    assert ys == want
+
+
+@pytest.mark.parametrize("drop,figure", [("reward/mean", None), ("clip_rate_by_pos", "clip_by_position.png"),
+                                         ("is_ratio", "ratio.png"), ("", "reward.png")])
+def test_plot_without_a_figures_metrics_is_an_error(tmp_path, drop, figure):
+    _fake_run(tmp_path, steps=3)
+    path = os.path.join(tmp_path, "metrics.jsonl")
+    records = read_metrics(path)
+    if drop:
+        records = [{k: v for k, v in r.items() if drop not in k} for r in records]
+    else:  # no metric at all but the step
+        records = [{"step": r["step"]} for r in records]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    if figure is None:  # eval/accuracy alone still makes a reward figure
+        assert len(plot.plot_run(str(tmp_path))) == 3
+        return
+    with pytest.raises(ValueError, match=rf"metrics.jsonl: nothing to draw for .*{figure}"):
+        plot.plot_run(str(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, "plots", figure))
 
 
 def test_position_rates_parse_bucket_labels():
