@@ -1,10 +1,12 @@
 """The RL loop: `Trainer(cfg).train()`.
 
-Per step (rank 0 drives the rollouts; every rank trains):
+Per step, a straight line over one typed batch (`trainer.batch.StepBatch`):
 
-    prompts --rank 0--> rollouts (n samples, tool turns, rewards) --broadcast--> every rank
-    -> GRPO advantages -> old log-probs (actor recompute, or the rollout's)
-    -> mismatch IS weights -> mini-batch CTPO updates (DP share per rank)
+    rank 0: prompts -> rollouts (n samples, tool turns, rewards) -> StepBatch (tensors, GRPO
+            advantages) -> one shard per DP replica (mini-batch-major, token-balanced)
+    each replica's ranks receive only their shard (`trainer.transport`)
+    -> old log-probs (actor recompute, or the rollout's) -> mismatch IS weights
+    -> mini-batch CTPO updates; loss statistics summed and reduced once per step
     -> weight resync to the servers -> periodic held-out eval -> metrics -> checkpoint
 
 Resume: a run directory with `checkpoints/latest` continues from it (model, optimizer, data
@@ -13,6 +15,7 @@ position, RNG, step); metrics logged after that checkpoint by the killed run are
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -27,12 +30,12 @@ from ctpo_megatron.config.store import save_config
 from ctpo_megatron.data.prompts import PromptSampler, load_prompts
 from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 from ctpo_megatron.trainer import checkpoint as ckpt
-from ctpo_megatron.trainer.batch import (build_samples, compute_advantages, dp_shard, mini_batches,
-                                         rollout_metrics)
+from ctpo_megatron.algo import position_bucket_edges
+from ctpo_megatron.trainer.batch import StepBatch, rollout_metrics, shard
 from ctpo_megatron.trainer.metrics import MetricsSink
 from ctpo_megatron.trainer.timers import PhaseTimer, format_eta
-from ctpo_megatron.trainer.update import (attach_old_log_probs, make_loss_fn, position_edges,
-                                          run_updates)
+from ctpo_megatron.trainer.transport import ShardTransport
+from ctpo_megatron.trainer.update import attach_old_log_probs, make_loss_fn, run_updates
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +66,6 @@ def check_policy_memory(cfg: TrainConfig, dims, *, gpu_memory_gib: float):
                                          micro_batch=cfg.actor.micro_batch_size)
     check_memory(estimate)
     return estimate
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """`obj` from global rank `src` on every rank (pickled; fine for a step's trajectories)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def world_mean(metrics: dict[str, float]) -> dict[str, float]:
@@ -122,8 +116,12 @@ class Trainer:
                                      shuffle=data.shuffle)
         val = load_prompts(data.val_files, **keys) if data.val_files else []
         self.val_prompts = val[:data.max_val_prompts] if data.max_val_prompts >= 0 else val
-        self.edges = position_edges(cfg.rollout.max_response_len, cfg.trainer.clip_position_bins)
+        self.edges = position_bucket_edges(cfg.rollout.max_response_len, cfg.trainer.clip_position_bins)
         self.loss_fn = make_loss_fn(cfg.algo, self.edges)
+        from ctpo_megatron.actor.schedule import model_device
+
+        self.transport = ShardTransport(self.dp_rank, [f.name for f in dataclasses.fields(StepBatch)],
+                                        model_device())
         self.step = 0
         self.timer = PhaseTimer()
         self._resume()
@@ -209,33 +207,31 @@ class Trainer:
                 break
 
     def train_step(self) -> dict[str, float]:
-        """One RL step; returns its metrics (identical on every rank where it matters: rank 0)."""
+        """One RL step; returns its metrics (complete on rank 0)."""
         cfg, tc = self.cfg, self.cfg.trainer
+        num_mb = tc.prompts_per_step // tc.mini_batch_prompts
         prompts = self.sampler.next_batch(tc.prompts_per_step)  # every rank: same data position
+        metrics: dict[str, float] = {}
+        shards = None
         with self.timer.phase("rollout"):
-            payload = None
             if self.rank == 0:
                 trajs = self.rollout.generate(prompts, cfg.rollout.n_samples,
                                               seed=tc.seed * 1_000_003 + self.step)
-                payload = [t.to_dict() for t in trajs]
-            trajs = broadcast_object(payload)
-        metrics = rollout_metrics(trajs)
-        advantages = compute_advantages(trajs, norm_by_std=tc.norm_adv_by_std)
-        samples = build_samples(trajs, advantages)
-        num_mb = tc.prompts_per_step // tc.mini_batch_prompts
-        mine = [s for mb in mini_batches(samples, num_mb) for s in dp_shard(mb, self.dp_rank, self.dp_size)]
+                metrics.update(rollout_metrics(trajs))
+                batch = StepBatch.from_trajectories(trajs, norm_adv_by_std=tc.norm_adv_by_std)
+                metrics["perf/tokens"] = float(batch.num_tokens)
+                shards = [s.to_tensors() for s in shard(batch, num_mb, self.dp_size)]
+            mine = StepBatch.from_tensors(self.transport.exchange(shards))
         with self.timer.phase("old_log_probs"):
-            old = self.actor.compute_log_probs(mine) if tc.old_log_probs == "actor" else None
-        local = attach_old_log_probs(mine, old, cfg.correction)
+            old = self.actor.score(mine.token_batch()) if tc.old_log_probs == "actor" else None
+        mismatch = attach_old_log_probs(mine, old, cfg.correction)
         with self.timer.phase("update"):
-            metrics.update(run_updates(self.actor, samples, num_mini_batches=num_mb,
-                                       epochs=tc.epochs_per_step, dp_rank=self.dp_rank,
-                                       dp_size=self.dp_size, loss_fn=self.loss_fn, edges=self.edges))
-        metrics.update(world_mean(local))
+            metrics.update(run_updates(self.actor, mine, num_mini_batches=num_mb,
+                                       epochs=tc.epochs_per_step, loss_fn=self.loss_fn,
+                                       cfg=cfg.algo, edges=self.edges))
+        metrics.update(world_mean(mismatch))
         with self.timer.phase("weight_sync"):
             metrics.update(self._sync_weights())
-        tokens = sum(len(t["prompt_ids"]) + len(t["response_ids"]) for t in trajs)
-        metrics["perf/tokens"] = float(tokens)
         metrics["data/epoch"] = float(self.sampler.epoch)
         metrics["data/offset"] = float(self.sampler.offset)
         return metrics
@@ -256,14 +252,13 @@ class Trainer:
         if self.rank != 0:
             return {}
         tc = self.cfg.trainer
-        trajs = [t.to_dict() for t in self.rollout.generate(
-            self.val_prompts, tc.eval_samples, seed=tc.seed + EVAL_SEED_OFFSET,
-            temperature=tc.eval_temperature)]
+        trajs = self.rollout.generate(self.val_prompts, tc.eval_samples, seed=tc.seed + EVAL_SEED_OFFSET,
+                                      temperature=tc.eval_temperature)
         metrics = rollout_metrics(trajs, prefix="eval/")
         by_source: dict[str, list[bool]] = {}
         for t in trajs:
-            source = (t.get("metadata") or {}).get("data_source", "unknown")
-            by_source.setdefault(source, []).append(bool(t["correct"]))
+            source = (t.metadata or {}).get("data_source", "unknown")
+            by_source.setdefault(source, []).append(bool(t.correct))
         if len(by_source) > 1:
             for source, hits in by_source.items():
                 metrics[f"eval/accuracy/{source}"] = sum(hits) / len(hits)
