@@ -137,11 +137,12 @@ def estimate_for_train_config(train_cfg: "TrainConfig", dims: ParallelDims, *,
     """Memory per GPU of the trainer's config (`TrainConfig`) at resolved `dims` (ParallelDims).
 
     Sequence length = rollout.max_prompt_len + rollout.max_response_len; full recompute when
-    model.recompute_activations. `changes` override `estimate_memory` keywords (what-ifs).
+    model.recompute_activations or actor.recompute (as the trainer). `changes` override `estimate_memory` keywords (what-ifs).
     The trainer's start-up validation can call this directly.
     """
     kwargs = dict(seq_len=train_cfg.rollout.max_prompt_len + train_cfg.rollout.max_response_len,
-                  micro_batch=micro_batch, recompute="full" if train_cfg.model.recompute_activations else "none",
+                  micro_batch=micro_batch,
+                  recompute="full" if train_cfg.model.recompute_activations or train_cfg.actor.recompute else "none",
                   distributed_optimizer=train_cfg.parallel.distributed_optimizer,
                   sequence_parallel=train_cfg.parallel.sequence_parallel,
                   logits_chunk_tokens=logits_chunk_tokens, gpu_memory_gib=gpu_memory_gib,

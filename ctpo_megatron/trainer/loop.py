@@ -43,18 +43,6 @@ EVAL_SEED_OFFSET = 999_983
 """Evaluation samples with the same seed every time, so accuracies are comparable."""
 
 
-def actor_config(cfg: TrainConfig, dims) -> Any:
-    """The actor's settings: `cfg.actor` with the model path and parallel layout filled in."""
-    import dataclasses
-
-    return dataclasses.replace(cfg.actor, hf_model_dir=cfg.model.path, dims=dims,
-                               params_dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
-                               recompute=cfg.model.recompute_activations or cfg.actor.recompute,
-                               use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-                               sequence_parallel=cfg.parallel.sequence_parallel,
-                               temperature=cfg.rollout.temperature)
-
-
 def check_policy_memory(cfg: TrainConfig, dims, *, gpu_memory_gib: float):
     """Estimates the policy's memory per GPU (`ctpo_megatron.cluster.memory`) for `cfg` at the
     resolved `dims`; raises ValueError with the breakdown when it cannot fit `gpu_memory_gib`,
@@ -106,7 +94,7 @@ class Trainer:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
             logger.info("run dir %s; world size %d = tp %d x pp %d x cp %d x dp %d", self.run_dir,
                         self.world_size, self.dims.tp, self.dims.pp, self.dims.cp, self.dims.dp)
-        self.actor = PolicyActor(actor_config(cfg, self.dims))
+        self.actor = PolicyActor(cfg.actor_config(self.dims))
         self.dp_rank = self.actor.pgs.dp.rank()
         self.dp_size = self.actor.dp_size
         data = cfg.data
