@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from ctpo_megatron.actor.batching import build_micro_batch
 from ctpo_megatron.algo import LossSums, PolicyLossConfig, RolloutCorrectionConfig, policy_loss, position_bucket_edges
 from ctpo_megatron.parallel.spawn import run_on_ranks
 from ctpo_megatron.rollout.trajectory import Trajectory
@@ -187,3 +188,48 @@ def test_checkpoint_latest_rng_and_prune(tmp_path):
     with open(os.path.join(root, "latest"), "w") as f:
         f.write("step_2\n")
     assert ckpt.latest_checkpoint(run) == os.path.join(root, "step_2")
+
+
+def test_mixed_version_trajectories_use_each_tokens_own_behaviour_log_prob():
+    """A trajectory sampled across a weight update keeps each token's behaviour log-prob and
+    version through the step batch, the shard and the micro-batch; the CTPO loss then equals
+    a float64 reference built token by token from those log-probs."""
+    cfg = PolicyLossConfig()
+    behaviour = [[-0.9, -1.1, 0.0, -0.4, -0.7, -1.3], [-0.2, -0.6, -0.5, -0.8]]
+    masks = [[1, 1, 0, 1, 1, 1], [1, 1, 1, 1]]
+    versions = [[4, 4, 4, 5, 5, 5], [5, 5, 5, 5]]  # the first spans the update 4 -> 5
+    trajs = [Trajectory(prompt_ids=[1, 2], response_ids=[3] * len(m), loss_mask=m, rollout_log_probs=lp,
+                        token_versions=v, reward=float(i), prompt_index=0, sample_index=i,
+                        weight_versions=["step_4", "step_5"][i:])
+             for i, (lp, m, v) in enumerate(zip(behaviour, masks, versions))]
+    batch = StepBatch.from_trajectories(trajs)
+    assert batch.versions.tolist() == [[4, 4, -1, 5, 5, 5], [5, 5, 5, 5, -1, -1]]
+    part = shard(batch, 1, 1)[0]
+    attach_old_log_probs(part, None, RolloutCorrectionConfig(enabled=False))  # behaviour = rollout
+    mb = build_micro_batch(part.token_batch())
+    current = torch.tensor([[-0.8, -1.0, 0.0, -0.5, -0.6, -1.2], [-0.3, -0.5, -0.45, -0.9, 0, 0]])
+    loss, _ = make_loss_fn(cfg, [1, 2, 4])(current, {**mb.fields, "global_num_tokens": 8, "dp_size": 1})
+
+    def reference(old_rows):  # float64, token by token (the formulas of algo/ctpo.py)
+        total = 0.0
+        for i, (old, mask) in enumerate(zip(old_rows, masks)):
+            adv = float(batch.advantages[i])
+            cum, n = 0.0, 0
+            for t, m in enumerate(mask):
+                if not m:
+                    continue
+                d = float(current[i, t]) - old[t]
+                cum, n = cum + d, n + 1
+                x, g = min(cum, 10.0), n ** cfg.la_power
+                r = torch.exp(torch.tensor(x, dtype=torch.float64))
+                r_hat = torch.exp(torch.tensor(x, dtype=torch.float64).clamp(-cfg.la_clip_low * g, cfg.la_clip_high * g))
+                l = max(-adv * r, -adv * r_hat)
+                if adv < 0:
+                    l = min(l, -adv * torch.exp(torch.tensor(cfg.la_clip_c * g, dtype=torch.float64)))
+                total += float(l)
+        return total / 8
+
+    assert float(loss) == pytest.approx(reference(behaviour), rel=1e-6)
+    # one log-prob per trajectory (the last version's for every token) would be another loss
+    stale = [[row[-1] if m else 0.0 for m in mask] for row, mask in zip(behaviour, masks)]
+    assert abs(reference(stale) - reference(behaviour)) > 1e-3
