@@ -43,6 +43,13 @@ class RolloutConfig:
     Relative `disk_dir` paths are placed in the run directory."""
     request_timeout_s: float = 600.0
     """HTTP timeout of one generate request, seconds."""
+    filter_zero_variance_groups: bool = False
+    """Dynamic sampling: drop groups whose n rewards are all equal (zero advantage) and draw
+    more prompts until the step has `trainer.prompts_per_step` informative groups (see
+    `trainer.sampling`). Costs extra rollouts; metrics `sampling/*` count them."""
+    max_sampling_rounds: int = 8
+    """Rounds of drawing with `filter_zero_variance_groups` before the step is topped up with
+    uninformative groups."""
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -61,5 +68,7 @@ class RolloutConfig:
         for name in ("max_prompt_len", "max_response_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"rollout.max_sampling_rounds={self.max_sampling_rounds} must be >= 1")
         if self.max_tool_turns < 0:
             raise ValueError(f"rollout.max_tool_turns={self.max_tool_turns} must be >= 0")

@@ -213,6 +213,24 @@ def shard(batch: StepBatch, num_mini_batches: int, dp_size: int) -> list[StepBat
     return out
 
 
+def version_metrics(batch: StepBatch, policy_version: int) -> dict[str, float]:
+    """How old the step's generated tokens are: `staleness/mean|max` and the fraction of
+    tokens `staleness/<k>` that are k versions behind `policy_version` (the weights being
+    trained), plus `tokens_per_version/<v>`. Synchronous steps show staleness 0 only."""
+    versions = batch.versions[batch.response_mask > 0]
+    if versions.numel() == 0:
+        return {}
+    staleness = policy_version - versions
+    out = {"staleness/mean": float(staleness.double().mean()), "staleness/max": float(staleness.max())}
+    values, counts = torch.unique(staleness, return_counts=True)
+    for v, c in zip(values.tolist(), counts.tolist()):
+        out[f"staleness/{v}"] = c / versions.numel()
+    values, counts = torch.unique(versions, return_counts=True)
+    for v, c in zip(values.tolist(), counts.tolist()):
+        out[f"tokens_per_version/{v}"] = float(c)
+    return out
+
+
 def rollout_metrics(trajectories: Sequence[Any], prefix: str = "") -> dict[str, float]:
     """Reward, accuracy, lengths, tool use and finish reasons of a batch of `Trajectory`s."""
     if not trajectories:

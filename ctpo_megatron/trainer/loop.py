@@ -31,7 +31,7 @@ from ctpo_megatron.data.prompts import PromptSampler, load_prompts
 from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 from ctpo_megatron.trainer import checkpoint as ckpt
 from ctpo_megatron.algo import position_bucket_edges
-from ctpo_megatron.trainer.batch import StepBatch, rollout_metrics, shard
+from ctpo_megatron.trainer.batch import StepBatch, rollout_metrics, shard, version_metrics
 from ctpo_megatron.trainer.metrics import MetricsSink
 from ctpo_megatron.trainer.timers import PhaseTimer, format_eta
 from ctpo_megatron.trainer.transport import ShardTransport
@@ -203,13 +203,17 @@ class Trainer:
         shards = None
         with self.timer.phase("rollout"):
             if self.rank == 0:
-                trajs = self.rollout.generate(prompts, cfg.rollout.n_samples,
-                                              seed=tc.seed * 1_000_003 + self.step)
-                metrics.update(rollout_metrics(trajs))
+                trajs, generated, sampling = self._rollouts(prompts)
+                metrics.update(rollout_metrics(generated))
+                metrics.update(sampling)
                 batch = StepBatch.from_trajectories(trajs, norm_adv_by_std=tc.norm_adv_by_std)
                 metrics["perf/tokens"] = float(batch.num_tokens)
+                # The servers hold the weights of the previous step (version step - 1).
+                metrics.update(version_metrics(batch, self.step - 1))
                 shards = [s.to_tensors() for s in shard(batch, num_mb, self.dp_size)]
             mine = StepBatch.from_tensors(self.transport.exchange(shards))
+            if cfg.rollout.filter_zero_variance_groups:
+                self._share_data_position()  # rank 0 may have drawn extra prompts
         with self.timer.phase("old_log_probs"):
             old = self.actor.score(mine.token_batch()) if tc.old_log_probs == "actor" else None
         mismatch = attach_old_log_probs(mine, old, cfg.correction)
@@ -223,6 +227,38 @@ class Trainer:
         metrics["data/epoch"] = float(self.sampler.epoch)
         metrics["data/offset"] = float(self.sampler.offset)
         return metrics
+
+    def _rollouts(self, prompts: list) -> tuple[list, list, dict[str, float]]:
+        """Rank 0: the step's scored trajectories (n per prompt, prompt-major), every trajectory
+        generated (for the rollout metrics), and the dynamic-sampling metrics."""
+        cfg, tc = self.cfg, self.cfg.trainer
+
+        def generate(batch: list, round_index: int) -> list:
+            # Round 0 uses the step's seed (the same as without filtering); later rounds others.
+            seed = tc.seed * 1_000_003 + self.step + 100_003 * round_index
+            return self.rollout.generate(batch, cfg.rollout.n_samples, seed=seed)
+
+        if not cfg.rollout.filter_zero_variance_groups:
+            trajs = generate(prompts, 0)
+            return trajs, trajs, {}
+        from ctpo_megatron.trainer.sampling import fill_informative_groups
+
+        kept, generated, metrics = fill_informative_groups(
+            generate, self.sampler, prompts, target=tc.prompts_per_step,
+            max_rounds=cfg.rollout.max_sampling_rounds)
+        return kept, generated, metrics
+
+    def _share_data_position(self) -> None:
+        """Every rank takes rank 0's data position (epoch, offset): one small broadcast."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return
+        from ctpo_megatron.actor.schedule import model_device
+
+        pos = torch.tensor([self.sampler.epoch, self.sampler.offset], dtype=torch.int64, device=model_device())
+        dist.broadcast(pos, src=0)
+        epoch, offset = pos.tolist()
+        if (epoch, offset) != (self.sampler.epoch, self.sampler.offset):
+            self.sampler.load_state_dict({**self.sampler.state_dict(), "epoch": epoch, "offset": offset})
 
     def _sync_weights(self) -> dict[str, float]:
         """Pushes the actor's weights to the servers as version `step_<n>` (all ranks iterate)."""

@@ -12,7 +12,7 @@ from ctpo_megatron.algo import LossSums, PolicyLossConfig, RolloutCorrectionConf
 from ctpo_megatron.parallel.spawn import run_on_ranks
 from ctpo_megatron.rollout.trajectory import Trajectory
 from ctpo_megatron.trainer import checkpoint as ckpt
-from ctpo_megatron.trainer.batch import StepBatch, plan_shards, rollout_metrics, shard
+from ctpo_megatron.trainer.batch import StepBatch, plan_shards, rollout_metrics, shard, version_metrics
 from ctpo_megatron.trainer.loop import progress_line
 from ctpo_megatron.trainer.update import attach_old_log_probs, make_loss_fn
 from tests.unit._shard_exchange import exchange
@@ -233,3 +233,31 @@ def test_mixed_version_trajectories_use_each_tokens_own_behaviour_log_prob():
     # one log-prob per trajectory (the last version's for every token) would be another loss
     stale = [[row[-1] if m else 0.0 for m in mask] for row, mask in zip(behaviour, masks)]
     assert abs(reference(stale) - reference(behaviour)) > 1e-3
+    assert version_metrics(batch, 5) == pytest.approx({
+        "staleness/mean": 2 / 9, "staleness/max": 1.0, "staleness/0": 7 / 9, "staleness/1": 2 / 9,
+        "tokens_per_version/4": 2.0, "tokens_per_version/5": 7.0})
+
+
+def test_dynamic_sampling_keeps_drawing_until_the_groups_are_informative():
+    from ctpo_megatron.data.prompts import Prompt, PromptSampler
+    from ctpo_megatron.trainer.sampling import fill_informative_groups
+
+    prompts = [Prompt(uid=str(i), messages=[], ground_truth=str(i)) for i in range(40)]
+    sampler = PromptSampler(prompts, seed=0, shuffle=False)
+    calls = []
+
+    def generate(batch, round_index):  # prompts with uid % 3 == 0 get all-equal rewards
+        calls.append([p.uid for p in batch])
+        return [_traj(i, k, float(k % 2) if int(p.uid) % 3 else 1.0, n_resp=2)
+                for i, p in enumerate(batch) for k in range(2)]
+
+    first = sampler.next_batch(6)  # uids 0..5: 0 and 3 uninformative
+    kept, generated, metrics = fill_informative_groups(generate, sampler, first, target=6, max_rounds=8)
+    assert calls == [["0", "1", "2", "3", "4", "5"], ["6", "7"], ["8"]]  # draws only what is missing
+    assert [t.prompt_index for t in kept] == [i for i in range(6) for _ in range(2)]
+    assert all(max(g) > min(g) for g in zip(*[iter(t.reward for t in kept)] * 2))
+    assert metrics == {"sampling/groups_drawn": 9.0, "sampling/groups_dropped": 3.0,
+                       "sampling/rounds": 3.0, "sampling/topped_up": 0.0}
+    assert len(generated) == 18 and sampler.offset == 9  # the data position counts every draw
+    kept, _, metrics = fill_informative_groups(generate, sampler, sampler.next_batch(3), target=3, max_rounds=1)
+    assert metrics["sampling/topped_up"] == 1.0 and len(kept) == 6  # uid 9 uninformative, kept anyway
