@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ctpo_megatron.cluster.config import ClusterConfig
 from ctpo_megatron.cluster.memory import GIB, MemoryEstimate, estimate_memory, estimate_rollout_memory
-from ctpo_megatron.cluster.model_dims import ModelDims
+from ctpo_megatron.cluster.model_dims import model_dims_of
 from ctpo_megatron.parallel.dims import ParallelDims
 from ctpo_megatron.rollout.launcher import (LaunchConfig, embedded_server_command, router_command,
                                             sglang_server_command)
@@ -119,15 +119,6 @@ def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
         else:
             trainer.append(arg)
     return cluster, trainer
-
-
-def model_dims_of(model_cfg: "ModelConfig") -> ModelDims:
-    """ModelDims of the trainer's `ModelConfig` (Qwen2 family has qkv bias, Qwen3 qk-norm)."""
-    return ModelDims(hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
-                     num_attention_heads=model_cfg.num_attention_heads,
-                     num_query_groups=model_cfg.num_query_groups, ffn_hidden_size=model_cfg.ffn_hidden_size,
-                     vocab_size=model_cfg.vocab_size, head_dim=model_cfg.head_dim,
-                     qkv_bias=model_cfg.arch == "qwen2", qk_norm=model_cfg.arch == "qwen3")
 
 
 def estimate_for_train_config(train_cfg: "TrainConfig", dims: ParallelDims, *,

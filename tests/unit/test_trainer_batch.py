@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ctpo_megatron.actor.batching import build_micro_batch
-from ctpo_megatron.algo import LossSums, PolicyLossConfig, RolloutCorrectionConfig, policy_loss, position_bucket_edges
+from ctpo_megatron.algo import PolicyLossConfig, RolloutCorrectionConfig, policy_loss, position_bucket_edges
 from ctpo_megatron.parallel.spawn import run_on_ranks
 from ctpo_megatron.rollout.trajectory import Trajectory
 from ctpo_megatron.trainer import checkpoint as ckpt
