@@ -130,3 +130,46 @@ def test_pp2_grpo_with_rollout_log_probs(tiny_init, tmp_path):
     assert not any(k.startswith("mismatch/rollout_is") for k in records[-1])
     assert records[-1]["weight_sync/bytes"] > 0 and records[-1]["actor/valid_tokens"] > 0
     assert os.path.isdir(os.path.join(run, "weight_sync"))
+
+
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sync_step_reference.jsonl")
+# Recorded with the synchronous trainer as it was before the typed step batch (commit 0aaa5d4:
+# trajectories broadcast as dicts, samples sharded twice), same command, OMP_NUM_THREADS=1.
+REFERENCE_ARGS = ["parallel=tp1", "trainer.total_steps=3", "trainer.prompts_per_step=4",
+                  "trainer.mini_batch_prompts=2", "trainer.eval_every=3", "trainer.eval_samples=2",
+                  "data.max_val_prompts=8", "trainer.save_every=0", "trainer.tensorboard=false",
+                  "rollout.n_samples=4", "actor.micro_batch_size=2"]
+# Loss statistics are now ratios of step-wide sums (they were means of per-micro-batch rates),
+# so only the actor/* values with unchanged definitions are compared.
+SAME_TRAINING = ("actor/loss", "actor/grad_norm", "actor/lr")
+
+
+def test_step_batch_reproduces_the_recorded_synchronous_run(tiny_init, tmp_path):
+    """The same run (DP 2: each replica gets its shard; 2 updates x 2 micro-batches per step)
+    through the typed step batch gives the old path's rollouts, rewards, held-out accuracy,
+    data position, losses and gradient norms. Rollout-derived values must match exactly; the
+    trainer's values to 1e-4 (the embedded server's log-probs vary by ~1e-7 between runs with
+    how requests happen to be batched, which moves the IS weights by as much)."""
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ctpo_megatron.train", "--config-name", "tiny", f"trainer.run_dir={run}",
+           f"model.path={tiny_init}/model", f"data.train_files=[{tiny_init}/train.parquet]",
+           f"data.val_files=[{tiny_init}/val.parquet]", *REFERENCE_ARGS]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    with open(REFERENCE) as f:
+        reference = [json.loads(line) for line in f]
+    records = _records(run)
+    assert [r["step"] for r in records] == [r["step"] for r in reference] == [0, 1, 2, 3]
+    for ref, new in zip(reference, records):
+        exact = [k for k in ref if not k.startswith(("actor/", "mismatch/", "clip_rate_by_pos/"))]
+        for key in exact:
+            assert new[key] == ref[key], (ref["step"], key)
+        for key in SAME_TRAINING:
+            if key in ref:
+                assert new[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (ref["step"], key)
+        for key in (k for k in ref if k.startswith("clip_rate_by_pos/")):
+            assert new[key] == pytest.approx(ref[key], abs=1e-9), (ref["step"], key)
+        if ref["step"]:
+            assert new["staleness/0"] == 1.0 and new["staleness/max"] == 0.0  # synchronous
