@@ -25,12 +25,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ctpo_megatron.algo import position_bucket_edges
 from ctpo_megatron.config.schema import TrainConfig
 from ctpo_megatron.config.store import save_config
 from ctpo_megatron.data.prompts import PromptSampler, load_prompts
 from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 from ctpo_megatron.trainer import checkpoint as ckpt
-from ctpo_megatron.algo import position_bucket_edges
 from ctpo_megatron.trainer.batch import StepBatch, rollout_metrics, shard, version_metrics
 from ctpo_megatron.trainer.metrics import MetricsSink
 from ctpo_megatron.trainer.timers import PhaseTimer, format_eta
