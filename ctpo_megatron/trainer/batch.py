@@ -108,7 +108,9 @@ class StepBatch:
             if token_versions:
                 versions[i, :r] = torch.as_tensor(token_versions, dtype=torch.int64)
             else:
-                versions[i, :r] = version_number(t.weight_version)
+                # A rollout that spans weight updates without per-token versions: the oldest
+                # (an upper bound on every token's staleness).
+                versions[i, :r] = version_number(t.weight_versions[0] if t.weight_versions else None)
         versions = torch.where(mask > 0, versions, torch.full_like(versions, -1))
         rewards = torch.tensor([float(t.reward or 0.0) for t in trajectories], dtype=torch.float32)
         group_ids = torch.tensor([int(t.prompt_index) for t in trajectories], dtype=torch.int64)

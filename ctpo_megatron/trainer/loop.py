@@ -15,6 +15,7 @@ position, RNG, step); metrics logged after that checkpoint by the killed run are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -123,6 +124,14 @@ class Trainer:
                                     resume_step=self.step + 1 if self.step else 0)
         if self.step:
             self._sync_weights()  # the servers started from the base model
+        self.producer = None
+        if self.rank == 0 and cfg.rollout.max_staleness > 0:
+            from ctpo_megatron.trainer.producer import RolloutProducer
+
+            ahead = PromptSampler(self.sampler.prompts, seed=self.sampler.seed, shuffle=self.sampler.shuffle)
+            ahead.load_state_dict(self.sampler.state_dict())
+            self.producer = RolloutProducer(self._generate, ahead, prompts_per_step=cfg.trainer.prompts_per_step,
+                                            first_step=self.step + 1, max_staleness=cfg.rollout.max_staleness)
 
     # ---------------------------------------------------------------- set-up
     def _install_signal_handlers(self) -> None:
@@ -181,6 +190,8 @@ class Trainer:
             metrics["time/step"] = time.monotonic() - step_start
             if "perf/tokens" in metrics:
                 metrics["perf/tokens_per_s"] = metrics["perf/tokens"] / metrics["time/step"]
+            if "time/rollout" in metrics:  # the trainer waits on rollouts: idle GPUs
+                metrics["perf/trainer_idle_frac"] = metrics["time/rollout"] / metrics["time/step"]
             self._log(self.step, metrics)
             if self.rank == 0 and (self.step % tc.log_every == 0 or last):
                 done = self.step - start_step
@@ -232,21 +243,26 @@ class Trainer:
         """Rank 0: the step's scored trajectories (n per prompt, prompt-major), every trajectory
         generated (for the rollout metrics), and the dynamic-sampling metrics."""
         cfg, tc = self.cfg, self.cfg.trainer
-
-        def generate(batch: list, round_index: int) -> list:
-            # Round 0 uses the step's seed (the same as without filtering); later rounds others.
-            seed = tc.seed * 1_000_003 + self.step + 100_003 * round_index
-            return self.rollout.generate(batch, cfg.rollout.n_samples, seed=seed)
-
+        if self.producer is not None:  # generated ahead, while earlier steps trained
+            trajs, _ = self.producer.take(self.step, prompts)
+            partial = sum(len(set(t.weight_versions)) > 1 for t in trajs)
+            return trajs, trajs, {"rollout/partial": float(partial)}
         if not cfg.rollout.filter_zero_variance_groups:
-            trajs = generate(prompts, 0)
+            trajs = self._generate(self.step, prompts)
             return trajs, trajs, {}
         from ctpo_megatron.trainer.sampling import fill_informative_groups
 
         kept, generated, metrics = fill_informative_groups(
-            generate, self.sampler, prompts, target=tc.prompts_per_step,
-            max_rounds=cfg.rollout.max_sampling_rounds)
+            lambda batch, round_index: self._generate(self.step, batch, round_index), self.sampler,
+            prompts, target=tc.prompts_per_step, max_rounds=cfg.rollout.max_sampling_rounds)
         return kept, generated, metrics
+
+    def _generate(self, step: int, prompts: list, round_index: int = 0) -> list:
+        """Rank 0: n scored trajectories per prompt with the sampling seed of `step` (round 0;
+        dynamic sampling's later rounds use others)."""
+        tc = self.cfg.trainer
+        seed = tc.seed * 1_000_003 + step + 100_003 * round_index
+        return self.rollout.generate(prompts, self.cfg.rollout.n_samples, seed=seed)
 
     def _share_data_position(self) -> None:
         """Every rank takes rank 0's data position (epoch, offset): one small broadcast."""
@@ -276,8 +292,9 @@ class Trainer:
         if self.rank != 0:
             return {}
         tc = self.cfg.trainer
-        trajs = self.rollout.generate(self.val_prompts, tc.eval_samples, seed=tc.seed + EVAL_SEED_OFFSET,
-                                      temperature=tc.eval_temperature)
+        with self.producer.lock if self.producer is not None else contextlib.nullcontext():
+            trajs = self.rollout.generate(self.val_prompts, tc.eval_samples, seed=tc.seed + EVAL_SEED_OFFSET,
+                                          temperature=tc.eval_temperature)
         metrics = rollout_metrics(trajs, prefix="eval/")
         by_source: dict[str, list[bool]] = {}
         for t in trajs:
@@ -311,6 +328,8 @@ class Trainer:
     def close(self) -> None:
         """Stops servers and flushes metrics (rank 0); safe after a failure."""
         try:
+            if self.producer is not None:
+                self.producer.close()
             if self.rollout is not None:
                 self.rollout.close()
         finally:

@@ -173,3 +173,31 @@ def test_step_batch_reproduces_the_recorded_synchronous_run(tiny_init, tmp_path)
             assert new[key] == pytest.approx(ref[key], abs=1e-9), (ref["step"], key)
         if ref["step"]:
             assert new["staleness/0"] == 1.0 and new["staleness/max"] == 0.0  # synchronous
+
+
+def test_rollouts_run_one_step_ahead(tiny_init, tmp_path):
+    """rollout.max_staleness=1: step s+1's rollouts are generated while step s trains. Step 1
+    matches the synchronous run (same weights, same seed); later steps train on tokens at most
+    one version old; the data position advances exactly as in the synchronous run."""
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ctpo_megatron.train", "--config-name", "tiny", f"trainer.run_dir={run}",
+           f"model.path={tiny_init}/model", f"data.train_files=[{tiny_init}/train.parquet]",
+           f"data.val_files=[{tiny_init}/val.parquet]", *REFERENCE_ARGS, "rollout.max_staleness=1"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    with open(REFERENCE) as f:
+        reference = [json.loads(line) for line in f]
+    records = _records(run)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for key in ("reward/mean", "response_length/mean", "tool/use_rate"):
+        assert records[1][key] == reference[1][key], key
+    assert records[1]["actor/loss"] == pytest.approx(reference[1]["actor/loss"], rel=1e-4)
+    for r, ref in zip(records[1:], reference[1:]):
+        assert r["data/offset"] == ref["data/offset"]
+        assert r["staleness/max"] <= 1.0 and "rollout/partial" in r and 0 <= r["perf/trainer_idle_frac"] <= 1
+    assert records[1]["staleness/0"] == 1.0  # generated with the initial weights for step 1
+    # generation of step s+1 starts as step s starts training, before its weights reach the
+    # servers: some of those tokens come from the previous version
+    assert max(records[2]["staleness/mean"], records[3]["staleness/mean"]) > 0

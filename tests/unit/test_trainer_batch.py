@@ -261,3 +261,44 @@ def test_dynamic_sampling_keeps_drawing_until_the_groups_are_informative():
     assert len(generated) == 18 and sampler.offset == 9  # the data position counts every draw
     kept, _, metrics = fill_informative_groups(generate, sampler, sampler.next_batch(3), target=3, max_rounds=1)
     assert metrics["sampling/topped_up"] == 1.0 and len(kept) == 6  # uid 9 uninformative, kept anyway
+
+
+def test_rollout_producer_runs_at_most_k_steps_ahead():
+    import threading
+
+    from ctpo_megatron.data.prompts import Prompt, PromptSampler
+    from ctpo_megatron.trainer.producer import RolloutProducer
+
+    prompts = [Prompt(uid=str(i), messages=[], ground_truth="") for i in range(50)]
+    lockstep = PromptSampler(prompts, seed=0)
+    ahead = PromptSampler(prompts, seed=0)
+    started, gate = [], threading.Semaphore(0)
+
+    def generate(step, batch):
+        started.append(step)
+        gate.release()
+        return [f"traj of step {step}"]
+
+    producer = RolloutProducer(generate, ahead, prompts_per_step=3, first_step=1, max_staleness=2)
+    try:
+        for _ in range(2):
+            assert gate.acquire(timeout=30)
+        assert not gate.acquire(timeout=0.5) and started == [1, 2]  # 2 ahead, then it waits
+        for step in range(1, 5):
+            trajs, _ = producer.take(step, lockstep.next_batch(3))
+            assert trajs == [f"traj of step {step}"]
+            assert gate.acquire(timeout=30)  # taking step s lets step s + 2 start
+            assert started[-1] == step + 2
+        with pytest.raises(RuntimeError, match="other prompts"):
+            producer.take(5, lockstep.next_batch(2))
+    finally:
+        producer.close()
+
+    def broken(step, batch):
+        raise OSError("server gone")
+
+    producer = RolloutProducer(broken, PromptSampler(prompts, seed=0), prompts_per_step=3, first_step=1,
+                               max_staleness=1)
+    with pytest.raises(RuntimeError, match="rollout producer failed"):
+        producer.take(1, [])
+    producer.close()
