@@ -131,7 +131,8 @@ class Trainer:
             ahead = PromptSampler(self.sampler.prompts, seed=self.sampler.seed, shuffle=self.sampler.shuffle)
             ahead.load_state_dict(self.sampler.state_dict())
             self.producer = RolloutProducer(self._generate, ahead, prompts_per_step=cfg.trainer.prompts_per_step,
-                                            first_step=self.step + 1, max_staleness=cfg.rollout.max_staleness)
+                                            first_step=self.step + 1, last_step=cfg.trainer.total_steps,
+                                            max_staleness=cfg.rollout.max_staleness)
 
     # ---------------------------------------------------------------- set-up
     def _install_signal_handlers(self) -> None:

@@ -27,15 +27,17 @@ class RolloutProducer:
     """Background generation of future steps' trajectories (rank 0 only)."""
 
     def __init__(self, generate: Callable[[int, list], list], sampler: Any, *, prompts_per_step: int,
-                 first_step: int, max_staleness: int) -> None:
+                 first_step: int, last_step: int, max_staleness: int) -> None:
         """generate(step, prompts) -> trajectories; sampler: a `PromptSampler` at the data
-        position of `first_step` (the producer owns it from now on)."""
+        position of `first_step` (the producer owns it from now on); nothing past `last_step`
+        is generated."""
         if max_staleness < 1:
             raise ValueError(f"RolloutProducer: max_staleness={max_staleness} must be >= 1")
         self._generate = generate
         self._sampler = sampler
         self._per_step = prompts_per_step
         self._next = first_step
+        self._last = last_step
         self._permits = threading.Semaphore(max_staleness)
         self._ready: dict[int, tuple[list, list]] = {}
         self._cond = threading.Condition()
@@ -48,7 +50,7 @@ class RolloutProducer:
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self._next <= self._last:
                 if not self._permits.acquire(timeout=0.2):
                     continue
                 step = self._next
@@ -81,6 +83,8 @@ class RolloutProducer:
         self._permits.release()  # step + k may start now
         return trajs, time.monotonic() - start
 
-    def close(self) -> None:
-        """Stops after the generation in flight (not waited for: the thread is a daemon)."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stops the producer; waits up to `timeout_s` for a generation in flight (the thread
+        is a daemon, so a hung one cannot keep the process alive)."""
         self._stop.set()
+        self._thread.join(timeout=timeout_s)

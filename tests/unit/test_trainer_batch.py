@@ -279,7 +279,8 @@ def test_rollout_producer_runs_at_most_k_steps_ahead():
         gate.release()
         return [f"traj of step {step}"]
 
-    producer = RolloutProducer(generate, ahead, prompts_per_step=3, first_step=1, max_staleness=2)
+    producer = RolloutProducer(generate, ahead, prompts_per_step=3, first_step=1, last_step=7,
+                               max_staleness=2)
     try:
         for _ in range(2):
             assert gate.acquire(timeout=30)
@@ -291,6 +292,10 @@ def test_rollout_producer_runs_at_most_k_steps_ahead():
             assert started[-1] == step + 2
         with pytest.raises(RuntimeError, match="other prompts"):
             producer.take(5, lockstep.next_batch(2))
+        lockstep.next_batch(1)
+        producer.take(6, lockstep.next_batch(3))
+        assert gate.acquire(timeout=30) and started[-1] == 7
+        assert not gate.acquire(timeout=0.5) and started[-1] == 7  # nothing past last_step
     finally:
         producer.close()
 
@@ -298,7 +303,7 @@ def test_rollout_producer_runs_at_most_k_steps_ahead():
         raise OSError("server gone")
 
     producer = RolloutProducer(broken, PromptSampler(prompts, seed=0), prompts_per_step=3, first_step=1,
-                               max_staleness=1)
+                               last_step=3, max_staleness=1)
     with pytest.raises(RuntimeError, match="rollout producer failed"):
         producer.take(1, [])
     producer.close()
