@@ -63,12 +63,17 @@ def tiny_init(tmp_path_factory):
     return out
 
 
-def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path):
+@pytest.mark.parametrize("staleness", [0, 1], ids=["synchronous", "one_step_ahead"])
+def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path, staleness):
+    """At max_staleness=1 the killed run had step 5's rollouts in flight from mixed weights;
+    the resumed run regenerates them from the step-4 checkpoint, so only the data position,
+    not the metrics, must continue exactly."""
     run = str(tmp_path / "run")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log1 = tmp_path / "first.log"
+    args = _train_cmd(tiny_init, run) + [f"rollout.max_staleness={staleness}"]
     with open(log1, "w") as log:
-        proc = subprocess.Popen(_train_cmd(tiny_init, run), cwd=ROOT, env=env, stdout=log,
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -88,8 +93,7 @@ def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path):
     killed = {r["step"]: r for r in _records(run)}
     assert max(killed) >= KILL_AFTER_STEP
 
-    second = subprocess.run(_train_cmd(tiny_init, run), cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=900)
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     assert re.search(r"resumed from \S+ at step 4 ", second.stderr), second.stderr[-3000:]
 
@@ -97,9 +101,13 @@ def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path):
     # "As if never stopped": step 5 is redone from the step-4 checkpoint with the same weights,
     # optimizer state, prompts and sampling seeds, so it reproduces the killed run's step 5.
     redone = records[KILL_AFTER_STEP]
-    for key in ("reward/mean", "response_length/mean", "tool/use_rate", "data/offset"):
-        assert redone[key] == killed[KILL_AFTER_STEP][key], key
-    assert redone["actor/loss"] == pytest.approx(killed[KILL_AFTER_STEP]["actor/loss"], rel=1e-4, abs=1e-6)
+    assert redone["data/offset"] == killed[KILL_AFTER_STEP]["data/offset"]
+    if staleness == 0:
+        for key in ("reward/mean", "response_length/mean", "tool/use_rate"):
+            assert redone[key] == killed[KILL_AFTER_STEP][key], key
+        assert redone["actor/loss"] == pytest.approx(killed[KILL_AFTER_STEP]["actor/loss"], rel=1e-4, abs=1e-6)
+    else:
+        assert max(r["staleness/max"] for r in records[1:]) <= 1.0
     steps = [r["step"] for r in records]
     assert steps == list(range(STEPS + 1)), f"steps logged twice or lost: {steps}"
     # The data position continues where the checkpoint left it: PROMPTS_PER_STEP per step.
