@@ -29,9 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ctpo_megatron.algo import PolicyLossConfig, ctpo_token_terms  # noqa: E402
-from ctpo_megatron.algo import cumulative  # noqa: E402
-from ctpo_megatron.ops import backend_report, fused_ctpo_token_terms  # noqa: E402
+from ctpo_megatron.algo import PolicyLossConfig, ctpo_token_terms, fused_ctpo_token_terms  # noqa: E402
+from ctpo_megatron.ops import _backend, backend_report  # noqa: E402
 
 SHAPES = [(8, 8192), (1, 131072)]
 
@@ -46,13 +45,13 @@ def make_inputs(B: int, S: int, dtype: torch.dtype, device: str, seed: int = 0):
 
 
 def pure_torch_terms(*args, **kwargs):
-    """algo's torch path with the prefix sum on torch.cumsum (not the csrc scan)."""
-    original = cumulative.ops_segmented_cumsum
-    cumulative.ops_segmented_cumsum = lambda: None
+    """algo's torch path with the prefix sum on the torch reference scan (not the csrc scan)."""
+    original = _backend._load
+    _backend._load = lambda: (frozenset(), "pure-torch baseline")
     try:
         return ctpo_token_terms(*args, **kwargs)
     finally:
-        cumulative.ops_segmented_cumsum = original
+        _backend._load = original
 
 
 SIDES = {"baseline": pure_torch_terms, "fused": fused_ctpo_token_terms}

@@ -49,10 +49,10 @@ def run_training(out: str, steps: int, prompts_per_step: int) -> list[dict]:
 
 def time_loss(name: str, b: int, r: int, reps: int, micro_steps: int) -> float:
     """Median seconds of `micro_steps` loss forward+backward calls on [b, r] inputs."""
-    from ctpo_megatron.algo import PolicyLossConfig
-    from ctpo_megatron.trainer.update import make_loss_fn, position_edges
+    from ctpo_megatron.algo import PolicyLossConfig, position_bucket_edges
+    from ctpo_megatron.trainer.update import make_loss_fn
 
-    loss_fn = make_loss_fn(PolicyLossConfig(name=name), position_edges(r, 16))
+    loss_fn = make_loss_fn(PolicyLossConfig(name=name), position_bucket_edges(r, 16))
     gen = torch.Generator().manual_seed(0)
     old = -torch.rand(b, r, generator=gen) * 2
     base = old + 0.05 * torch.randn(b, r, generator=gen)

@@ -1,20 +1,119 @@
-"""Turning ragged prompt/response samples into padded micro-batches for GPTModel.
+"""The actor's input: a `TokenBatch` of ragged prompt/response sequences as padded tensors,
+sliced into padded micro-batches for GPTModel.
 
 Each sample is `prompt_ids + response_ids`, right-padded to the micro-batch's length S. With a
 causal mask, right padding never changes the logits of real tokens, so no attention mask is
 needed (nor with S rounded up to a multiple of TP for sequence parallelism: padded positions
-come after every real token and are never scored). Only response tokens are scored: response token j of sample i sits at position
-`P_i + j` and is predicted by the logits at position `P_i + j - 1`.
+come after every real token and are never scored). Only response tokens are scored: response
+token j of sample i sits at position `P_i + j` and is predicted by the logits at position
+`P_i + j - 1`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
-PER_TOKEN_FIELDS = ("old_log_probs", "advantages", "response_mask", "rollout_is_weights")
+
+@dataclass
+class TokenBatch:
+    """N sequences (prompt + response) as right-padded tensors, plus per-response-token inputs.
+
+    The trainer's step batch builds one per DP replica; `from_samples` converts the list-of-
+    dicts form (tests, the log-prob CLI). Rows are independent: `rows(i, j)` is a view.
+    """
+
+    tokens: torch.Tensor
+    """[N, L] int64 — prompt ids then response ids, right-padded with 0 (L >= longest row)."""
+    prompt_lens: torch.Tensor
+    """[N] int64 — P_i >= 1."""
+    response_lens: torch.Tensor
+    """[N] int64 — R_i >= 0."""
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)
+    """name -> [N, R] float32 per response token (R >= max R_i, 0 past R_i): the loss's inputs
+    (e.g. response_mask, old_log_probs, advantages, rollout_is_weights)."""
+
+    def __post_init__(self) -> None:
+        n = self.tokens.shape[0]
+        if self.tokens.dim() != 2 or self.prompt_lens.shape != (n,) or self.response_lens.shape != (n,):
+            raise ValueError(f"TokenBatch: tokens {tuple(self.tokens.shape)}, prompt_lens "
+                             f"{tuple(self.prompt_lens.shape)} and response_lens "
+                             f"{tuple(self.response_lens.shape)} must be [N, L], [N], [N]")
+        r = int(self.response_lens.max()) if n else 0
+        for name, t in self.per_token.items():
+            if t.dim() != 2 or t.shape[0] != n or t.shape[1] < r:
+                raise ValueError(f"TokenBatch.per_token[{name!r}] has shape {tuple(t.shape)}, "
+                                 f"expected [{n}, >= {r}] (one value per response token)")
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[N] int64 — P_i + R_i."""
+        return self.prompt_lens + self.response_lens
+
+    def rows(self, start: int, stop: int) -> TokenBatch:
+        """Rows [start, stop) (views, no copy)."""
+        return TokenBatch(self.tokens[start:stop], self.prompt_lens[start:stop],
+                          self.response_lens[start:stop],
+                          {k: v[start:stop] for k, v in self.per_token.items()})
+
+    def check(self, *, max_len: int, vocab_size: int) -> None:
+        """Raises ValueError naming the first row that cannot be scored."""
+        if len(self) == 0:
+            raise ValueError("samples is empty: every DP rank needs at least one sample")
+        bad = (self.prompt_lens < 1).nonzero()
+        if bad.numel():
+            raise ValueError(f"samples[{int(bad[0])}].prompt_ids is empty: the first response token "
+                             "needs at least one token before it")
+        lengths = self.lengths
+        bad = (lengths > max_len).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"samples[{i}]: prompt {int(self.prompt_lens[i])} + response "
+                             f"{int(self.response_lens[i])} tokens exceed max_position_embeddings={max_len}")
+        real = torch.arange(self.tokens.shape[1]) < lengths[:, None]
+        bad = (real & ((self.tokens < 0) | (self.tokens >= vocab_size))).any(-1).nonzero()
+        if bad.numel():
+            raise ValueError(f"samples[{int(bad[0])}]: token id out of range [0, {vocab_size})")
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Mapping], fields: Sequence[str] = ()) -> TokenBatch:
+        """Packs dicts with `prompt_ids`, `response_ids` and the per-token `fields` ([R_i] each;
+        a missing "response_mask" or "rollout_is_weights" defaults to ones)."""
+        for i, s in enumerate(samples):
+            for key in ("prompt_ids", "response_ids"):
+                if key not in s:
+                    raise ValueError(f"samples[{i}] has no {key!r}")
+        n = len(samples)
+        p_lens = [len(s["prompt_ids"]) for s in samples]
+        r_lens = [len(s["response_ids"]) for s in samples]
+        tokens = torch.zeros((n, max([p + r for p, r in zip(p_lens, r_lens)], default=1)), dtype=torch.int64)
+        r_max = max(max(r_lens, default=1), 1)
+        per_token = {name: torch.zeros((n, r_max), dtype=torch.float32) for name in fields}
+        for i, s in enumerate(samples):
+            ids = list(s["prompt_ids"]) + list(s["response_ids"])
+            tokens[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
+            for name in fields:
+                value = s.get(name)
+                if value is None and name in ("rollout_is_weights", "response_mask"):
+                    value = torch.ones(r_lens[i])
+                if value is None:
+                    raise ValueError(f"samples[{i}] has no {name!r}")
+                per_token[name][i, :r_lens[i]] = _as_float(value, name, i, r_lens[i])
+        return cls(tokens, torch.tensor(p_lens, dtype=torch.int64),
+                   torch.tensor(r_lens, dtype=torch.int64), per_token)
+
+
+def _as_float(values, name: str, index: int, length: int) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+    if t.numel() != length:
+        raise ValueError(f"samples[{index}].{name} has {t.numel()} values, expected {length} "
+                         "(one per response token)")
+    return t
 
 
 @dataclass
@@ -51,75 +150,35 @@ class MicroBatch:
         out = values.new_zeros((self.tokens.shape[0], max(self.max_response_len, 1)))
         return out.index_put((self.resp_row, self.resp_col), values)
 
-    def split(self, padded: torch.Tensor) -> list[torch.Tensor]:
-        """[b, R] padded -> list of [R_i] for the real samples."""
-        return [padded[i, :n] for i, n in enumerate(self.response_lengths)]
 
-
-def check_sample(sample: dict, index: int, *, max_len: int, vocab_size: int) -> None:
-    """Raises ValueError naming the sample and field when it cannot be scored."""
-    for key in ("prompt_ids", "response_ids"):
-        if key not in sample:
-            raise ValueError(f"samples[{index}] has no {key!r}")
-    p, r = len(sample["prompt_ids"]), len(sample["response_ids"])
-    if p < 1:
-        raise ValueError(f"samples[{index}].prompt_ids is empty: the first response token "
-                         "needs at least one token before it")
-    if p + r > max_len:
-        raise ValueError(f"samples[{index}]: prompt {p} + response {r} tokens exceed "
-                         f"max_position_embeddings={max_len}")
-    ids = list(sample["prompt_ids"]) + list(sample["response_ids"])
-    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
-        raise ValueError(f"samples[{index}]: token id out of range [0, {vocab_size})")
-
-
-def _as_float(values, name: str, index: int, length: int) -> torch.Tensor:
-    t = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
-    if t.numel() != length:
-        raise ValueError(f"samples[{index}].{name} has {t.numel()} values, expected {length} "
-                         "(one per response token)")
-    return t
-
-
-def build_micro_batch(samples: Sequence[dict], *, seq_len: int | None = None,
-                      batch_size: int | None = None, fields: Sequence[str] = (),
-                      first_index: int = 0, seq_multiple: int = 1) -> MicroBatch:
-    """Pads `samples` to [batch_size, seq_len] (defaults: len(samples), longest sample), with
-    seq_len rounded up to a multiple of `seq_multiple` (TP under sequence parallelism).
-
-    fields: per-response-token keys to collect into [b, R] float32 tensors; a missing
-    "rollout_is_weights" defaults to ones, a missing "response_mask" to ones.
-    first_index: index of samples[0] in the caller's list, for error messages.
-    """
-    b = batch_size or len(samples)
-    lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
-    s_len = seq_len or max(lengths, default=1)
+def build_micro_batch(batch: TokenBatch, *, seq_len: int | None = None, batch_size: int | None = None,
+                      seq_multiple: int = 1) -> MicroBatch:
+    """Pads the rows of `batch` to [batch_size, seq_len] (defaults: len(batch), longest row),
+    with seq_len rounded up to a multiple of `seq_multiple` (TP under sequence parallelism).
+    Every `batch.per_token` field becomes a [b, R] tensor, R = the longest response here."""
+    n = len(batch)
+    b = batch_size or n
+    lengths = batch.lengths
+    longest = int(lengths.max()) if n else 0
+    s_len = seq_len or max(longest, 1)
     s_len = -(-s_len // max(seq_multiple, 1)) * max(seq_multiple, 1)
-    if b < len(samples) or s_len < max(lengths, default=0):
-        raise ValueError(f"micro-batch of {len(samples)} samples (longest {max(lengths)}) does "
-                         f"not fit [{b}, {s_len}]")
+    if b < n or s_len < longest:
+        raise ValueError(f"micro-batch of {n} samples (longest {longest}) does not fit [{b}, {s_len}]")
     tokens = torch.zeros((b, s_len), dtype=torch.int64)
-    rows, targets, resp_row, resp_col = [], [], [], []
-    resp_lens = [len(s["response_ids"]) for s in samples]
+    width = min(s_len, batch.tokens.shape[1])
+    tokens[:n, :width] = batch.tokens[:, :width]
+    resp_lens = batch.response_lens.tolist()
     r_max = max(max(resp_lens, default=1), 1)
-    padded = {name: torch.zeros((b, r_max), dtype=torch.float32) for name in fields}
-    for i, s in enumerate(samples):
-        ids = torch.as_tensor(list(s["prompt_ids"]) + list(s["response_ids"]), dtype=torch.int64)
-        tokens[i, : ids.numel()] = ids
-        p, r = len(s["prompt_ids"]), resp_lens[i]
-        rows.append(i * s_len + torch.arange(p - 1, p - 1 + r))
-        targets.append(ids[p:])
-        resp_row.append(torch.full((r,), i, dtype=torch.int64))
-        resp_col.append(torch.arange(r))
-        for name in fields:
-            value = s.get(name)
-            if value is None and name in ("rollout_is_weights", "response_mask"):
-                value = torch.ones(r)
-            if value is None:
-                raise ValueError(f"samples[{first_index + i}] has no {name!r}")
-            padded[name][i, :r] = _as_float(value, name, first_index + i, r)
-    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int64)  # noqa: E731
-    position_ids = torch.arange(s_len).expand(b, s_len).contiguous()
-    return MicroBatch(tokens=tokens, position_ids=position_ids, rows=cat(rows),
-                      targets=cat(targets), resp_row=cat(resp_row), resp_col=cat(resp_col),
-                      response_lengths=resp_lens, fields=padded)
+    resp_row = torch.repeat_interleave(torch.arange(n), batch.response_lens)
+    # Column of each scored token within its response: 0..R_i-1 per row.
+    starts = torch.cumsum(batch.response_lens, 0) - batch.response_lens
+    resp_col = torch.arange(resp_row.numel()) - starts[resp_row]
+    pos = batch.prompt_lens[resp_row] + resp_col  # position of the token in the sequence
+    fields = {}
+    for name, t in batch.per_token.items():
+        padded = torch.zeros((b, r_max), dtype=torch.float32)
+        padded[:n] = t[:, :r_max].to(torch.float32)
+        fields[name] = padded
+    return MicroBatch(tokens=tokens, position_ids=torch.arange(s_len).expand(b, s_len).contiguous(),
+                      rows=resp_row * s_len + pos - 1, targets=tokens[resp_row, pos],
+                      resp_row=resp_row, resp_col=resp_col, response_lengths=resp_lens, fields=fields)

@@ -159,12 +159,12 @@ def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, r
     return (*out, count.round().to(torch.int64))
 
 
-def cp_micro_batches(samples, cp_group, *, micro_batch_size: int, fixed_shape: bool, fields=(),
+def cp_micro_batches(batch, cp_group, *, micro_batch_size: int, fixed_shape: bool,
                      tp_size: int = 1, sequence_parallel: bool = False) -> list[ContextParallelMicroBatch]:
-    """`schedule.make_micro_batches` padded for CP, then cut to this rank's part."""
+    """`schedule.make_micro_batches` of a `TokenBatch`, padded for CP, then cut to this rank's part."""
     from ctpo_megatron.actor.schedule import make_micro_batches
 
     cp_size, cp_rank = cp_group.size(), cp_group.rank()
-    full = make_micro_batches(samples, micro_batch_size=micro_batch_size, fixed_shape=fixed_shape,
-                              fields=fields, seq_multiple=cp_seq_multiple(cp_size, tp_size, sequence_parallel))
+    full = make_micro_batches(batch, micro_batch_size=micro_batch_size, fixed_shape=fixed_shape,
+                              seq_multiple=cp_seq_multiple(cp_size, tp_size, sequence_parallel))
     return [shard_micro_batch(mb, cp_size, cp_rank) for mb in full]

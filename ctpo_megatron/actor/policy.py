@@ -3,21 +3,22 @@ a pluggable loss, distributed checkpoints, HF weights out.
 
 Layout: TP x PP x CP x DP from `ActorConfig.dims`, optionally with megatron sequence
 parallelism (`ActorConfig.sequence_parallel`). Every method is called on every
-rank. The samples a rank receives are its DP replica's share (identical on all TP/PP/CP ranks
-of that replica); under CP each rank runs its zigzag chunks of every sequence
-(`actor/context_parallel.py`).
+rank. The batch a rank receives is its DP replica's share (identical on all TP/PP/CP ranks of
+that replica), as a `TokenBatch` (padded tensors) or, for convenience, a list of sample dicts;
+under CP each rank runs its zigzag chunks of every sequence (`actor/context_parallel.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ctpo_megatron.actor.batching import PER_TOKEN_FIELDS, MicroBatch, check_sample
+from ctpo_megatron.actor.batching import MicroBatch, TokenBatch
 from ctpo_megatron.actor.config import ActorConfig
 from ctpo_megatron.actor.context_parallel import cp_micro_batches, gather_response_layout
 from ctpo_megatron.actor.schedule import (
@@ -31,7 +32,41 @@ from ctpo_megatron.parallel.state import init_parallel
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, Any]]
+"""loss_fn(log_probs [b, R], batch) -> (loss, stats); see `PolicyActor.train_step`."""
+
+PER_TOKEN_FIELDS = ("old_log_probs", "advantages", "response_mask", "rollout_is_weights")
+"""The per-token fields a list-of-dicts batch carries into `train_step`."""
+
+
+@dataclass
+class UpdateResult:
+    """One optimizer update: the optimizer's numbers (same on every rank) and the loss's stats."""
+
+    grad_norm: float
+    """Global gradient norm before clipping (nan when the optimizer did not report one)."""
+    lr: float
+    """Learning rate of the update."""
+    update_successful: bool
+    """False when the optimizer skipped the update (bf16 overflow)."""
+    stats: Any
+    """Sum over this rank's micro-batches of the stats loss_fn returned (tensors stay on the
+    device; nothing is reduced over ranks: see `PolicyActor.reduce_sum`). None on PP stages
+    other than the last, which never run the loss."""
+
+
+def _add_stats(total: Any, stats: Any) -> Any:
+    """total + stats: dicts key-wise, other objects (tensors, typed sums) with `+`."""
+    if total is None:
+        return stats
+    if isinstance(total, dict):
+        return {k: total[k] + stats[k] for k in total}
+    return total + stats
+
+
+def as_token_batch(batch: TokenBatch | Sequence[dict], fields: Sequence[str] = ()) -> TokenBatch:
+    """`batch` itself, or the sample dicts packed into a `TokenBatch` (see `from_samples`)."""
+    return batch if isinstance(batch, TokenBatch) else TokenBatch.from_samples(batch, fields)
 
 
 def build_policy_model(cfg: ActorConfig, *, load_hf_weights: bool = True):
@@ -121,18 +156,14 @@ class PolicyActor:
         return ScoreSettings(vocab_size=self.spec.vocab_size, temperature=self.cfg.temperature,
                              chunk_size=self.cfg.logprob_chunk_size, with_entropy=with_entropy)
 
-    def _micro_batches(self, samples: Sequence[dict], fields: Sequence[str] = ()) -> list[MicroBatch]:
-        if not samples:
-            raise ValueError("samples is empty: every DP rank needs at least one sample")
-        for i, s in enumerate(samples):
-            check_sample(s, i, max_len=self.spec.max_position_embeddings,
-                         vocab_size=self.spec.vocab_size)
+    def _micro_batches(self, batch: TokenBatch) -> list[MicroBatch]:
+        batch.check(max_len=self.spec.max_position_embeddings, vocab_size=self.spec.vocab_size)
         if self.cp_size > 1:
-            return cp_micro_batches(samples, self.pgs.cp, micro_batch_size=self.cfg.micro_batch_size,
-                                    fixed_shape=self.pgs.pp.size() > 1, fields=fields,
-                                    tp_size=self.dims.tp, sequence_parallel=self.cfg.sequence_parallel)
-        return make_micro_batches(samples, micro_batch_size=self.cfg.micro_batch_size,
-                                  fixed_shape=self.pgs.pp.size() > 1, fields=fields,
+            return cp_micro_batches(batch, self.pgs.cp, micro_batch_size=self.cfg.micro_batch_size,
+                                    fixed_shape=self.pgs.pp.size() > 1, tp_size=self.dims.tp,
+                                    sequence_parallel=self.cfg.sequence_parallel)
+        return make_micro_batches(batch, micro_batch_size=self.cfg.micro_batch_size,
+                                  fixed_shape=self.pgs.pp.size() > 1,
                                   seq_multiple=self.dims.tp if self.cfg.sequence_parallel else 1)
 
     def _broadcast_from_last_stage(self, flat: torch.Tensor | None, numel: int) -> torch.Tensor:
@@ -146,15 +177,15 @@ class PolicyActor:
 
     # ------------------------------------------------------------------ log-probs
     @torch.no_grad()
-    def compute_log_probs(self, samples: Sequence[dict], *, with_entropy: bool = False
-                          ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-sample log-probs of the response tokens under the current policy.
+    def score(self, batch: TokenBatch, *, with_entropy: bool = False
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the response tokens under the current policy.
 
-        Returns a list of [R_i] float32 CPU tensors (and, with_entropy, a second list of [R_i]
-        entropies) on every rank of this DP replica (computed on the last PP stage, full over
-        TP, broadcast over PP).
+        Returns [N, R] float32 CPU (R = batch's longest response, 0 past each R_i), and with
+        with_entropy the [N, R] entropies too, on every rank of this DP replica (computed on
+        the last PP stage, full over TP, broadcast over PP).
         """
-        micro_batches = self._micro_batches(samples)
+        micro_batches = self._micro_batches(batch)
         for chunk in self.model:
             chunk.eval()
         outputs: list = []
@@ -168,91 +199,112 @@ class PolicyActor:
 
         run_schedule(self.model, micro_batches, pgs=self.pgs,
                      settings=self._settings(with_entropy), consume=consume, forward_only=True)
-        lengths = [len(s["response_ids"]) for s in samples]
-        per_sample = sum(lengths) * (2 if with_entropy else 1)
-        flat = None
+        n, r = len(batch), max(int(batch.response_lens.max()), 1)
+        planes = 2 if with_entropy else 1
+        out = None
         if self.is_last_stage:
-            pieces = []
+            out = torch.zeros((planes, n, r), dtype=torch.float32, device=model_device())
+            row = 0
             for mb, (lp, ent) in zip(micro_batches, outputs):
-                pieces += mb.split(lp)
+                k, width = mb.num_samples, lp.shape[1]
+                out[0, row:row + k, :width] = lp[:k]
                 if with_entropy:
-                    pieces += mb.split(ent.float())
-            flat = (torch.cat([p.reshape(-1) for p in pieces]) if pieces
-                    else torch.zeros(0, device=model_device()))
-        flat = self._broadcast_from_last_stage(flat, per_sample).cpu()
-        log_probs, entropies, offset = [], [], 0
-        for mb in micro_batches:
-            for target in ([log_probs, entropies] if with_entropy else [log_probs]):
-                for n in mb.response_lengths:
-                    target.append(flat[offset: offset + n].clone())
-                    offset += n
-        return (log_probs, entropies) if with_entropy else log_probs
+                    out[1, row:row + k, :width] = ent[:k].float()
+                row += k
+            out = out.reshape(-1)
+        out = self._broadcast_from_last_stage(out, planes * n * r).cpu().reshape(planes, n, r)
+        return (out[0], out[1]) if with_entropy else out[0]
+
+    def compute_log_probs(self, samples: TokenBatch | Sequence[dict], *, with_entropy: bool = False
+                          ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`score` as lists of [R_i] float32 CPU tensors, one per sample."""
+        batch = as_token_batch(samples)
+        lengths = batch.response_lens.tolist()
+        scored = self.score(batch, with_entropy=with_entropy)
+        split = lambda t: [t[i, :n].clone() for i, n in enumerate(lengths)]  # noqa: E731
+        return (split(scored[0]), split(scored[1])) if with_entropy else split(scored)
 
     # ------------------------------------------------------------------ training
-    def train_step(self, samples: Sequence[dict], loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, batch: TokenBatch | Sequence[dict], loss_fn: LossFn, *,
+                   global_num_tokens: int | None = None) -> UpdateResult:
         """One optimizer step over this DP rank's share of a mini-batch.
 
-        loss_fn(log_probs [b, R] float32 with grad, batch) -> (loss, metrics) is called per
-        micro-batch on the last PP stage; batch holds old_log_probs, advantages, response_mask,
-        rollout_is_weights as [b, R] float32 (0-padded) plus ints global_num_tokens (response
-        mask sum over the whole mini-batch, all DP ranks) and dp_size. The loss must normalize
-        with those (e.g. sum(mask * l) / global_num_tokens * dp_size): megatron's 1/num_microbatches
-        scaling is undone here and DDP averages over DP, so the gradient equals that of the
-        whole mini-batch loss on one rank. Returns metrics (mean over micro-batches and DP
-        ranks), "loss" (the mini-batch loss), grad_norm and lr, on every rank.
+        loss_fn(log_probs [b, R] float32 with grad, inputs) -> (loss, stats) is called per
+        micro-batch on the last PP stage; inputs holds the batch's per-token fields as [b, R]
+        float32 (0-padded; e.g. old_log_probs, advantages, response_mask, rollout_is_weights)
+        plus ints global_num_tokens (response-mask sum over the whole mini-batch, all DP ranks:
+        the caller's value, else one all-reduce here) and dp_size. The loss must normalize
+        with those (e.g. sum(mask * l) / global_num_tokens * dp_size): megatron's
+        1/num_microbatches scaling is undone here and DDP averages over DP, so the gradient
+        equals that of the whole mini-batch loss on one rank. `stats` (tensors, a dict of
+        tensors or any type with `+`) are summed over micro-batches on the device and returned
+        unreduced in `UpdateResult.stats`.
 
         Under context parallelism (cp > 1) log_probs and the per-token fields are [b, S/cp] in
         the rank's local zigzag layout (`actor/context_parallel.py`; 0 where the rank scores no
         response token), global_num_tokens counts over DP and CP, dp_size is DP x CP (DDP's
-        averaging group) and batch["cp_group"] is the CP group (also present, of size 1, at
+        averaging group) and inputs["cp_group"] is the CP group (also present, of size 1, at
         CP = 1); `context_parallel.context_parallel_policy_loss` is a loss for that layout.
         """
-        micro_batches = self._micro_batches(samples, fields=PER_TOKEN_FIELDS)
-        local_tokens = torch.tensor([float(sum(mb.fields["response_mask"].sum() for mb in micro_batches))],
-                                    dtype=torch.float64, device=model_device())
-        dist.all_reduce(local_tokens, group=self.pgs.dp_cp)  # CP ranks hold disjoint tokens
-        global_num_tokens = int(round(local_tokens.item()))
+        batch = as_token_batch(batch, PER_TOKEN_FIELDS)
+        micro_batches = self._micro_batches(batch)
+        if global_num_tokens is None:
+            local = torch.tensor([float(sum(mb.fields["response_mask"].sum() for mb in micro_batches))],
+                                 dtype=torch.float64, device=model_device())
+            dist.all_reduce(local, group=self.pgs.dp_cp)  # CP ranks hold disjoint tokens
+            global_num_tokens = int(round(local.item()))
         num_mb = len(micro_batches)
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        total: list[Any] = [None]
 
         def consume(mb, log_probs, entropy):
-            batch = {k: v.to(log_probs.device) for k, v in mb.fields.items()}
+            inputs = {k: v.to(log_probs.device) for k, v in mb.fields.items()}
             # DDP averages gradients over DP x CP: normalizing by that size makes the summed
             # CP contributions the whole mini-batch's gradient (the loss contract).
-            batch.update(global_num_tokens=global_num_tokens, dp_size=self.pgs.dp_cp.size(),
-                         cp_group=self.pgs.cp)
-            loss, metrics = loss_fn(log_probs, batch)
-            out = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()}
-            out["loss"] = float(loss.detach())
+            inputs.update(global_num_tokens=global_num_tokens, dp_size=self.pgs.dp_cp.size(),
+                          cp_group=self.pgs.cp)
+            loss, stats = loss_fn(log_probs, inputs)
+            total[0] = _add_stats(total[0], stats)
             # megatron divides each micro-batch loss by num_microbatches (and multiplies it by
             # the CP size, taking it for a CP-averaged loss); the loss is already normalized
             # by the global token count and DP x CP, so undo both.
-            return loss * (num_mb / self.cp_size), out
+            return loss * (num_mb / self.cp_size), {}
 
-        per_mb = run_schedule(self.model, micro_batches, pgs=self.pgs,
-                              settings=self._settings(False), consume=consume, forward_only=False)
+        run_schedule(self.model, micro_batches, pgs=self.pgs, settings=self._settings(False),
+                     consume=consume, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         self.step_count += 1
-        metrics = self._reduce_metrics(per_mb)
-        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                       lr=float(self.optimizer.param_groups[0]["lr"]),
-                       update_successful=float(bool(update_ok)))
-        return metrics
+        return UpdateResult(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+                            lr=float(self.optimizer.param_groups[0]["lr"]),
+                            update_successful=bool(update_ok), stats=total[0])
 
-    def _reduce_metrics(self, per_mb: list[dict]) -> dict[str, float]:
-        """Mean over micro-batches ("loss": sum, the rank's share of the mini-batch loss), then
-        mean over DP x CP; computed on the last stage and broadcast over PP."""
+    def reduce_sum(self, stats: Any, max_keys: Sequence[str] = ()) -> Any:
+        """Sums per-rank stats (a dict of tensors, or a type with `to_vectors`/`from_vectors`)
+        over the DP x CP ranks of the last PP stage (CP ranks hold disjoint tokens) and returns them on every rank (broadcast over
+        PP). Dict keys in `max_keys` are reduced with max instead. One call per step: the
+        stats of all its updates are added first."""
         pp = self.pgs.pp
         payload = [None]
         if self.is_last_stage:
-            keys = sorted(per_mb[0])
-            values = torch.tensor([sum(m[k] for m in per_mb) / (1 if k == "loss" else len(per_mb))
-                                   for k in keys], dtype=torch.float64, device=model_device())
-            dist.all_reduce(values, group=self.pgs.dp_cp)
-            payload = [dict(zip(keys, (values / self.pgs.dp_cp.size()).tolist()))]
+            if isinstance(stats, dict):
+                keys = sorted(stats)
+                sums = [k for k in keys if k not in max_keys]
+                maxes = [k for k in keys if k in max_keys]
+                vectors = (_flat([stats[k] for k in sums]), _flat([stats[k] for k in maxes]))
+            else:
+                vectors = stats.to_vectors()
+            vectors = tuple(v.to(device=model_device(), dtype=torch.float64) for v in vectors)
+            dist.all_reduce(vectors[0], group=self.pgs.dp_cp)
+            dist.all_reduce(vectors[1], op=dist.ReduceOp.MAX, group=self.pgs.dp_cp)
+            if isinstance(stats, dict):
+                reduced = dict(zip(sums, vectors[0].tolist()))
+                reduced.update(zip(maxes, vectors[1].tolist()))
+                payload = [reduced]
+            else:
+                payload = [stats.from_vectors(*(v.cpu() for v in vectors))]
         if pp.size() > 1:
             dist.broadcast_object_list(payload, group=pp, group_src=pp.size() - 1)
         return payload[0]
@@ -280,3 +332,9 @@ class PolicyActor:
 
         return load_checkpoint(self, ckpt_dir, load_optimizer=load_optimizer)
 
+
+def _flat(values: list) -> torch.Tensor:
+    """0-d tensors / floats -> one [K] float64 tensor (one device-to-host copy later)."""
+    if not values:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([torch.as_tensor(v).detach().to(torch.float64).cpu().reshape(()) for v in values])

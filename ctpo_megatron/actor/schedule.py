@@ -1,7 +1,7 @@
 """Running padded micro-batches through megatron's forward/backward schedules.
 
 `run_schedule` drives `get_forward_backward_func()` (no pipelining, or 1F1B for PP > 1) over a
-list of samples: it pads them into micro-batches, runs GPTModel, and on the last PP stage turns
+list of micro-batches (`make_micro_batches` slices a `TokenBatch` into them): runs GPTModel, and on the last PP stage turns
 the vocab-parallel logits into per-response-token log-probs (vocab_parallel.py) that a callback
 consumes. It knows nothing about losses or optimizers.
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
-from ctpo_megatron.actor.batching import MicroBatch, build_micro_batch
+from ctpo_megatron.actor.batching import MicroBatch, TokenBatch, build_micro_batch
 from ctpo_megatron.actor.vocab_parallel import vocab_parallel_log_probs
 from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 
@@ -48,17 +48,17 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
 
 
-def make_micro_batches(samples: Sequence[dict], *, micro_batch_size: int, fixed_shape: bool,
-                       fields: Sequence[str] = (), seq_multiple: int = 1) -> list[MicroBatch]:
-    """Splits samples (in order) into micro-batches. fixed_shape (PP > 1: the pipeline's p2p
-    buffers have one shape) pads every micro-batch to [micro_batch_size, longest sample].
-    seq_multiple: every micro-batch's sequence length is rounded up to a multiple of it (TP
-    under sequence parallelism: megatron splits the sequence evenly over the TP ranks)."""
-    seq_len = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples) if fixed_shape else None
-    return [build_micro_batch(samples[i: i + micro_batch_size], seq_len=seq_len,
+def make_micro_batches(batch: TokenBatch, *, micro_batch_size: int, fixed_shape: bool,
+                       seq_multiple: int = 1) -> list[MicroBatch]:
+    """Splits the rows of `batch` (in order) into micro-batches. fixed_shape (PP > 1: the
+    pipeline's p2p buffers have one shape) pads every micro-batch to [micro_batch_size, longest
+    row]. seq_multiple: every micro-batch's sequence length is rounded up to a multiple of it
+    (TP under sequence parallelism: megatron splits the sequence evenly over the TP ranks)."""
+    seq_len = int(batch.lengths.max()) if fixed_shape else None
+    return [build_micro_batch(batch.rows(i, i + micro_batch_size), seq_len=seq_len,
                               batch_size=micro_batch_size if fixed_shape else None,
-                              fields=fields, first_index=i, seq_multiple=seq_multiple)
-            for i in range(0, len(samples), micro_batch_size)]
+                              seq_multiple=seq_multiple)
+            for i in range(0, len(batch), micro_batch_size)]
 
 
 def _forward_step(data_iterator, model, *, settings: ScoreSettings, tp_group, consume: Callable):

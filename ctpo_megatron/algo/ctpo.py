@@ -10,18 +10,18 @@
     l_t   = max(-A r_t, -A r_hat_t), capped at -A D_t where A < 0
 
 The gradient reaches only the current token's log-prob (the prefix sum is detached).
-`ctpo_token_terms` is the pure-torch definition; `resolve_ctpo_token_terms` is the one seam
-where a fused kernel replaces it.
+`ctpo_token_terms` is the pure-torch definition (the fused kernel's reference);
+`fused_ctpo_token_terms` runs the kernel from `ctpo_megatron.ops` and falls back to it.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable
 
 import torch
 
+from ctpo_megatron import ops
 from ctpo_megatron.algo.config import PolicyLossConfig
 from ctpo_megatron.algo.cumulative import masked_cumsum
 from ctpo_megatron.algo.terms import (LOG_RATIO_CLAMP, LOG_RATIO_MAX, TokenTerms, clipped_surrogate,
@@ -114,22 +114,43 @@ def ctpo_terms_from_prefix(lp: torch.Tensor, lp_anchor: torch.Tensor, adv: torch
         clipped=clipped & valid, la_scale=None if la_scale is None else la_scale.detach())
 
 
-@functools.cache
-def _fused_ctpo_token_terms() -> TokenTermsFn | None:
-    try:
-        from ctpo_megatron.ops import fused_ctpo_token_terms
-    except ImportError:
-        return None
-    logger.info("CTPO loss: using ctpo_megatron.ops.fused_ctpo_token_terms")
-    return fused_ctpo_token_terms
+def fused_ctpo_token_terms(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                           response_mask: torch.Tensor, cfg: PolicyLossConfig, *,
+                           cum_log_ratio: torch.Tensor | None = None, cum_count: torch.Tensor | None = None,
+                           cu_seqlens: torch.Tensor | None = None) -> TokenTerms:
+    """Per-token CTPO terms from the fused kernel (`ops.ctpo_token_loss`), or, on a device the
+    extension has no kernels for, from the pure-torch `ctpo_token_terms` (one warning).
 
-
-def resolve_ctpo_token_terms() -> TokenTermsFn:
-    """The seam for the fused kernel: the function `policy_loss` uses for the CTPO terms.
-
-    `ctpo_megatron.ops.fused_ctpo_token_terms` when `ops` exports it (same signature and
-    `TokenTerms` result as `ctpo_token_terms`, `pg_losses` differentiable), else the
-    pure-torch `ctpo_token_terms`.
+    Arguments and result as `ctpo_token_terms`, plus: log_probs and the other per-token
+    tensors may be packed [T] with `cu_seqlens` [N+1] (then the prefix sums restart at every
+    sequence). Tensors come back shaped like log_probs, in the compute dtype (float32 for 16-bit
+    inputs); pg_losses has autograd to log_probs. This is what the "ctpo" loss runs.
     """
-    fused = _fused_ctpo_token_terms()
-    return ctpo_token_terms if fused is None else fused
+    if (cum_log_ratio is None) != (cum_count is None):
+        raise ValueError("fused_ctpo_token_terms: pass both cum_log_ratio and cum_count, or neither")
+    for name, t in (("old_log_probs", old_log_probs), ("advantages", advantages),
+                    ("response_mask", response_mask), ("cum_log_ratio", cum_log_ratio),
+                    ("cum_count", cum_count)):
+        if t is not None and t.shape != log_probs.shape:
+            raise ValueError(f"fused_ctpo_token_terms: {name} has shape {tuple(t.shape)}, expected "
+                             f"{tuple(log_probs.shape)} (the shape of log_probs)")
+    if not ops.has_kernel(log_probs.device):
+        if cum_log_ratio is None and (cu_seqlens is not None or log_probs.dim() == 1):
+            # Packed rows: the prefix sums restart at every sequence (the torch scan does that).
+            log_ratio = ctpo_log_ratio(log_probs, old_log_probs, response_mask)
+            mask = (response_mask > 0).to(log_ratio.dtype)
+            cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32)
+            cum_log_ratio, cum_count = ops.segmented_cumsum(log_ratio, mask, cu)
+        return ctpo_token_terms(log_probs, old_log_probs, advantages, response_mask, cfg,
+                                cum_log_ratio=cum_log_ratio, cum_count=cum_count)
+    adaptive = bool(cfg.adaptive_clip)
+    clips = (cfg.la_clip_low, cfg.la_clip_high, cfg.la_clip_c) if adaptive else (
+        cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
+    out = ops.ctpo_token_loss(log_probs, old_log_probs, advantages, response_mask, cu_seqlens=cu_seqlens,
+                              cum_log_ratio=cum_log_ratio, cum_count=cum_count,
+                              geomean=cfg.variant == "geomean", adaptive=adaptive, clip_low=clips[0],
+                              clip_high=clips[1], clip_c=clips[2], power=cfg.la_power)
+    return TokenTerms(pg_losses=out.pg_losses, ratio=out.ratio.detach(),
+                      log_ratio_clamped=out.log_ratio.detach(), clip_high=out.clip_high,
+                      clip_low=out.clip_low, clip_dual=out.clip_dual, clipped=out.clipped,
+                      la_scale=out.la_scale.detach() if adaptive else None)

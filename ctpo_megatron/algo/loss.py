@@ -47,7 +47,8 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
                 loss_scale_factor: float | None = None,
                 cum_log_ratio: torch.Tensor | None = None,
                 cum_count: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, return_terms: bool = False):
+                cu_seqlens: torch.Tensor | None = None, return_terms: bool = False,
+                with_metrics: bool = True):
     """The policy-gradient loss of one micro-batch and its metrics.
 
     log_probs: [B, S] float — current policy log-prob per response token (autograd); B
@@ -67,6 +68,8 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
         The loss is computed on the zero-padded [N, S_max] view; gradients flow back packed.
     return_terms: also return the per-token `TokenTerms` the loss was built from (e.g. for
         clip rates by position), so callers need not compute them a second time.
+    with_metrics: False skips `policy_metrics` (and its host syncs); metrics is then {} (the
+        trainer sums `algo.stats.LossSums` from the terms instead).
     Returns (loss: 0-d tensor in the compute dtype with autograd to log_probs; metrics: dict of
     floats, see `algo.metrics.policy_metrics`), plus the TokenTerms ([B, S], padded layout)
     when `return_terms`.
@@ -95,6 +98,8 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     loss = aggregate_loss(pg_losses, mask, agg_mode, dp_size=dp_size,
                           batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                           loss_scale_factor=loss_scale_factor)
-    with torch.no_grad():
-        metrics = policy_metrics(terms, response_mask, advantages, cfg)
+    metrics = {}
+    if with_metrics:
+        with torch.no_grad():
+            metrics = policy_metrics(terms, response_mask, advantages, cfg)
     return (loss, metrics, terms) if return_terms else (loss, metrics)

@@ -91,13 +91,15 @@ def to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return {k: result[k] for k in values}
 
 
-def position_bucket_edges(max_position: int) -> list[int]:
-    """Powers of two 1, 2, 4, ... up to max_position: bucket i holds positions
-    [edges[i], edges[i+1]), the last bucket [edges[-1], inf)."""
+def position_bucket_edges(max_position: int, max_buckets: int | None = None) -> list[int]:
+    """Powers of two 1, 2, 4, ... up to max_position (at most `max_buckets` of them): bucket i
+    holds positions [edges[i], edges[i+1]), the last bucket [edges[-1], inf)."""
     if max_position < 1:
         raise ValueError(f"position_bucket_edges: max_position={max_position} must be >= 1")
+    if max_buckets is not None and max_buckets < 1:
+        raise ValueError(f"position_bucket_edges: max_buckets={max_buckets} must be >= 1")
     edges = [1]
-    while edges[-1] * 2 <= max_position:
+    while edges[-1] * 2 <= max_position and (max_buckets is None or len(edges) < max_buckets):
         edges.append(edges[-1] * 2)
     return edges
 

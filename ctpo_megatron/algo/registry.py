@@ -2,23 +2,18 @@
 
 Every entry has the signature of `ctpo_token_terms`:
 `fn(log_probs, old_log_probs, advantages, response_mask, cfg, *, cum_log_ratio=None,
-cum_count=None) -> TokenTerms`. "ctpo" resolves the fused kernel at call time
-(`ctpo.resolve_ctpo_token_terms`), so registering new losses never touches `policy_loss`.
+cum_count=None) -> TokenTerms`. "ctpo" runs the fused kernel (`ctpo.fused_ctpo_token_terms`,
+which falls back to the pure-torch terms where there is no kernel); registering new losses
+never touches `policy_loss`.
 """
 
 from __future__ import annotations
 
 from ctpo_megatron.algo.baselines import grpo_token_terms, gspo_token_terms, seq_token_terms
-from ctpo_megatron.algo.ctpo import TokenTermsFn, resolve_ctpo_token_terms
-from ctpo_megatron.algo.terms import TokenTerms
-
-
-def _ctpo(*args, **kwargs) -> TokenTerms:
-    return resolve_ctpo_token_terms()(*args, **kwargs)
-
+from ctpo_megatron.algo.ctpo import TokenTermsFn, fused_ctpo_token_terms
 
 LOSSES: dict[str, TokenTermsFn] = {
-    "ctpo": _ctpo,
+    "ctpo": fused_ctpo_token_terms,
     "grpo": grpo_token_terms,
     "gspo": gspo_token_terms,
     "seq": seq_token_terms,

@@ -1,4 +1,5 @@
-"""Transformer shapes that drive the memory estimate: presets and HF `config.json` reader."""
+"""Transformer shapes that drive the memory estimate: from the trainer's model config (and
+its presets, `configs/model/*.yaml`) or a HF `config.json`."""
 
 from __future__ import annotations
 
@@ -85,17 +86,36 @@ class ModelDims:
 
 
 # Shapes from the published HF config.json files of each model.
-PRESETS: dict[str, ModelDims] = {
-    "qwen3_32b": ModelDims(hidden_size=5120, num_layers=64, num_attention_heads=64, num_query_groups=8,
-                           ffn_hidden_size=25600, vocab_size=151936, head_dim=128, qk_norm=True),
-    "qwen3_14b": ModelDims(hidden_size=5120, num_layers=40, num_attention_heads=40, num_query_groups=8,
-                           ffn_hidden_size=17408, vocab_size=151936, head_dim=128, qk_norm=True),
-    "qwen2.5_32b": ModelDims(hidden_size=5120, num_layers=64, num_attention_heads=40, num_query_groups=8,
-                             ffn_hidden_size=27648, vocab_size=152064, qkv_bias=True),
-    # ctpo_megatron.data.tiny_model.TinyModelConfig defaults (the CPU pipeline's model).
-    "tiny": ModelDims(hidden_size=128, num_layers=4, num_attention_heads=4, num_query_groups=2,
-                      ffn_hidden_size=256, vocab_size=128, qkv_bias=True),
-}
+def model_dims_of(model_cfg: "ModelConfig") -> ModelDims:
+    """ModelDims of the trainer's `ModelConfig` (Qwen2 family has qkv bias, Qwen3 qk-norm)."""
+    return ModelDims(hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
+                     num_attention_heads=model_cfg.num_attention_heads,
+                     num_query_groups=model_cfg.num_query_groups, ffn_hidden_size=model_cfg.ffn_hidden_size,
+                     vocab_size=model_cfg.vocab_size, head_dim=model_cfg.head_dim,
+                     qkv_bias=model_cfg.arch == "qwen2", qk_norm=model_cfg.arch == "qwen3")
+
+
+def _presets() -> dict[str, ModelDims]:
+    """The model presets' shapes, read from the trainer's Hydra group `configs/model/*.yaml`:
+    the shapes are written down once, there. (Parsed as plain YAML so the launcher does not
+    import the trainer's config, which pulls in torch.)"""
+    import types
+
+    import yaml
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "configs", "model")
+    out = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".yaml"):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                fields = {"head_dim": 0, "arch": "qwen2", **(yaml.safe_load(f) or {})}
+            out[name[:-len(".yaml")]] = model_dims_of(types.SimpleNamespace(**fields))
+    return out
+
+
+PRESETS: dict[str, ModelDims] = _presets()
+"""Preset name (a `configs/model` file) -> shapes."""
 
 
 def model_dims_from_hf_config(path: str | os.PathLike) -> ModelDims:

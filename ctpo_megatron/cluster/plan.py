@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ctpo_megatron.cluster.config import REPO_ROOT, ClusterConfig
 from ctpo_megatron.cluster.memory import GIB, MemoryEstimate, estimate_memory, estimate_rollout_memory
-from ctpo_megatron.cluster.model_dims import ModelDims
+from ctpo_megatron.cluster.model_dims import model_dims_of
 from ctpo_megatron.parallel.dims import ParallelDims
 from ctpo_megatron.rollout.launcher import (LaunchConfig, embedded_server_command, router_command,
                                             sglang_server_command)
@@ -144,15 +144,6 @@ def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     return cluster, trainer
 
 
-def model_dims_of(model_cfg: "ModelConfig") -> ModelDims:
-    """ModelDims of the trainer's `ModelConfig` (Qwen2 family has qkv bias, Qwen3 qk-norm)."""
-    return ModelDims(hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
-                     num_attention_heads=model_cfg.num_attention_heads,
-                     num_query_groups=model_cfg.num_query_groups, ffn_hidden_size=model_cfg.ffn_hidden_size,
-                     vocab_size=model_cfg.vocab_size, head_dim=model_cfg.head_dim,
-                     qkv_bias=model_cfg.arch == "qwen2", qk_norm=model_cfg.arch == "qwen3")
-
-
 def estimate_for_train_config(train_cfg: "TrainConfig", dims: ParallelDims, *,
                               gpu_memory_gib: float = 80.0, micro_batch: int = 1,
                               logits_chunk_tokens: int = 4096, overhead_gib: float = 4.0,
@@ -160,11 +151,12 @@ def estimate_for_train_config(train_cfg: "TrainConfig", dims: ParallelDims, *,
     """Memory per GPU of the trainer's config (`TrainConfig`) at resolved `dims` (ParallelDims).
 
     Sequence length = rollout.max_prompt_len + rollout.max_response_len; full recompute when
-    model.recompute_activations. `changes` override `estimate_memory` keywords (what-ifs).
+    model.recompute_activations or actor.recompute (as the trainer). `changes` override `estimate_memory` keywords (what-ifs).
     The trainer's start-up validation can call this directly.
     """
     kwargs = dict(seq_len=train_cfg.rollout.max_prompt_len + train_cfg.rollout.max_response_len,
-                  micro_batch=micro_batch, recompute="full" if train_cfg.model.recompute_activations else "none",
+                  micro_batch=micro_batch,
+                  recompute="full" if train_cfg.model.recompute_activations or train_cfg.actor.recompute else "none",
                   distributed_optimizer=train_cfg.parallel.distributed_optimizer,
                   sequence_parallel=train_cfg.parallel.sequence_parallel,
                   logits_chunk_tokens=logits_chunk_tokens, gpu_memory_gib=gpu_memory_gib,

@@ -41,15 +41,17 @@ class ModelConfig:
     max_position_embeddings: int = 1024
     """Longest sequence the model supports, tokens; prompt + response must fit."""
     dtype: str = "float32"
-    """Parameter/compute dtype of the actor: `float32` (CPU) or `bfloat16` (GPU)."""
+    """Parameter/compute dtype of the actor and the embedded servers: `float32` (CPU) or
+    `bfloat16` (GPU). float16 is not supported (no loss scaling in the actor)."""
     recompute_activations: bool = False
     """Full activation recomputation in every layer (needed at 32B with 24k-token contexts)."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("qwen2", "qwen3"):
             raise ValueError(f"model.arch={self.arch!r}: expected 'qwen2' or 'qwen3'")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.dtype={self.dtype!r}: expected float32 or bfloat16 (float16 "
+                             "is not supported: the actor has no loss scaling)")
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "vocab_size", "max_position_embeddings"):
             if getattr(self, name) < 1:

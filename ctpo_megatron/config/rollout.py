@@ -43,6 +43,19 @@ class RolloutConfig:
     Relative `disk_dir` paths are placed in the run directory."""
     request_timeout_s: float = 600.0
     """HTTP timeout of one generate request, seconds."""
+    filter_zero_variance_groups: bool = False
+    """Dynamic sampling: drop groups whose n rewards are all equal (zero advantage) and draw
+    more prompts until the step has `trainer.prompts_per_step` informative groups (see
+    `trainer.sampling`). Costs extra rollouts; metrics `sampling/*` count them."""
+    max_staleness: int = 0
+    """Asynchronous rollouts: generate the rollouts of up to this many future steps while a
+    step trains (see `trainer.producer`). 0: the synchronous step (rollouts of step s use the
+    weights of step s - 1). k >= 1: tokens are at most k weight versions old; a weight update
+    reaches the servers mid-generation (partial rollouts), each token keeping its behaviour
+    log-prob. Not combined with `filter_zero_variance_groups` yet."""
+    max_sampling_rounds: int = 8
+    """Rounds of drawing with `filter_zero_variance_groups` before the step is topped up with
+    uninformative groups."""
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -61,5 +74,12 @@ class RolloutConfig:
         for name in ("max_prompt_len", "max_response_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness={self.max_staleness} must be >= 0")
+        if self.max_staleness and self.filter_zero_variance_groups:
+            raise ValueError("rollout.max_staleness > 0 cannot be combined with "
+                             "rollout.filter_zero_variance_groups=true yet")
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"rollout.max_sampling_rounds={self.max_sampling_rounds} must be >= 1")
         if self.max_tool_turns < 0:
             raise ValueError(f"rollout.max_tool_turns={self.max_tool_turns} must be >= 0")

@@ -8,6 +8,7 @@ entry point code sees only these typed objects.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +44,8 @@ class TrainConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     """Megatron policy: optimizer (lr 1e-6, Adam, grad clip), micro-batch size, log-prob chunking.
     `actor.hf_model_dir`, `actor.dims`, `actor.params_dtype`, `actor.temperature`,
-    `actor.use_distributed_optimizer` and `actor.sequence_parallel` are filled in from model,
-    parallel and rollout."""
+    `actor.use_distributed_optimizer` and `actor.sequence_parallel` are derived from model,
+    parallel and rollout (`actor_config`); setting one of them to another value is an error."""
     cluster: Any = None
     """Slurm launcher settings (group `cluster`); read by the launcher, ignored by the trainer."""
 
@@ -59,6 +60,34 @@ class TrainConfig:
             raise ValueError("correction.enabled=true needs trainer.old_log_probs=actor: with the "
                              "rollout's log-probs as old log-probs there is no mismatch to correct "
                              "(set correction.enabled=false)")
+        self._check_derived()
+
+    def derived_actor_fields(self) -> dict[str, tuple[Any, str]]:
+        """actor field -> (value derived from the other sections, the setting it comes from)."""
+        return {
+            "hf_model_dir": (self.model.path, "model.path"),
+            "dims": (self.parallel.dims(), "parallel.tp/pp/cp/dp"),
+            "params_dtype": (self.model.dtype, "model.dtype"),
+            "use_distributed_optimizer": (self.parallel.distributed_optimizer, "parallel.distributed_optimizer"),
+            "sequence_parallel": (self.parallel.sequence_parallel, "parallel.sequence_parallel"),
+            "temperature": (self.rollout.temperature, "rollout.temperature"),
+        }
+
+    def _check_derived(self) -> None:
+        defaults = ActorConfig()
+        for name, (value, source) in self.derived_actor_fields().items():
+            given = getattr(self.actor, name)
+            if given != getattr(defaults, name) and given != value:
+                raise ValueError(f"actor.{name}={given!r} conflicts with {source}: it is derived from "
+                                 f"{source} ({value!r}); set {source} instead")
+
+    def actor_config(self, dims: ParallelDims) -> ActorConfig:
+        """The actor's settings: `actor` with the derived fields computed (`dims`: the resolved
+        parallel sizes), and activation recomputation on if model or actor asks for it."""
+        derived = {name: value for name, (value, _) in self.derived_actor_fields().items()}
+        derived["dims"] = dims
+        return dataclasses.replace(self.actor, **derived,
+                                   recompute=self.model.recompute_activations or self.actor.recompute)
 
     def check_inputs(self) -> None:
         """Start-up checks of the files the run reads (model checkpoint, prompt files) and of the

@@ -38,6 +38,10 @@ class Trajectory:
     "abort" (the server aborted the request)."""
     weight_versions: list[str] = field(default_factory=list)
     """Distinct server weight versions that produced the generated tokens, in order."""
+    token_versions: list[int] = field(default_factory=list)
+    """[R] int — trainer step whose weights sampled each token (0 = initial weights), when the
+    producer records it per token (a rollout that spans a weight update); empty: every token
+    comes from `weight_version`."""
     response_text: str = ""
     """Decoded response (special tokens kept), for reward and logging."""
     prompt_index: int = 0
@@ -73,6 +77,9 @@ class Trajectory:
         if len(self.rollout_log_probs) != n or len(self.loss_mask) != n:
             raise ValueError(f"Trajectory: response_ids has {n} tokens but rollout_log_probs has "
                              f"{len(self.rollout_log_probs)} and loss_mask {len(self.loss_mask)}")
+        if self.token_versions and len(self.token_versions) != n:
+            raise ValueError(f"Trajectory: response_ids has {n} tokens but token_versions has "
+                             f"{len(self.token_versions)}")
         if any(m not in (0, 1) for m in self.loss_mask):
             raise ValueError("Trajectory: loss_mask must contain only 0 and 1")
 

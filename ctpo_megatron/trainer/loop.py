@@ -1,10 +1,12 @@
 """The RL loop: `Trainer(cfg).train()`.
 
-Per step (rank 0 drives the rollouts; every rank trains):
+Per step, a straight line over one typed batch (`trainer.batch.StepBatch`):
 
-    prompts --rank 0--> rollouts (n samples, tool turns, rewards) --broadcast--> every rank
-    -> GRPO advantages -> old log-probs (actor recompute, or the rollout's)
-    -> mismatch IS weights -> mini-batch CTPO updates (DP share per rank)
+    rank 0: prompts -> rollouts (n samples, tool turns, rewards) -> StepBatch (tensors, GRPO
+            advantages) -> one shard per DP replica (mini-batch-major, token-balanced)
+    each replica's ranks receive only their shard (`trainer.transport`)
+    -> old log-probs (actor recompute, or the rollout's) -> mismatch IS weights
+    -> mini-batch CTPO updates; loss statistics summed and reduced once per step
     -> weight resync to the servers -> periodic held-out eval -> metrics -> checkpoint
 
 Resume: a run directory with `checkpoints/latest` continues from it (model, optimizer, data
@@ -13,6 +15,8 @@ position, RNG, step); metrics logged after that checkpoint by the killed run are
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -21,35 +25,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ctpo_megatron.algo import position_bucket_edges
 from ctpo_megatron.config.schema import TrainConfig
 from ctpo_megatron.config.store import save_config
 from ctpo_megatron.data.prompts import PromptSampler, load_prompts
 from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 from ctpo_megatron.trainer import checkpoint as ckpt
-from ctpo_megatron.trainer.batch import (build_samples, compute_advantages, dp_shard, mini_batches,
-                                         rollout_metrics)
+from ctpo_megatron.trainer.batch import StepBatch, rollout_metrics, shard, version_metrics
 from ctpo_megatron.trainer.deadline import StopPlanner
 from ctpo_megatron.trainer.metrics import MetricsSink
 from ctpo_megatron.trainer.timers import PhaseTimer, format_eta
-from ctpo_megatron.trainer.update import (attach_old_log_probs, make_loss_fn, position_edges,
-                                          run_updates)
+from ctpo_megatron.trainer.transport import ShardTransport
+from ctpo_megatron.trainer.update import attach_old_log_probs, make_loss_fn, run_updates
 
 logger = logging.getLogger(__name__)
 
 EVAL_SEED_OFFSET = 999_983
 """Evaluation samples with the same seed every time, so accuracies are comparable."""
-
-
-def actor_config(cfg: TrainConfig, dims) -> Any:
-    """The actor's settings: `cfg.actor` with the model path and parallel layout filled in."""
-    import dataclasses
-
-    return dataclasses.replace(cfg.actor, hf_model_dir=cfg.model.path, dims=dims,
-                               params_dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
-                               recompute=cfg.model.recompute_activations or cfg.actor.recompute,
-                               use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-                               sequence_parallel=cfg.parallel.sequence_parallel,
-                               temperature=cfg.rollout.temperature)
 
 
 def check_policy_memory(cfg: TrainConfig, dims, *, gpu_memory_gib: float):
@@ -63,15 +55,6 @@ def check_policy_memory(cfg: TrainConfig, dims, *, gpu_memory_gib: float):
                                          micro_batch=cfg.actor.micro_batch_size)
     check_memory(estimate)
     return estimate
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """`obj` from global rank `src` on every rank (pickled; fine for a step's trajectories)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def world_mean(metrics: dict[str, float]) -> dict[str, float]:
@@ -112,7 +95,7 @@ class Trainer:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
             logger.info("run dir %s; world size %d = tp %d x pp %d x cp %d x dp %d", self.run_dir,
                         self.world_size, self.dims.tp, self.dims.pp, self.dims.cp, self.dims.dp)
-        self.actor = PolicyActor(actor_config(cfg, self.dims))
+        self.actor = PolicyActor(cfg.actor_config(self.dims))
         self.dp_rank = self.actor.pgs.dp.rank()
         self.dp_size = self.actor.dp_size
         data = cfg.data
@@ -122,8 +105,12 @@ class Trainer:
                                      shuffle=data.shuffle)
         val = load_prompts(data.val_files, **keys) if data.val_files else []
         self.val_prompts = val[:data.max_val_prompts] if data.max_val_prompts >= 0 else val
-        self.edges = position_edges(cfg.rollout.max_response_len, cfg.trainer.clip_position_bins)
+        self.edges = position_bucket_edges(cfg.rollout.max_response_len, cfg.trainer.clip_position_bins)
         self.loss_fn = make_loss_fn(cfg.algo, self.edges)
+        from ctpo_megatron.actor.schedule import model_device
+
+        self.transport = ShardTransport(self.dp_rank, [f.name for f in dataclasses.fields(StepBatch)],
+                                        model_device())
         self.step = 0
         self.timer = PhaseTimer()
         self._resume()
@@ -138,6 +125,15 @@ class Trainer:
             self.sink = MetricsSink.from_config(cfg, resume_step=self.step + 1 if self.step else 0)
         if self.step:
             self._sync_weights()  # the servers started from the base model
+        self.producer = None
+        if self.rank == 0 and cfg.rollout.max_staleness > 0:
+            from ctpo_megatron.trainer.producer import RolloutProducer
+
+            ahead = PromptSampler(self.sampler.prompts, seed=self.sampler.seed, shuffle=self.sampler.shuffle)
+            ahead.load_state_dict(self.sampler.state_dict())
+            self.producer = RolloutProducer(self._generate, ahead, prompts_per_step=cfg.trainer.prompts_per_step,
+                                            first_step=self.step + 1, last_step=cfg.trainer.total_steps,
+                                            max_staleness=cfg.rollout.max_staleness)
 
     # ---------------------------------------------------------------- set-up
     def _check_model_config(self) -> None:
@@ -178,6 +174,8 @@ class Trainer:
             metrics["time/step"] = time.monotonic() - step_start
             if "perf/tokens" in metrics:
                 metrics["perf/tokens_per_s"] = metrics["perf/tokens"] / metrics["time/step"]
+            if "time/rollout" in metrics:  # the trainer waits on rollouts: idle GPUs
+                metrics["perf/trainer_idle_frac"] = metrics["time/rollout"] / metrics["time/step"]
             self._log(self.step, metrics)
             if self.rank == 0 and (self.step % tc.log_every == 0 or last):
                 done = self.step - start_step
@@ -194,37 +192,76 @@ class Trainer:
         self.stopper.finish(self.step)
 
     def train_step(self) -> dict[str, float]:
-        """One RL step; returns its metrics (identical on every rank where it matters: rank 0)."""
+        """One RL step; returns its metrics (complete on rank 0)."""
         cfg, tc = self.cfg, self.cfg.trainer
-        prompts = self.sampler.next_batch(tc.prompts_per_step)  # every rank: same data position
-        with self.timer.phase("rollout"):
-            payload = None
-            if self.rank == 0:
-                trajs = self.rollout.generate(prompts, cfg.rollout.n_samples,
-                                              seed=tc.seed * 1_000_003 + self.step)
-                payload = [t.to_dict() for t in trajs]
-            trajs = broadcast_object(payload)
-        metrics = rollout_metrics(trajs)
-        advantages = compute_advantages(trajs, norm_by_std=tc.norm_adv_by_std)
-        samples = build_samples(trajs, advantages)
         num_mb = tc.prompts_per_step // tc.mini_batch_prompts
-        mine = [s for mb in mini_batches(samples, num_mb) for s in dp_shard(mb, self.dp_rank, self.dp_size)]
+        prompts = self.sampler.next_batch(tc.prompts_per_step)  # every rank: same data position
+        metrics: dict[str, float] = {}
+        shards = None
+        with self.timer.phase("rollout"):
+            if self.rank == 0:
+                trajs, generated, sampling = self._rollouts(prompts)
+                metrics.update(rollout_metrics(generated))
+                metrics.update(sampling)
+                batch = StepBatch.from_trajectories(trajs, norm_adv_by_std=tc.norm_adv_by_std)
+                metrics["perf/tokens"] = float(batch.num_tokens)
+                # The servers hold the weights of the previous step (version step - 1).
+                metrics.update(version_metrics(batch, self.step - 1))
+                shards = [s.to_tensors() for s in shard(batch, num_mb, self.dp_size)]
+            mine = StepBatch.from_tensors(self.transport.exchange(shards))
+            if cfg.rollout.filter_zero_variance_groups:
+                self._share_data_position()  # rank 0 may have drawn extra prompts
         with self.timer.phase("old_log_probs"):
-            old = self.actor.compute_log_probs(mine) if tc.old_log_probs == "actor" else None
-        local = attach_old_log_probs(mine, old, cfg.correction)
+            old = self.actor.score(mine.token_batch()) if tc.old_log_probs == "actor" else None
+        mismatch = attach_old_log_probs(mine, old, cfg.correction)
         with self.timer.phase("update"):
-            metrics.update(run_updates(self.actor, samples, num_mini_batches=num_mb,
-                                       epochs=tc.epochs_per_step, dp_rank=self.dp_rank,
-                                       dp_size=self.dp_size, loss_fn=self.loss_fn, edges=self.edges))
-        metrics.update(world_mean(local))
+            metrics.update(run_updates(self.actor, mine, num_mini_batches=num_mb,
+                                       epochs=tc.epochs_per_step, loss_fn=self.loss_fn,
+                                       cfg=cfg.algo, edges=self.edges))
+        metrics.update(world_mean(mismatch))
         if not self.stopper.skip_weight_sync(self.step):  # stopping after this step: save first
             with self.timer.phase("weight_sync"):
                 metrics.update(self._sync_weights())
-        tokens = sum(len(t["prompt_ids"]) + len(t["response_ids"]) for t in trajs)
-        metrics["perf/tokens"] = float(tokens)
         metrics["data/epoch"] = float(self.sampler.epoch)
         metrics["data/offset"] = float(self.sampler.offset)
         return metrics
+
+    def _rollouts(self, prompts: list) -> tuple[list, list, dict[str, float]]:
+        """Rank 0: the step's scored trajectories (n per prompt, prompt-major), every trajectory
+        generated (for the rollout metrics), and the dynamic-sampling metrics."""
+        cfg, tc = self.cfg, self.cfg.trainer
+        if self.producer is not None:  # generated ahead, while earlier steps trained
+            trajs, _ = self.producer.take(self.step, prompts)
+            partial = sum(len(set(t.weight_versions)) > 1 for t in trajs)
+            return trajs, trajs, {"rollout/partial": float(partial)}
+        if not cfg.rollout.filter_zero_variance_groups:
+            trajs = self._generate(self.step, prompts)
+            return trajs, trajs, {}
+        from ctpo_megatron.trainer.sampling import fill_informative_groups
+
+        kept, generated, metrics = fill_informative_groups(
+            lambda batch, round_index: self._generate(self.step, batch, round_index), self.sampler,
+            prompts, target=tc.prompts_per_step, max_rounds=cfg.rollout.max_sampling_rounds)
+        return kept, generated, metrics
+
+    def _generate(self, step: int, prompts: list, round_index: int = 0) -> list:
+        """Rank 0: n scored trajectories per prompt with the sampling seed of `step` (round 0;
+        dynamic sampling's later rounds use others)."""
+        tc = self.cfg.trainer
+        seed = tc.seed * 1_000_003 + step + 100_003 * round_index
+        return self.rollout.generate(prompts, self.cfg.rollout.n_samples, seed=seed)
+
+    def _share_data_position(self) -> None:
+        """Every rank takes rank 0's data position (epoch, offset): one small broadcast."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return
+        from ctpo_megatron.actor.schedule import model_device
+
+        pos = torch.tensor([self.sampler.epoch, self.sampler.offset], dtype=torch.int64, device=model_device())
+        dist.broadcast(pos, src=0)
+        epoch, offset = pos.tolist()
+        if (epoch, offset) != (self.sampler.epoch, self.sampler.offset):
+            self.sampler.load_state_dict({**self.sampler.state_dict(), "epoch": epoch, "offset": offset})
 
     def _sync_weights(self) -> dict[str, float]:
         """Pushes the actor's weights to the servers as version `step_<n>` (all ranks iterate)."""
@@ -242,14 +279,14 @@ class Trainer:
         if self.rank != 0:
             return {}
         tc = self.cfg.trainer
-        trajs = [t.to_dict() for t in self.rollout.generate(
-            self.val_prompts, tc.eval_samples, seed=tc.seed + EVAL_SEED_OFFSET,
-            temperature=tc.eval_temperature)]
+        with self.producer.lock if self.producer is not None else contextlib.nullcontext():
+            trajs = self.rollout.generate(self.val_prompts, tc.eval_samples, seed=tc.seed + EVAL_SEED_OFFSET,
+                                          temperature=tc.eval_temperature)
         metrics = rollout_metrics(trajs, prefix="eval/")
         by_source: dict[str, list[bool]] = {}
         for t in trajs:
-            source = (t.get("metadata") or {}).get("data_source", "unknown")
-            by_source.setdefault(source, []).append(bool(t["correct"]))
+            source = (t.metadata or {}).get("data_source", "unknown")
+            by_source.setdefault(source, []).append(bool(t.correct))
         if len(by_source) > 1:
             for source, hits in by_source.items():
                 metrics[f"eval/accuracy/{source}"] = sum(hits) / len(hits)
@@ -278,6 +315,8 @@ class Trainer:
     def close(self) -> None:
         """Stops servers and flushes metrics (rank 0); safe after a failure."""
         try:
+            if self.producer is not None:
+                self.producer.close()
             if self.rollout is not None:
                 self.rollout.close()
         finally:

@@ -60,7 +60,8 @@ def check_cp_loss(cp, samples, current):
     global token positions n_t."""
     import torch.distributed as dist
 
-    from ctpo_megatron.actor.batching import PER_TOKEN_FIELDS, build_micro_batch
+    from ctpo_megatron.actor.batching import TokenBatch, build_micro_batch
+    from ctpo_megatron.actor.policy import PER_TOKEN_FIELDS
     from ctpo_megatron.actor.context_parallel import context_parallel_policy_loss, shard_micro_batch
     from ctpo_megatron.algo import PolicyLossConfig
     from ctpo_megatron.parallel import ParallelDims, init_parallel
@@ -68,7 +69,7 @@ def check_cp_loss(cp, samples, current):
     _, pgs = init_parallel(ParallelDims(cp=cp))
     singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
     one = singles[dist.get_rank()]
-    mb = build_micro_batch(samples, fields=PER_TOKEN_FIELDS, seq_multiple=2 * cp)
+    mb = build_micro_batch(TokenBatch.from_samples(samples, PER_TOKEN_FIELDS), seq_multiple=2 * cp)
     part = shard_micro_batch(mb, cp, pgs.cp.rank())
     full = torch.zeros(len(samples), mb.max_response_len, dtype=torch.float64)
     for i, lp in enumerate(current):

@@ -29,7 +29,8 @@ def _loss(log_probs, batch):
     from ctpo_megatron.actor.context_parallel import context_parallel_policy_loss
     from ctpo_megatron.algo import PolicyLossConfig
 
-    return context_parallel_policy_loss(log_probs, batch, PolicyLossConfig(name="ctpo"))
+    loss, _ = context_parallel_policy_loss(log_probs, batch, PolicyLossConfig(name="ctpo"))
+    return loss, {"loss": loss.detach()}
 
 
 def _weights(actor):
@@ -46,7 +47,10 @@ def _run(rank, world_size, model_dir, samples, tp, cp, save_dir, load_dir):
     actor = PolicyActor(cfg)
     dp, dp_rank = actor.pgs.dp.size(), actor.pgs.dp.rank()
     share = samples[dp_rank * len(samples) // dp: (dp_rank + 1) * len(samples) // dp]
-    out = {"metrics": actor.train_step(share, _loss)}
+    result = actor.train_step(share, _loss)
+    # each rank's loss is its share scaled by DP x CP (the loss contract): the mean is the whole loss
+    loss = actor.reduce_sum(result.stats)["loss"] / actor.pgs.dp_cp.size()
+    out = {"metrics": {"loss": loss, "grad_norm": result.grad_norm}}
     out["trained"] = _weights(actor)
     actor.save_checkpoint(save_dir, {"layout": f"tp{tp}cp{cp}"})
     if load_dir is not None:

@@ -5,7 +5,7 @@ import pytest
 
 from ctpo_megatron.parallel.spawn import run_on_ranks
 from tests._tiny_hf import build_llama, random_samples
-from tests.dist.test_actor_train import _samples, nll_loss
+from tests.dist.test_actor_train import _samples, train
 
 pytestmark = pytest.mark.dist
 
@@ -21,7 +21,7 @@ def _run(rank, world_size, model_dir):
                                         params_dtype=dtype, recompute=recompute,
                                         micro_batch_size=2, lr=1e-3))
         lps = [t.tolist() for t in actor.compute_log_probs(random_samples(4, seed=5))]
-        steps = [actor.train_step(_samples(), nll_loss) for _ in range(2)]
+        steps = [train(actor, _samples()) for _ in range(2)]
         # numpy arrays pickle by value (torch tensors would go through shared-memory handles
         # that die with the rank process).
         weights = {k: v.float().numpy() for k, v in actor.iter_hf_weights() if v is not None}

@@ -86,7 +86,11 @@ def _actor_step(rank, world_size, model_dir, samples, out_path):
     cfg = ActorConfig(hf_model_dir=model_dir, dims=ParallelDims(tp=1, pp=1), lr=LR, adam_eps=EPS,
                       adam_betas=BETAS, clip_grad=CLIP, micro_batch_size=2)
     actor = PolicyActor(cfg)
-    metrics = actor.train_step(samples, make_loss_fn(PolicyLossConfig(), [1, 2, 4]))
+    loss_cfg = PolicyLossConfig()
+    result = actor.train_step(samples, make_loss_fn(loss_cfg, [1, 2, 4]))
+    metrics = actor.reduce_sum(result.stats).metrics(num_updates=1, bucket_edges=[1, 2, 4],
+                                                     adaptive_clip=loss_cfg.adaptive_clip)
+    metrics["grad_norm"] = result.grad_norm
     torch.save({name: t.clone() for name, t in actor.iter_hf_weights() if t is not None}, out_path)
     return metrics
 

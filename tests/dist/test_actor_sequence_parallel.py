@@ -7,15 +7,9 @@ import torch
 
 from ctpo_megatron.parallel.spawn import run_on_ranks
 from tests._tiny_hf import build_qwen3, hf_response_log_probs, random_samples
+from tests.dist.test_actor_train import train
 
 pytestmark = pytest.mark.dist
-
-
-def nll_loss(log_probs, batch):
-    """Token-mean NLL over the whole mini-batch (normalized as the actor's contract says)."""
-    mask = batch["response_mask"]
-    loss = -(log_probs * mask).sum() / batch["global_num_tokens"] * batch["dp_size"]
-    return loss, {}
 
 
 def _samples():
@@ -45,7 +39,7 @@ def _run(rank, world_size, model_dir, samples):
             with_kwargs=True)
         lps, ents = actor.compute_log_probs(samples, with_entropy=True)
         hook.remove()
-        metrics = actor.train_step(samples, nll_loss)
+        metrics = train(actor, samples)
         weights = {name: t.numpy().copy() for name, t in actor.iter_hf_weights() if t is not None}
         out[sp] = dict(lps=[t.numpy() for t in lps], ents=[t.numpy() for t in ents], seen=seen,
                        loss=metrics["loss"], grad_norm=metrics["grad_norm"],

@@ -10,10 +10,21 @@ pytestmark = pytest.mark.dist
 
 
 def nll_loss(log_probs, batch):
-    """Token-mean NLL over the whole mini-batch (normalized as the actor's contract says)."""
+    """Token-mean NLL over the whole mini-batch (normalized as the actor's contract says), and
+    its sums: the rank's share of the mini-batch loss, log-prob total, tokens."""
     mask = batch["response_mask"]
     loss = -(log_probs * mask).sum() / batch["global_num_tokens"] * batch["dp_size"]
-    return loss, {"mean_log_prob": (log_probs * mask).sum() / mask.sum().clamp(min=1)}
+    return loss, {"loss": loss.detach() / batch["dp_size"],
+                  "log_prob_sum": (log_probs * mask).sum().detach(), "tokens": mask.sum()}
+
+
+def train(actor, samples):
+    """One update with `nll_loss`; its sums reduced over ranks: the mini-batch loss, the
+    token-mean log-prob and the grad norm, on every rank."""
+    result = actor.train_step(samples, nll_loss)
+    sums = actor.reduce_sum(result.stats)
+    return {"loss": sums["loss"], "mean_log_prob": sums["log_prob_sum"] / sums["tokens"],
+            "grad_norm": result.grad_norm}
 
 
 def _samples():
@@ -36,7 +47,7 @@ def _train(rank, world_size, model_dir, tp, pp, out_path):
     samples = _samples()
     dp, dp_rank = actor.pgs.dp.size(), actor.pgs.dp.rank()
     share = samples[dp_rank * len(samples) // dp: (dp_rank + 1) * len(samples) // dp]
-    metrics = actor.train_step(share, nll_loss)
+    metrics = train(actor, share)
     weights = {name: t.clone() for name, t in actor.iter_hf_weights() if t is not None}
     if rank == 0:
         torch.save(weights, out_path)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ctpo_megatron.actor.batching import PER_TOKEN_FIELDS, build_micro_batch
+from ctpo_megatron.actor.batching import TokenBatch, build_micro_batch
+from ctpo_megatron.actor.policy import PER_TOKEN_FIELDS
 from ctpo_megatron.actor.context_parallel import (
     cp_seq_multiple, shard_micro_batch, zigzag_global_positions,
 )
@@ -16,7 +17,7 @@ def _batch(cp):
     for k, s in enumerate(samples):
         r = len(s["response_ids"])
         s.update(old_log_probs=[100.0 * k + j for j in range(r)], advantages=[1.0] * r)
-    return samples, build_micro_batch(samples, fields=PER_TOKEN_FIELDS, seq_multiple=2 * cp)
+    return samples, build_micro_batch(TokenBatch.from_samples(samples, PER_TOKEN_FIELDS), seq_multiple=2 * cp)
 
 
 @pytest.mark.parametrize("cp", [2, 3])
@@ -51,7 +52,7 @@ def test_every_response_token_is_scored_on_exactly_one_rank_in_the_zigzag_layout
 
 def test_length_not_a_multiple_of_2cp_is_refused():
     samples, _ = _batch(1)
-    mb = build_micro_batch(samples)  # longest sample: 11 tokens
+    mb = build_micro_batch(TokenBatch.from_samples(samples))  # longest sample: 11 tokens
     with pytest.raises(ValueError, match="sequence length 11 is not a multiple of 2\\*cp = 4"):
         shard_micro_batch(mb, 2, 0)
 

@@ -112,6 +112,26 @@ def test_invalid_values_are_named(override, message):
         load_config(config_name="tiny", overrides=["parallel=tp1", override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("actor.temperature=0.7", r"actor.temperature=0.7 conflicts with rollout.temperature"),
+    ("actor.sequence_parallel=true", r"actor.sequence_parallel=True (conflicts with parallel|needs tp > 1)"),
+    ("actor.params_dtype=bfloat16", r"actor.params_dtype='bfloat16' conflicts with model.dtype"),
+    ("actor.dims.tp=4", r"actor.dims=.* conflicts with parallel.tp/pp/cp/dp"),
+    ("model.dtype=float16", r"model.dtype='float16': expected float32 or bfloat16"),
+])
+def test_overridden_derived_settings_are_errors(override, message):
+    with pytest.raises(Exception, match=message):
+        load_config(config_name="tiny", overrides=["parallel=tp1", override])
+
+
+def test_derived_actor_settings_are_computed():
+    cfg = load_config(config_name="tiny", overrides=["parallel=tp1", "rollout.temperature=0.6",
+                                                     "actor.temperature=0.6", "model.path=/m"])
+    actor = cfg.actor_config(cfg.parallel.dims().resolve(2))
+    assert (actor.temperature, actor.hf_model_dir, actor.dims.dp, actor.params_dtype) == (0.6, "/m", 2, "float32")
+    assert actor.use_distributed_optimizer is False and actor.lr == cfg.actor.lr
+
+
 def test_rollout_old_log_probs_conflicts_with_correction():
     with pytest.raises(Exception, match="correction.enabled=true needs trainer.old_log_probs=actor"):
         load_config(config_name="tiny", overrides=["trainer.old_log_probs=rollout"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-from ctpo_megatron.actor.batching import build_micro_batch, check_sample
+from ctpo_megatron.actor.batching import TokenBatch, build_micro_batch
 from ctpo_megatron.models.config import model_spec_from_hf, padded_vocab_size, transformer_config
 from ctpo_megatron.parallel import ParallelDims
 
@@ -69,13 +69,14 @@ def test_padded_vocab_and_overrides():
 def test_micro_batch_scores_only_response_tokens():
     samples = [{"prompt_ids": [5, 6, 7], "response_ids": [8, 9]},
                {"prompt_ids": [1], "response_ids": [2, 3, 4], "response_mask": [1, 0, 1]}]
-    mb = build_micro_batch(samples, batch_size=3, seq_len=6, fields=("response_mask",))
+    mb = build_micro_batch(TokenBatch.from_samples(samples, ("response_mask",)), batch_size=3, seq_len=6)
     assert mb.tokens.tolist() == [[5, 6, 7, 8, 9, 0], [1, 2, 3, 4, 0, 0], [0] * 6]
     # response token j of sample i is predicted by position P_i + j - 1 (flat row i * S + pos)
     assert mb.rows.tolist() == [2, 3, 6, 7, 8] and mb.targets.tolist() == [8, 9, 2, 3, 4]
     assert mb.fields["response_mask"].tolist() == [[1, 1, 0], [1, 0, 1], [0, 0, 0]]
-    assert [t.tolist() for t in mb.split(mb.scatter(mb.targets.float()))] == [[8, 9], [2, 3, 4]]
+    scattered = mb.scatter(mb.targets.float())
+    assert [scattered[i, :n].tolist() for i, n in enumerate(mb.response_lengths)] == [[8, 9], [2, 3, 4]]
     with pytest.raises(ValueError, match=r"samples\[0\].prompt_ids is empty"):
-        check_sample({"prompt_ids": [], "response_ids": [1]}, 0, max_len=10, vocab_size=10)
+        TokenBatch.from_samples([{"prompt_ids": [], "response_ids": [1]}]).check(max_len=10, vocab_size=10)
     with pytest.raises(ValueError, match=r"samples\[1\].response_mask has 2 values, expected 3"):
-        build_micro_batch([samples[0], dict(samples[1], response_mask=[1, 0])], fields=("response_mask",))
+        TokenBatch.from_samples([samples[0], dict(samples[1], response_mask=[1, 0])], ("response_mask",))

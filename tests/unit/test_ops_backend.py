@@ -34,8 +34,8 @@ MISSING_EXTENSION = textwrap.dedent("""
     sys.modules["ctpo_megatron._C"] = None  # importing it now raises ImportError
     logging.basicConfig(level=logging.WARNING)
     import torch
-    from ctpo_megatron.algo import PolicyLossConfig, ctpo_token_terms, policy_loss
-    from ctpo_megatron.ops import extension_backends, fused_ctpo_token_terms, segmented_cumsum
+    from ctpo_megatron.algo import PolicyLossConfig, ctpo_token_terms, fused_ctpo_token_terms, policy_loss
+    from ctpo_megatron.ops import extension_backends, segmented_cumsum
     assert extension_backends() == frozenset()
     from ctpo_megatron.ops import backend_report
     assert "extension: not loaded: extension ctpo_megatron._C not importable" in " ".join(backend_report())
@@ -66,3 +66,11 @@ def test_missing_extension_falls_back_with_one_warning():
     warnings = [line for line in out.stderr.splitlines() if "using the pure-torch path" in line]
     assert len(warnings) == 1, out.stderr
     assert "not importable" in warnings[0]
+
+
+def test_ops_never_imports_algo():
+    """One direction only: algo uses ops' kernels; ops is a leaf."""
+    out = run_python("-c", "import sys, ctpo_megatron.ops; "
+                           "print(sorted(m for m in sys.modules if m.startswith('ctpo_megatron.algo')))")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

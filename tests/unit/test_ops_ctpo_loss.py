@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from ctpo_megatron.algo import PolicyLossConfig, ctpo_token_terms, policy_loss
-from ctpo_megatron.algo import ctpo as algo_ctpo
-from ctpo_megatron.ops import extension_backends, fused_ctpo_token_terms, segmented_cumsum
+from ctpo_megatron.algo import PolicyLossConfig, ctpo_log_ratio, ctpo_token_terms, fused_ctpo_token_terms, policy_loss
+from ctpo_megatron.algo.registry import LOSSES
+from ctpo_megatron.ops import extension_backends, segmented_cumsum
 
 pytestmark = pytest.mark.csrc  # tests/conftest.py: a failure in CI without the extension, a skip elsewhere
 op = torch.ops.ctpo_megatron.ctpo_token_loss if "cpu" in extension_backends() else None  # loads _C
@@ -124,7 +124,7 @@ def test_packed_layout_and_precomputed_sums_equal_padded_rows():
                                     cu_seqlens=cu)
     for name in ("pg_losses", "ratio", "la_scale", *BOOL_FIELDS):
         assert torch.equal(getattr(packed, name), getattr(padded, name).reshape(-1)), name
-    log_ratio = algo_ctpo.ctpo_log_ratio(lp, olp, mask)
+    log_ratio = ctpo_log_ratio(lp, olp, mask)
     cum, count = segmented_cumsum(log_ratio, mask > 0)
     given = fused_ctpo_token_terms(lp, olp, adv, mask, cfg, cum_log_ratio=cum, cum_count=count)
     for name in ("pg_losses", "ratio", "la_scale", *BOOL_FIELDS):
@@ -148,7 +148,7 @@ def test_long_sequence_blocked_path_equals_serial():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 def test_policy_loss_uses_the_fused_kernel_with_identical_results(monkeypatch, dtype, tol):
-    assert algo_ctpo.resolve_ctpo_token_terms() is fused_ctpo_token_terms
+    assert LOSSES["ctpo"] is fused_ctpo_token_terms
     lp, olp, adv, mask = batch(dtype)
     lp.requires_grad_(True)
     weights = torch.rand(lp.shape, dtype=dtype) + 0.5
@@ -162,7 +162,7 @@ def test_policy_loss_uses_the_fused_kernel_with_identical_results(monkeypatch, d
             return ctpo_token_terms(*args, **kwargs)
 
         with monkeypatch.context() as patch:
-            patch.setattr("ctpo_megatron.algo.registry.resolve_ctpo_token_terms", lambda: torch_terms)
+            patch.setitem(LOSSES, "ctpo", torch_terms)
             ref_loss, ref_metrics = policy_loss(lp, olp, adv[:, :1], mask, cfg, weights)
         assert calls == [1]
         ref_grad, = torch.autograd.grad(ref_loss, lp)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ctpo_megatron.algo import PolicyLossConfig
-from ctpo_megatron.ops import extension_backends, fused_ctpo_token_terms, segmented_cumsum
+from ctpo_megatron.algo import fused_ctpo_token_terms
+from ctpo_megatron.ops import extension_backends, segmented_cumsum
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,96 +1,121 @@
-"""Trainer step pieces on real tensors: advantages, sharding, old log-probs + IS weights, the
-loss closure (real policy_loss) and clip rate by position, checkpoint glue."""
+"""Trainer step pieces on real tensors: the step batch (advantages, sharding, transport),
+old log-probs + IS weights, the loss closure (real policy_loss) and its additive statistics
+with clip rate by position, checkpoint glue."""
 
 import os
 
 import pytest
 import torch
 
-from ctpo_megatron.algo import PolicyLossConfig, RolloutCorrectionConfig, policy_loss
+from ctpo_megatron.actor.batching import build_micro_batch
+from ctpo_megatron.algo import PolicyLossConfig, RolloutCorrectionConfig, policy_loss, position_bucket_edges
+from ctpo_megatron.parallel.spawn import run_on_ranks
+from ctpo_megatron.rollout.trajectory import Trajectory
 from ctpo_megatron.trainer import checkpoint as ckpt
-from ctpo_megatron.trainer.batch import (build_samples, compute_advantages, dp_shard, mini_batches,
-                                         rollout_metrics)
+from ctpo_megatron.trainer.batch import StepBatch, plan_shards, rollout_metrics, shard, version_metrics
 from ctpo_megatron.trainer.loop import progress_line
-from ctpo_megatron.trainer.update import (attach_old_log_probs, make_loss_fn, position_edges,
-                                          position_metrics)
+from ctpo_megatron.trainer.update import attach_old_log_probs, make_loss_fn
+from tests.unit._shard_exchange import exchange
 
 
-def _traj(prompt_index, sample_index, reward, n_resp=5, tool=False):
+def _traj(prompt_index, sample_index, reward, n_resp=5, tool=False, version="step_3"):
     mask = [1, 1, 0, 0, 1][:n_resp] if tool else [1] * n_resp
-    return {"prompt_ids": [1, 2, 3], "response_ids": list(range(4, 4 + n_resp)),
-            "loss_mask": mask, "rollout_log_probs": [-0.5 * m for m in mask],
-            "reward": reward, "correct": reward > 0, "has_boxed": True, "prompt_index": prompt_index,
-            "sample_index": sample_index, "tool_calls": int(tool), "tool_errors": 0,
-            "tool_timeouts": 0, "num_turns": 1 + int(tool), "finish_reason": "stop"}
+    return Trajectory(prompt_ids=[1, 2, 3], response_ids=list(range(4, 4 + n_resp)), loss_mask=mask,
+                      rollout_log_probs=[-0.5 * m for m in mask], reward=reward, correct=reward > 0,
+                      has_boxed=True, prompt_index=prompt_index, sample_index=sample_index,
+                      tool_calls=int(tool), tool_errors=0, tool_timeouts=0, num_turns=1 + int(tool),
+                      finish_reason="stop", weight_versions=[version])
 
 
 def test_grpo_advantages_per_group():
-    trajs = [_traj(0, 0, 1.0), _traj(0, 1, 0.0), _traj(1, 0, 1.0), _traj(1, 1, 1.0)]
-    adv = compute_advantages(trajs)
+    trajs = [_traj(0, 0, 1.0), _traj(0, 1, 0.0), _traj(1, 0, 1.0), _traj(1, 1, 1.0, tool=True)]
+    batch = StepBatch.from_trajectories(trajs)
+    adv = batch.advantages
     assert adv[0] > 0 > adv[1] and adv[0] == pytest.approx(-adv[1])
     assert adv[2] == 0 and adv[3] == 0  # all-correct group: no signal
-    samples = build_samples(trajs, adv)
-    assert samples[1]["response_mask"] == [1] * 5 and samples[0]["advantage"] == pytest.approx(float(adv[0]))
+    assert batch.response_mask[1].tolist() == [1] * 5 and batch.tokens[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    # per-token weight versions: the sampling version at generated tokens, -1 at tool output
+    assert batch.versions[3].tolist() == [3, 3, -1, -1, 3]
+    assert batch.positions[3].tolist() == [1, 2, 2, 2, 3]
 
 
 def test_mini_batches_and_dp_shards_partition_the_step():
     trajs = [_traj(i // 4, i % 4, float(i % 2), n_resp=1 + i % 5) for i in range(16)]
-    samples = build_samples(trajs, compute_advantages(trajs))
-    mbs = mini_batches(samples, 2)
-    assert [len(mb) for mb in mbs] == [8, 8]
-    for mb in mbs:
-        shards = [dp_shard(mb, r, 2) for r in range(2)]
-        assert sorted(id(s) for sh in shards for s in sh) == sorted(id(s) for s in mb)
-        assert len(shards[0]) == len(shards[1]) == 4
-        loads = [sum(len(s["response_ids"]) + 3 for s in sh) for sh in shards]
+    batch = StepBatch.from_trajectories(trajs)
+    plans = plan_shards(batch, 2, 2)
+    assert [len(p) for p in plans] == [8, 8]
+    for k in range(2):  # mini-batch-major: each shard holds half of every mini-batch, in order
+        parts = [p[4 * k:4 * (k + 1)] for p in plans]
+        assert sorted(torch.cat(parts).tolist()) == list(range(8 * k, 8 * k + 8))
+        assert all(part.tolist() == sorted(part.tolist()) for part in parts)
+        loads = [int((batch.prompt_lens + batch.response_lens)[part].sum()) for part in parts]
         assert abs(loads[0] - loads[1]) <= 5  # balanced within one sample's length
+    shards = shard(batch, 2, 2)
+    assert shards[1].mini_batch_tokens.tolist() == [int(batch.response_mask[:8].sum()),
+                                                    int(batch.response_mask[8:].sum())]
+    assert torch.equal(shards[1].advantages, batch.advantages[plans[1]])
+    assert shards[0].response_mask.shape[1] == int(batch.response_lens[plans[0]].max())
     with pytest.raises(ValueError, match="cannot be split into 3"):
-        mini_batches(samples, 3)
+        plan_shards(batch, 3, 1)
     with pytest.raises(ValueError, match="not divisible by dp=3"):
-        dp_shard(samples, 0, 3)
+        plan_shards(batch, 1, 3)
+
+
+def test_each_replica_receives_only_its_shard():
+    got = run_on_ranks(exchange, 3, timeout=120)
+    assert got[0] == {"a": [[0, 1, 2], [3, 4, 5]], "b": [0.5]}
+    assert got[1] == got[2] == {"b": [1.5, 2.5], "a": [0, 1, 2, 3]}
 
 
 def test_old_log_probs_and_sequence_is_weights():
     trajs = [_traj(0, 0, 1.0, tool=True), _traj(0, 1, 0.0)]
-    samples = build_samples(trajs, compute_advantages(trajs))
-    old = [torch.tensor([-0.4, -0.4, 0.0, 0.0, -0.4]), torch.full((5,), -0.5)]
-    metrics = attach_old_log_probs(samples, old, RolloutCorrectionConfig(threshold=5.0))
+    batch = StepBatch.from_trajectories(trajs)
+    old = torch.stack([torch.tensor([-0.4, -0.4, 0.0, 0.0, -0.4]), torch.full((5,), -0.5)])
+    metrics = attach_old_log_probs(batch, old, RolloutCorrectionConfig(threshold=5.0))
     # sequence level: exp(sum over generated tokens of old - rollout) = exp(3 * 0.1)
-    w0 = samples[0]["rollout_is_weights"]
+    w0 = batch.is_weights[0].tolist()
     assert w0[0] == pytest.approx(torch.exp(torch.tensor(0.3)).item(), rel=1e-6) and w0[2] == 0.0
-    assert samples[1]["rollout_is_weights"] == pytest.approx([1.0] * 5)
-    assert samples[0]["advantages"] == [samples[0]["advantage"]] * 5
+    assert batch.is_weights[1].tolist() == pytest.approx([1.0] * 5)
+    inputs = batch.token_batch().per_token
+    assert inputs["advantages"][0].tolist() == [float(batch.advantages[0])] * 5
     assert metrics["mismatch/abs_log_prob_diff_max"] == pytest.approx(0.1, rel=1e-5)
-    rollout_only = build_samples(trajs, compute_advantages(trajs))
+    rollout_only = StepBatch.from_trajectories(trajs)
     assert attach_old_log_probs(rollout_only, None, RolloutCorrectionConfig()) == {}
-    assert rollout_only[0]["old_log_probs"] == rollout_only[0]["rollout_log_probs"]
-    assert rollout_only[0]["rollout_is_weights"] == [1.0] * 5
+    assert torch.equal(rollout_only.old_log_probs, rollout_only.rollout_log_probs)
+    assert rollout_only.is_weights[0].tolist() == [1.0] * 5
 
 
-def test_loss_fn_matches_policy_loss_and_counts_clips_by_position():
-    torch.manual_seed(0)
-    cfg = PolicyLossConfig()
-    b, r = 4, 40
+def _loss_inputs(b=4, r=40, seed=0):
+    torch.manual_seed(seed)
     old = -torch.rand(b, r)
     log_probs = (old + 0.05 * torch.randn(b, r)).requires_grad_()
     mask = torch.ones(b, r)
     mask[0, 30:] = 0
-    batch = {"old_log_probs": old, "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand(b, r),
-             "response_mask": mask, "rollout_is_weights": torch.ones(b, r),
-             "global_num_tokens": int(mask.sum()), "dp_size": 1}
-    edges = position_edges(r, 16)
-    assert edges == [1, 2, 4, 8, 16, 32]
-    loss, metrics = make_loss_fn(cfg, edges)(log_probs, batch)
-    ref, ref_metrics = policy_loss(log_probs, old, batch["advantages"], mask, cfg,
+    mask[1, 5:9] = 0  # tool output: does not advance the generated-token position
+    inputs = {"old_log_probs": old, "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand(b, r),
+              "response_mask": mask, "rollout_is_weights": torch.ones(b, r),
+              "global_num_tokens": int(mask.sum()), "dp_size": 1}
+    return log_probs, inputs
+
+
+def test_loss_fn_matches_policy_loss_and_counts_clips_by_position():
+    cfg = PolicyLossConfig()
+    log_probs, batch = _loss_inputs()
+    mask, r = batch["response_mask"], log_probs.shape[1]
+    edges = position_bucket_edges(r, 16)
+    assert edges == [1, 2, 4, 8, 16, 32] and position_bucket_edges(r, 3) == [1, 2, 4]
+    loss, sums = make_loss_fn(cfg, edges)(log_probs, batch)
+    ref, ref_metrics = policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask, cfg,
                                    rollout_is_weights=batch["rollout_is_weights"],
                                    batch_num_tokens=batch["global_num_tokens"], dp_size=1)
     assert torch.equal(loss, ref)
-    assert metrics["clipfrac_total"] == ref_metrics["clipfrac_total"]
-    assert sum(metrics[f"_clip_pos_tokens/{k}"] for k in range(len(edges))) == mask.sum()
-    clipped = sum(metrics[f"_clip_pos_clipped/{k}"] for k in range(len(edges)))
-    assert clipped == pytest.approx(ref_metrics["clip_count_total"])
-    rates = position_metrics(metrics, edges)
-    assert not any(k.startswith("_") for k in rates)
+    rates = sums.metrics(num_updates=1, bucket_edges=edges, adaptive_clip=True)
+    # one micro-batch: the sums reproduce policy_metrics
+    for key, value in ref_metrics.items():
+        assert rates[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert rates["loss"] == pytest.approx(float(ref.detach()))
+    assert int(sums.position_tokens.sum()) == mask.sum()
+    assert int(sums.position_clipped.sum()) == pytest.approx(ref_metrics["clip_count_total"])
     assert set(k for k in rates if k.startswith("clip_rate_by_pos/")) == {
         "clip_rate_by_pos/1-1", "clip_rate_by_pos/2-3", "clip_rate_by_pos/4-7",
         "clip_rate_by_pos/8-15", "clip_rate_by_pos/16-31", "clip_rate_by_pos/32+"}
@@ -98,6 +123,25 @@ def test_loss_fn_matches_policy_loss_and_counts_clips_by_position():
     assert rates["clip_rate_by_pos/16-31"] > rates["clip_rate_by_pos/1-1"]
     loss.backward()
     assert log_probs.grad is not None and torch.isfinite(log_probs.grad).all()
+
+
+def test_loss_sums_add_over_micro_batches_and_round_trip_through_vectors():
+    cfg = PolicyLossConfig()
+    log_probs, batch = _loss_inputs()
+    edges = position_bucket_edges(40, 16)
+    loss_fn = make_loss_fn(cfg, edges)
+    _, whole = loss_fn(log_probs, batch)
+    halves = [loss_fn(log_probs[i:i + 2], {k: (v[i:i + 2] if torch.is_tensor(v) else v) for k, v in batch.items()})[1]
+              for i in (0, 2)]
+    total = halves[0] + halves[1]
+    for name in ("loss", "tokens", "clip", "pg_clipped", "kl", "ratio_sum", "position_clipped",
+                 "position_tokens", "ratio_max", "ratio_neg_min", "la_scale_max"):
+        torch.testing.assert_close(getattr(total, name), getattr(whole, name), rtol=1e-6, atol=1e-9)  # float32 loss
+    assert float(total.micro_batches) == 2
+    sums, maxes = total.to_vectors()
+    back = total.from_vectors(sums, maxes)
+    assert back.metrics(num_updates=2, bucket_edges=edges, adaptive_clip=True) == \
+        total.metrics(num_updates=2, bucket_edges=edges, adaptive_clip=True)
 
 
 def test_rollout_metrics():
@@ -144,3 +188,122 @@ def test_checkpoint_latest_rng_and_prune(tmp_path):
     with open(os.path.join(root, "latest"), "w") as f:
         f.write("step_2\n")
     assert ckpt.latest_checkpoint(run) == os.path.join(root, "step_2")
+
+
+def test_mixed_version_trajectories_use_each_tokens_own_behaviour_log_prob():
+    """A trajectory sampled across a weight update keeps each token's behaviour log-prob and
+    version through the step batch, the shard and the micro-batch; the CTPO loss then equals
+    a float64 reference built token by token from those log-probs."""
+    cfg = PolicyLossConfig()
+    behaviour = [[-0.9, -1.1, 0.0, -0.4, -0.7, -1.3], [-0.2, -0.6, -0.5, -0.8]]
+    masks = [[1, 1, 0, 1, 1, 1], [1, 1, 1, 1]]
+    versions = [[4, 4, 4, 5, 5, 5], [5, 5, 5, 5]]  # the first spans the update 4 -> 5
+    trajs = [Trajectory(prompt_ids=[1, 2], response_ids=[3] * len(m), loss_mask=m, rollout_log_probs=lp,
+                        token_versions=v, reward=float(i), prompt_index=0, sample_index=i,
+                        weight_versions=["step_4", "step_5"][i:])
+             for i, (lp, m, v) in enumerate(zip(behaviour, masks, versions))]
+    batch = StepBatch.from_trajectories(trajs)
+    assert batch.versions.tolist() == [[4, 4, -1, 5, 5, 5], [5, 5, 5, 5, -1, -1]]
+    part = shard(batch, 1, 1)[0]
+    attach_old_log_probs(part, None, RolloutCorrectionConfig(enabled=False))  # behaviour = rollout
+    mb = build_micro_batch(part.token_batch())
+    current = torch.tensor([[-0.8, -1.0, 0.0, -0.5, -0.6, -1.2], [-0.3, -0.5, -0.45, -0.9, 0, 0]])
+    loss, _ = make_loss_fn(cfg, [1, 2, 4])(current, {**mb.fields, "global_num_tokens": 8, "dp_size": 1})
+
+    def reference(old_rows):  # float64, token by token (the formulas of algo/ctpo.py)
+        total = 0.0
+        for i, (old, mask) in enumerate(zip(old_rows, masks)):
+            adv = float(batch.advantages[i])
+            cum, n = 0.0, 0
+            for t, m in enumerate(mask):
+                if not m:
+                    continue
+                d = float(current[i, t]) - old[t]
+                cum, n = cum + d, n + 1
+                x, g = min(cum, 10.0), n ** cfg.la_power
+                r = torch.exp(torch.tensor(x, dtype=torch.float64))
+                r_hat = torch.exp(torch.tensor(x, dtype=torch.float64).clamp(-cfg.la_clip_low * g, cfg.la_clip_high * g))
+                l = max(-adv * r, -adv * r_hat)
+                if adv < 0:
+                    l = min(l, -adv * torch.exp(torch.tensor(cfg.la_clip_c * g, dtype=torch.float64)))
+                total += float(l)
+        return total / 8
+
+    assert float(loss) == pytest.approx(reference(behaviour), rel=1e-6)
+    # one log-prob per trajectory (the last version's for every token) would be another loss
+    stale = [[row[-1] if m else 0.0 for m in mask] for row, mask in zip(behaviour, masks)]
+    assert abs(reference(stale) - reference(behaviour)) > 1e-3
+    assert version_metrics(batch, 5) == pytest.approx({
+        "staleness/mean": 2 / 9, "staleness/max": 1.0, "staleness/0": 7 / 9, "staleness/1": 2 / 9,
+        "tokens_per_version/4": 2.0, "tokens_per_version/5": 7.0})
+
+
+def test_dynamic_sampling_keeps_drawing_until_the_groups_are_informative():
+    from ctpo_megatron.data.prompts import Prompt, PromptSampler
+    from ctpo_megatron.trainer.sampling import fill_informative_groups
+
+    prompts = [Prompt(uid=str(i), messages=[], ground_truth=str(i)) for i in range(40)]
+    sampler = PromptSampler(prompts, seed=0, shuffle=False)
+    calls = []
+
+    def generate(batch, round_index):  # prompts with uid % 3 == 0 get all-equal rewards
+        calls.append([p.uid for p in batch])
+        return [_traj(i, k, float(k % 2) if int(p.uid) % 3 else 1.0, n_resp=2)
+                for i, p in enumerate(batch) for k in range(2)]
+
+    first = sampler.next_batch(6)  # uids 0..5: 0 and 3 uninformative
+    kept, generated, metrics = fill_informative_groups(generate, sampler, first, target=6, max_rounds=8)
+    assert calls == [["0", "1", "2", "3", "4", "5"], ["6", "7"], ["8"]]  # draws only what is missing
+    assert [t.prompt_index for t in kept] == [i for i in range(6) for _ in range(2)]
+    assert all(max(g) > min(g) for g in zip(*[iter(t.reward for t in kept)] * 2))
+    assert metrics == {"sampling/groups_drawn": 9.0, "sampling/groups_dropped": 3.0,
+                       "sampling/rounds": 3.0, "sampling/topped_up": 0.0}
+    assert len(generated) == 18 and sampler.offset == 9  # the data position counts every draw
+    kept, _, metrics = fill_informative_groups(generate, sampler, sampler.next_batch(3), target=3, max_rounds=1)
+    assert metrics["sampling/topped_up"] == 1.0 and len(kept) == 6  # uid 9 uninformative, kept anyway
+
+
+def test_rollout_producer_runs_at_most_k_steps_ahead():
+    import threading
+
+    from ctpo_megatron.data.prompts import Prompt, PromptSampler
+    from ctpo_megatron.trainer.producer import RolloutProducer
+
+    prompts = [Prompt(uid=str(i), messages=[], ground_truth="") for i in range(50)]
+    lockstep = PromptSampler(prompts, seed=0)
+    ahead = PromptSampler(prompts, seed=0)
+    started, gate = [], threading.Semaphore(0)
+
+    def generate(step, batch):
+        started.append(step)
+        gate.release()
+        return [f"traj of step {step}"]
+
+    producer = RolloutProducer(generate, ahead, prompts_per_step=3, first_step=1, last_step=7,
+                               max_staleness=2)
+    try:
+        for _ in range(2):
+            assert gate.acquire(timeout=30)
+        assert not gate.acquire(timeout=0.5) and started == [1, 2]  # 2 ahead, then it waits
+        for step in range(1, 5):
+            trajs, _ = producer.take(step, lockstep.next_batch(3))
+            assert trajs == [f"traj of step {step}"]
+            assert gate.acquire(timeout=30)  # taking step s lets step s + 2 start
+            assert started[-1] == step + 2
+        with pytest.raises(RuntimeError, match="other prompts"):
+            producer.take(5, lockstep.next_batch(2))
+        lockstep.next_batch(1)
+        producer.take(6, lockstep.next_batch(3))
+        assert gate.acquire(timeout=30) and started[-1] == 7
+        assert not gate.acquire(timeout=0.5) and started[-1] == 7  # nothing past last_step
+    finally:
+        producer.close()
+
+    def broken(step, batch):
+        raise OSError("server gone")
+
+    producer = RolloutProducer(broken, PromptSampler(prompts, seed=0), prompts_per_step=3, first_step=1,
+                               last_step=3, max_staleness=1)
+    with pytest.raises(RuntimeError, match="rollout producer failed"):
+        producer.take(1, [])
+    producer.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -22,6 +23,10 @@ import torch
 
 from ctpo_megatron.rollout.server.model_runner import ModelRunner
 from ctpo_megatron.rollout.server.sampling import SamplingParams, sample_next
+
+DECODE_DELAY_ENV = "CTPO_SIM_DECODE_DELAY_S"
+"""Seconds every decode step sleeps (default 0): stands in for a GPU on another node in
+benchmarks of the trainer's overlap (`benchmarks/bench_async.py`); uses no CPU."""
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +76,8 @@ class Scheduler:
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.decode_delay_s = float(os.environ.get(DECODE_DELAY_ENV, "0") or 0)
+        """Simulated-latency mode (benchmarks): every decode step also sleeps this long."""
         self.weight_version = weight_version
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -229,6 +236,8 @@ class Scheduler:
             if not self._step_gate(batch):
                 return
             keep = [i for i, r in enumerate(rows) if not r.finished]
+            if self.decode_delay_s:
+                time.sleep(self.decode_delay_s)  # simulated remote GPU: wall time, no CPU
             with runner.lock:
                 if len(keep) < len(rows):  # finished rows leave the batch: no compute for them
                     runner.select_rows(state, keep)
