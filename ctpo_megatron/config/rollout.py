@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ctpo_megatron.rollout.agent_config import AgentOptions
 from ctpo_megatron.rollout.weight_sync.base import WeightSyncConfig
 
 
@@ -43,6 +44,9 @@ class RolloutConfig:
     Relative `disk_dir` paths are placed in the run directory."""
     request_timeout_s: float = 600.0
     """HTTP timeout of one generate request, seconds."""
+    agent: AgentOptions = field(default_factory=AgentOptions)
+    """Conversation layout (inline / the reference's tool turns), system prompt, thinking,
+    accepted fences, tool-output cut, reward rule (see `rollout.agent_config.AgentOptions`)."""
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
