@@ -262,6 +262,7 @@ class AgentLoop:
     async def _run_inline(self, generator: Generator, traj: Trajectory) -> None:
         """Our layout: tool output inserted inside the assistant turn (see the module doc)."""
         cfg = self.cfg
+        seg_start = 0  # response index where the current assistant segment starts
         calls = 0
         while not traj.finish_reason:
             budget = cfg.max_response_tokens - len(traj.response_ids)
