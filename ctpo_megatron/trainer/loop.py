@@ -262,6 +262,8 @@ class Trainer:
             self.val_prompts, tc.eval_samples, seed=tc.seed + EVAL_SEED_OFFSET,
             temperature=tc.eval_temperature)]
         metrics = rollout_metrics(trajs, prefix="eval/")
+        from ctpo_megatron.evaluate import eval_metrics  # mean@k / best@k / maj@k, overall and per source
+        metrics.update(eval_metrics(trajs, tc.eval_samples))
         by_source: dict[str, list[bool]] = {}
         for t in trajs:
             source = (t.get("metadata") or {}).get("data_source", "unknown")
