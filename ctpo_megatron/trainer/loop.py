@@ -124,6 +124,10 @@ class Trainer:
         self.val_prompts = val[:data.max_val_prompts] if data.max_val_prompts >= 0 else val
         self.edges = position_edges(cfg.rollout.max_response_len, cfg.trainer.clip_position_bins)
         self.loss_fn = make_loss_fn(cfg.algo, self.edges)
+        from ctpo_megatron.trainer.dumps import TokenDumper  # per-token ratio dumps (plot figures)
+        self.dumper = TokenDumper(self.run_dir, cfg.trainer.dump_every, cfg.trainer.dump_max_tokens,
+                                  rank=self.rank, enabled=self.actor.pgs.tp.rank() == 0)
+        self.loss_fn = self.dumper.wrap(self.loss_fn)
         self.step = 0
         self.timer = PhaseTimer()
         self._resume()
@@ -229,10 +233,12 @@ class Trainer:
         with self.timer.phase("old_log_probs"):
             old = self.actor.compute_log_probs(mine) if tc.old_log_probs == "actor" else None
         local = attach_old_log_probs(mine, old, cfg.correction)
+        self.dumper.begin(self.step)
         with self.timer.phase("update"):
             metrics.update(run_updates(self.actor, samples, num_mini_batches=num_mb,
                                        epochs=tc.epochs_per_step, dp_rank=self.dp_rank,
                                        dp_size=self.dp_size, loss_fn=self.loss_fn, edges=self.edges))
+        self.dumper.flush()
         metrics.update(world_mean(local))
         with self.timer.phase("weight_sync"):
             metrics.update(self._sync_weights())
