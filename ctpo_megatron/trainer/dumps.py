@@ -83,11 +83,12 @@ def write_token_dump(path: str, *, log_ratio: torch.Tensor, cum_log_ratio: torch
         return t.detach().cpu().numpy()[sel].astype(dtype)
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, log_ratio=pick(log_ratio, np.float32), cum_log_ratio=pick(cum_log_ratio, np.float32),
-                        position=pick(position, np.int32), token_index=cols[sel].astype(np.int32),
-                        advantage=pick(advantages, np.float32), row_offsets=offsets,
-                        step=np.int64(step), rank=np.int64(rank))
+    tmp = path + ".tmp"  # a file object: numpy appends no suffix; the glob never matches it
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, log_ratio=pick(log_ratio, np.float32), cum_log_ratio=pick(cum_log_ratio, np.float32),
+                            position=pick(position, np.int32), token_index=cols[sel].astype(np.int32),
+                            advantage=pick(advantages, np.float32), row_offsets=offsets,
+                            step=np.int64(step), rank=np.int64(rank))
     os.replace(tmp, path)
     return path
 
