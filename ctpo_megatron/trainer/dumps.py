@@ -133,7 +133,9 @@ class TokenDumper:
             mask: torch.Tensor) -> None:
         """Records one loss call's [b, T] inputs (detached, moved to CPU)."""
         if self.active(self.step):
-            self._rows.append({k: v.cpu() for k, v in token_arrays(log_probs, old_log_probs, advantages, mask).items()})
+            # float32 on the host: a step's rows are held until `flush` (a few hundred MB at most).
+            arrays = token_arrays(log_probs, old_log_probs, advantages, mask)
+            self._rows.append({k: v.to("cpu", torch.float32) for k, v in arrays.items()})
 
     def flush(self) -> str | None:
         """Writes the collected rows (padded to one width); returns the path, or None."""
