@@ -394,7 +394,9 @@ async def run_agent_batch(generator: Generator, prompts: Sequence[Sequence[int] 
 def main(argv: list[str] | None = None) -> None:
     """CLI: tool-interleaved rollouts for one prompt against running servers, as JSON lines."""
     import argparse
+    import dataclasses
     import json
+    import os
 
     parser = argparse.ArgumentParser(
         prog="python -m ctpo_megatron.rollout.agent",
@@ -411,6 +413,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-response-tokens", type=int, default=2048, help="default 2048")
     parser.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (0: greedy)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed base (default: none)")
+    parser.add_argument("--paper", action="store_true",
+                        help="the reference's setting (configs/rollout/paper.yaml): Qwen3 tool turns with its "
+                             "system prompt, thinking off, 256-char outputs, any-checker reward; --system is "
+                             "appended to its system prompt")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -424,6 +430,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = AgentConfig(max_turns=args.max_turns, max_response_tokens=args.max_response_tokens,
                       temperature=args.temperature, seed=args.seed,
                       chat=ChatTemplate(system_prompt=args.system))
+    if args.paper:
+        from omegaconf import OmegaConf
+
+        from ctpo_megatron.config.store import CONFIG_DIR
+        from ctpo_megatron.rollout.agent_config import AgentOptions, options_fields
+
+        paper = OmegaConf.load(os.path.join(CONFIG_DIR, "rollout", "paper.yaml"))
+        opts = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AgentOptions), paper.agent))
+        cfg = dataclasses.replace(cfg, tool_timeout_s=paper.tool_timeout_s, **options_fields(opts))
+        if args.system:
+            cfg.chat.system_prompt = f"{cfg.chat.system_prompt}\n\n{args.system}"
 
     async def go() -> list[Trajectory]:
         async with SGLangClient(args.url) as client:
