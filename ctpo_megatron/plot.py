@@ -4,6 +4,18 @@ Writes into `RUN_DIR/plots/`:
   reward.png            training reward and held-out accuracy per step
   clip_by_position.png  clip rate vs. generated-token position (early, middle and late steps)
   ratio.png             distribution of the policy ratio per step (quantile bands)
+and, when the run wrote per-token dumps (`trainer.dump_every`, `RUN_DIR/token_dumps/`), from
+the latest dumped step (or `--dump-step`):
+  logratio_std.png      std of the cumulative log ratio log rho_t = s_t over sequences, at
+                        each exact position t, with the least-squares fit sigma * sqrt(t)
+                        (and the per-token log ratio's std, for comparison)
+  clip_rate_exact.png   clip rate at each exact position t of a fixed ratio clip
+                        [1 - eps_low, 1 + eps_high] and of the LA clip
+                        [-la_low * t^p, la_high * t^p] (log space), on the same ratios
+                        exp(min(s_t, 10)); advantage-aware (A > 0: upper bound, A < 0:
+                        lower); the dual clip (A < 0 above clip_ratio_c, or la_c * t^p)
+                        drawn apart, dashed
+Clip settings come from the run's config.yaml (algo section), or --eps-* / --la-* flags.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ import argparse
 import os
 import re
 import sys
+from dataclasses import dataclass
 
 from ctpo_megatron.trainer.metrics import METRICS_FILE, read_metrics
 
@@ -121,8 +134,144 @@ def missing_metrics(records: list[dict]) -> list[str]:
     return missing
 
 
-def plot_run(run_dir: str) -> list[str]:
-    """Draws every plot of `run_dir`; returns the PNG paths.
+@dataclass
+class ClipSettings:
+    """Bounds compared by `plot_clip_rate_exact` (defaults: the paper's algo settings)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    la_low: float = 0.025
+    la_high: float = 0.05
+    la_c: float = 0.05
+    la_power: float = 0.5
+
+    @classmethod
+    def from_run(cls, run_dir: str) -> ClipSettings:
+        """The run's `algo` settings from its config.yaml (defaults when absent)."""
+        path = os.path.join(run_dir, "config.yaml")
+        if not os.path.exists(path):
+            return cls()
+        from omegaconf import OmegaConf
+
+        algo = OmegaConf.load(path).get("algo") or {}
+        return cls(eps_low=algo.get("clip_ratio_low", 0.2), eps_high=algo.get("clip_ratio_high", 0.2),
+                   clip_ratio_c=algo.get("clip_ratio_c", 3.0), la_low=algo.get("la_clip_low", 0.025),
+                   la_high=algo.get("la_clip_high", 0.05), la_c=algo.get("la_clip_c", 0.05),
+                   la_power=algo.get("la_power", 0.5))
+
+
+def _by_position(position, values_list, min_count: int):
+    """Groups per-token arrays by exact position: (positions, counts, [per-array value lists])."""
+    import numpy as np
+
+    order = np.argsort(position, kind="stable")
+    pos_sorted = position[order]
+    uniq, starts, counts = np.unique(pos_sorted, return_index=True, return_counts=True)
+    keep = counts >= min_count
+    groups = [[v[order][a:a + c] for a, c in zip(starts[keep], counts[keep])] for v in values_list]
+    return uniq[keep], counts[keep], groups
+
+
+def sqrt_t_fit(t, std) -> float:
+    """Least-squares sigma of std ~ sigma * sqrt(t): sum(sqrt(t) * std) / sum(t)."""
+    import numpy as np
+
+    t, std = np.asarray(t, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    return float((np.sqrt(t) * std).sum() / t.sum())
+
+
+def logratio_std_by_position(dump: dict, min_count: int = 8):
+    """(positions, std of s_t, std of delta_t, counts) over tokens at each exact position."""
+    import numpy as np
+
+    pos, counts, (cum, tok) = _by_position(dump["position"], [dump["cum_log_ratio"], dump["log_ratio"]],
+                                           min_count)
+    return (pos, np.array([g.std() for g in cum]), np.array([g.std() for g in tok]), counts)
+
+
+def clip_rates_by_position(dump: dict, clip: ClipSettings, min_count: int = 8) -> dict:
+    """Per exact position t: clip rates of the fixed and LA clips on x_t = min(s_t, 10), and of
+    their dual clips (A < 0 tokens above the dual threshold), as fractions of the tokens at t."""
+    import numpy as np
+
+    x = np.minimum(dump["cum_log_ratio"].astype(np.float64), 10.0)
+    adv = dump["advantage"].astype(np.float64)
+    t = np.maximum(dump["position"].astype(np.float64), 1.0)
+    g = t ** clip.la_power if clip.la_power != 0 else np.ones_like(t)
+    pos_adv, neg_adv = adv > 0, adv < 0
+    fixed = (pos_adv & (x > np.log1p(clip.eps_high))) | (neg_adv & (x < np.log1p(-clip.eps_low)))
+    la = (pos_adv & (x > clip.la_high * g)) | (neg_adv & (x < -clip.la_low * g))
+    fixed_dual = neg_adv & (np.exp(x) > clip.clip_ratio_c)
+    la_dual = neg_adv & (x > clip.la_c * g)
+    pos, counts, groups = _by_position(dump["position"], [fixed, la, fixed_dual, la_dual], min_count)
+    names = ("fixed", "la", "fixed_dual", "la_dual")
+    return {"position": pos, "count": counts,
+            **{n: np.array([grp.mean() for grp in gs]) for n, gs in zip(names, groups)}}
+
+
+def plot_logratio_std(dump: dict, out: str, min_count: int = 8) -> float:
+    """Draws logratio_std.png; returns the fitted sigma."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pos, std_cum, std_tok, _ = logratio_std_by_position(dump, min_count)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sigma = float("nan")
+    if len(pos):
+        sigma = sqrt_t_fit(pos, std_cum)
+        ax.plot(pos, std_cum, ".", ms=3, label="std of log rho_t (cumulative)")
+        ax.plot(pos, sigma * np.sqrt(pos), "-", color="C3", label=f"fit sigma*sqrt(t), sigma={sigma:.3g}")
+        ax.plot(pos, std_tok, ".", ms=2, color="C2", alpha=0.6, label="std of per-token log ratio")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, f"no position with >= {min_count} tokens", ha="center", transform=ax.transAxes)
+    _finish(fig, ax, out, title=f"log-ratio spread vs. position (step {int(dump['step'])})",
+            xlabel="position t among generated tokens", ylabel="std over sequences")
+    return sigma
+
+
+def plot_clip_rate_exact(dump: dict, clip: ClipSettings, out: str, min_count: int = 8) -> dict:
+    """Draws clip_rate_exact.png; returns the rates of `clip_rates_by_position`."""
+    import matplotlib.pyplot as plt
+
+    rates = clip_rates_by_position(dump, clip, min_count)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if len(rates["position"]):
+        p = rates["position"]
+        ax.plot(p, rates["fixed"], "-", lw=1, color="C0",
+                label=f"fixed clip [{1 - clip.eps_low:g}, {1 + clip.eps_high:g}]")
+        ax.plot(p, rates["la"], "-", lw=1, color="C1",
+                label=f"LA clip [-{clip.la_low:g}, {clip.la_high:g}] x t^{clip.la_power:g}")
+        ax.plot(p, rates["fixed_dual"], "--", lw=1, color="C0", alpha=0.7, label=f"fixed dual (> {clip.clip_ratio_c:g})")
+        ax.plot(p, rates["la_dual"], "--", lw=1, color="C1", alpha=0.7, label=f"LA dual (> {clip.la_c:g} x t^p)")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no position with >= {min_count} tokens", ha="center", transform=ax.transAxes)
+    _finish(fig, ax, out, title=f"clip rate vs. exact position, same ratios (step {int(dump['step'])})",
+            xlabel="position t among generated tokens", ylabel="fraction of tokens clipped")
+    return rates
+
+
+def plot_dumps(run_dir: str, out_dir: str, *, step: int | None = None, clip: ClipSettings | None = None,
+               min_count: int = 8) -> list[str]:
+    """Draws the two dump figures of `run_dir` into `out_dir`; returns their paths."""
+    from ctpo_megatron.trainer.dumps import load_token_dumps
+
+    dump = load_token_dumps(run_dir, step)
+    std_png, clip_png = os.path.join(out_dir, "logratio_std.png"), os.path.join(out_dir, "clip_rate_exact.png")
+    plot_logratio_std(dump, std_png, min_count)
+    plot_clip_rate_exact(dump, clip or ClipSettings.from_run(run_dir), clip_png, min_count)
+    return [std_png, clip_png]
+
+
+def plot_run(run_dir: str, *, dump_step: int | None = None, clip: ClipSettings | None = None) -> list[str]:
+    """Draws every plot of `run_dir` (and, when it has per-token dumps, the two dump figures);
+    returns the PNG paths.
 
     Raises FileNotFoundError without metrics.jsonl, and ValueError (writing nothing) when a
     figure's metrics are absent from every record, instead of drawing empty axes.
@@ -146,6 +295,8 @@ def plot_run(run_dir: str) -> list[str]:
         out = os.path.join(out_dir, name)
         fn(records, out)
         outputs.append(out)
+    if os.path.isdir(os.path.join(run_dir, "token_dumps")):
+        outputs += plot_dumps(run_dir, out_dir, step=dump_step, clip=clip)
     return outputs
 
 
@@ -166,8 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
     parser.add_argument("--summary", action="store_true",
                         help="print the held-out accuracy line (first -> last evaluation) last")
+    parser.add_argument("--dump-step", type=int, default=None,
+                        help="step of the per-token dump figures (default: the latest dumped)")
+    for name in ("eps_low", "eps_high", "clip_ratio_c", "la_low", "la_high", "la_c", "la_power"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=None,
+                            help=f"clip setting of the dump figures (default: the run's algo.{name})")
     args = parser.parse_args(argv)
-    for path in plot_run(args.run_dir):
+    clip = ClipSettings.from_run(args.run_dir)
+    for name in clip.__dataclass_fields__:
+        if getattr(args, name) is not None:
+            setattr(clip, name, getattr(args, name))
+    for path in plot_run(args.run_dir, dump_step=args.dump_step, clip=clip):
         print(path)
     if args.summary:
         print(accuracy_summary(args.run_dir))

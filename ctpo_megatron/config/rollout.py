@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ctpo_megatron.rollout.agent_config import AgentOptions
 from ctpo_megatron.rollout.weight_sync.base import WeightSyncConfig
 
 
@@ -56,6 +57,9 @@ class RolloutConfig:
     max_sampling_rounds: int = 8
     """Rounds of drawing with `filter_zero_variance_groups` before the step is topped up with
     uninformative groups."""
+    agent: AgentOptions = field(default_factory=AgentOptions)
+    """Conversation layout (inline / the reference's tool turns), system prompt, thinking,
+    accepted fences, tool-output cut, reward rule (see `rollout.agent_config.AgentOptions`)."""
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:

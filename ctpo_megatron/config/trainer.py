@@ -84,6 +84,11 @@ class TrainerConfig:
     """Weights & Biases project, run name, group, tags, mode (with `wandb` in `loggers`)."""
     clip_position_bins: int = 16
     """Token-position bins of the clip-rate-by-position metric."""
+    dump_every: int = 0
+    """Write per-token log-ratio dumps (`<run_dir>/token_dumps/`, read by
+    `python -m ctpo_megatron.plot`) every this many steps (0: never)."""
+    dump_max_tokens: int = 2_000_000
+    """Most tokens per dump file (whole sequences kept, seeded choice): ~20 MB compressed."""
     collective_timeout_minutes: int = 120
     """Timeout of torch.distributed collectives, minutes. Ranks other than 0 wait in a
     broadcast while rank 0 runs a step's rollouts, so it must exceed the longest rollout."""
@@ -104,8 +109,9 @@ class TrainerConfig:
                              f"{OLD_LOG_PROB_SOURCES}")
         self._check_loggers()
         for name in ("eval_every", "save_every", "epochs_per_step", "eval_samples", "log_every",
-                     "keep_checkpoints", "clip_position_bins", "collective_timeout_minutes"):
-            if getattr(self, name) < 0 or (name != "eval_every" and name != "save_every"
+                     "keep_checkpoints", "clip_position_bins", "collective_timeout_minutes", "dump_every",
+                     "dump_max_tokens"):
+            if getattr(self, name) < 0 or (name not in ("eval_every", "save_every", "dump_every")
                                            and getattr(self, name) < 1):
                 raise ValueError(f"trainer.{name}={getattr(self, name)} is out of range")
 

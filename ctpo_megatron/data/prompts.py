@@ -2,12 +2,14 @@
 
 A row becomes a `Prompt`: chat messages (a `prompt` list of {role, content}, or a plain string
 turned into one user message), the ground truth (default: `reward_model.ground_truth`) and the
-data source. `PromptSampler` walks the training set in seeded, per-epoch shuffled order and
+data source. Columns some writers store as strings are decoded: a `prompt` string holding a
+JSON (or Python-literal) list of messages, and a `reward_model` string holding a dict. `PromptSampler` walks the training set in seeded, per-epoch shuffled order and
 exposes its position as a small dict, so a resumed run draws exactly the prompts it would have.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import random
@@ -51,9 +53,24 @@ def _read_rows(path: str) -> list[dict]:
     raise ValueError(f"{path!r}: prompt files must be .parquet or .jsonl")
 
 
+def _decode_literal(text: str) -> Any:
+    """A JSON or Python-literal container encoded in a string; the string itself otherwise."""
+    stripped = text.strip()
+    if not stripped or stripped[0] not in "[{":
+        return text
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(stripped)
+        except (ValueError, SyntaxError, RecursionError):
+            continue
+    return text
+
+
 def _get_dotted(row: dict, key: str, path: str, index: int) -> Any:
     value: Any = row
     for part in key.split("."):
+        if isinstance(value, str):
+            value = _decode_literal(value)  # e.g. reward_model stored as a JSON string
         if not isinstance(value, dict) or part not in value:
             raise ValueError(f"{path} row {index}: no field {key!r} (columns: {sorted(row)})")
         value = value[part]
@@ -62,7 +79,10 @@ def _get_dotted(row: dict, key: str, path: str, index: int) -> Any:
 
 def _messages(value: Any, path: str, index: int, key: str) -> list[dict[str, str]]:
     if isinstance(value, str):
-        return [{"role": "user", "content": value}]
+        decoded = _decode_literal(value)
+        if not isinstance(decoded, list):
+            return [{"role": "user", "content": value}]
+        value = decoded
     if hasattr(value, "tolist"):  # numpy arrays from pandas-written parquet
         value = value.tolist()
     if isinstance(value, (list, tuple)) and value and all(
@@ -84,7 +104,7 @@ def load_prompts(paths: list[str], *, prompt_key: str = "prompt",
             truth = _get_dotted(row, ground_truth_key, path, i)
             if hasattr(truth, "tolist"):
                 truth = truth.tolist()
-            source = row.get(data_source_key, "unknown") if data_source_key else "unknown"
+            source = (row.get(data_source_key) if data_source_key else None) or "unknown"
             extra = {k: v for k, v in row.items() if k not in (prompt_key, data_source_key)}
             prompts.append(Prompt(messages=messages, ground_truth=str(truth),
                                   data_source=str(source), uid=f"{path}#{i}", extra=extra))

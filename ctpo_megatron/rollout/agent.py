@@ -31,7 +31,7 @@ import logging
 from typing import Any, Protocol, Sequence
 
 from ctpo_megatron.rollout.agent_config import AgentConfig
-from ctpo_megatron.rollout.chat import ToolFormat, as_tokenizer
+from ctpo_megatron.rollout.chat import ToolFormat, as_tokenizer, find_tool_calls, truncate_chars
 from ctpo_megatron.rollout.reward import score_response
 from ctpo_megatron.rollout.sandbox import SandboxPool, SandboxResult
 from ctpo_megatron.rollout.trajectory import Trajectory
@@ -104,7 +104,9 @@ class AgentLoop:
         if not self.end_ids:
             raise ValueError(f"AgentLoop: the tokenizer has no id for the end-of-turn token "
                              f"{cfg.chat.im_end!r} and no eos token")
-        stops = tool_stop_token_ids(tokenizer, cfg.tool_format) if cfg.stop_mode == "auto" else []
+        # tool_turns: a turn always runs to its end; calls are parsed from the finished turn.
+        auto = cfg.stop_mode == "auto" and cfg.conversation == "inline"
+        stops = tool_stop_token_ids(tokenizer, cfg.tool_format) if auto else []
         self.stop_ids = sorted(self.end_ids | set(stops))
         self._own_sandbox = sandbox is None
         self.sandbox = sandbox or SandboxPool(cfg.sandbox_workers, cfg.sandbox, cfg.tool_timeout_s)
@@ -141,13 +143,22 @@ class AgentLoop:
         """Token ids of the output block inserted after a call whose segment decodes to
         `segment_text`, and whether the output was truncated to max_tool_output_tokens."""
         fmt = self.cfg.tool_format
+        body, truncated = self.tool_output_text(result)
+        return self.tok.encode(fmt.wrap_output(body, after=segment_text)), truncated
+
+    def tool_output_text(self, result: SandboxResult) -> tuple[str, bool]:
+        """Text of a run's output after the character cut (`max_tool_output_chars`, keeping
+        `tool_output_keep`) and the token cut (`max_tool_output_tokens`, head kept and
+        marked); and whether anything was cut."""
+        fmt = self.cfg.tool_format
         body = fmt.render_output(result.stdout, result.stderr, result.exit_code, result.timed_out,
                                  self.cfg.tool_timeout_s)
-        body_ids = self.tok.encode(body)
-        truncated = len(body_ids) > self.cfg.max_tool_output_tokens
-        if truncated:
+        body, cut_chars = truncate_chars(body, self.cfg.max_tool_output_chars, self.cfg.tool_output_keep)
+        body_ids = self.tok.encode(body) if self.cfg.max_tool_output_tokens else []
+        cut_tokens = 0 < self.cfg.max_tool_output_tokens < len(body_ids)
+        if cut_tokens:
             body = self.tok.decode(body_ids[:self.cfg.max_tool_output_tokens]) + fmt.output_truncated
-        return self.tok.encode(fmt.wrap_output(body, after=segment_text)), truncated
+        return body, cut_chars or cut_tokens
 
     async def run_one(self, generator: Generator, prompt_ids: list[int], *, prompt_index: int = 0,
                       sample_index: int = 0, ground_truth: str | None = None,
@@ -157,6 +168,100 @@ class AgentLoop:
         traj = Trajectory(prompt_ids=list(prompt_ids), prompt_index=prompt_index,
                           sample_index=sample_index, ground_truth=ground_truth,
                           metadata=dict(metadata or {}))
+        if cfg.conversation == "tool_turns":
+            await self._run_tool_turns(generator, traj)
+        else:
+            await self._run_inline(generator, traj)
+        traj.response_text = self.tok.decode(traj.response_ids)
+        traj.check()
+        if ground_truth is not None:
+            await self._score(traj)
+        return traj
+
+    def _seed(self, traj: Trajectory, calls: int) -> int | None:
+        cfg = self.cfg
+        return None if cfg.seed is None else (
+            cfg.seed * 1_000_003 + traj.prompt_index * 10_007 + traj.sample_index * 101 + calls) % (1 << 31)
+
+    async def _generate(self, generator: Generator, traj: Trajectory, max_new: int,
+                        calls: int) -> tuple[GenerateResultLike, list[int], list[float]]:
+        res = await generator.generate(traj.prompt_ids + traj.response_ids,
+                                       self._sampling_params(max_new, self._seed(traj, calls)),
+                                       return_logprob=True)
+        new_ids, new_lps = list(res.output_ids), list(res.output_log_probs)
+        if len(new_lps) != len(new_ids):
+            raise ValueError(f"generate returned {len(new_ids)} output_ids but {len(new_lps)} "
+                             f"log-probs (server {getattr(res, 'server_url', '?')})")
+        if not traj.weight_versions or traj.weight_versions[-1] != res.weight_version:
+            traj.weight_versions.append(res.weight_version)
+        return res, new_ids, new_lps
+
+    @staticmethod
+    def _append(traj: Trajectory, ids: list[int], log_probs: list[float] | None) -> None:
+        """Appends sampled tokens (with their log-probs, mask 1) or inserted ones (mask 0)."""
+        traj.response_ids += ids
+        traj.rollout_log_probs += [float(x) for x in log_probs] if log_probs is not None else [0.0] * len(ids)
+        traj.loss_mask += [int(log_probs is not None)] * len(ids)
+
+    async def _run_tool_turns(self, generator: Generator, traj: Trajectory) -> None:
+        """The reference's layout: each assistant turn is sampled to its end-of-turn token;
+        the first tool call in it is run and its output appended as a tool turn (which ends
+        with the next generation prompt); at most max_turns + 1 assistant turns. A tool turn
+        that does not fit the budget ends the trajectory without being appended."""
+        cfg = self.cfg
+        while True:
+            budget = cfg.max_response_tokens - len(traj.response_ids)
+            if budget <= 0:
+                traj.finish_reason = "length"
+                return
+            res, new_ids, new_lps = await self._generate(generator, traj, budget, traj.num_turns)
+            turn_start = len(traj.response_ids)
+            self._append(traj, new_ids, new_lps)
+            traj.num_turns += 1
+            reason = self._finish_without_call(res, new_ids)
+            if reason == "abort":
+                traj.finish_reason = "abort"
+                return
+            if len(traj.response_ids) >= cfg.max_response_tokens or reason != "stop":
+                traj.finish_reason = "length"
+                return
+            calls = find_tool_calls(self.tok.decode(traj.response_ids[turn_start:]), cfg.tool_format)
+            if not calls:
+                traj.finish_reason = "stop"
+                return
+            if traj.tool_calls >= cfg.max_turns:
+                traj.finish_reason = "max_turns"
+                return
+            text = await self._call(traj, calls[0])
+            ids = self.tok.encode(cfg.chat.tool_turn([text]))  # type: ignore[attr-defined]
+            if len(traj.response_ids) + len(ids) >= cfg.max_response_tokens:
+                traj.finish_reason = "length"
+                return
+            self._append(traj, ids, None)
+
+    async def _call(self, traj: Trajectory, call: Any) -> str:
+        """Runs one tool call of the tool_turns layout; returns the output text."""
+        cfg = self.cfg
+        traj.tool_calls += 1
+        if call.name != "code_interpreter":
+            traj.tool_errors += 1
+            return f"Error when executing tool: {call.name!r}"
+        if call.language != "python":
+            traj.tool_errors += 1
+            return f"sandbox blocked unsupported language: {call.language}"
+        timeout = cfg.tool_timeout_s
+        if call.timeout_s is not None and cfg.tool_timeout_cap_s > 0:
+            timeout = min(max(1.0, float(int(call.timeout_s))), 300.0, cfg.tool_timeout_cap_s)
+        result = await self.sandbox.run(call.code, timeout)
+        traj.tool_timeouts += int(result.timed_out)
+        traj.tool_errors += int(not result.timed_out and result.exit_code != 0)
+        text, truncated = self.tool_output_text(result)
+        traj.tool_output_truncations += int(truncated)
+        return text
+
+    async def _run_inline(self, generator: Generator, traj: Trajectory) -> None:
+        """Our layout: tool output inserted inside the assistant turn (see the module doc)."""
+        cfg = self.cfg
         seg_start = 0  # response index where the current assistant segment starts
         calls = 0
         while not traj.finish_reason:
@@ -165,25 +270,14 @@ class AgentLoop:
                 traj.finish_reason = "length"
                 break
             max_new = min(budget, cfg.max_tokens_per_call) if cfg.max_tokens_per_call else budget
-            seed = None if cfg.seed is None else (
-                cfg.seed * 1_000_003 + prompt_index * 10_007 + sample_index * 101 + calls) % (1 << 31)
-            res = await generator.generate(traj.prompt_ids + traj.response_ids,
-                                           self._sampling_params(max_new, seed), return_logprob=True)
+            res, new_ids, new_lps = await self._generate(generator, traj, max_new, calls)
             calls += 1
-            new_ids, new_lps = list(res.output_ids), list(res.output_log_probs)
-            if len(new_lps) != len(new_ids):
-                raise ValueError(f"generate returned {len(new_ids)} output_ids but {len(new_lps)} "
-                                 f"log-probs (server {getattr(res, 'server_url', '?')})")
-            if not traj.weight_versions or traj.weight_versions[-1] != res.weight_version:
-                traj.weight_versions.append(res.weight_version)
             seg_ids = traj.response_ids[seg_start:]
             cut = self._first_call_cut(seg_ids, new_ids) if new_ids else None
             keep = cut[0] if cut else len(new_ids)
             if seg_start == len(traj.response_ids) and keep > 0:
                 traj.num_turns += 1  # the first tokens of a new assistant segment
-            traj.response_ids += new_ids[:keep]
-            traj.rollout_log_probs += [float(x) for x in new_lps[:keep]]
-            traj.loss_mask += [1] * keep
+            self._append(traj, new_ids[:keep], new_lps[:keep])
             if cut is None:
                 traj.finish_reason = self._finish_without_call(res, new_ids)
                 continue
@@ -192,11 +286,6 @@ class AgentLoop:
                 break
             await self._run_tool(traj, code=cfg.tool_format.find_call(cut[1])[0], segment_text=cut[1])
             seg_start = len(traj.response_ids)
-        traj.response_text = self.tok.decode(traj.response_ids)
-        traj.check()
-        if ground_truth is not None:
-            await self._score(traj)
-        return traj
 
     def _finish_without_call(self, res: GenerateResultLike, new_ids: list[int]) -> str:
         """The finish reason after a request that produced no tool call ("" = keep going)."""
@@ -228,7 +317,17 @@ class AgentLoop:
         traj.loss_mask += [0] * len(ids)
 
     async def _score(self, traj: Trajectory) -> None:
-        # Only the model's own text counts: a \boxed{} printed by the code must not score.
+        res = await asyncio.to_thread(score_response, self.reward_text(traj), traj.ground_truth,
+                                      self.cfg.reward, truncated=traj.finish_reason == "length")
+        traj.reward, traj.correct, traj.has_boxed, traj.reward_error = (
+            res.score, res.correct, res.has_boxed, res.error)
+
+    def reward_text(self, traj: Trajectory) -> str:
+        """The text the reward reads. Scope "generated": only the model's own tokens (runs of
+        mask 1 joined by newlines), so a \\boxed{} printed by the code cannot score. Scope
+        "response": the whole response decoded without special tokens (the reference)."""
+        if self.cfg.reward.scope == "response":
+            return self.tok.decode(traj.response_ids, skip_special_tokens=True)
         generated, run = [], []
         for tid, m in zip(traj.response_ids, traj.loss_mask):
             if m:
@@ -238,10 +337,7 @@ class AgentLoop:
                 run = []
         if run:
             generated.append(self.tok.decode(run))
-        res = await asyncio.to_thread(score_response, "\n".join(generated), traj.ground_truth,
-                                      self.cfg.reward, truncated=traj.finish_reason == "length")
-        traj.reward, traj.correct, traj.has_boxed, traj.reward_error = (
-            res.score, res.correct, res.has_boxed, res.error)
+        return "\n".join(generated)
 
     def encode_prompt(self, prompt: Sequence[int] | list[dict]) -> list[int]:
         """Token ids of a prompt given as ids (kept as is) or as chat messages."""
@@ -298,7 +394,9 @@ async def run_agent_batch(generator: Generator, prompts: Sequence[Sequence[int] 
 def main(argv: list[str] | None = None) -> None:
     """CLI: tool-interleaved rollouts for one prompt against running servers, as JSON lines."""
     import argparse
+    import dataclasses
     import json
+    import os
 
     parser = argparse.ArgumentParser(
         prog="python -m ctpo_megatron.rollout.agent",
@@ -315,6 +413,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-response-tokens", type=int, default=2048, help="default 2048")
     parser.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (0: greedy)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed base (default: none)")
+    parser.add_argument("--paper", action="store_true",
+                        help="the reference's setting (configs/rollout/paper.yaml): Qwen3 tool turns with its "
+                             "system prompt, thinking off, 256-char outputs, any-checker reward; --system is "
+                             "appended to its system prompt")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -328,6 +430,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = AgentConfig(max_turns=args.max_turns, max_response_tokens=args.max_response_tokens,
                       temperature=args.temperature, seed=args.seed,
                       chat=ChatTemplate(system_prompt=args.system))
+    if args.paper:
+        from omegaconf import OmegaConf
+
+        from ctpo_megatron.config.store import CONFIG_DIR
+        from ctpo_megatron.rollout.agent_config import AgentOptions, options_fields
+
+        paper = OmegaConf.load(os.path.join(CONFIG_DIR, "rollout", "paper.yaml"))
+        opts = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AgentOptions), paper.agent))
+        cfg = dataclasses.replace(cfg, tool_timeout_s=paper.tool_timeout_s, **options_fields(opts))
+        if args.system:
+            cfg.chat.system_prompt = f"{cfg.chat.system_prompt}\n\n{args.system}"
 
     async def go() -> list[Trajectory]:
         async with SGLangClient(args.url) as client:

@@ -1,4 +1,8 @@
-"""Math answer reward: the last `\\boxed{}` of a response checked with math-verify.
+"""Math answer reward. Mode "strict": the last `\\boxed{}` of a response checked with
+math-verify. Mode "any" (the reference implementation's rule): correct when any of three
+checkers accepts the response: MATH-style (last box, Hendrycks string normalisation),
+DAPO-style (the last "Answer:" line in the final 300 characters, Minerva normalisation) and
+math-verify on the whole text (LaTeX and plain expressions, several forms of the gold answer).
 
 math-verify bounds its sympy work with `signal.alarm`, which only works in the main thread.
 Off the main thread (rollout workers, thread pools) we run the same check in helper processes
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+REWARD_MODES = ("strict", "any")
+REWARD_SCOPES = ("generated", "response")
 
 
 @dataclass
@@ -40,8 +46,17 @@ class RewardConfig:
     on adversarial input)."""
     timeout_s: int = 5
     """math-verify's own per-call timeout (parsing and comparison), seconds."""
+    mode: str = "strict"
+    """"strict" (math-verify on the last box) or "any" (any checker accepts; the reference)."""
+    scope: str = "generated"
+    """Text scored (read by the agent loop): "generated" (the model's tokens only) or
+    "response" (the whole response with tool outputs, special tokens dropped; the reference)."""
 
     def __post_init__(self) -> None:
+        if self.mode not in REWARD_MODES:
+            raise ValueError(f"RewardConfig.mode={self.mode!r}: expected one of {REWARD_MODES}")
+        if self.scope not in REWARD_SCOPES:
+            raise ValueError(f"RewardConfig.scope={self.scope!r}: expected one of {REWARD_SCOPES}")
         if self.no_boxed_penalty < 0 or self.truncated_penalty < 0:
             raise ValueError("RewardConfig: penalties are magnitudes and must be >= 0, got "
                              f"no_boxed_penalty={self.no_boxed_penalty}, "
@@ -118,6 +133,41 @@ def _verify_main_thread(answer: str, ground_truth: str, timeout_s: int) -> bool:
     return bool(verify(gold, pred, timeout_seconds=timeout_s))
 
 
+def _gold_candidates(ground_truth: str) -> list[str]:
+    """Forms of the gold answer tried by the whole-text check: as given, integers without
+    leading zeros, without $...$, and boxed."""
+    raw = str(ground_truth).strip()
+    sign, body = (raw[0], raw[1:]) if raw[:1] in ("+", "-") else ("", raw)
+    norm = f"{sign}{int(body)}" if body.isdigit() else raw
+    out: list[str] = []
+    for c in (raw, norm, norm[1:-1].strip() if len(norm) >= 2 and norm[0] == norm[-1] == "$" else "",
+              "" if "\\boxed{" in norm or not norm else f"\\boxed{{{norm}}}"):
+        if c and c not in out:
+            out.append(c)
+    return out
+
+
+def _verify_text_main_thread(text: str, ground_truth: str, timeout_s: int) -> bool:
+    """math-verify over a whole response: the last LaTeX or plain expression answer in it
+    against any form of the gold answer; must run in a main thread (signals)."""
+    from math_verify.errors import TimeoutException
+    from math_verify.metric import math_metric
+    from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
+
+    check = math_metric(gold_extraction_target=(LatexExtractionConfig(),),
+                        pred_extraction_target=(ExprExtractionConfig(), LatexExtractionConfig()))
+    for gold in _gold_candidates(ground_truth):
+        try:
+            if check([gold], [text])[0] >= 1.0:
+                return True
+        except (TimeoutException, ValueError):  # no parsable gold in this form: try the next
+            continue
+    return False
+
+
+_CHECKS = {"box": _verify_main_thread, "text": _verify_text_main_thread}
+
+
 class _VerifyWorker:
     """A helper process (`python -m ctpo_megatron.rollout.reward --worker`) that runs
     `_verify_main_thread` in its own main thread, one JSON request/answer line at a time.
@@ -132,9 +182,10 @@ class _VerifyWorker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, bufsize=1)
 
-    def call(self, answer: str, ground_truth: str, timeout_s: int, deadline_s: float) -> bool:
+    def call(self, answer: str, ground_truth: str, timeout_s: int, deadline_s: float,
+             kind: str = "box") -> bool:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps([answer, ground_truth, timeout_s]) + "\n")
+        self.proc.stdin.write(json.dumps([kind, answer, ground_truth, timeout_s]) + "\n")
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], deadline_s)
         if not ready:
@@ -170,12 +221,12 @@ def _shutdown_workers() -> None:
 atexit.register(_shutdown_workers)
 
 
-def _verify_in_worker(answer: str, ground_truth: str, timeout_s: int) -> bool:
+def _verify_in_worker(answer: str, ground_truth: str, timeout_s: int, kind: str = "box") -> bool:
     with _SLOTS:  # bounds the helper processes (each holds sympy, ~100 MB)
-        return _verify_on_idle_worker(answer, ground_truth, timeout_s)
+        return _verify_on_idle_worker(answer, ground_truth, timeout_s, kind)
 
 
-def _verify_on_idle_worker(answer: str, ground_truth: str, timeout_s: int) -> bool:
+def _verify_on_idle_worker(answer: str, ground_truth: str, timeout_s: int, kind: str) -> bool:
     try:
         worker = _IDLE.get_nowait()
     except queue.Empty:
@@ -185,7 +236,7 @@ def _verify_on_idle_worker(answer: str, ground_truth: str, timeout_s: int) -> bo
     try:
         # Parsing and verifying each have their own timeout inside the worker; the slack
         # covers the worker's first import of sympy.
-        result = worker.call(answer, ground_truth, timeout_s, deadline_s=3 * timeout_s + 30)
+        result = worker.call(answer, ground_truth, timeout_s, deadline_s=3 * timeout_s + 30, kind=kind)
     except (TimeoutError, RuntimeError, OSError):
         worker.kill()  # stuck or dead: never reuse it
         with _ALL_LOCK:
@@ -198,10 +249,10 @@ def _verify_on_idle_worker(answer: str, ground_truth: str, timeout_s: int) -> bo
     return result
 
 
-def _verify(answer: str, ground_truth: str, timeout_s: int) -> bool:
+def _verify(answer: str, ground_truth: str, timeout_s: int, kind: str = "box") -> bool:
     if threading.current_thread() is threading.main_thread():
-        return _verify_main_thread(answer, ground_truth, timeout_s)
-    return _verify_in_worker(answer, ground_truth, timeout_s)
+        return _CHECKS[kind](answer, ground_truth, timeout_s)
+    return _verify_in_worker(answer, ground_truth, timeout_s, kind)
 
 
 def score_response(response_text: str, ground_truth: str, config: RewardConfig | None = None, *,
@@ -213,6 +264,8 @@ def score_response(response_text: str, ground_truth: str, config: RewardConfig |
     reported in `RewardResult.error`; a ground truth math-verify cannot parse is an error too.
     """
     cfg = config or RewardConfig()
+    if cfg.mode == "any":
+        return _score_any(response_text, ground_truth, cfg, truncated)
     answer = last_boxed(response_text)
     penalty = cfg.truncated_penalty if truncated else 0.0
     if answer is None:
@@ -233,6 +286,28 @@ def score_response(response_text: str, ground_truth: str, config: RewardConfig |
     return RewardResult(score, correct, True, answer, error)
 
 
+def _score_any(text: str, ground_truth: str, cfg: RewardConfig, truncated: bool) -> RewardResult:
+    """The reference's rule: correct when any checker accepts (cheap string checks first)."""
+    from ctpo_megatron.rollout.reward_checkers import dapo_style_correct, math_style_correct
+
+    answer = last_boxed(text)
+    penalty = cfg.truncated_penalty if truncated else 0.0
+    error = None
+    correct = math_style_correct(text, ground_truth) or dapo_style_correct(text, ground_truth)
+    if not correct:
+        try:
+            correct = _verify(text, ground_truth, cfg.timeout_s, kind="text")
+        except TimeoutError as e:
+            error = f"math-verify timed out: {e!r}"
+        except Exception as e:  # noqa: BLE001 - a reward must not kill the rollout batch
+            error = f"math-verify failed: {e!r}"
+    if correct:
+        score = cfg.correct_score
+    else:
+        score = cfg.incorrect_score - (cfg.no_boxed_penalty if answer is None else 0.0)
+    return RewardResult(score - penalty, correct, answer is not None, answer, error)
+
+
 def math_reward(response_text: str, ground_truth: str) -> float:
     """1.0 when the last \\boxed{} answer of `response_text` equals `ground_truth`
     (math-verify: fractions, LaTeX forms, intervals, sets...), else 0.0."""
@@ -242,9 +317,9 @@ def math_reward(response_text: str, ground_truth: str) -> float:
 def _worker_main() -> None:
     """Serves `_verify_main_thread` over stdin/stdout JSON lines (see `_VerifyWorker`)."""
     for line in sys.stdin:
-        answer, ground_truth, timeout_s = json.loads(line)
+        kind, answer, ground_truth, timeout_s = json.loads(line)
         try:
-            reply = {"equal": _verify_main_thread(answer, ground_truth, timeout_s)}
+            reply = {"equal": _CHECKS[kind](answer, ground_truth, timeout_s)}
         except Exception as e:  # noqa: BLE001 - reported to the caller
             reply = {"error": repr(e)}
         sys.stdout.write(json.dumps(reply) + "\n")

@@ -111,6 +111,10 @@ class Trainer:
 
         self.transport = ShardTransport(self.dp_rank, [f.name for f in dataclasses.fields(StepBatch)],
                                         model_device())
+        from ctpo_megatron.trainer.dumps import TokenDumper  # per-token ratio dumps (plot figures)
+        self.dumper = TokenDumper(self.run_dir, cfg.trainer.dump_every, cfg.trainer.dump_max_tokens,
+                                  rank=self.rank, enabled=self.actor.pgs.tp.rank() == 0)
+        self.loss_fn = self.dumper.wrap(self.loss_fn)
         self.step = 0
         self.timer = PhaseTimer()
         self._resume()
@@ -214,10 +218,12 @@ class Trainer:
         with self.timer.phase("old_log_probs"):
             old = self.actor.score(mine.token_batch()) if tc.old_log_probs == "actor" else None
         mismatch = attach_old_log_probs(mine, old, cfg.correction)
+        self.dumper.begin(self.step)
         with self.timer.phase("update"):
             metrics.update(run_updates(self.actor, mine, num_mini_batches=num_mb,
                                        epochs=tc.epochs_per_step, loss_fn=self.loss_fn,
                                        cfg=cfg.algo, edges=self.edges))
+        self.dumper.flush()
         metrics.update(world_mean(mismatch))
         if not self.stopper.skip_weight_sync(self.step):  # stopping after this step: save first
             with self.timer.phase("weight_sync"):
@@ -283,6 +289,8 @@ class Trainer:
             trajs = self.rollout.generate(self.val_prompts, tc.eval_samples, seed=tc.seed + EVAL_SEED_OFFSET,
                                           temperature=tc.eval_temperature)
         metrics = rollout_metrics(trajs, prefix="eval/")
+        from ctpo_megatron.evaluate import eval_metrics  # mean@k / best@k / maj@k, overall and per source
+        metrics.update(eval_metrics(trajs, tc.eval_samples))
         by_source: dict[str, list[bool]] = {}
         for t in trajs:
             source = (t.metadata or {}).get("data_source", "unknown")

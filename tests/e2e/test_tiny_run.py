@@ -38,7 +38,8 @@ SUMMARY = re.compile(r"^held-out accuracy: (\d\.\d\d) -> (\d\.\d\d) \(step (\d+)
 
 def _overrides() -> list[str]:
     return [f"trainer.total_steps={STEPS}", f"trainer.prompts_per_step={PROMPTS_PER_STEP}",
-            "trainer.eval_every=100", "trainer.save_every=4", "data.max_val_prompts=32"]
+            "trainer.eval_every=100", "trainer.save_every=4", "data.max_val_prompts=32",
+            "trainer.dump_every=6"]
 
 
 def _records(run: str) -> list[dict]:
@@ -149,6 +150,16 @@ def test_tiny_run_learns_and_resumes_after_sigkill(tiny_init, tmp_path):
                 "time/weight_sync", "tool/use_rate", "response_length/mean", "weight_sync/bytes"):
         assert key in records[-1], key
     assert any(k.startswith("clip_rate_by_pos/") for k in records[-1])
+    # Per-token dumps (TP rank 0 of each DP rank: rank 0 only at TP 2) and the figures drawn from them.
+    from ctpo_megatron.plot import plot_run
+    from ctpo_megatron.trainer.dumps import load_token_dumps
+
+    dumps = sorted(f for f in os.listdir(os.path.join(run, "token_dumps")) if f.endswith(".npz"))
+    assert dumps == ["step_0000006_rank_0.npz", "step_0000012_rank_0.npz"]  # a kill may leave a .tmp
+    dump = load_token_dumps(run)
+    assert int(dump["step"]) == 12 and len(dump["log_ratio"]) == dump["row_offsets"][-1] > 0
+    pngs = plot_run(run)
+    assert {os.path.basename(p) for p in pngs} >= {"logratio_std.png", "clip_rate_exact.png"}
 
     # The launcher's promised ending: the plots, then `held-out accuracy: <before> -> <after>`.
     out_lines = open(second.out_path).read().strip().splitlines()

@@ -67,3 +67,21 @@ def test_cli_prints_scored_trajectories(server_url):
     assert len(rows) == 2
     for row in rows:
         assert row["response_ids"] == examples[0][1] and row["reward"] == 1.0 and row["tool_calls"] == 1
+
+
+def test_cli_paper_setting_renders_the_reference_prompt(server_url):
+    from ctpo_megatron.rollout.chat import REFERENCE_TOOL_USE_SYSTEM_PROMPT
+
+    _, _, _, tok_dir = trained_setup()
+    out = subprocess.run(
+        [sys.executable, "-m", "ctpo_megatron.rollout.agent", "--url", server_url, "--tokenizer", tok_dir,
+         "--prompt", DEMOS[0][0], "--temperature", "0", "--max-response-tokens", "32", "--paper"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.stdout.splitlines()]
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(tok_dir).decode(row["prompt_ids"])
+    assert prompt.startswith("<|im_start|>system\n" + REFERENCE_TOOL_USE_SYSTEM_PROMPT + "\n\n# Tools")
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert row["finish_reason"] in ("stop", "length", "max_turns")

@@ -14,8 +14,13 @@ def test_paper_defaults():
     cfg = load_config(PAPER)
     assert isinstance(cfg, TrainConfig)
     assert cfg.model.name == "qwen3_32b" and cfg.model.num_attention_heads == 64
-    assert cfg.rollout.n_samples == 8 and cfg.rollout.max_tool_turns == 5
-    assert (cfg.rollout.max_prompt_len, cfg.rollout.max_response_len) == (16384, 8192)
+    # The reference's rollout and schedule (configs/rollout/paper.yaml, configs/config.yaml).
+    assert cfg.rollout.n_samples == 8 and cfg.rollout.max_tool_turns == 4
+    assert (cfg.rollout.max_prompt_len, cfg.rollout.max_response_len) == (16000, 8000)
+    assert cfg.rollout.agent.conversation == "tool_turns" and not cfg.rollout.agent.enable_thinking
+    assert cfg.rollout.agent.reward_mode == "any" and cfg.rollout.agent.max_tool_output_chars == 256
+    assert (cfg.trainer.total_steps, cfg.trainer.eval_every, cfg.trainer.eval_samples) == (305, 20, 32)
+    assert cfg.trainer.eval_temperature == 0.7
     assert cfg.trainer.prompts_per_step == 512 and cfg.trainer.mini_batch_prompts == 32
     assert cfg.trainer.updates_per_step == 16
     assert cfg.correction.level == "sequence" and cfg.correction.mode == "truncate"
@@ -26,7 +31,7 @@ def test_paper_defaults():
     assert cfg.validate(world_size=64).dp == 4
 
 
-@pytest.mark.parametrize("model", ["tiny", "qwen3_14b", "qwen3_32b", "qwen2.5_32b"])
+@pytest.mark.parametrize("model", ["tiny", "qwen3_4b", "qwen3_14b", "qwen3_32b", "qwen2.5_32b"])
 def test_every_model_group_composes(model):
     cfg = load_config(PAPER + [f"model={model}", "parallel=tp1", "rollout.max_prompt_len=512",
                                "rollout.max_response_len=256"])
@@ -48,6 +53,17 @@ def test_algo_groups(algo):
     expected = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PolicyLossConfig),
                                                    OmegaConf.load(os.path.join(CONFIGS, "algo", f"{algo}.yaml"))))
     assert asdict(load_config(PAPER + [f"algo={algo}"]).algo) == asdict(expected)
+
+
+def test_paper_baselines_and_model_presets():
+    assert load_config(PAPER + ["algo=ctpo_geomean"]).algo.la_power == -0.5
+    gspo = load_config(PAPER + ["algo=gspo"]).algo
+    assert (gspo.clip_ratio_low, gspo.clip_ratio_high) == (3e-4, 4e-4)
+    for name, model, tp, dp in (("paper_qwen3_4b", "qwen3_4b", 2, 4), ("paper_qwen3_14b", "qwen3_14b", 4, 2)):
+        cfg = load_config(PAPER, config_name=name)
+        assert cfg.model.name == model and cfg.trainer.total_steps == 305
+        assert cfg.rollout.agent.conversation == "tool_turns"
+        assert cfg.validate(world_size=8).dp == dp and cfg.parallel.tp == tp
 
 
 def test_tiny_preset():

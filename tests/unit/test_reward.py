@@ -97,3 +97,26 @@ def test_helper_processes_are_bounded():
         got = list(ex.map(lambda p: math_reward(*p), EQUAL * 2))
     assert got == [1.0] * (2 * len(EQUAL))
     assert 1 <= len(reward._ALL) <= reward.MAX_VERIFY_WORKERS
+
+
+def test_any_checker_mode_accepts_what_one_checker_accepts():
+    from ctpo_megatron.rollout.reward import RewardConfig
+    from ctpo_megatron.rollout.reward_checkers import dapo_style_correct, math_style_correct, strip_string
+
+    anyc = RewardConfig(mode="any")
+    # MATH-style normalisation: \dfrac, shorthand \frac12, a/b, 0.5, units after "\text{ ".
+    assert strip_string("\\dfrac{1}{2}") == strip_string("\\frac12") == strip_string("1/2") == "\\frac{1}{2}"
+    assert math_style_correct("so \\boxed{10 \\text{ cm}}", "10")
+    # DAPO-style: the last "Answer:" line of the final 300 characters.
+    assert dapo_style_correct("work...\nAnswer: $1,000$", "1000")
+    assert not dapo_style_correct("Answer: 5" + "." * 400, "5")
+    cases = [("\\boxed{\\dfrac{1}{2}}", "0.5", True),   # MATH-style (strict also accepts)
+             ("Answer: 70", "70", True),                 # DAPO-style only: no box
+             ("hence $x = 70$.", "070", True),           # math-verify on the whole text
+             ("\\boxed{71}", "70", False)]
+    for text, truth, want in cases:
+        res = score_response(text, truth, anyc)
+        assert res.correct is want and res.score == float(want), (text, res)
+    assert not score_response("Answer: 70", "70").correct  # strict: no box, no credit
+    with pytest.raises(ValueError, match="mode"):
+        RewardConfig(mode="some")
