@@ -43,11 +43,11 @@ def token_arrays(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantage
     Returns [B, T] float64 tensors log_ratio, cum_log_ratio, position, mask, advantages
     (detached; values at invalid positions are meaningless and are dropped on writing).
     """
-    from ctpo_megatron.algo.cumulative import torch_masked_cumsum
+    from ctpo_megatron.algo.cumulative import masked_cumsum
 
     m = (mask > 0).to(torch.float64)
     delta = (log_probs.detach().to(torch.float64) - old_log_probs.detach().to(torch.float64)).clamp(-20, 20)
-    cum, count = torch_masked_cumsum(delta, m)
+    cum, count = masked_cumsum(delta, m)
     return {"log_ratio": delta, "cum_log_ratio": cum, "position": count, "mask": m,
             "advantages": advantages.detach().to(torch.float64).expand_as(m)}
 

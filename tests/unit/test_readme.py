@@ -12,6 +12,7 @@ text for each of its options.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -30,6 +31,20 @@ COVERAGE = {
     TINY: "tests/e2e/test_tiny_run.py runs it (TINY_COMMAND) with trainer.total_steps and other overrides",
     "bash scripts/test.sh": "excluded: it is this test suite (running it here would recurse)",
     DRY_RUN: "run as written: test_dry_run_prints_a_plan",
+    "python -m ctpo_megatron.export runs/tiny runs/tiny/hf":
+        "tests/e2e/test_tiny_run.py runs it on the tiny run's directory (runs/tiny -> that directory)",
+    "torchrun --nproc-per-node 8 -m ctpo_megatron.export RUN_DIR /ckpt/ctpo-qwen3-32b --step 200 "
+    "--dtype bf16 --max-shard-size 5GB":
+        "excluded: a 32B checkpoint on 8 ranks; the same CLI and options run on a tiny model under "
+        "ranks in tests/dist/test_export.py",
+    "python -m sglang.launch_server --model-path /ckpt/ctpo-qwen3-32b --tp 8 --port 30000":
+        "excluded: SGLang needs GPUs; its flags are checked against SGLang's own server arguments "
+        "in tests/unit/test_sglang_sources.py",
+    "python -m ctpo_megatron.rollout.server --model runs/tiny/hf --port 30000":
+        "tests/e2e/test_tiny_run.py serves the exported tiny model with it (a free port for 30000)",
+    'python -m ctpo_megatron.rollout.agent --url http://127.0.0.1:30000 --tokenizer runs/tiny/hf '
+    '--prompt "What is 17 * 23?" --ground-truth 391 -n 8':
+        "tests/e2e/test_tiny_run.py runs it against that server and checks 8 scored samples",
     SUBMIT_PREFIX: "run as written plus --dry-run (submitting needs a Slurm cluster; tests/slurm "
                    "submits to a real local one): test_submit_command_plans_with_its_overrides",
 }
@@ -143,6 +158,12 @@ def test_help(module):
         for group in groups:
             assert re.search(rf"^{group}: \w", text, re.M), f"group {group} missing from --help"
         assert "trainer:" in text and "total_steps:" in text
+        return
+    if module == "ctpo_megatron.evaluate":  # Hydra overrides: every eval.* key is documented
+        from ctpo_megatron.evaluate import EvalConfig
+
+        keys = [f.name for f in dataclasses.fields(EvalConfig)]
+        assert text.startswith("Scores a model") and all(k in text for k in keys), text[-500:]
         return
     assert text.startswith(f"usage: python -m {module} "), text[:300]
     assert len(text.split("\n\n")[1].split()) >= 5, f"no description after the usage line:\n{text}"
