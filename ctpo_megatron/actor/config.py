@@ -55,6 +55,9 @@ class ActorConfig:
     """Full activation recomputation of every layer in backward (less memory, ~1/3 more compute)."""
     make_vocab_size_divisible_by: int = 128
     """The vocabulary is padded to a multiple of this times tp; padded entries are masked out."""
+    allow_local_spec: bool = False
+    """Run megatron's local (pure torch) layer spec on a GPU when TransformerEngine is missing,
+    instead of refusing to start (`models.builder.choose_layer_spec`). CPU mode always runs it."""
     transformer_overrides: dict = field(default_factory=dict)
     """Rarely used megatron TransformerConfig fields, applied last (names are validated)."""
 

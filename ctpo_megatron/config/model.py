@@ -44,6 +44,9 @@ class ModelConfig:
     """Parameter/compute dtype of the actor: `float32` (CPU) or `bfloat16` (GPU)."""
     recompute_activations: bool = False
     """Full activation recomputation in every layer (needed at 32B with 24k-token contexts)."""
+    allow_local_spec: bool = False
+    """On a GPU without TransformerEngine, run megatron's local spec (unfused attention, a full
+    [S, S] score matrix per layer) instead of refusing to start. Short sequences and tests only."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("qwen2", "qwen3"):

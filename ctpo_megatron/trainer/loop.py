@@ -47,6 +47,7 @@ def actor_config(cfg: TrainConfig, dims) -> Any:
     return dataclasses.replace(cfg.actor, hf_model_dir=cfg.model.path, dims=dims,
                                params_dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
                                recompute=cfg.model.recompute_activations or cfg.actor.recompute,
+                               allow_local_spec=cfg.model.allow_local_spec or cfg.actor.allow_local_spec,
                                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
                                sequence_parallel=cfg.parallel.sequence_parallel,
                                temperature=cfg.rollout.temperature)
