@@ -168,6 +168,7 @@ def estimate_for_train_config(train_cfg: "TrainConfig", dims: ParallelDims, *,
                   distributed_optimizer=train_cfg.parallel.distributed_optimizer,
                   sequence_parallel=train_cfg.parallel.sequence_parallel,
                   logits_chunk_tokens=logits_chunk_tokens, gpu_memory_gib=gpu_memory_gib,
+                  weight_sync_bucket_bytes=train_cfg.rollout.weight_sync.bucket_bytes,
                   overhead_gib=overhead_gib)
     kwargs.update(changes)
     return estimate_memory(model_dims_of(train_cfg.model), dims, **kwargs)
@@ -179,6 +180,13 @@ def memory_what_ifs(train_cfg: "TrainConfig", dims: ParallelDims, **kwargs) -> d
     if train_cfg.model.recompute_activations:
         out["without activation recompute"] = estimate_for_train_config(train_cfg, dims, **kwargs,
                                                                          recompute="none").total
+        out["with selective recompute"] = estimate_for_train_config(
+            train_cfg, dims, **kwargs, recompute="selective").total
+    else:
+        out["with selective recompute"] = estimate_for_train_config(
+            train_cfg, dims, **kwargs, recompute="selective").total
+        out["with full recompute"] = estimate_for_train_config(train_cfg, dims, **kwargs,
+                                                               recompute="full").total
     if train_cfg.parallel.distributed_optimizer:
         out["without distributed optimizer"] = estimate_for_train_config(
             train_cfg, dims, **kwargs, distributed_optimizer=False).total

@@ -178,14 +178,16 @@ def fusion_flags(*, use_te: bool, have_wgrad_kernel: bool) -> dict[str, bool]:
 
 
 def transformer_config(spec: ModelSpec, dims: ParallelDims, *, params_dtype: str = "float32",
-                       recompute: bool = False, sequence_parallel: bool = False,
+                       recompute: bool | str = False, sequence_parallel: bool = False,
                        cp_comm_type: str = "p2p", overrides: dict | None = None,
                        use_te: bool = False):
     """Builds megatron's `TransformerConfig` for `spec` under the parallel sizes `dims`.
 
     params_dtype: "float32" | "bfloat16" | "float16"; bf16/fp16 set megatron's mixed-precision
-    flags (fp32 main params live in the optimizer). recompute: full activation recomputation of
-    every layer (uniform, 1 layer per checkpoint). sequence_parallel: megatron sequence
+    flags (fp32 main params live in the optimizer). recompute: True / "full": full activation
+    recomputation of every layer (uniform, 1 layer per checkpoint); "selective": megatron's
+    selective recompute of core attention and the MLP
+    (`cluster.memory.SELECTIVE_RECOMPUTE_MODULES`); False / "none": none. sequence_parallel: megatron sequence
     parallelism (needs dims.tp > 1; every micro-batch's sequence length must then be a multiple
     of tp). cp_comm_type: how TransformerEngine's attention exchanges K/V under context
     parallelism ("p2p", "all_gather", "a2a", "a2a+p2p"; only read when dims.cp > 1 and TE runs:
@@ -223,8 +225,15 @@ def transformer_config(spec: ModelSpec, dims: ParallelDims, *, params_dtype: str
         if cp_comm_type not in CP_COMM_TYPES:
             raise ValueError(f"cp_comm_type={cp_comm_type!r}: expected one of {CP_COMM_TYPES}")
         kwargs["cp_comm_type"] = cp_comm_type
-    if recompute:
+    if recompute not in (True, False, "full", "selective", "none"):
+        raise ValueError(f"recompute={recompute!r}: expected True/'full', 'selective' or False/'none'")
+    if recompute in (True, "full"):
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        from ctpo_megatron.cluster.memory import SELECTIVE_RECOMPUTE_MODULES
+
+        kwargs.update(recompute_granularity="selective",
+                      recompute_modules=list(SELECTIVE_RECOMPUTE_MODULES))
     for name, value in (overrides or {}).items():
         if name not in TransformerConfig.__dataclass_fields__:
             raise ValueError(f"transformer_overrides: {name!r} is not a TransformerConfig field")

@@ -96,6 +96,10 @@ def test_transformer_config_local_spec_has_no_fusions():
     dims = ParallelDims(tp=1, pp=1, cp=1, dp=1)
     cfg = transformer_config(model_spec_from_hf(hf, dims), dims)
     assert not (cfg.bias_activation_fusion or cfg.apply_rope_fusion or cfg.gradient_accumulation_fusion)
+    sel = transformer_config(model_spec_from_hf(hf, dims), dims, recompute="selective")
+    assert sel.recompute_granularity == "selective" and sel.recompute_modules == ["core_attn", "mlp"]
+    with pytest.raises(ValueError, match="recompute='some'"):
+        transformer_config(model_spec_from_hf(hf, dims), dims, recompute="some")
 
 
 def test_every_checkpoint_file_is_fsynced_by_its_writer(tmp_path: Path):
