@@ -183,7 +183,8 @@ def check_train_resume(model_dir: Path, samples, ckpt: Path) -> None:
     resumed.train_step(samples, _loss)
     got = _weights(resumed)
     diff = max(float((expected[k] - got[k]).abs().max()) for k in expected)
-    ok = extra == {"step": 1} and diff <= 1e-6 and metrics["grad_norm"] > 0
+    # CPU is deterministic (0.0); CUDA's atomics (embedding backward) may differ in the last bits
+    ok = extra == {"step": 1} and diff <= 1e-5 and metrics["grad_norm"] > 0
     report("train_resume", ok, f"max |weights after resume - uninterrupted| = {diff:.2e}, "
            f"grad_norm {metrics['grad_norm']:.3g}, loss {metrics['loss']:.4f}")
     check_nan_grad(resumed, samples)
@@ -215,6 +216,9 @@ def check_peak_memory(model_dir: Path, samples, device: torch.device) -> None:
     from ctpo_megatron.cluster.model_dims import model_dims_from_hf_config
     from ctpo_megatron.parallel.dims import ParallelDims
 
+    import gc
+
+    gc.collect()  # the earlier actors' buffers
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -227,11 +231,13 @@ def check_peak_memory(model_dir: Path, samples, device: torch.device) -> None:
     est = estimate_memory(dims, ParallelDims(1, 1, 1, 1), seq_len=seq, micro_batch=2, recompute="none",
                           logits_chunk_tokens=actor.cfg.logprob_chunk_size, weight_sync_bucket_bytes=0,
                           overhead_gib=0.0)
-    # the local spec's unfused attention keeps bf16 scores and probabilities [b, heads, S, S]
-    scores = dims.num_layers * 2 * dims.num_attention_heads * seq * seq * 2 * 2
+    # the local spec's unfused attention keeps the softmax output [b, heads, S, S] in fp32
+    # (attention_softmax_in_fp32) and its bf16 copy for the probs @ V product: 6 bytes an entry
+    scores = dims.num_layers * 2 * dims.num_attention_heads * seq * seq * 6
     expected = est.total + scores
     ratio = peak / expected
-    report("peak_memory", 0.5 <= ratio <= 1.25,
+    # The window is a first guess: no GPU has run this yet; the first run's figure sets it.
+    report("peak_memory", 0.5 <= ratio <= 1.5,
            f"peak {peak / 2**20:.0f} MiB vs estimate {est.total / 2**20:.0f} MiB + local-spec "
            f"scores {scores / 2**20:.0f} MiB: ratio {ratio:.2f}")
 

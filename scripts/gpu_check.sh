@@ -3,9 +3,9 @@
 #   bash scripts/gpu_check.sh [--cpu] [--wheels DIR]
 #
 # Needs Python 3.12 with a CUDA build of torch. --wheels DIR installs the wheels in DIR first
-# with no package index (megatron-core, transformers, safetensors, ... brought along; no
-# registry is reachable on such a box). Then it builds the csrc extension (CUDA sources
-# included) in place, runs the CUDA kernel tests and opcheck (`gpu`-marked tests), and
+# with no package index (megatron-core, transformers, tokenizers, safetensors, pytest and
+# their small dependencies, brought along; no registry is reachable on such a box). Then it
+# builds the csrc extension (CUDA sources included) in place, runs the CUDA kernel tests and opcheck (`gpu`-marked tests), and
 # `scripts/gpu_check.py`: kernel bandwidth vs a device-to-device copy, actor log-probs (local
 # spec, fp32 and bf16) vs transformers, a train step and a checkpoint save/load/step round
 # trip, the NaN-gradient stop, and peak memory vs the estimate. Every check prints
@@ -49,7 +49,7 @@ fi
 if [ "$CPU" = 1 ]; then
     DEVICE=cpu
     export CTPO_CPU_MODE=on
-    if ls ctpo_megatron/_C*.so >/dev/null 2>&1; then
+    if "$PY" -c "import ctpo_megatron._C" >/dev/null 2>&1; then
         check build PASS "--cpu: using the extension already built"
     else
         t0=$(date +%s)
