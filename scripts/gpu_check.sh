@@ -69,7 +69,7 @@ else
     else
         check build FAIL "no CUDA backend after the build; see /tmp/gpu_check_build.log"
     fi
-    KERNEL_TESTS=(-m gpu tests/unit/test_ops_cuda.py)
+    KERNEL_TESTS=(-m gpu tests/unit/test_ops_cuda.py tests/unit/test_gpu_path.py)
 fi
 
 t0=$(date +%s)

@@ -143,3 +143,15 @@ def test_no_gloo_groups_on_gpu_runs():
     from ctpo_megatron.parallel.spawn import run_on_ranks
 
     assert run_on_ranks(_init_parallel_spy, 1) == [(False, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_te_is_used_or_the_local_spec_refused(monkeypatch):
+    monkeypatch.setenv("CTPO_CPU_MODE", "off")
+    if transformer_engine_status().available:
+        assert builder.resolve_use_te() is True
+    else:
+        with pytest.raises(RuntimeError, match="allow_local_spec"):
+            builder.resolve_use_te()
+        assert builder.resolve_use_te(allow_local_spec=True) is False
