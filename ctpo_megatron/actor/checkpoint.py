@@ -45,8 +45,9 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-_SHARD_FILE = re.compile(r"^__(\d+)_")
-"""torch_dist shard files are named `__<global rank>_<n>.distcp` by the rank that wrote them."""
+_SHARD_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
+"""torch_dist shard files are named `[<group>]__<global rank>_<n>.distcp` by the rank that wrote
+them (megatron's FileSystemWriterAsync; the group prefix only with a separation hint)."""
 
 
 def files_written_by(root: Path, rank: int) -> list[Path]:
@@ -58,7 +59,7 @@ def files_written_by(root: Path, rank: int) -> list[Path]:
     for dirpath, _, files in os.walk(root):
         dirs.append(Path(dirpath))
         for name in sorted(files):
-            match = _SHARD_FILE.match(name)
+            match = _SHARD_FILE.search(name)
             writer = int(match.group(1)) if match else 0
             if writer == rank:
                 owned.append(Path(dirpath) / name)

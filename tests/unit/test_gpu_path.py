@@ -103,14 +103,14 @@ def test_transformer_config_local_spec_has_no_fusions():
 
 
 def test_every_checkpoint_file_is_fsynced_by_its_writer(tmp_path: Path):
-    for name in ("__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__3_0.distcp", ".metadata",
+    for name in ("__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "emb__3_0.distcp", ".metadata",
                  "common.pt", "metadata.json"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "__2_0.distcp").write_bytes(b"x")
     owned = {rank: files_written_by(tmp_path, rank) for rank in range(4)}
     names = {rank: sorted(p.name for p in paths if p.is_file()) for rank, paths in owned.items()}
-    assert names[1] == ["__1_0.distcp"] and names[2] == ["__2_0.distcp"] and names[3] == ["__3_0.distcp"]
+    assert names[1] == ["__1_0.distcp"] and names[2] == ["__2_0.distcp"] and names[3] == ["emb__3_0.distcp"]
     assert names[0] == [".metadata", "__0_0.distcp", "__0_1.distcp", "common.pt", "metadata.json"]
     assert [p for p in owned[0] if p.is_dir()] == [tmp_path / "sub", tmp_path]  # deepest first
     every = [p for paths in owned.values() for p in paths]
