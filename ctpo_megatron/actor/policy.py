@@ -54,7 +54,8 @@ def build_policy_model(cfg: ActorConfig, *, load_hf_weights: bool = True):
     use_te = resolve_use_te(allow_local_spec=cfg.allow_local_spec)  # refuses a silent fallback
     dims, pgs = init_parallel(cfg.dims, seed=cfg.seed)
     tf_config = transformer_config(spec, dims, params_dtype=cfg.params_dtype,
-                                   recompute=cfg.recompute, sequence_parallel=cfg.sequence_parallel,
+                                   recompute=cfg.recompute and cfg.recompute_granularity,
+                                   sequence_parallel=cfg.sequence_parallel,
                                    cp_comm_type=cfg.cp_comm_type, overrides=cfg.transformer_overrides,
                                    use_te=use_te)
     model = build_gpt_model(spec, tf_config, pgs, use_te=use_te)

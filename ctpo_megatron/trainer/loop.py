@@ -48,6 +48,9 @@ def actor_config(cfg: TrainConfig, dims) -> Any:
                                params_dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
                                recompute=cfg.model.recompute_activations or cfg.actor.recompute,
                                allow_local_spec=cfg.model.allow_local_spec or cfg.actor.allow_local_spec,
+                               recompute_granularity=(cfg.model.recompute_granularity
+                                                      if cfg.model.recompute_activations
+                                                      else cfg.actor.recompute_granularity),
                                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
                                sequence_parallel=cfg.parallel.sequence_parallel,
                                temperature=cfg.rollout.temperature)

@@ -155,3 +155,21 @@ def test_on_a_gpu_te_is_used_or_the_local_spec_refused(monkeypatch):
         with pytest.raises(RuntimeError, match="allow_local_spec"):
             builder.resolve_use_te()
         assert builder.resolve_use_te(allow_local_spec=True) is False
+
+
+def test_selective_recompute_is_offered_through_the_config():
+    from ctpo_megatron.cluster.plan import estimate_for_train_config, memory_what_ifs
+    from ctpo_megatron.config.store import load_config
+    from ctpo_megatron.parallel.dims import ParallelDims
+    from ctpo_megatron.trainer.loop import actor_config
+
+    dims = ParallelDims(tp=8, pp=2, cp=1, dp=2)
+    full = load_config()  # Qwen3-32B with model.recompute_activations=true
+    sel = load_config(["model.recompute_granularity=selective"])
+    assert actor_config(sel, dims).recompute and actor_config(sel, dims).recompute_granularity == "selective"
+    e_full, e_sel = (estimate_for_train_config(c, dims) for c in (full, sel))
+    assert e_full.activations < e_sel.activations
+    assert memory_what_ifs(full, dims)["with selective recompute"] * 2**30 == pytest.approx(e_sel.total)
+    assert "with full recompute" in memory_what_ifs(sel, dims)
+    with pytest.raises(Exception, match="recompute_granularity"):
+        load_config(["model.recompute_granularity=some"])
