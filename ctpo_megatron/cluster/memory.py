@@ -46,7 +46,8 @@ LOGIT_ENTRY_BYTES = 10  # bf16 logits + fp32 upcast + fp32 softmax kept for back
 KEPT_LOGIT_BYTES = 4  # the micro-batch's bf16 logits saved for backward + their bf16 gradient
 WEIGHT_SYNC_BUCKET_BYTES = 512 << 20  # rollout.weight_sync.bucket_bytes' default
 SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp")
-"""megatron `recompute_modules` of "selective" recompute (models.config.transformer_config)."""
+"""megatron `recompute_modules` of "selective" recompute (models.config.transformer_config; with
+TE "core_attn" is left out: its flash attention keeps no [S, S] scores to save)."""
 SOFTMAX_STAT_BYTES = 4  # flash attention's fp32 log-sum-exp per head and token
 
 

@@ -232,8 +232,9 @@ def transformer_config(spec: ModelSpec, dims: ParallelDims, *, params_dtype: str
     elif recompute == "selective":
         from ctpo_megatron.cluster.memory import SELECTIVE_RECOMPUTE_MODULES
 
-        kwargs.update(recompute_granularity="selective",
-                      recompute_modules=list(SELECTIVE_RECOMPUTE_MODULES))
+        # TE's flash attention stores no [S, S] scores: re-running it would only cost time.
+        modules = [m for m in SELECTIVE_RECOMPUTE_MODULES if not (use_te and m == "core_attn")]
+        kwargs.update(recompute_granularity="selective", recompute_modules=modules)
     for name, value in (overrides or {}).items():
         if name not in TransformerConfig.__dataclass_fields__:
             raise ValueError(f"transformer_overrides: {name!r} is not a TransformerConfig field")

@@ -89,10 +89,8 @@ def test_transformer_config_local_spec_has_no_fusions():
     from ctpo_megatron.models.config import transformer_config
     from ctpo_megatron.parallel.dims import ParallelDims
     from ctpo_megatron.models.config import model_spec_from_hf
-    from transformers import Qwen2Config
 
-    hf = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, architectures=["Qwen2ForCausalLM"])
+    hf = _tiny_hf_config()
     dims = ParallelDims(tp=1, pp=1, cp=1, dp=1)
     cfg = transformer_config(model_spec_from_hf(hf, dims), dims)
     assert not (cfg.bias_activation_fusion or cfg.apply_rope_fusion or cfg.gradient_accumulation_fusion)
@@ -173,3 +171,26 @@ def test_selective_recompute_is_offered_through_the_config():
     assert "with full recompute" in memory_what_ifs(sel, dims)
     with pytest.raises(Exception, match="recompute_granularity"):
         load_config(["model.recompute_granularity=some"])
+
+
+def test_selective_recompute_skips_core_attention_under_te(monkeypatch):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ctpo_megatron.models import config as model_config
+    from ctpo_megatron.parallel.dims import ParallelDims
+
+    seen = {}
+    # TE's fusions cannot be validated without TE: record the kwargs instead of building.
+    monkeypatch.setattr(TransformerConfig, "__init__", lambda self, **kw: seen.update(kw))
+    hf = _tiny_hf_config()
+    dims = ParallelDims(tp=1, pp=1, cp=1, dp=1)
+    model_config.transformer_config(model_config.model_spec_from_hf(hf, dims), dims,
+                                    recompute="selective", use_te=True)
+    assert seen["recompute_modules"] == ["mlp"] and seen["apply_rope_fusion"]
+
+
+def _tiny_hf_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, architectures=["Qwen2ForCausalLM"])
