@@ -223,12 +223,11 @@ def _export_checkpoint(cfg: Any, checkpoint: str, out_dir: str) -> str:
     Hugging Face directory under `out_dir`; returns that directory."""
     from ctpo_megatron.actor.policy import PolicyActor
     from ctpo_megatron.parallel.state import init_distributed
-    from ctpo_megatron.trainer.loop import actor_config
 
     if not os.path.isdir(checkpoint):
         raise ValueError(f"eval.checkpoint={checkpoint!r} is not a directory")
     _, world = init_distributed(timeout_minutes=cfg.trainer.collective_timeout_minutes)
-    actor = PolicyActor(actor_config(cfg, cfg.validate(world)))
+    actor = PolicyActor(cfg.actor_config(cfg.validate(world)))
     actor.load_checkpoint(checkpoint, load_optimizer=False)
     hf_dir = os.path.join(out_dir, "hf_export")
     actor.export_hf(hf_dir)

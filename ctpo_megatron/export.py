@@ -253,6 +253,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, ba
     cfg = ActorConfig(hf_model_dir=base_model, dims=ParallelDims(tp=tp, pp=pp),
                       params_dtype="bfloat16" if saved_dtype == torch.bfloat16 else "float32",
                       make_vocab_size_divisible_by=padded_vocab // tp,
+                      # weights only: no attention runs, so the local spec is fine on a GPU too
+                      allow_local_spec=True,
                       transformer_overrides={"perform_initialization": False})
     model, spec, _, pgs, _ = build_policy_model(cfg, load_hf_weights=False)
     _check_model_keys(model.sharded_state_dict(), metadata, ckpt, base_model)

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model parameter dtype")
     parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk in the vocab-parallel log-prob kernel")
     parser.add_argument("--with-entropy", action="store_true", help='also write "entropy" per response token')
+    parser.add_argument("--allow-local-spec", action="store_true",
+                        help="on a GPU without TransformerEngine, run megatron's local spec (unfused "
+                             "attention, a full [S, S] score matrix per layer) instead of refusing")
     return parser.parse_args(argv)
 
 
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ActorConfig(hf_model_dir=args.hf_model, dims=ParallelDims(tp=args.tp, pp=args.pp, cp=args.cp),
                           params_dtype=args.dtype, temperature=args.temperature,
                           micro_batch_size=args.micro_batch_size, logprob_chunk_size=args.chunk_size,
-                          lr=0.0)
+                          lr=0.0, allow_local_spec=args.allow_local_spec)
         actor = PolicyActor(cfg)
         dp, dp_rank = actor.pgs.dp.size(), actor.pgs.dp.rank()
         # Contiguous shares, so gathering in DP order restores the input order.

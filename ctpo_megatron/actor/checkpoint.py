@@ -6,8 +6,10 @@ Layout under a checkpoint root (a filesystem every rank sees):
     root/iter_0000013.incomplete/   a save in progress (or killed midway): never loaded
     root/latest               "iter_0000012": the last complete save
 
-A save writes into `<tag>.incomplete`, fsyncs every file, renames the directory to `<tag>`
-and only then replaces `latest` atomically (write temp file, fsync, os.replace, fsync the
+A save writes into `<tag>.incomplete`; every rank fsyncs the files it wrote (its
+`__<rank>_*.distcp` shards: on a multi-node filesystem only the writer's fsync flushes its
+client cache), rank 0 then fsyncs the shared metadata and the directories, renames the
+directory to `<tag>` and only then replaces `latest` atomically (write temp file, fsync, os.replace, fsync the
 directory). A save killed at any point therefore leaves `latest` pointing at the previous
 complete checkpoint. Model tensors are saved in megatron's global (layout-free) form, and the
 distributed optimizer in its `fully_reshardable` form (per-parameter state, like a plain
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -42,11 +45,25 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+_SHARD_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
+"""torch_dist shard files are named `[<group>]__<global rank>_<n>.distcp` by the rank that wrote
+them (megatron's FileSystemWriterAsync; the group prefix only with a separation hint)."""
+
+
+def files_written_by(root: Path, rank: int) -> list[Path]:
+    """The paths under the checkpoint directory `root` that `rank` must fsync: its own
+    `__<rank>_*` shard files; rank 0 also every other file (metadata, common state) and every
+    directory (deepest first). Each path belongs to exactly one rank."""
+    owned: list[Path] = []
+    dirs: list[Path] = []
     for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
+        dirs.append(Path(dirpath))
+        for name in sorted(files):
+            match = _SHARD_FILE.search(name)
+            writer = int(match.group(1)) if match else 0
+            if writer == rank:
+                owned.append(Path(dirpath) / name)
+    return owned + (dirs[::-1] if rank == 0 else [])
 
 
 def _write_latest(root: Path, tag: str) -> None:
@@ -146,9 +163,11 @@ def save_checkpoint(actor, ckpt_dir: str | os.PathLike, extra_state: dict) -> st
     state["extra_state"] = dict(extra_state)
     state["step_count"] = actor.step_count
     dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
+    dist.barrier()  # every shard is on disk (in some page cache) before anyone lists them
+    for path in files_written_by(tmp, dist.get_rank()):
+        _fsync_path(path)
+    dist.barrier()  # every rank's shards are durable before `latest` may name them
     if dist.get_rank() == 0:
-        _fsync_tree(tmp)
         if final.exists():  # re-saving the same step: keep the old copy until the new one is in
             old = root / (tag + ".old")
             shutil.rmtree(old, ignore_errors=True)

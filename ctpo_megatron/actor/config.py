@@ -52,9 +52,15 @@ class ActorConfig:
     K/V ("p2p", "all_gather", "a2a", "a2a+p2p"). Megatron's local spec (no TE) always uses the
     exact all-gather attention of `models.cp_attention`."""
     recompute: bool = False
-    """Full activation recomputation of every layer in backward (less memory, ~1/3 more compute)."""
+    """Activation recomputation in backward (less memory, more compute), of the kind below."""
+    recompute_granularity: str = "full"
+    """With recompute: "full" (every layer re-run, only its input kept; ~1/3 more compute) or
+    "selective" (megatron re-runs core attention and the MLP only)."""
     make_vocab_size_divisible_by: int = 128
     """The vocabulary is padded to a multiple of this times tp; padded entries are masked out."""
+    allow_local_spec: bool = False
+    """Run megatron's local (pure torch) layer spec on a GPU when TransformerEngine is missing,
+    instead of refusing to start (`models.builder.choose_layer_spec`). CPU mode always runs it."""
     transformer_overrides: dict = field(default_factory=dict)
     """Rarely used megatron TransformerConfig fields, applied last (names are validated)."""
 
@@ -74,6 +80,9 @@ class ActorConfig:
         if self.sequence_parallel and self.dims.tp < 2:
             raise ValueError(f"actor.sequence_parallel=True needs tp > 1 (parallel.tp={self.dims.tp}); "
                              "set parallel.sequence_parallel=false")
+        if self.recompute_granularity not in ("full", "selective"):
+            raise ValueError(f"actor.recompute_granularity={self.recompute_granularity!r}: expected "
+                             "'full' or 'selective'")
         from ctpo_megatron.models.config import CP_COMM_TYPES
 
         if self.cp_comm_type not in CP_COMM_TYPES:

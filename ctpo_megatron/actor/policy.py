@@ -25,7 +25,7 @@ from ctpo_megatron.actor.schedule import (
     ScoreSettings, make_micro_batches, model_device, run_schedule,
 )
 from ctpo_megatron.models import hf_io
-from ctpo_megatron.models.builder import build_gpt_model
+from ctpo_megatron.models.builder import build_gpt_model, resolve_use_te
 from ctpo_megatron.models.config import model_spec_from_hf, transformer_config
 from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 from ctpo_megatron.parallel.state import init_parallel
@@ -86,11 +86,14 @@ def build_policy_model(cfg: ActorConfig, *, load_hf_weights: bool = True):
     # Validate the model against the layout before the first collective.
     spec = model_spec_from_hf(hf_config, cfg.dims.resolve(dist.get_world_size()),
                               make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+    use_te = resolve_use_te(allow_local_spec=cfg.allow_local_spec)  # refuses a silent fallback
     dims, pgs = init_parallel(cfg.dims, seed=cfg.seed)
     tf_config = transformer_config(spec, dims, params_dtype=cfg.params_dtype,
-                                   recompute=cfg.recompute, sequence_parallel=cfg.sequence_parallel,
-                                   cp_comm_type=cfg.cp_comm_type, overrides=cfg.transformer_overrides)
-    model = build_gpt_model(spec, tf_config, pgs)
+                                   recompute=cfg.recompute and cfg.recompute_granularity,
+                                   sequence_parallel=cfg.sequence_parallel,
+                                   cp_comm_type=cfg.cp_comm_type, overrides=cfg.transformer_overrides,
+                                   use_te=use_te)
+    model = build_gpt_model(spec, tf_config, pgs, use_te=use_te)
     if cfg.params_dtype == "bfloat16":
         model.to(torch.bfloat16)
     if torch.cuda.is_available() and not is_cpu_mode():
@@ -117,6 +120,7 @@ class PolicyActor:
         model, self.spec, self.dims, self.pgs, self.tf_config = build_policy_model(cfg)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+            check_for_nan_in_grad=True,  # bf16 has no loss scaler: a NaN grad must stop the step
             use_distributed_optimizer=cfg.use_distributed_optimizer)
         self.model = [DistributedDataParallel(self.tf_config, ddp_config, model,
                                               pg_collection=self.pgs)]

@@ -48,6 +48,17 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
 
 
+def attention_mask(seq_len: int, device: torch.device, *, context_parallel: bool) -> torch.Tensor | None:
+    """The attention mask handed to GPTModel: None (causal attention by the kernel: TE's fused
+    attention, or megatron's own cached mask under the local spec) on a GPU and under context
+    parallelism (the core attention masks by zigzag positions, actor/context_parallel.py); the
+    explicit [1, 1, S, S] `causal_mask` only on CPU, where megatron's default mask would be
+    built on "cuda". A GPU never gets a materialized [S, S] tensor from here."""
+    if context_parallel or device.type != "cpu":
+        return None
+    return causal_mask(seq_len, device)
+
+
 def make_micro_batches(batch: TokenBatch, *, micro_batch_size: int, fixed_shape: bool,
                        seq_multiple: int = 1) -> list[MicroBatch]:
     """Splits the rows of `batch` (in order) into micro-batches. fixed_shape (PP > 1: the
@@ -64,11 +75,8 @@ def make_micro_batches(batch: TokenBatch, *, micro_batch_size: int, fixed_shape:
 def _forward_step(data_iterator, model, *, settings: ScoreSettings, tp_group, consume: Callable):
     mb: MicroBatch = next(data_iterator)
     device = model_device()
-    # Under context parallelism the core attention builds the causal mask from each rank's
-    # zigzag chunk positions (actor/context_parallel.py).
-    cp = getattr(mb, "cp_size", 1) > 1
-    output = model(mb.tokens.to(device), mb.position_ids.to(device),
-                   attention_mask=None if cp else causal_mask(mb.tokens.shape[1], device))
+    mask = attention_mask(mb.tokens.shape[1], device, context_parallel=getattr(mb, "cp_size", 1) > 1)
+    output = model(mb.tokens.to(device), mb.position_ids.to(device), attention_mask=mask)
     return output, functools.partial(_score, mb, settings=settings, tp_group=tp_group,
                                      consume=consume)
 

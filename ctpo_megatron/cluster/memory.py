@@ -10,6 +10,11 @@ The model (all byte counts per GPU, for the most loaded pipeline stage):
 * activations tokens * bytes/token/layer  bf16 tensors autograd keeps for backward (below)
 * logits      chunk * V/tp * 10           bf16 logits + fp32 upcast + fp32 softmax of the
                                           vocab-parallel log-prob, for one chunk of tokens
+* logits kept tokens * V/tp * 4           the output layer's bf16 logits of the whole
+                                          micro-batch, kept for backward, and their bf16
+                                          gradient (last stage only; chunking does not shrink them)
+* weight sync bucket_bytes                one weight-sync bucket staged on the GPU (full bf16
+                                          tensors gathered over TP before each push to the servers)
 * overhead    fixed                       CUDA context, NCCL buffers, allocator fragmentation
 
 P_stage = layers/pp * (layer matrices / tp + norms) + embedding/tp (first stage) + output/tp
@@ -19,8 +24,9 @@ over tp as well. Flash attention keeps no [s, s] tensors, so per layer and token
 saved for backward are: the layer input and the pre-MLP residual (2h each), the two norm
 outputs (2h each), q/k/v (q + 2kv), the attention output (q), the gate/up outputs (2 ffn) and
 the SwiGLU output (ffn): `2 * (4h + 2q + 2kv + 3ffn)` bytes, plus fp32 softmax statistics per
-head. Megatron's "selective" recompute only re-runs core attention, which flash attention
-already does not store, so it equals "none" here. "full" recompute keeps each layer's input and
+head. "selective" is megatron's selective recompute of `SELECTIVE_RECOMPUTE_MODULES`: core
+attention (which flash attention already does not store) and the MLP, so the gate/up and SwiGLU
+outputs (3 ffn) are not kept, and one layer's MLP is re-run at a time in backward. "full" recompute keeps each layer's input and
 re-runs one layer at a time in backward. Under the 1F1B schedule pipeline stage i holds
 min(pp - i, micro-batches) micro-batches in flight.
 """
@@ -37,6 +43,11 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 PARAM_BYTES = 2  # bf16 parameters
 OPTIMIZER_BYTES = 12  # fp32 master param + Adam exp_avg + exp_avg_sq
 LOGIT_ENTRY_BYTES = 10  # bf16 logits + fp32 upcast + fp32 softmax kept for backward
+KEPT_LOGIT_BYTES = 4  # the micro-batch's bf16 logits saved for backward + their bf16 gradient
+WEIGHT_SYNC_BUCKET_BYTES = 512 << 20  # rollout.weight_sync.bucket_bytes' default
+SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp")
+"""megatron `recompute_modules` of "selective" recompute (models.config.transformer_config; with
+TE "core_attn" is left out: its flash attention keeps no [S, S] scores to save)."""
 SOFTMAX_STAT_BYTES = 4  # flash attention's fp32 log-sum-exp per head and token
 
 
@@ -54,6 +65,10 @@ class MemoryEstimate:
     """Tensors saved for backward, all in-flight micro-batches of this stage."""
     logits: int
     """Vocab-parallel logits and log-softmax temporaries for one chunk (last stage only)."""
+    logits_kept: int
+    """The micro-batch's bf16 logits kept for backward plus their bf16 gradient (last stage)."""
+    weight_sync: int
+    """One weight-sync bucket staged on the GPU."""
     overhead: int
     """CUDA context, communication buffers, allocator fragmentation (fixed allowance)."""
     params_per_gpu: int
@@ -71,7 +86,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations + self.logits + self.overhead
+        return (self.weights + self.grads + self.optimizer + self.activations + self.logits
+                + self.logits_kept + self.weight_sync + self.overhead)
 
     @property
     def fits(self) -> bool:
@@ -85,6 +101,7 @@ class MemoryEstimate:
         unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 1024 ** 2)
         rows = [("weights (bf16)", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
                 ("activations", self.activations), ("logits chunk", self.logits),
+                ("logits kept", self.logits_kept), ("weight sync", self.weight_sync),
                 ("overhead", self.overhead)]
         lines = [f"  {name:<16}{value / scale:8.2f} {unit}" for name, value in rows]
         verdict = "fits" if self.fits else "DOES NOT FIT"
@@ -101,18 +118,22 @@ def _layer_params_per_gpu(model: ModelDims, tp: int) -> int:
     return (model.params_per_layer - norms) // tp + norms
 
 
+def _mlp_activation_bytes_per_token(model: ModelDims, tp: int) -> float:
+    return 2 * (3 if model.gated_mlp else 2) * model.ffn_hidden_size / tp  # gate/up + SwiGLU out
+
+
 def _layer_activation_bytes_per_token(model: ModelDims, tp: int, sequence_parallel: bool) -> float:
-    h, q, kv, ffn = model.hidden_size, model.q_width, model.kv_width, model.ffn_hidden_size
+    h, q, kv = model.hidden_size, model.q_width, model.kv_width
     residual = 2 * 4 * h / (tp if sequence_parallel else 1)  # inputs, pre-MLP residual, 2 norm outs
-    mlp = 2 * (3 if model.gated_mlp else 2) * ffn / tp
     attention = 2 * (2 * q + 2 * kv) / tp + SOFTMAX_STAT_BYTES * model.num_attention_heads / tp
-    return residual + attention + mlp
+    return residual + attention + _mlp_activation_bytes_per_token(model, tp)
 
 
 def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int, micro_batch: int = 1, *,
                     recompute: str = "full", distributed_optimizer: bool = True,
                     logits_chunk_tokens: int = 0, num_microbatches: int | None = None,
                     sequence_parallel: bool | None = None, grad_bytes: int = 4,
+                    weight_sync_bucket_bytes: int = WEIGHT_SYNC_BUCKET_BYTES,
                     gpu_memory_gib: float = 80.0, overhead_gib: float = 4.0) -> MemoryEstimate:
     """Estimates training memory per GPU for the most loaded pipeline stage.
 
@@ -122,6 +143,7 @@ def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int,
     logits_chunk_tokens: tokens per log-prob chunk; 0 = the whole micro-batch at once.
     num_microbatches: micro-batches per step (bounds the 1F1B in-flight count); None = >= pp.
     sequence_parallel: defaults to tp > 1. grad_bytes: 4 (fp32 main grads) or 2.
+    weight_sync_bucket_bytes: one weight-sync bucket (`rollout.weight_sync.bucket_bytes`).
     Raises ValueError naming the setting on invalid input.
     """
     if parallel.dp < 1:
@@ -134,6 +156,8 @@ def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int,
     if seq_len % (2 * parallel.cp) and parallel.cp > 1:
         raise ValueError(f"seq_len={seq_len} is not divisible by 2*cp={2 * parallel.cp} "
                          "(context parallelism splits each sequence into 2*cp chunks)")
+    if weight_sync_bucket_bytes < 0:
+        raise ValueError(f"weight_sync_bucket_bytes={weight_sync_bucket_bytes}: must be >= 0")
     if logits_chunk_tokens < 0:
         raise ValueError(f"logits_chunk_tokens={logits_chunk_tokens}: must be >= 0 (0 = unchunked)")
     parallel.check_model(num_attention_heads=model_dims.num_attention_heads,
@@ -143,6 +167,7 @@ def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int,
     layers = model_dims.num_layers // pp
     tokens = seq_len * micro_batch // parallel.cp
     layer_act = _layer_activation_bytes_per_token(model_dims, tp, sp)
+    mlp_act = _mlp_activation_bytes_per_token(model_dims, tp)
     layer_input = 2 * model_dims.hidden_size / (tp if sp else 1)
     vocab_shard = -(-model_dims.vocab_size // tp)
     opt_shards = parallel.dp * parallel.cp if distributed_optimizer else 1
@@ -157,6 +182,8 @@ def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int,
         in_flight = max(1, min(max_in_flight, pp - stage))
         if recompute == "full":
             act = layers * layer_input * tokens * in_flight + layer_act * tokens
+        elif recompute == "selective":  # MLP internals re-run one layer at a time in backward
+            act = layers * (layer_act - mlp_act) * tokens * in_flight + mlp_act * tokens
         else:
             act = layers * layer_act * tokens * in_flight
         logit_tokens = min(logits_chunk_tokens, tokens) if logits_chunk_tokens else tokens
@@ -164,6 +191,8 @@ def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int,
             weights=params * PARAM_BYTES, grads=params * grad_bytes,
             optimizer=params * OPTIMIZER_BYTES // opt_shards, activations=int(act),
             logits=logit_tokens * vocab_shard * LOGIT_ENTRY_BYTES if last else 0,
+            logits_kept=tokens * vocab_shard * KEPT_LOGIT_BYTES if last else 0,
+            weight_sync=weight_sync_bucket_bytes,
             overhead=int(overhead_gib * GIB), params_per_gpu=params, tokens_per_gpu=tokens,
             layers_per_stage=layers, in_flight_microbatches=in_flight, stage=stage,
             gpu_memory=int(gpu_memory_gib * GIB))

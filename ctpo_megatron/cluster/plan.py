@@ -144,22 +144,29 @@ def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     return cluster, trainer
 
 
+def _recompute(train_cfg: "TrainConfig") -> str:
+    """The estimate's recompute mode for the trainer's config (as `TrainConfig.actor_config`
+    derives it): none, full or selective."""
+    actor = train_cfg.actor_config(train_cfg.parallel.dims())
+    return actor.recompute_granularity if actor.recompute else "none"
+
+
 def estimate_for_train_config(train_cfg: "TrainConfig", dims: ParallelDims, *,
                               gpu_memory_gib: float = 80.0, micro_batch: int = 1,
                               logits_chunk_tokens: int = 4096, overhead_gib: float = 4.0,
                               **changes) -> MemoryEstimate:
     """Memory per GPU of the trainer's config (`TrainConfig`) at resolved `dims` (ParallelDims).
 
-    Sequence length = rollout.max_prompt_len + rollout.max_response_len; full recompute when
-    model.recompute_activations or actor.recompute (as the trainer). `changes` override `estimate_memory` keywords (what-ifs).
+    Sequence length = rollout.max_prompt_len + rollout.max_response_len; recompute as the trainer
+    derives it (model.recompute_activations or actor.recompute, of `recompute_granularity`). `changes` override `estimate_memory` keywords (what-ifs).
     The trainer's start-up validation can call this directly.
     """
     kwargs = dict(seq_len=train_cfg.rollout.max_prompt_len + train_cfg.rollout.max_response_len,
-                  micro_batch=micro_batch,
-                  recompute="full" if train_cfg.model.recompute_activations or train_cfg.actor.recompute else "none",
+                  micro_batch=micro_batch, recompute=_recompute(train_cfg),
                   distributed_optimizer=train_cfg.parallel.distributed_optimizer,
                   sequence_parallel=train_cfg.parallel.sequence_parallel,
                   logits_chunk_tokens=logits_chunk_tokens, gpu_memory_gib=gpu_memory_gib,
+                  weight_sync_bucket_bytes=train_cfg.rollout.weight_sync.bucket_bytes,
                   overhead_gib=overhead_gib)
     kwargs.update(changes)
     return estimate_memory(model_dims_of(train_cfg.model), dims, **kwargs)
@@ -171,6 +178,10 @@ def memory_what_ifs(train_cfg: "TrainConfig", dims: ParallelDims, **kwargs) -> d
     if train_cfg.model.recompute_activations:
         out["without activation recompute"] = estimate_for_train_config(train_cfg, dims, **kwargs,
                                                                          recompute="none").total
+    for mode in ("selective", "full"):  # the other recompute kinds (model.recompute_granularity)
+        if mode != _recompute(train_cfg):
+            out[f"with {mode} recompute"] = estimate_for_train_config(train_cfg, dims, **kwargs,
+                                                                      recompute=mode).total
     if train_cfg.parallel.distributed_optimizer:
         out["without distributed optimizer"] = estimate_for_train_config(
             train_cfg, dims, **kwargs, distributed_optimizer=False).total

@@ -45,10 +45,19 @@ class ModelConfig:
     `bfloat16` (GPU). float16 is not supported (no loss scaling in the actor)."""
     recompute_activations: bool = False
     """Full activation recomputation in every layer (needed at 32B with 24k-token contexts)."""
+    recompute_granularity: str = "full"
+    """With recompute_activations: `full` (each layer re-run in backward, only its input kept) or
+    `selective` (megatron re-runs core attention and the MLP only: more memory, less compute)."""
+    allow_local_spec: bool = False
+    """On a GPU without TransformerEngine, run megatron's local spec (unfused attention, a full
+    [S, S] score matrix per layer) instead of refusing to start. Short sequences and tests only."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("qwen2", "qwen3"):
             raise ValueError(f"model.arch={self.arch!r}: expected 'qwen2' or 'qwen3'")
+        if self.recompute_granularity not in ("full", "selective"):
+            raise ValueError(f"model.recompute_granularity={self.recompute_granularity!r}: expected "
+                             "'full' or 'selective'")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype={self.dtype!r}: expected float32 or bfloat16 (float16 "
                              "is not supported: the actor has no loss scaling)")

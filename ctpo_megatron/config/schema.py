@@ -86,8 +86,12 @@ class TrainConfig:
         parallel sizes), and activation recomputation on if model or actor asks for it."""
         derived = {name: value for name, (value, _) in self.derived_actor_fields().items()}
         derived["dims"] = dims
+        by_model = self.model.recompute_activations
         return dataclasses.replace(self.actor, **derived,
-                                   recompute=self.model.recompute_activations or self.actor.recompute)
+                                   recompute=by_model or self.actor.recompute,
+                                   recompute_granularity=(self.model.recompute_granularity if by_model
+                                                          else self.actor.recompute_granularity),
+                                   allow_local_spec=self.model.allow_local_spec or self.actor.allow_local_spec)
 
     def check_inputs(self) -> None:
         """Start-up checks of the files the run reads (model checkpoint, prompt files) and of the

@@ -1,32 +1,105 @@
 """Builds the megatron-core `GPTModel` chunk of this pipeline stage from a `ModelSpec`.
 
-The layer spec is TransformerEngine's when TE is importable (GPU clusters), else megatron's local
-spec (pure torch; CPU mode). That choice is made here and nowhere else. Under context
-parallelism (CP > 1) TE's attention runs CP itself (`TransformerConfig.cp_comm_type`); the local
-spec's attention refuses CP, so its core attention is swapped for
-`models.cp_attention.ContextParallelDotProductAttention` (exact, K/V all-gathered over CP).
+The layer spec is TransformerEngine's when megatron's own TE extension
+(`megatron.core.extensions.transformer_engine`) loads with TE behind it and a GPU runs the
+model; megatron's local spec (pure torch) otherwise. On a GPU the local spec is refused unless
+asked for (`allow_local_spec`): its unfused attention holds a full [S, S] score matrix per
+layer (~20 GB at 24k tokens), so a silent fallback would only fail later, out of memory. That
+choice is made here and nowhere else (`choose_layer_spec`, a pure function), and logged with
+the TE version at start-up. Under context parallelism (CP > 1) TE's attention runs CP itself
+(`TransformerConfig.cp_comm_type`); the local spec's attention refuses CP, so its core attention
+is swapped for `models.cp_attention.ContextParallelDotProductAttention` (exact, K/V all-gathered
+over CP).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from ctpo_megatron.models.config import ModelSpec
+from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 
 logger = logging.getLogger(__name__)
 
+TE_EXTENSION = "megatron.core.extensions.transformer_engine"
+"""megatron's TE wrapper module: the TE layer spec needs it, not just `transformer_engine`."""
+TE_SPEC, LOCAL_SPEC = "transformer_engine", "local"
+
+
+@dataclass(frozen=True)
+class TEStatus:
+    """Whether megatron can build TransformerEngine layers in this process."""
+
+    available: bool
+    """megatron's TE extension imported and found TE (`HAVE_TE`)."""
+    version: str | None
+    """TransformerEngine's version when available."""
+    reason: str
+    """Why TE is not available ("" when it is)."""
+
+
+def transformer_engine_status() -> TEStatus:
+    """Imports megatron's TE extension (never `transformer_engine` alone: TE can import while
+    megatron's wrappers do not, and the TE spec then fails with a NameError mid-build)."""
+    try:
+        ext = importlib.import_module(TE_EXTENSION)
+    except Exception as e:  # noqa: BLE001 - a half-installed TE raises assorted errors
+        return TEStatus(False, None, f"{TE_EXTENSION} failed to import: {type(e).__name__}: {e}")
+    if not getattr(ext, "HAVE_TE", False):
+        return TEStatus(False, None, f"{TE_EXTENSION} imported but found no transformer_engine "
+                                     "(HAVE_TE=False)")
+    version = getattr(getattr(ext, "te", None), "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version("transformer-engine")
+        except Exception:  # noqa: BLE001 - the version is informative only
+            version = "unknown"
+    return TEStatus(True, str(version), "")
+
+
+def choose_layer_spec(*, cuda: bool, te: TEStatus, allow_local_spec: bool) -> str:
+    """Which layer spec to build: `TE_SPEC` or `LOCAL_SPEC`. Pure.
+
+    cuda: the model runs on a GPU (not CPU mode). On a GPU without TE the local spec is
+    refused (RuntimeError saying why TE is missing) unless `allow_local_spec`.
+    """
+    if not cuda:
+        return LOCAL_SPEC  # TE needs a GPU; CPU mode always runs the local spec
+    if te.available:
+        return TE_SPEC
+    if allow_local_spec:
+        return LOCAL_SPEC
+    raise RuntimeError(
+        f"TransformerEngine is not usable on this GPU run ({te.reason}); megatron's local spec "
+        "would run unfused attention with a full [S, S] score matrix per layer. Install "
+        "transformer-engine, or set model.allow_local_spec=true to run the local spec anyway "
+        "(short sequences, tests)")
+
+
+def runs_on_cuda() -> bool:
+    """Whether megatron runs this process's model on a GPU (CUDA present and not CPU mode)."""
+    return torch.cuda.is_available() and not is_cpu_mode()
+
+
+def resolve_use_te(*, allow_local_spec: bool = False) -> bool:
+    """Detects TE, applies `choose_layer_spec` and logs the choice; returns whether to use TE."""
+    te = transformer_engine_status()
+    cuda = runs_on_cuda()
+    chosen = choose_layer_spec(cuda=cuda, te=te, allow_local_spec=allow_local_spec)
+    logger.info("layer spec: %s (device=%s, TransformerEngine %s)", chosen,
+                "cuda" if cuda else "cpu", te.version if te.available else f"absent: {te.reason}")
+    return chosen == TE_SPEC
+
 
 def have_transformer_engine() -> bool:
-    """Whether TransformerEngine's torch binding imports (and a GPU is there to run it)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001 - TE raises assorted errors when half-installed
-        return False
-    return True
+    """Whether megatron's TE extension is usable and a GPU is there to run it."""
+    return runs_on_cuda() and transformer_engine_status().available
 
 
 def layer_spec(spec: ModelSpec, *, use_te: bool | None = None):
@@ -98,11 +171,14 @@ def _local_spec_for_sequence_parallel(layer, config, pgs):
                                       layer_norm=SequenceParallelRMSNorm)
 
 
-def build_gpt_model(spec: ModelSpec, config, pgs, *, use_te: bool | None = None):
+def build_gpt_model(spec: ModelSpec, config, pgs, *, use_te: bool | None = None,
+                    allow_local_spec: bool = False):
     """Builds the GPTModel chunk for this rank's PP stage (pre_process on the first stage,
     post_process on the last), with RoPE frequencies taken from the HF config.
 
     config: megatron TransformerConfig (see `transformer_config`). pgs: ProcessGroupCollection.
+    use_te: None detects TE (`resolve_use_te`, which refuses the local spec on a GPU unless
+    `allow_local_spec`).
     Weights are randomly initialized; load them with `hf_io.load_hf_weights`. The output layer
     returns vocab-parallel logits `[b, s, V_pad / tp]` when called without labels.
     """
@@ -110,7 +186,7 @@ def build_gpt_model(spec: ModelSpec, config, pgs, *, use_te: bool | None = None)
 
     pp_rank, pp_size = pgs.pp.rank(), pgs.pp.size()
     if use_te is None:
-        use_te = have_transformer_engine()
+        use_te = resolve_use_te(allow_local_spec=allow_local_spec)
     block_spec = layer_spec(spec, use_te=use_te)
     if config.context_parallel_size > 1 and not use_te:
         block_spec = _local_spec_for_context_parallel(block_spec)

@@ -154,18 +154,46 @@ def model_spec_from_hf(hf_config: Any, dims: ParallelDims, *,
         rope_theta=base, rope_inv_freq=inv_freq)
 
 
+def have_wgrad_accumulation_kernel() -> bool:
+    """Whether APEX's `fused_weight_gradient_mlp_cuda` imports: megatron's own linear layers (the
+    output layer, also under the TE spec) refuse gradient-accumulation fusion without it."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent or built for another torch
+        return False
+    return True
+
+
+def fusion_flags(*, use_te: bool, have_wgrad_kernel: bool) -> dict[str, bool]:
+    """megatron's kernel-fusion switches for this run. Pure.
+
+    With TransformerEngine (GPU) the SwiGLU (`bias_activation_fusion`, bias-free) and RoPE
+    fusions are on, and gradient accumulation into the fp32 main grads is fused into the
+    weight-gradient GEMM when APEX's kernel is there too. The local spec (CPU mode, tests) has
+    none of these kernels, so all are off.
+    """
+    return dict(bias_activation_fusion=use_te, apply_rope_fusion=use_te,
+                gradient_accumulation_fusion=use_te and have_wgrad_kernel,
+                bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False)
+
+
 def transformer_config(spec: ModelSpec, dims: ParallelDims, *, params_dtype: str = "float32",
-                       recompute: bool = False, sequence_parallel: bool = False,
-                       cp_comm_type: str = "p2p", overrides: dict | None = None):
+                       recompute: bool | str = False, sequence_parallel: bool = False,
+                       cp_comm_type: str = "p2p", overrides: dict | None = None,
+                       use_te: bool = False):
     """Builds megatron's `TransformerConfig` for `spec` under the parallel sizes `dims`.
 
     params_dtype: "float32" | "bfloat16" | "float16"; bf16/fp16 set megatron's mixed-precision
-    flags (fp32 main params live in the optimizer). recompute: full activation recomputation of
-    every layer (uniform, 1 layer per checkpoint). sequence_parallel: megatron sequence
+    flags (fp32 main params live in the optimizer). recompute: True / "full": full activation
+    recomputation of every layer (uniform, 1 layer per checkpoint); "selective": megatron's
+    selective recompute of core attention and the MLP
+    (`cluster.memory.SELECTIVE_RECOMPUTE_MODULES`); False / "none": none. sequence_parallel: megatron sequence
     parallelism (needs dims.tp > 1; every micro-batch's sequence length must then be a multiple
     of tp). cp_comm_type: how TransformerEngine's attention exchanges K/V under context
     parallelism ("p2p", "all_gather", "a2a", "a2a+p2p"; only read when dims.cp > 1 and TE runs:
     megatron's local spec uses the all-gather attention of `models.cp_attention`).
+    use_te: the TE layer spec will be built (`models.builder.resolve_use_te`): turns the
+    fusions of `fusion_flags` on.
     overrides: rarely used TransformerConfig
     fields, applied last; unknown names raise ValueError.
     """
@@ -191,15 +219,22 @@ def transformer_config(spec: ModelSpec, dims: ParallelDims, *, params_dtype: str
         fp16=dtype == torch.float16, autocast_dtype=dtype,
         # Softmax and residual math in fp32 keeps bf16 log-probs close to the rollout engine's.
         attention_softmax_in_fp32=True, fp32_residual_connection=False,
-        persist_layer_norm=False, bias_activation_fusion=False, masked_softmax_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        **fusion_flags(use_te=use_te, have_wgrad_kernel=use_te and have_wgrad_accumulation_kernel()),
     )
     if dims.cp > 1:
         if cp_comm_type not in CP_COMM_TYPES:
             raise ValueError(f"cp_comm_type={cp_comm_type!r}: expected one of {CP_COMM_TYPES}")
         kwargs["cp_comm_type"] = cp_comm_type
-    if recompute:
+    if recompute not in (True, False, "full", "selective", "none"):
+        raise ValueError(f"recompute={recompute!r}: expected True/'full', 'selective' or False/'none'")
+    if recompute in (True, "full"):
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        from ctpo_megatron.cluster.memory import SELECTIVE_RECOMPUTE_MODULES
+
+        # TE's flash attention stores no [S, S] scores: re-running it would only cost time.
+        modules = [m for m in SELECTIVE_RECOMPUTE_MODULES if not (use_te and m == "core_attn")]
+        kwargs.update(recompute_granularity="selective", recompute_modules=modules)
     for name, value in (overrides or {}).items():
         if name not in TransformerConfig.__dataclass_fields__:
             raise ValueError(f"transformer_overrides: {name!r} is not a TransformerConfig field")

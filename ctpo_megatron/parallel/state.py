@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ctpo_megatron.parallel.cpu_mode import is_cpu_mode, maybe_enable_cpu_mode
+from ctpo_megatron.parallel.cpu_mode import maybe_enable_cpu_mode
 from ctpo_megatron.parallel.dims import ParallelDims
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,10 @@ def init_parallel(dims: ParallelDims, *, seed: int = 1234):
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,
         context_parallel_size=dims.cp,
-        create_gloo_process_groups=not is_cpu_mode(),  # in CPU mode every group is gloo already
+        # No gloo twins of the NCCL groups: nothing here uses them (the optimizer is built with
+        # use_gloo_process_groups=False), and each costs sockets and memory on every rank at
+        # scale. In CPU mode every group is gloo already.
+        create_gloo_process_groups=False,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return dims, ProcessGroupCollection.use_mpu_process_groups()

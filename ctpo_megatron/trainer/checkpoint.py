@@ -53,9 +53,13 @@ def rng_state() -> dict[str, Any]:
 
 
 def save_rank_rng(ckpt_dir: str, rank: int) -> None:
-    """Writes this rank's RNG state into `ckpt_dir` (atomic rename)."""
+    """Writes this rank's RNG state into `ckpt_dir` (fsync'd by this rank, the writer; atomic
+    rename)."""
     path = os.path.join(ckpt_dir, RNG_FILE.format(rank=rank))
-    torch.save(rng_state(), path + ".tmp")
+    with open(path + ".tmp", "wb") as f:
+        torch.save(rng_state(), f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 

@@ -45,7 +45,16 @@ def _save_then_resume(rank, world_size, model_dir, ckpt):
     out = {}
     actor = _actor(model_dir, 2, 1)  # TP2
     actor.train_step(_samples(), _loss)
-    actor.save_checkpoint(ckpt, {"step": 1, "note": "after one step"})
+    path = actor.save_checkpoint(ckpt, {"step": 1, "note": "after one step"})
+    from pathlib import Path
+
+    from ctpo_megatron.actor.checkpoint import files_written_by
+
+    # each rank fsyncs the shard files it wrote (named by its rank), rank 0 also the metadata
+    owned = [None, None] if rank == 0 else None
+    torch.distributed.gather_object(
+        sorted(p.name for p in files_written_by(Path(path), rank) if p.is_file()), owned, dst=0)
+    out["own_files"] = owned
     out["w1"] = _weights(actor)
     actor.train_step(_samples(), _loss)
     out["w2"] = _weights(actor)  # what the resumed runs must reproduce
@@ -73,6 +82,10 @@ def test_resume_exact_and_across_layouts(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     out = run_on_ranks(_save_then_resume, 2, model_dir, ckpt, timeout=400)[0]
     assert out["latest"] == "iter_0000001"
+    rank0, rank1 = out["own_files"]
+    assert any(n.startswith("__0_") for n in rank0) and "metadata.json" in rank0, rank0
+    assert rank1 and all(n.startswith("__1_") and n.endswith(".distcp") for n in rank1), rank1
+    assert os.listdir(os.path.join(ckpt, "iter_0000001")) and not set(rank0) & set(rank1)
     for layout in ("21", "12"):
         assert out[f"extra_{layout}"] == {"step": 1, "note": "after one step"}
         assert out[f"step_{layout}"] == 1

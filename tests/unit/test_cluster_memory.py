@@ -16,6 +16,7 @@ DIMS = ParallelDims(tp=2, pp=2, cp=2, dp=2)
 
 
 def est(**kw):
+    kw.setdefault("weight_sync_bucket_bytes", 0)
     return estimate_memory(SMALL, DIMS, seq_len=16, micro_batch=2, overhead_gib=0.0, **kw)
 
 
@@ -30,35 +31,47 @@ def test_param_counts_by_hand():
     assert PRESETS["qwen3_32b"].total_params == 32_762_123_264
 
 
-def test_no_recompute_worst_stage_is_the_first():
+def test_no_recompute_worst_stage_is_the_last():
     e = est(recompute="none")
-    # per GPU per layer: (592 - 16 norms) / tp 2 + 16 = 304; stage 0: 2 layers + embedding 16*8
-    assert (e.stage, e.params_per_gpu) == (0, 736)
-    assert (e.weights, e.grads, e.optimizer) == (736 * 2, 736 * 4, 736 * 12 // 4)  # dist-opt over dp*cp=4
-    # bytes per token per layer with SP: residual 2*4*8/2=32, attention 2*(2*8+2*4)/2 + 4*4/2 = 32,
-    # MLP 2*3*16/2 = 48 -> 112; 2 layers x 16 tokens x 2 micro-batches in flight (1F1B, stage 0 of 2)
-    assert e.activations == 2 * 112 * 16 * 2
-    assert e.logits == 0 and e.in_flight_microbatches == 2
-    assert e.total == 1472 + 2944 + 2208 + 7168  # 13792 vs the last stage's 12840
+    # Stage 0 (2 layers + embedding 16*8 = 736 params/GPU, 2 micro-batches in flight under 1F1B):
+    # 736*2 + 736*4 + 736*12//4 (dist-opt over dp*cp=4) + activations 2 layers * 112 B * 16 tokens
+    # * 2 = 1472 + 2944 + 2208 + 7168 = 13792 bytes. Bytes per token per layer with SP: residual
+    # 2*4*8/2 = 32, attention 2*(2*8+2*4)/2 + 4*4/2 = 32, MLP 2*3*16/2 = 48 -> 112.
+    # Last stage (2 layers + output 16*8 + final norm 8 = 744 params, 1 micro-batch in flight):
+    assert (e.stage, e.params_per_gpu, e.in_flight_microbatches) == (1, 744, 1)
+    assert (e.weights, e.grads, e.optimizer) == (744 * 2, 744 * 4, 744 * 12 // 4)
+    assert e.activations == 2 * 112 * 16
+    # unchunked log-prob temporaries 16 tokens x 16 vocab rows x 10 B; the bf16 logits kept for
+    # backward and their bf16 gradient, 16 x 16 x (2 + 2) B
+    assert (e.logits, e.logits_kept, e.weight_sync) == (2560, 1024, 0)
+    assert e.total == 1488 + 2976 + 2232 + 3584 + 2560 + 1024  # 13864 > stage 0's 13792
 
 
 def test_full_recompute_moves_the_peak_to_the_last_stage():
     e = est(recompute="full")
-    # last stage: 2 layers + output 16*8 + final norm 8 = 744 params
     assert (e.stage, e.params_per_gpu) == (1, 744)
     # stored layer inputs 2 * (2*8/2 bytes) * 16 tokens * 1 in flight + one recomputed layer 112 * 16
     assert e.activations == 2 * 8 * 16 + 112 * 16
-    # unchunked vocab-parallel logits: 16 tokens x 16 vocab rows x 10 bytes
-    assert e.logits == 16 * 16 * 10
-    assert e.total == 744 * 2 + 744 * 4 + 744 * 12 // 4 + 2048 + 2560  # 11304 vs stage 0's 8928
+    assert e.logits == 16 * 16 * 10 and e.logits_kept == 16 * 16 * 4
+    assert e.total == 744 * 2 + 744 * 4 + 744 * 12 // 4 + 2048 + 2560 + 1024  # 12328 vs stage 0's 8928
     chunked = est(recompute="full", logits_chunk_tokens=4)
+    # chunking shrinks the fp32 temporaries, not the kept logits
     assert chunked.logits == 4 * 16 * 10 and chunked.total == e.total - 2560 + 640
 
 
 def test_without_distributed_optimizer_and_selective():
-    assert est(recompute="none", distributed_optimizer=False).optimizer == 736 * 12
-    # flash attention stores no [s, s] scores: selective recompute saves nothing more
-    assert est(recompute="selective").total == est(recompute="none").total
+    assert est(recompute="none", distributed_optimizer=False).optimizer == 744 * 12  # last stage
+    # selective (core attention + MLP): per layer 112 - 48 (MLP) = 64 B/token kept, plus one
+    # layer's MLP re-run in backward: last stage 2 * 64 * 16 * 1 + 48 * 16 = 2816
+    sel = est(recompute="selective")
+    assert (sel.stage, sel.activations) == (1, 2816)
+    assert sel.total == est(recompute="none").total - 3584 + 2816
+
+
+def test_weight_sync_bucket_is_counted():
+    assert est(weight_sync_bucket_bytes=1000).total == est().total + 1000
+    default = estimate_memory(SMALL, DIMS, seq_len=16, micro_batch=2, overhead_gib=0.0)
+    assert default.weight_sync == 512 << 20 and "weight sync" in default.format()
 
 
 def test_single_gpu_no_sequence_parallel():
@@ -67,7 +80,7 @@ def test_single_gpu_no_sequence_parallel():
     assert e.params_per_gpu == SMALL.total_params
     # residual 2*4*8 = 64, attention 2*(16+8) + 4*4 = 64, MLP 2*3*16 = 96 -> 224 bytes/token/layer
     assert e.activations == 4 * 224 * 16
-    assert e.logits == 16 * 32 * 10
+    assert e.logits == 16 * 32 * 10 and e.logits_kept == 16 * 32 * 4
 
 
 def test_qwen3_32b_paper_layout_fits_80gb():
