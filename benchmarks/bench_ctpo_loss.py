@@ -6,7 +6,7 @@ Both sides compute the per-token CTPO terms (cumprod, adaptive clipping: the pap
 the token-mean loss and its backward to the log-probs, on the same inputs:
   baseline: `algo.ctpo_token_terms` with its prefix sum on `torch.cumsum` (pure torch, the
             oracle the fused kernel is tested against);
-  fused:    `ops.fused_ctpo_token_terms` (one kernel pass forward, one multiply backward).
+  fused:    `algo.fused_ctpo_token_terms` (one kernel pass forward, one multiply backward).
 Shapes: 8 x 8192 and 1 x 131072 response tokens. Time: median of --reps runs after two
 warm-ups. Peak memory (CPU): each side runs in a fresh subprocess; the peak resident set
 above the inputs (VmHWM after resetting it) is reported. Goal: >= 3x faster, <= 1/3 memory.

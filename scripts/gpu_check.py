@@ -62,7 +62,8 @@ def _timed(fn, device: torch.device, reps: int) -> float:
 
 def check_bandwidth(device: torch.device) -> None:
     from ctpo_megatron.algo.config import PolicyLossConfig
-    from ctpo_megatron.ops import fused_ctpo_token_terms, segmented_cumsum
+    from ctpo_megatron.algo import fused_ctpo_token_terms
+    from ctpo_megatron.ops import segmented_cumsum
 
     B, S = (8, 1 << 18) if device.type == "cuda" else (4, 1 << 14)
     gen = torch.Generator().manual_seed(0)
@@ -154,7 +155,8 @@ def _actor(model_dir: Path, dtype: str):
 
 def _loss(log_probs, batch):
     mask = batch["response_mask"]
-    return -(log_probs * mask).sum() / batch["global_num_tokens"] * batch["dp_size"], {}
+    loss = -(log_probs * mask).sum() / batch["global_num_tokens"] * batch["dp_size"]
+    return loss, {"loss": loss.detach()}
 
 
 def _weights(actor) -> dict[str, torch.Tensor]:
@@ -175,7 +177,8 @@ def check_train_resume(model_dir: Path, samples, ckpt: Path) -> None:
     first = _actor(model_dir, "float32")
     first.train_step(samples, _loss)
     first.save_checkpoint(str(ckpt), {"step": 1})
-    metrics = first.train_step(samples, _loss)
+    result = first.train_step(samples, _loss)
+    metrics = {"grad_norm": result.grad_norm, "loss": float(first.reduce_sum(result.stats)["loss"])}
     expected = _weights(first)
     del first
     resumed = _actor(model_dir, "float32")
