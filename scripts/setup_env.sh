@@ -18,6 +18,7 @@ fi
 stamp="$VENV/.ctpo_stamp"
 want="$(find constraints.txt setup.py requirements-test.txt csrc -type f 2>/dev/null | sort | xargs cat | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$ROOT/.cache/sglang_contract/api_types.py" ] \
+    && [ -f "$ROOT/.cache/sglang_contract/sglang_serializer.py" ] \
     && "$VENV/bin/python" -c "import ctpo_megatron" 2>/dev/null; then
   echo "[setup] environment up to date"
   exit 0
@@ -30,21 +31,15 @@ echo "[setup] installing torch (CPU build) and dependencies"
 echo "[setup] building the csrc extension (pip install -e .)"
 "${PIP[@]}" --no-build-isolation -e .
 
-# SGLang's own request contract (api_types.py needs only msgspec): fetched without
-# dependencies so tests validate our client payloads against the real server's schema.
+# SGLang's own wire formats, taken from the sglang wheel fetched without dependencies, so tests
+# check our payloads with the real server's code: the /generate contract (api_types.py, needs
+# only msgspec) and the tensor-payload serializer (MultiprocessingSerializer / SafeUnpickler).
 contract="$ROOT/.cache/sglang_contract"
-if [ ! -f "$contract/api_types.py" ]; then
-  echo "[setup] fetching SGLang's request contract (sglang==0.5.23, no dependencies)"
+if [ ! -f "$contract/api_types.py" ] || [ ! -f "$contract/sglang_serializer.py" ]; then
+  echo "[setup] fetching SGLang's wire contracts (sglang==0.5.23, no dependencies)"
   tmp="$(mktemp -d)"
   "$VENV/bin/pip" download -q --no-deps -d "$tmp" "sglang==0.5.23"
-  mkdir -p "$contract"
-  "$VENV/bin/python" - "$tmp" "$contract" <<'PYEOF'
-import glob, sys, zipfile
-wheel = glob.glob(sys.argv[1] + "/sglang-*.whl")[0]
-with zipfile.ZipFile(wheel) as zf:
-    data = zf.read("sglang/api/v1/api_types.py")
-open(sys.argv[2] + "/api_types.py", "wb").write(data)
-PYEOF
+  "$VENV/bin/python" scripts/extract_sglang_contract.py "$(ls "$tmp"/sglang-*.whl | head -n1)" "$contract"
   rm -rf "$tmp"
 fi
 echo "$want" > "$stamp"

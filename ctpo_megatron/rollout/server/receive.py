@@ -54,30 +54,34 @@ def receive_flattened(pg, names: list[str], dtypes: list[str], shapes: list[list
 
 @torch.no_grad()
 def receive_into_model(pg, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                       runner: ModelRunner) -> None:
-    """Receives one broadcast per tensor, into the parameter itself where possible.
+                       runner: ModelRunner, into_model: bool = True) -> list[torch.Tensor]:
+    """Receives one broadcast per tensor, into the parameter itself where possible; returns the
+    received tensors in order. `into_model=False` (a TP rank that only receives): fresh buffers.
 
     Call with the model-update lock held. Raises (after all receives) on unknown names or
     shape mismatches.
     """
     dts = parse_dtypes(names, dtypes)
     device = comm_device(pg, runner)
-    errors, staged = [], []
+    errors, staged, received = [], [], []
     works = []
     for name, dt, shape in zip(names, dts, shapes):
-        target = runner._named.get(name)
+        target = runner._named.get(name) if into_model else None
         direct = (target is not None and target.dtype == dt and list(target.shape) == list(shape)
                   and target.is_contiguous() and target.device == device)
         buf = target.data if direct else torch.empty(shape, dtype=dt, device=device)
         works.append(dist.broadcast(buf, src=0, group=pg, async_op=True))
+        received.append(buf)
         if not direct:
             staged.append((name, buf))
     for work in works:
         work.wait()
-    for name, buf in staged:
-        try:
-            runner.load_weights([(name, buf)])
-        except (KeyError, ValueError) as e:
-            errors.append(str(e))
+    if into_model:
+        for name, buf in staged:
+            try:
+                runner.load_weights([(name, buf)])
+            except (KeyError, ValueError) as e:
+                errors.append(str(e))
     if errors:
         raise ValueError("; ".join(errors))
+    return received

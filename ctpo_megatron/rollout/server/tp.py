@@ -1,0 +1,87 @@
+"""The embedded server's TP rank structure, as SGLang has it for weight updates.
+
+An SGLang server started with `--tp-size N` is N ranks: each joins the weight-update group at
+`rank_offset + tp_rank`, receives every broadcast, and decodes its own entry
+(`serialized_named_tensors[tp_rank]`) of a tensor update. The embedded server keeps one model
+(rank 0 serves generation); ranks 1..N-1 are threads that do exactly the communication and
+decoding a real rank does and keep a digest of what they received, so a wrong world size,
+rank offset or entry count fails here as it would against SGLang, and tests can check that
+every rank got every byte (`/server_info` `tp_ranks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in row-major order (any dtype, bf16 included)."""
+    return memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
+@dataclass
+class RankRecord:
+    """What one TP rank received in the current (or last) weight-update session."""
+
+    tp_rank: int
+    received_bytes: int = 0
+    tensors: int = 0
+    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+
+    def add(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            data = tensor_bytes(t)
+            self.digest.update(data)
+            self.received_bytes += data.nbytes
+            self.tensors += 1
+
+    def as_dict(self) -> dict:
+        return {"tp_rank": self.tp_rank, "received_bytes": self.received_bytes,
+                "tensors": self.tensors, "sha256": self.digest.hexdigest()}
+
+
+class TPRanks:
+    """The N ranks of one server: run a function on all of them at once, record receipts."""
+
+    def __init__(self, tp_size: int):
+        if tp_size < 1:
+            raise ValueError(f"--tp-size must be >= 1, got {tp_size}")
+        self.size = tp_size
+        self.records = [RankRecord(r) for r in range(tp_size)]
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=tp_size, thread_name_prefix="tp-rank")
+
+    def reset(self) -> None:
+        """A new weight-update session starts."""
+        with self._lock:
+            self.records = [RankRecord(r) for r in range(self.size)]
+
+    def record(self, tp_rank: int, tensors: list[torch.Tensor]) -> None:
+        with self._lock:
+            self.records[tp_rank].add(tensors)
+
+    def run(self, fn: Callable[[int], T]) -> list[T]:
+        """`fn(tp_rank)` on every rank concurrently (collectives need all ranks at once);
+        raises the first error after every rank returned."""
+        futures = [self._pool.submit(fn, r) for r in range(self.size)]
+        results, errors = [], []
+        for fut in futures:
+            try:
+                results.append(fut.result())
+            except Exception as e:  # noqa: BLE001 - re-raised below, after every rank settled
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        return results
+
+    def as_list(self) -> list[dict]:
+        with self._lock:
+            return [r.as_dict() for r in self.records]
