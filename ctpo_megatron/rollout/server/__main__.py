@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 
 import torch
 from aiohttp import web
@@ -43,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     init_logging(0)
+    # `kill -USR2 <pid>` prints every thread's stack to the log (a stuck collective, say).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     if args.max_batch_size < 1:
         raise SystemExit(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if args.tp_size < 1:

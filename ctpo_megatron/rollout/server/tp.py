@@ -57,7 +57,6 @@ class TPRanks:
         self.size = tp_size
         self.records = [RankRecord(r) for r in range(tp_size)]
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=tp_size, thread_name_prefix="tp-rank")
 
     def reset(self) -> None:
         """A new weight-update session starts."""
@@ -70,8 +69,11 @@ class TPRanks:
 
     def run(self, fn: Callable[[int], T]) -> list[T]:
         """`fn(tp_rank)` on every rank concurrently (collectives need all ranks at once);
-        raises the first error after every rank returned."""
-        futures = [self._pool.submit(fn, r) for r in range(self.size)]
+        raises the first error after every rank returned. Fresh threads each call: a receive
+        stuck in an abandoned group must not hold back the next group's join."""
+        pool = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="tp-rank")
+        futures = [pool.submit(fn, r) for r in range(self.size)]
+        pool.shutdown(wait=False)
         results, errors = [], []
         for fut in futures:
             try:

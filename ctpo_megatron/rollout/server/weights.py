@@ -33,8 +33,8 @@ from ctpo_megatron.rollout.weight_sync.serialization import decode_named_tensors
 
 from ctpo_megatron.rollout.server.bodies import BodyError, parse_body
 from ctpo_megatron.rollout.server.receive import comm_device, receive_flattened, receive_into_model
-from ctpo_megatron.rollout.weight_sync.process_group import (
-    destroy_custom_process_group, init_custom_process_group, resolve_backend)
+from ctpo_megatron.rollout.weight_sync.process_group import (SideGroup, destroy_custom_process_group,
+                                                             resolve_backend)
 
 logger = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -172,7 +172,7 @@ async def init_weights_update_group(request: web.Request) -> web.Response:
         return _reply(False, f"Failed to initialize custom process group: group {name!r} exists.")
 
     def join(tp_rank: int):
-        return init_custom_process_group(
+        return SideGroup(
             master_address=body["master_address"], master_port=body["master_port"],
             rank=body["rank_offset"] + tp_rank, world_size=body["world_size"], group_name=name,
             backend=resolve_backend(body["backend"]), timeout_s=state.group_timeout_s)

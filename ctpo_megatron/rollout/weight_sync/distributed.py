@@ -157,9 +157,11 @@ class DistributedWeightUpdater(WeightUpdater):
             self._finish(in_flight)
         finally:
             if self.pg_failed:
-                # Never wait on this group again; connect() forms a new one.
+                # Never wait on this group again; connect() forms a new one. The servers tear
+                # their side down, which also ends receives still waiting for this group.
                 self._abandoned.append(self.pg)
                 self.pg = None
+                self._destroy_on_servers()
             try:
                 self.calls.all("/end_weight_update", {})
             except WeightSyncError as e:
@@ -239,6 +241,16 @@ class DistributedWeightUpdater(WeightUpdater):
         except Exception:
             self.pg_failed = True
             raise
+
+    def _destroy_on_servers(self) -> None:
+        """Best effort: every server that still answers drops the current group."""
+        assert self.calls is not None
+        futures = self.calls.submit_all("/destroy_weights_update_group", lambda i, u: {"group_name": self.group_name})
+        for url, fut in zip(self.calls.urls, futures):
+            try:
+                fut.result(timeout=60)
+            except Exception as e:  # noqa: BLE001 - a dead server cannot answer
+                logger.warning("%s: destroy_weights_update_group %s: %s", url, self.group_name, e)
 
     def close(self) -> None:
         if self.pg is not None and not self.pg_failed:

@@ -14,7 +14,6 @@ that torchrun's agent would host, and nobody hosts this one (both sides time out
 from __future__ import annotations
 
 import datetime
-import itertools
 import logging
 import socket
 from urllib.parse import urlsplit
@@ -24,7 +23,6 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 logger = logging.getLogger(__name__)
-_local_names = itertools.count()
 _STORES: dict = {}
 
 
@@ -64,34 +62,42 @@ def host_store(port: int = 0, world_size: int | None = None, timeout_s: float = 
                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def init_custom_process_group(*, master_address: str, master_port: int, rank: int, world_size: int,
-                              group_name: str, backend: str = "gloo", timeout_s: float = 600.0,
-                              store: dist.Store | None = None) -> dist.ProcessGroup:
-    """Joins a group of `world_size` ranks whose store is at master_address:master_port.
+def _client_or_host(master_address: str, master_port: int, rank: int, world_size: int,
+                    timeout_s: float, store: dist.Store | None) -> dist.Store:
+    if store is not None:
+        return store
+    if rank == 0:
+        return host_store(master_port, world_size, timeout_s)
+    return dist.TCPStore(master_address, master_port, world_size, is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
 
-    Rank 0 hosts the store: pass the store from `host_store()` (or none, and one is created on
-    `master_port`). Other ranks connect as clients. Blocks until every rank joined or
-    `timeout_s` passes. The group works with `dist.broadcast(tensor, src=0, group=pg)`.
-    Several ranks of one group may join from threads of one process (an SGLang server of TP N
-    has N ranks): each gets its own registry name, the rendezvous prefix stays `group_name`.
-    """
+
+def _check_rank(group_name: str, rank: int, world_size: int) -> None:
     if not group_name:
         raise ValueError("group_name must be a non-empty string")
     if not 0 <= rank < world_size:
         raise ValueError(f"weight-update group {group_name!r}: rank {rank} is outside world size "
                          f"{world_size} (rank offsets or TP sizes disagree)")
+
+
+def init_custom_process_group(*, master_address: str, master_port: int, rank: int, world_size: int,
+                              group_name: str, backend: str = "gloo", timeout_s: float = 600.0,
+                              store: dist.Store | None = None) -> dist.ProcessGroup:
+    """Joins a group of `world_size` ranks whose store is at master_address:master_port, the
+    way SGLang's ranks do (same store keys), as a c10d group registered under `group_name`
+    (one rank of a given group name per process).
+
+    Rank 0 hosts the store: pass the store from `host_store()` (or none, and one is created on
+    `master_port`). Other ranks connect as clients. Blocks until every rank joined or
+    `timeout_s` passes. The group works with `dist.broadcast(tensor, src=0, group=pg)`.
+    """
+    _check_rank(group_name, rank, world_size)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if store is None:
-        if rank == 0:
-            store = host_store(master_port, world_size, timeout_s)
-        else:
-            store = dist.TCPStore(master_address, master_port, world_size, is_master=False,
-                                  timeout=timeout)
+    store = _client_or_host(master_address, master_port, rank, world_size, timeout_s, store)
     store.set_timeout(timeout)
-    prefixed = dist.PrefixStore(group_name, store)
-    local_name = f"{group_name}#{next(_local_names)}"
-    pg, _ = c10d._new_process_group_helper(world_size, rank, [], dist.Backend(backend), prefixed,
-                                           group_name=local_name, timeout=timeout)
+    pg, _ = c10d._new_process_group_helper(world_size, rank, [], dist.Backend(backend),
+                                           dist.PrefixStore(group_name, store),
+                                           group_name=group_name, timeout=timeout)
     # Collectives translate group ranks through this map; ranks here are global to the group.
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     _STORES[pg] = store  # the store (rank 0: its server) must live as long as the group
@@ -100,7 +106,57 @@ def init_custom_process_group(*, master_address: str, master_port: int, rank: in
     return pg
 
 
+class SideGroup:
+    """One rank's membership of a weight-update group, outside torch's group registry, so one
+    process can hold several ranks of the same group (the TP ranks of an embedded server).
+    Uses the store keys `init_custom_process_group` (and SGLang) use, so both kinds meet."""
+
+    def __init__(self, *, master_address: str, master_port: int, rank: int, world_size: int,
+                 group_name: str, backend: str = "gloo", timeout_s: float = 600.0):
+        _check_rank(group_name, rank, world_size)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = _client_or_host(master_address, master_port, rank, world_size, timeout_s, None)
+        self.store.set_timeout(timeout)
+        device = "cuda" if backend == "nccl" else "cpu"
+        # The key layout of c10d's group helper: <name>/ + <name>/ + <device>/.
+        keys = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/",
+                                                               dist.PrefixStore(group_name, self.store)))
+        if backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.impl = dist.ProcessGroupNCCL(keys, rank, world_size, opts)
+        elif backend == "gloo":
+            self.impl = dist.ProcessGroupGloo(keys, rank, world_size, timeout)
+        else:
+            raise ValueError(f"weight-update group backend {backend!r}: expected nccl or gloo")
+        self.backend, self.rank, self.world_size, self.group_name = backend, rank, world_size, group_name
+        logger.info("joined weight-update group %s as rank %d of %d (%s)", group_name, rank,
+                    world_size, backend)
+
+    def broadcast(self, tensor: torch.Tensor, async_op: bool = False):
+        """Receives (or, on rank 0, sends) `tensor` from rank 0; a Work when `async_op`."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        work = self.impl.broadcast([tensor], opts)
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    def destroy(self) -> None:
+        shutdown = getattr(self.impl, "shutdown", None) or getattr(self.impl, "abort", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception as e:  # noqa: BLE001 - best effort
+                logger.warning("closing weight-update group %s: %s", self.group_name, e)
+        self.impl = None
+
+
 def destroy_custom_process_group(pg: dist.ProcessGroup) -> None:
     """Tears down a group made by `init_custom_process_group`."""
+    if isinstance(pg, SideGroup):
+        pg.destroy()
+        return
     dist.destroy_process_group(pg)
     _STORES.pop(pg, None)
