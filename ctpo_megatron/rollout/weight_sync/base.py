@@ -231,6 +231,22 @@ class WeightUpdater(abc.ABC):
             raise ValueError("weight sync needs at least one server URL")
         self.calls = ServerCalls(list(urls), self.cfg.http_timeout_s)
 
+    @property
+    def urls(self) -> list[str]:
+        """The servers this updater is connected to."""
+        return list(self.calls.urls) if self.calls is not None else []
+
+    def retarget(self, urls: list[str]) -> bool:
+        """Connects to exactly `urls` (e.g. without a server that died): reconnects when they
+        differ from the current servers; returns whether it did. Never waits on a dead server
+        beyond one failed HTTP call."""
+        urls = [u.rstrip("/") for u in urls]
+        if self.calls is not None and sorted(urls) == sorted(self.calls.urls):
+            return False
+        self.close()
+        self.connect(urls)
+        return True
+
     def update(self, named_tensors: NamedTensors, version: str) -> None:
         """Pauses generation, sends every tensor, records `version`, resumes generation.
 
