@@ -30,7 +30,7 @@ def servers(tmp_path_factory):
     model = build_tiny_model(tmp_path_factory.mktemp("server_model"), seed=0)
     groups = [ServerGroup(LaunchConfig(model_path=model, tp_size=tp, health_timeout_s=120,
                                        log_dir=str(tmp_path_factory.mktemp(f"logs_tp{tp}")),
-                                       env={"OMP_NUM_THREADS": "1"}))
+                                       env={"OMP_NUM_THREADS": "1"}, extra_args=["--rank-digests"]))
               for tp in (1, 2)]
     try:
         for g in groups:

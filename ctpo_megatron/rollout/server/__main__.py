@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="weight-update ranks, as an SGLang server of this TP size has: each "
                              "joins the group at rank_offset + tp_rank and decodes its own tensor "
                              "entry (generation runs on one model; default 1)")
+    parser.add_argument("--rank-digests", action="store_true",
+                        help="each TP rank keeps a sha256 of the weight bytes it received in the "
+                             "current update session (/server_info tp_ranks; for tests, costs a pass)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0 = leave torch's default)")
     return parser.parse_args(argv)
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     state = make_state(model=args.model, seed=args.seed, max_batch_size=args.max_batch_size,
                        dtype=args.dtype, device=args.device, weight_version=args.weight_version,
-                       tp_size=args.tp_size,
+                       tp_size=args.tp_size, rank_digests=args.rank_digests,
                        host=args.host, port=args.port)
     logger.info("serving %s on http://%s:%d", args.model, args.host, args.port)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its

@@ -191,10 +191,10 @@ def build_app(state: ServerState) -> web.Application:
 
 def make_state(*, model: str, seed: int = 0, max_batch_size: int = 32, dtype: str = "float32",
                device: str = "cpu", weight_version: str = "default", tp_size: int = 1,
-               **args: Any) -> ServerState:
+               rank_digests: bool = False, **args: Any) -> ServerState:
     """Loads the model and starts the scheduler thread; `tp_size` weight-update ranks."""
     runner = ModelRunner(model, dtype=dtype, device=device, seed=seed)
     scheduler = Scheduler(runner, max_batch_size=max_batch_size, weight_version=weight_version)
     all_args = dict(model_path=model, random_seed=seed, max_batch_size=max_batch_size, dtype=dtype,
                     device=device, **args)
-    return ServerState(scheduler=scheduler, args=all_args, seed=seed, tp=TPRanks(tp_size))
+    return ServerState(scheduler=scheduler, args=all_args, seed=seed, tp=TPRanks(tp_size, rank_digests))
