@@ -11,6 +11,7 @@ server maps `nccl` to gloo when it has no CUDA).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 
@@ -108,6 +109,11 @@ class DistributedWeightUpdater(WeightUpdater):
             if failed:
                 raise failed[0].exception()
             time.sleep(0.01)
+        if join.exception() is not None:
+            # A server's own refusal (e.g. the group exists there) says more: give it a moment.
+            concurrent.futures.wait(futures, timeout=10)
+            failed = [f for f in futures if f.done() and f.exception() is not None]
+            raise (failed[0].exception() if failed else join.exception())
         self.pg = join.result()
         self.group_name = name
         wait_all(futures)
