@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--bucket-mb", type=float, default=256.0)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--tp-size", type=int, default=1,
+                        help="TP ranks of the server (each receives every broadcast, as in SGLang)")
     parser.add_argument("--transports",
                         default="distributed:per_tensor,distributed:flattened_bucket,tensor,disk",
                         help="comma list; distributed:<format> picks the broadcast layout")
@@ -113,9 +115,11 @@ def main() -> None:
     print(f"torch {torch.__version__} | python {platform.python_version()} | device cpu (gloo) | "
           f"{torch.get_num_threads()} threads")
     print(f"model: hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}: {len(named)} tensors, "
-          f"{total / 1e6:.1f} MB float32; {len(buckets)} buckets of <= {args.bucket_mb:g} MiB")
+          f"{total / 1e6:.1f} MB float32; {len(buckets)} buckets of <= {args.bucket_mb:g} MiB; "
+          f"server TP {args.tp_size}")
     transports = args.transports.split(",")
-    cfg = LaunchConfig(model_path=f"{tmp}/model", health_timeout_s=300, log_dir=f"{tmp}/logs")
+    cfg = LaunchConfig(model_path=f"{tmp}/model", health_timeout_s=300, log_dir=f"{tmp}/logs",
+                       tp_size=args.tp_size)
     with ServerGroup(cfg) as group:
         raw = RawBroadcast(buckets, rounds=args.reps + 1)
         updaters = {t: make_updater(group.worker_urls[0], t, bucket_bytes, f"{tmp}/ckpt") for t in transports}

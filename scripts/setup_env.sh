@@ -29,7 +29,8 @@ CONTRACT_FILES=(
   "sglang-router==0.3.2 sglang_router/router_args.py"
 )
 contract="$ROOT/.cache/sglang_contract"
-if [ "$(cat "$contract/.files" 2>/dev/null)" != "${CONTRACT_FILES[*]}" ]; then
+if [ "$(cat "$contract/.files" 2>/dev/null)" != "${CONTRACT_FILES[*]}" ] \
+    || [ ! -f "$contract/sglang_serializer.py" ]; then
   echo "[setup] extracting SGLang's contract files from its wheels (no dependencies)"
   tmp="$(mktemp -d)"
   mapfile -t wheels < <(printf '%s\n' "${CONTRACT_FILES[@]}" | cut -d' ' -f1 | sort -u)
@@ -54,6 +55,8 @@ for entry in entries:
             with open(os.path.join(dest, out), "wb") as f:
                 f.write(zf.read(m))
 PYEOF
+  # SGLang's tensor-payload serializer, cut out of a module that cannot be imported here
+  "$VENV/bin/python" "$ROOT/scripts/extract_sglang_contract.py" "$(ls "$tmp"/sglang-0*.whl | head -n1)" "$contract"
   rm -rf "$tmp"
   echo "${CONTRACT_FILES[*]}" > "$contract/.files"
 fi

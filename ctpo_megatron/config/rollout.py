@@ -15,6 +15,13 @@ class RolloutConfig:
     server_urls: list[str] = field(default_factory=list)
     """External SGLang servers (or a router) as `http://host:port`. Empty: the trainer starts
     `num_servers` embedded servers itself and stops them at exit."""
+    router_url: str = ""
+    """SGLang router in front of `server_urls` (`http://host:port`): generation goes through it
+    (cache-aware routing keeps a prompt's samples and turns on one server); weight updates
+    still go to each server. Empty: the client pins each prompt to a server by hash."""
+    router: bool = False
+    """When the trainer starts the servers itself: start an SGLang router in front of them too
+    (needs the `sglang-router` package)."""
     num_servers: int = 1
     """Embedded servers to start when `server_urls` is empty."""
     server_backend: str = "embedded"
@@ -66,7 +73,7 @@ class RolloutConfig:
             raise ValueError(f"rollout.n_samples={self.n_samples} must be >= 1")
         if not self.server_urls and self.num_servers < 1:
             raise ValueError("rollout.num_servers must be >= 1 when rollout.server_urls is empty")
-        for url in self.server_urls:
+        for url in list(self.server_urls) + ([self.router_url] if self.router_url else []):
             if not str(url).startswith(("http://", "https://")):
                 raise ValueError(f"rollout.server_urls: {url!r} is not an http(s):// URL")
         if self.server_backend not in ("embedded", "sglang"):

@@ -32,6 +32,7 @@ from typing import Any, Protocol, Sequence
 
 from ctpo_megatron.rollout.agent_config import AgentConfig
 from ctpo_megatron.rollout.chat import ToolFormat, as_tokenizer, find_tool_calls, truncate_chars
+from ctpo_megatron.rollout.client import affinity, prompt_affinity_key
 from ctpo_megatron.rollout.reward import score_response
 from ctpo_megatron.rollout.sandbox import SandboxPool, SandboxResult
 from ctpo_megatron.rollout.trajectory import Trajectory
@@ -362,11 +363,14 @@ class AgentLoop:
         limit = asyncio.Semaphore(self.cfg.max_concurrency or len(ids) * n_samples or 1)
 
         async def one(i: int, j: int) -> Trajectory:
+            # Each gather item is its own task: the key covers every turn of this trajectory,
+            # and the n samples of prompt i share it (one server's prefix cache).
             async with limit:
-                return await self.run_one(
-                    generator, ids[i], prompt_index=i, sample_index=j,
-                    ground_truth=None if ground_truths is None else ground_truths[i],
-                    metadata=None if metadata is None else metadata[i])
+                with affinity(prompt_affinity_key(ids[i])):
+                    return await self.run_one(
+                        generator, ids[i], prompt_index=i, sample_index=j,
+                        ground_truth=None if ground_truths is None else ground_truths[i],
+                        metadata=None if metadata is None else metadata[i])
 
         return list(await asyncio.gather(*(one(i, j) for i in range(len(ids)) for j in range(n_samples))))
 

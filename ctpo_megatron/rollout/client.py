@@ -4,13 +4,22 @@
         res = await client.generate([1, 2, 3], {"max_new_tokens": 64, "temperature": 1.0})
         res.output_ids, res.output_log_probs, res.weight_version
 
-* Load balancing: each request goes to the healthy server with the fewest requests in flight.
+* Routing, for prefix-cache reuse (the n samples of a prompt and the turns of a trajectory share
+  a prefix): with `router_url` every request goes through SGLang's router (its cache-aware
+  policy keeps shared prefixes on one server). Without a router, a request with an affinity
+  key (`affinity(key)`, e.g. the prompt) goes to the server the key hashes to among the healthy
+  ones (rendezvous hashing: when a server leaves, only its keys move); without a key, to the
+  healthy server with the fewest requests in flight.
+* Health: while requests run, every server's `/health` is polled every `health_interval_s`;
+  an unhealthy server gets no new requests until it answers again.
 * Concurrency: at most `max_in_flight` requests in flight (a semaphore); one connection pool.
 * Failures: connection errors, timeouts and 5xx (503 while a server starts) are retried with
-  exponential backoff, on another server when there is one, up to `max_retries` times; a
-  server that refused a connection is skipped for `down_cooldown_s`. 4xx is not retried. When
-  the budget is spent the request fails with `GenerationError` naming every URL tried and the
-  last response body: a request is never dropped silently.
+  exponential backoff, on another server when there is one, up to `max_retries` times, each
+  attempt with a fresh `rid` (SGLang refuses a rid it still knows: 400 "Duplicate request
+  ID"); a server that refused a connection is skipped for `down_cooldown_s`. 4xx is not
+  retried. When the budget is spent the request fails with `GenerationError` naming every URL
+  tried and the last response body: a request is never dropped silently. `take_stats()`
+  counts requests, retried attempts and failed requests.
 * Requests finished by the server with `finish_reason.type == "abort"` (abort_request,
   pause_generation(mode="abort")) are returned as they are; the caller decides.
 * Payloads: `sampling_params` is checked client-side against SGLang's own contract
@@ -20,12 +29,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import hashlib
 import json
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import aiohttp
 
@@ -73,12 +86,38 @@ def _normalize_url(url: str) -> str:
     return url if "://" in url else f"http://{url}"
 
 
+_AFFINITY: contextvars.ContextVar[str | None] = contextvars.ContextVar("ctpo_affinity", default=None)
+
+
+@contextlib.contextmanager
+def affinity(key: str | None) -> Iterator[None]:
+    """Requests made inside (in this task) share `key`: without a router they go to the same
+    server while it is healthy, so their common prefix is served from its cache."""
+    token = _AFFINITY.set(key)
+    try:
+        yield
+    finally:
+        _AFFINITY.reset(token)
+
+
+def prompt_affinity_key(prompt_ids: Sequence[int]) -> str:
+    """A stable key of a prompt (its token ids), for `affinity()`."""
+    return hashlib.blake2b(",".join(map(str, prompt_ids)).encode(), digest_size=8).hexdigest()
+
+
+def pinned_server(key: str, urls: Sequence[str]) -> str:
+    """The server `key` maps to: highest rendezvous weight, so removing a server moves only
+    the keys that mapped to it."""
+    return max(urls, key=lambda u: hashlib.blake2b(f"{key}|{u}".encode(), digest_size=8).digest())
+
+
 class SGLangClient:
     """Client for one or more SGLang (or embedded) servers; see the module docstring."""
 
     def __init__(self, urls: Sequence[str], *, timeout_s: float = 3600.0, connect_timeout_s: float = 10.0,
                  max_retries: int = 3, max_in_flight: int = 2048, retry_backoff_s: float = 0.5,
-                 down_cooldown_s: float = 5.0, validate: bool = True):
+                 down_cooldown_s: float = 5.0, validate: bool = True, router_url: str | None = None,
+                 health_interval_s: float = 2.0):
         if not urls:
             raise ValueError("SGLangClient needs at least one server URL")
         if max_retries < 0 or max_in_flight < 1:
@@ -91,8 +130,13 @@ class SGLangClient:
         self.retry_backoff_s = retry_backoff_s
         self.down_cooldown_s = down_cooldown_s
         self.validate = validate
-        self.in_flight = {u: 0 for u in self.urls}
-        self._down_until = {u: 0.0 for u in self.urls}
+        self.router_url = _normalize_url(router_url) if router_url else None
+        self.health_interval_s = health_interval_s
+        self.in_flight = {u: 0 for u in self.urls + ([self.router_url] if self.router_url else [])}
+        self._down_until = {u: 0.0 for u in self.in_flight}
+        self._unhealthy: set[str] = set()
+        self._monitor: asyncio.Task | None = None
+        self.stats: Counter = Counter()
         self._semaphore: asyncio.Semaphore | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -103,6 +147,11 @@ class SGLangClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._monitor
+            self._monitor = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -112,13 +161,42 @@ class SGLangClient:
             connector = aiohttp.TCPConnector(limit=self.max_in_flight + 16, limit_per_host=0)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
             self._semaphore = asyncio.Semaphore(self.max_in_flight)
+        if self.health_interval_s > 0 and (self._monitor is None or self._monitor.done()):
+            self._monitor = asyncio.ensure_future(self._watch_health())
         return self._session
 
-    def _pick(self, tried: set[str]) -> str:
+    async def _watch_health(self) -> None:
+        """Polls every server's /health; unhealthy ones get no new requests until they recover."""
+        while True:
+            for url, ok in (await self.health()).items():
+                if not ok and url not in self._unhealthy:
+                    logger.warning("server %s is unhealthy: no new requests go there", url)
+                    self._unhealthy.add(url)
+                elif ok and url in self._unhealthy:
+                    logger.info("server %s is healthy again", url)
+                    self._unhealthy.discard(url)
+            await asyncio.sleep(self.health_interval_s)
+
+    def healthy_urls(self) -> list[str]:
+        """Servers that passed the last health poll and did not refuse a connection lately."""
         now = time.monotonic()
-        candidates = [u for u in self.urls if self._down_until[u] <= now and u not in tried]
-        candidates = candidates or [u for u in self.urls if u not in tried] or self.urls
-        return min(candidates, key=lambda u: (self.in_flight[u], self._down_until[u]))
+        return [u for u in self.urls if u not in self._unhealthy and self._down_until[u] <= now]
+
+    def take_stats(self) -> dict[str, int]:
+        """Counts since the last call: `requests`, `retried` (attempts after a failure),
+        `failed` (requests that failed on every attempt)."""
+        out = {k: int(self.stats.get(k, 0)) for k in ("requests", "retried", "failed")}
+        self.stats.clear()
+        return out
+
+    def _pick(self, tried: set[str], key: str | None = None) -> str:
+        if self.router_url and self.router_url not in tried and self._down_until[self.router_url] <= time.monotonic():
+            return self.router_url
+        healthy = [u for u in self.healthy_urls() if u not in tried]
+        if key is not None and healthy:
+            return pinned_server(key, healthy)
+        candidates = healthy or [u for u in self.urls if u not in tried] or self.urls
+        return min(candidates, key=lambda u: (u in self._unhealthy, self.in_flight[u], self._down_until[u]))
 
     # ---- raw HTTP --------------------------------------------------------------------------
     async def _request(self, method: str, url: str, path: str, body: Any = None,
@@ -185,9 +263,16 @@ class SGLangClient:
     async def _generate_with_retries(self, body: dict, return_logprob: bool) -> GenerateResult:
         tried: set[str] = set()
         failures: list[str] = []
+        key = _AFFINITY.get()
+        self.stats["requests"] += 1
+        first_rid = body["rid"]
         for attempt in range(self.max_retries + 1):
-            url = self._pick(tried)
+            url = self._pick(tried, key)
             tried.add(url)
+            if attempt:
+                # A fresh rid: the server may still know the old one (Duplicate request ID).
+                body = dict(body, rid=f"{first_rid}-retry{attempt}-{uuid.uuid4().hex[:8]}")
+                self.stats["retried"] += 1
             self.in_flight[url] += 1
             try:
                 status, text = await self._request("POST", url, "/generate", body)
@@ -204,6 +289,7 @@ class SGLangClient:
                 if status == 200:
                     return self._parse(url, text, return_logprob)
                 if status < 500:
+                    self.stats["failed"] += 1
                     raise ServerError(url, status, text)
                 failures.append(f"{url}: HTTP {status}: {text[:500]}")
                 logger.warning("generate on %s answered %d, attempt %d/%d", url, status, attempt + 1,
@@ -212,7 +298,8 @@ class SGLangClient:
                 self.in_flight[url] -= 1
             if attempt < self.max_retries:
                 await asyncio.sleep(min(self.retry_backoff_s * 2 ** attempt, 10.0))
-        raise GenerationError(f"generate (rid {body['rid']}) failed after {self.max_retries + 1} "
+        self.stats["failed"] += 1
+        raise GenerationError(f"generate (rid {first_rid}) failed after {self.max_retries + 1} "
                               "attempts:\n  " + "\n  ".join(failures))
 
     async def _abort_quietly(self, url: str, rid: str) -> None:

@@ -50,7 +50,8 @@ class LaunchConfig:
     num_servers: int = 1
     """Independent servers (data-parallel replicas)."""
     tp_size: int = 1
-    """GPUs per SGLang server; server i uses GPUs [base_gpu_id + i*tp_size, ...)."""
+    """TP size of each server: GPUs per SGLang server (server i uses GPUs [base_gpu_id +
+    i*tp_size, ...)); weight-update ranks of an embedded server (`--tp-size`)."""
     host: str = "127.0.0.1"
     """Bind address of every server and the router."""
     base_port: int | None = None
@@ -126,7 +127,8 @@ def embedded_server_command(cfg: LaunchConfig, index: int, port: int) -> list[st
     """`python -m ctpo_megatron.rollout.server ...` for server `index`."""
     cmd = [cfg.python, "-m", "ctpo_megatron.rollout.server", "--model", cfg.model_path,
            "--host", cfg.host, "--port", str(port), "--max-batch-size", str(cfg.max_batch_size),
-           "--weight-version", cfg.weight_version, "--seed", str((cfg.seed or 0) + index)]
+           "--weight-version", cfg.weight_version, "--seed", str((cfg.seed or 0) + index),
+           "--tp-size", str(cfg.tp_size)]
     if cfg.dtype:
         cmd += ["--dtype", cfg.dtype]
     return cmd + list(cfg.extra_args)

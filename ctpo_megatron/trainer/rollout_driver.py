@@ -37,23 +37,26 @@ class RolloutDriver:
         self.loop = asyncio.new_event_loop()
         self.servers = None
         rc = cfg.rollout
+        router_url = rc.router_url or None
         if rc.server_urls:
             urls = list(rc.server_urls)
-            logger.info("using external rollout servers %s", urls)
+            logger.info("using external rollout servers %s%s", urls,
+                        f" behind router {router_url}" if router_url else "")
         else:
             launch = LaunchConfig(model_path=cfg.model.path, backend=rc.server_backend,
                                   num_servers=rc.num_servers, seed=cfg.trainer.seed,
                                   log_dir=os.path.join(run_dir, "logs"),
                                   dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
-                                  max_batch_size=max(1, min(rc.max_concurrency, 256)))
+                                  max_batch_size=max(1, min(rc.max_concurrency, 256)), router=rc.router)
             self.servers = ServerGroup(launch)
             logger.info("starting %d %s rollout server(s)", rc.num_servers, rc.server_backend)
             self.servers.start()
             urls = self.servers.worker_urls
+            router_url = self.servers.router_url
         self.urls = urls
         self.worker_urls = urls
         self.run_dir = run_dir
-        self.client = SGLangClient(urls, timeout_s=rc.request_timeout_s)
+        self.client = SGLangClient(urls, timeout_s=rc.request_timeout_s, router_url=router_url)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
         self.agent_cfg = AgentConfig.from_rollout_config(rc)
         self.sandbox = SandboxPool(max_workers=self.agent_cfg.sandbox_workers, config=self.agent_cfg.sandbox,
@@ -76,10 +79,21 @@ class RolloutDriver:
             sandbox=self.sandbox))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> dict[str, float]:
-        """Pushes `(hf_name, full tensor)` pairs to every server as weight `version`; returns the
-        transport's metrics (bytes, seconds, throughput)."""
-        from ctpo_megatron.rollout.weight_sync import make_weight_updater
+        """Pushes `(hf_name, full tensor)` pairs to every healthy server as weight `version`;
+        returns the transport's metrics (bytes, seconds, throughput) and the rollout client's
+        request counts since the last sync (requests, retried, lost, healthy servers).
 
+        A server that stopped answering is dropped first (the group is formed again without
+        it). If one dies during the sync, the error is logged, the rest of `named_tensors` is
+        still consumed (the other trainer ranks gather it with rank 0) and the next sync goes
+        to the survivors; their weights are then a mix until that sync (the version is not
+        advanced), which the rollout log-probs account for.
+        """
+        from ctpo_megatron.rollout.weight_sync import WeightSyncError, make_weight_updater
+
+        alive = self.alive_servers()
+        if not alive:
+            raise RuntimeError(f"no rollout server is healthy: {self.worker_urls}")
         if self.weight_sync is None:
             sync_cfg = self.cfg.rollout.weight_sync
             if not os.path.isabs(sync_cfg.disk_dir):
@@ -88,9 +102,37 @@ class RolloutDriver:
                 sync_cfg = dataclasses.replace(sync_cfg, disk_config_dir=self.cfg.model.path)
             self.weight_sync = make_weight_updater(sync_cfg)
             # Updates go to each server directly (a router does not forward them).
-            self.weight_sync.connect(self.worker_urls)
-        self.weight_sync.update(named_tensors, version)
-        return dict(self.weight_sync.metrics())
+            self.weight_sync.connect(alive)
+        elif self.weight_sync.retarget(alive):
+            logger.warning("weight sync now targets %d healthy server(s) of %d: %s", len(alive),
+                           len(self.worker_urls), alive)
+        tensors = iter(named_tensors)
+        failed = 0.0
+        try:
+            self.weight_sync.update(tensors, version)
+        except WeightSyncError as e:
+            for _ in tensors:  # the other ranks gather the rest with us
+                pass
+            survivors = self.alive_servers()
+            if sorted(survivors) == sorted(self.weight_sync.urls) or not survivors:
+                raise
+            logger.error("weight sync of %s failed (%s); %d server(s) left, they get the next one",
+                         version, e, len(survivors))
+            self.weight_sync.retarget(survivors)
+            failed = 1.0
+        metrics = dict(self.weight_sync.metrics())
+        metrics["weight_sync/failed"] = failed
+        stats = self.client.take_stats()
+        metrics.update({"rollout/requests": float(stats["requests"]),
+                        "rollout/retried_requests": float(stats["retried"]),
+                        "rollout/lost_requests": float(stats["failed"]),
+                        "rollout/healthy_servers": float(len(self.weight_sync.urls))})
+        return metrics
+
+    def alive_servers(self) -> list[str]:
+        """The servers answering `/health` now."""
+        health = self.loop.run_until_complete(self.client.health())
+        return [u for u in self.client.urls if health.get(u)]
 
     def close(self) -> None:
         """Stops the servers this driver started and closes the client and sandboxes."""

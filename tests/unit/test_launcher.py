@@ -3,16 +3,21 @@ started, killed mid-batch (the client retries elsewhere), reported with their lo
 stopped without orphans."""
 
 import asyncio
+import json
 import os
 import signal
 import sys
+import time
+import urllib.request
 
 import pytest
+import torch
 
 from ctpo_megatron.rollout.client import SGLangClient
 from ctpo_megatron.rollout.launcher import (LaunchConfig, ServerDiedError, ServerGroup,
                                             ServerStartError, embedded_server_command,
                                             router_command, sglang_server_command)
+from ctpo_megatron.rollout.weight_sync import WeightSyncConfig, make_weight_updater
 from tests.unit.test_embedded_server import build_tiny_model
 
 
@@ -83,20 +88,39 @@ def test_kill_one_of_two_mid_batch(tmp_path):
     group.start()
     try:
         victim = group.servers[1]
+        # The weight-update group spans both servers before the kill.
+        updater = make_weight_updater(WeightSyncConfig(transport="distributed", http_timeout_s=300))
+        updater.connect(group.worker_urls)
 
         async def go():
-            async with SGLangClient(group.worker_urls, max_retries=3, retry_backoff_s=0.05) as client:
+            async with SGLangClient(group.worker_urls, max_retries=3, retry_backoff_s=0.05,
+                                    health_interval_s=0.2) as client:
                 task = asyncio.ensure_future(client.generate_many(
                     [[3, 4 + i] for i in range(8)], {"max_new_tokens": 1500, "ignore_eos": True}))
                 await asyncio.sleep(0.5)
-                assert client.in_flight[victim.url] > 0  # it really was serving part of the batch
+                in_flight = client.in_flight[victim.url]
+                assert in_flight > 0  # it really was serving part of the batch
                 os.killpg(victim.proc.pid, signal.SIGKILL)
-                return await task
+                results = await task
+                while victim.url in client.healthy_urls():  # the health poll notices
+                    await asyncio.sleep(0.1)
+                return results, client.take_stats(), client.healthy_urls(), in_flight
 
-        results = asyncio.run(go())
+        results, stats, healthy, in_flight = asyncio.run(go())
         # Nothing dropped: every request finished, the victim's ones on the survivor.
         assert len(results) == 8 and all(len(r.output_ids) == 1500 for r in results)
         assert {r.server_url for r in results} == {group.worker_urls[0]}
+        assert stats["requests"] == 8 and stats["failed"] == 0 and stats["retried"] >= in_flight
+        assert healthy == [group.worker_urls[0]]
+        # The next weight sync goes to the survivor only, and no collective waits for the dead one.
+        start = time.monotonic()
+        assert updater.retarget(healthy)
+        updater.update([("lm_head.weight", torch.full((128, 32), 0.25))], "after-kill")
+        assert time.monotonic() - start < 120  # the group timeout is 300 s
+        assert updater.world_size == 2
+        updater.close()
+        out = json.loads(urllib.request.urlopen(group.worker_urls[0] + "/model_info").read())
+        assert out["weight_version"] == "after-kill"
         with pytest.raises(ServerDiedError, match="server1") as info:
             group.check_alive()
         assert "serving" in str(info.value)  # the tail of the dead server's log

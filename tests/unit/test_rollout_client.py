@@ -190,3 +190,94 @@ def test_timeout_aborts_the_request_on_the_server(urls):
             return status
 
     assert run(go()) == 200
+
+
+def test_duplicate_rid_is_refused_and_a_retry_gets_a_fresh_rid(urls):
+    """SGLang answers 400 "Duplicate request ID" for a rid it still knows; so every retry of a
+    request carries a new rid. Here the first attempt times out on a paused server."""
+    import json
+
+    url = urls[0]
+
+    async def go():
+        async with ClientSession() as s:
+            async def post(path, body):
+                async with s.post(url + path, data=json.dumps(body)) as r:
+                    return r.status, await r.text()
+
+            await post("/pause_generation", {"mode": "in_place"})
+            waiting = asyncio.ensure_future(post("/generate", {"input_ids": [5, 6], "rid": "taken"}))
+            await asyncio.sleep(0.3)
+            dup = await post("/generate", {"input_ids": [5, 6], "rid": "taken"})
+            async with SGLangClient([url], timeout_s=1.0, max_retries=1, retry_backoff_s=0.1,
+                                    health_interval_s=0) as client:
+                task = asyncio.ensure_future(client.generate([7, 8], GREEDY, rid="fixed"))
+                while client.stats["retried"] < 1:  # the first attempt timed out
+                    await asyncio.sleep(0.05)
+                await post("/continue_generation", {})
+                result = await task
+                stats = client.take_stats()
+            await waiting
+            return dup, result, stats
+
+    (status, body), result, stats = run(go())
+    assert status == 400 and "Duplicate request ID detected: taken" in body
+    assert result.rid.startswith("fixed-retry1-")
+    assert stats == {"requests": 1, "retried": 1, "failed": 0}
+
+
+def test_without_router_a_prompts_samples_and_turns_stay_on_one_server(urls):
+    """Affinity by prompt: all samples and turns of a prompt reach one server, whose prefix
+    cache then serves the shared prefix (`cached_tokens`); the prompts still spread."""
+    from ctpo_megatron.rollout.client import affinity, prompt_affinity_key
+
+    prompts = [[10 + p] + [20 + (p * 7 + k) % 90 for k in range(30)] for p in range(6)]
+
+    async def go():
+        async with SGLangClient(urls, health_interval_s=0) as client:
+            async def trajectory(prompt):
+                with affinity(prompt_affinity_key(prompt)):
+                    first = await client.generate(prompt, GREEDY)
+                    second = await client.generate(prompt + first.output_ids + [3, 4], GREEDY)
+                    return first, second
+
+            out = []
+            for prompt in prompts:  # the first sample warms the cache, the rest run together
+                out.append([await trajectory(prompt)])
+                out[-1] += await asyncio.gather(*(trajectory(prompt) for _ in range(3)))
+            return out
+
+    results = run(go())
+    servers = set()
+    for prompt, samples in zip(prompts, results):
+        assert len({r.server_url for s in samples for r in s}) == 1
+        servers.add(samples[0][0].server_url)
+        for first, second in samples[1:]:
+            assert first.meta_info["cached_tokens"] == len(prompt) - 1  # all but the last token
+        for first, second in samples:  # the next turn reuses the whole first turn
+            assert second.meta_info["cached_tokens"] >= len(prompt) + len(first.output_ids) - 1
+    assert servers == set(urls)  # 6 prompts over 2 servers: both used
+
+
+def test_generation_goes_through_the_real_router(tmp_path):
+    """sglang-router (the Rust binary) in front of two embedded servers, cache-aware policy:
+    generation goes through it and the samples of a prompt hit one server's cache."""
+    model = build_tiny_model(tmp_path / "model")
+    cfg = LaunchConfig(model_path=model, num_servers=2, router=True, health_timeout_s=120,
+                       log_dir=str(tmp_path / "logs"), env={"OMP_NUM_THREADS": "1"})
+    prompts = [[10 + p] + [20 + (p * 5 + k) % 90 for k in range(40)] for p in range(3)]
+    with ServerGroup(cfg) as group:
+        async def go():
+            async with SGLangClient(group.worker_urls, router_url=group.router_url,
+                                    health_interval_s=0) as client:
+                out = []
+                for prompt in prompts:
+                    for _ in range(4):
+                        out.append((prompt, await client.generate(prompt, GREEDY)))
+                return out
+
+        results = run(go())
+    assert all(r.server_url == group.router_url for _, r in results)
+    cached = [r.meta_info["cached_tokens"] for _, r in results]
+    # Per prompt: the first request misses, the other three are served from the cache.
+    assert cached == [0, 40, 40, 40] * 3

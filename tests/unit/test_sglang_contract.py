@@ -80,3 +80,57 @@ def test_env_var_points_at_the_contract(tmp_path, monkeypatch):
     # Without the file the fallback still rejects unknown keys with SGLang's message.
     with pytest.raises(ContractError, match="unknown field `seed`"):
         validate_generate_request({"input_ids": [1], "sampling_params": {"seed": 1}})
+
+
+_SGLANG_DECODE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from sglang_serializer import MultiprocessingSerializer  # SGLang's own code, from its wheel
+entries = sys.stdin.read().split()
+for rank, entry in enumerate(entries):  # each TP rank decodes its own entry
+    for name, t in MultiprocessingSerializer.deserialize(entry):
+        print(rank, name, str(t.dtype), list(t.shape), float(t.double().sum()))
+"""
+
+
+def test_tensor_payloads_decode_with_sglangs_own_serializer():
+    """The `tensor` transport's entries, decoded in another process by SGLang 0.5.23's
+    MultiprocessingSerializer and its SafeUnpickler (taken from the wheel), one per TP rank."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from ctpo_megatron.rollout.weight_sync import WeightSyncConfig
+    from ctpo_megatron.rollout.weight_sync.tensor import sglang_entries
+
+    assert WeightSyncConfig().tensor_encoding == "sglang"  # the default is the real format
+    serializer = contract.contract_path().parent / "sglang_serializer.py"
+    assert serializer.is_file(), "run scripts/setup_env.sh (it extracts SGLang's serializer)"
+    bucket = [("model.layers.0.mlp.up_proj.weight", torch.randn(8, 4)),
+              ("lm_head.weight", torch.randn(5, 4).to(torch.bfloat16))]
+    entries, staged = sglang_entries(bucket, tp_size=2)
+    assert len(entries) == 2  # one payload per rank, each pickled on its own
+    proc = subprocess.run([sys.executable, "-c", _SGLANG_DECODE, str(serializer.parent)],
+                          input=" ".join(entries), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = [f"{rank} {name} {t.dtype} {list(t.shape)} {float(t.double().sum())}"
+                for rank in range(2) for name, t in bucket]
+    assert proc.stdout.split("\n")[:-1] == expected
+    del staged
+
+
+def test_safetensors_entries_are_refused_by_sglangs_decoder():
+    """Why configs for SGLang must not use the embedded-only encoding: SGLang cannot read it."""
+    import importlib.util
+
+    import torch
+
+    from ctpo_megatron.rollout.weight_sync.tensor import encode_safetensors
+
+    path = contract.contract_path().parent / "sglang_serializer.py"
+    spec = importlib.util.spec_from_file_location("_sglang_serializer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(Exception):
+        module.MultiprocessingSerializer.deserialize(encode_safetensors([("w", torch.ones(2))]))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 
 import torch
 from aiohttp import web
@@ -31,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model dtype; log-probs are always computed in float32")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     parser.add_argument("--weight-version", default="default", help="initial weight version string")
+    parser.add_argument("--tp-size", type=int, default=1,
+                        help="weight-update ranks, as an SGLang server of this TP size has: each "
+                             "joins the group at rank_offset + tp_rank and decodes its own tensor "
+                             "entry (generation runs on one model; default 1)")
+    parser.add_argument("--rank-digests", action="store_true",
+                        help="each TP rank keeps a sha256 of the weight bytes it received in the "
+                             "current update session (/server_info tp_ranks; for tests, costs a pass)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0 = leave torch's default)")
     return parser.parse_args(argv)
@@ -39,12 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     init_logging(0)
+    # `kill -USR2 <pid>` prints every thread's stack to the log (a stuck collective, say).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     if args.max_batch_size < 1:
         raise SystemExit(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.tp_size < 1:
+        raise SystemExit(f"--tp-size must be >= 1, got {args.tp_size}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     state = make_state(model=args.model, seed=args.seed, max_batch_size=args.max_batch_size,
                        dtype=args.dtype, device=args.device, weight_version=args.weight_version,
+                       tp_size=args.tp_size, rank_digests=args.rank_digests,
                        host=args.host, port=args.port)
     logger.info("serving %s on http://%s:%d", args.model, args.host, args.port)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from ctpo_megatron.rollout.server.generate import handle_generate
 from ctpo_megatron.rollout.server.model_runner import ModelRunner
 from ctpo_megatron.rollout.server.sampling import SamplingParams
 from ctpo_megatron.rollout.server.scheduler import Request, Scheduler
+from ctpo_megatron.rollout.server.tp import TPRanks
 from ctpo_megatron.rollout.server.weights import routes as weight_routes
 
 logger = logging.getLogger(__name__)
@@ -34,9 +36,16 @@ class ServerState:
     seed: int = 0
     counter: list[int] = field(default_factory=lambda: [0])
     session_open: bool = False
-    groups: dict[str, Any] = field(default_factory=dict)
-    recv_buffers: dict[str, Any] = field(default_factory=dict)
+    tp: TPRanks = field(default_factory=lambda: TPRanks(1))
+    group_timeout_s: float = 600.0
+    groups: dict[str, list[Any]] = field(default_factory=dict)
+    """group name -> the group of each TP rank."""
+    recv_buffers: list[dict[str, Any]] = field(default_factory=list)
+    """per TP rank: reused receive buffers."""
     startup_time: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.recv_buffers = [{} for _ in range(self.tp.size)]
 
 
 routes = web.RouteTableDef()
@@ -60,7 +69,7 @@ async def health_generate(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     req = Request(input_ids=[0], params=SamplingParams.from_json({"max_new_tokens": 1, "temperature": 0.0}),
-                  rid="HEALTH_CHECK")
+                  rid=f"HEALTH_CHECK_{uuid.uuid4().hex}")
     req.notify = lambda r, final: final and loop.call_soon_threadsafe(
         lambda: done.done() or done.set_result(None))
     scheduler.submit([req])
@@ -108,6 +117,7 @@ async def server_info(request: web.Request) -> web.Response:
         max_running_requests=state.scheduler.max_batch_size, skip_tokenizer_init=True,
         weight_version=state.scheduler.weight_version, startup_time=state.startup_time,
         version=SERVER_VERSION, frontend="python", device=str(runner.device),
+        tp_size=state.tp.size, tp_ranks=state.tp.as_list(),
         internal_states=[{"paused": state.scheduler.paused, "idle": state.scheduler.is_idle()}])
     return web.json_response(info)
 
@@ -122,6 +132,7 @@ async def flush_cache(request: web.Request) -> web.Response:
     while not scheduler.can_flush() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     if scheduler.can_flush():
+        scheduler.flush_prefix_cache()
         return web.Response(text="Cache flushed.\nPlease check backend logs for more details. (When there "
                                  "are running or waiting requests, the operation will not be performed.)\n")
     return web.Response(text="Flush cache failed: requests are running or waiting.\n", status=400)
@@ -179,10 +190,11 @@ def build_app(state: ServerState) -> web.Application:
 
 
 def make_state(*, model: str, seed: int = 0, max_batch_size: int = 32, dtype: str = "float32",
-               device: str = "cpu", weight_version: str = "default", **args: Any) -> ServerState:
-    """Loads the model and starts the scheduler thread."""
+               device: str = "cpu", weight_version: str = "default", tp_size: int = 1,
+               rank_digests: bool = False, **args: Any) -> ServerState:
+    """Loads the model and starts the scheduler thread; `tp_size` weight-update ranks."""
     runner = ModelRunner(model, dtype=dtype, device=device, seed=seed)
     scheduler = Scheduler(runner, max_batch_size=max_batch_size, weight_version=weight_version)
     all_args = dict(model_path=model, random_seed=seed, max_batch_size=max_batch_size, dtype=dtype,
                     device=device, **args)
-    return ServerState(scheduler=scheduler, args=all_args, seed=seed)
+    return ServerState(scheduler=scheduler, args=all_args, seed=seed, tp=TPRanks(tp_size, rank_digests))

@@ -88,7 +88,8 @@ def response_of(req: Request, *, index: int | None = None, upto: int | None = No
     output_ids = req.output_ids[:upto]
     meta: dict[str, Any] = {
         "id": req.rid, "finish_reason": req.finish_reason if final else None,
-        "prompt_tokens": len(req.input_ids), "completion_tokens": upto, "cached_tokens": 0,
+        "prompt_tokens": len(req.input_ids), "completion_tokens": upto,
+        "cached_tokens": req.cached_tokens,
         "reasoning_tokens": 0, "weight_version": req.weight_version,
         "num_retractions": req.num_retractions,
     }
@@ -133,7 +134,10 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     for req in reqs:
         req.notify = notify
         req.stream = bool(body.get("stream"))
-    state.scheduler.submit(reqs)
+    try:
+        state.scheduler.submit(reqs)
+    except ValueError as e:
+        return web.json_response({"error": {"message": str(e)}}, status=400)
     index_of = {id(r): i for i, r in enumerate(reqs)}
     if body.get("stream"):
         return await _stream(request, state, reqs, queue, index_of, is_list)

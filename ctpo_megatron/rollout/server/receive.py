@@ -10,9 +10,9 @@ never hangs; errors are raised afterwards.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ctpo_megatron.rollout.server.model_runner import ModelRunner
+from ctpo_megatron.rollout.weight_sync.process_group import SideGroup
 
 
 def parse_dtypes(names: list[str], dtypes: list[str]) -> list[torch.dtype]:
@@ -27,10 +27,10 @@ def parse_dtypes(names: list[str], dtypes: list[str]) -> list[torch.dtype]:
 
 def comm_device(pg, runner: ModelRunner) -> torch.device:
     """Where receive buffers live: the model's CUDA device for NCCL, else CPU (gloo)."""
-    return runner.device if dist.get_backend(pg) == "nccl" else torch.device("cpu")
+    return runner.device if pg.backend == "nccl" else torch.device("cpu")
 
 
-def receive_flattened(pg, names: list[str], dtypes: list[str], shapes: list[list[int]],
+def receive_flattened(pg: SideGroup, names: list[str], dtypes: list[str], shapes: list[list[int]],
                       buffers: dict, device: torch.device) -> list[tuple[str, torch.Tensor]]:
     """Receives one flattened bucket; returns views into a reused buffer (load before next call).
 
@@ -42,7 +42,7 @@ def receive_flattened(pg, names: list[str], dtypes: list[str], shapes: list[list
     if buffers.get("flat") is None or buffers["flat"].numel() < total:
         buffers["flat"] = torch.empty(total, dtype=torch.uint8, device=device)
     flat = buffers["flat"][:total]
-    dist.broadcast(flat, src=0, group=pg)
+    pg.broadcast(flat)
     out, offset = [], 0
     for name, dt, shape, size in zip(names, dts, shapes, sizes):
         if offset % dt.itemsize:
@@ -54,30 +54,34 @@ def receive_flattened(pg, names: list[str], dtypes: list[str], shapes: list[list
 
 @torch.no_grad()
 def receive_into_model(pg, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                       runner: ModelRunner) -> None:
-    """Receives one broadcast per tensor, into the parameter itself where possible.
+                       runner: ModelRunner, into_model: bool = True) -> list[torch.Tensor]:
+    """Receives one broadcast per tensor, into the parameter itself where possible; returns the
+    received tensors in order. `into_model=False` (a TP rank that only receives): fresh buffers.
 
     Call with the model-update lock held. Raises (after all receives) on unknown names or
     shape mismatches.
     """
     dts = parse_dtypes(names, dtypes)
     device = comm_device(pg, runner)
-    errors, staged = [], []
+    errors, staged, received = [], [], []
     works = []
     for name, dt, shape in zip(names, dts, shapes):
-        target = runner._named.get(name)
+        target = runner._named.get(name) if into_model else None
         direct = (target is not None and target.dtype == dt and list(target.shape) == list(shape)
                   and target.is_contiguous() and target.device == device)
         buf = target.data if direct else torch.empty(shape, dtype=dt, device=device)
-        works.append(dist.broadcast(buf, src=0, group=pg, async_op=True))
+        works.append(pg.broadcast(buf, async_op=True))
+        received.append(buf)
         if not direct:
             staged.append((name, buf))
     for work in works:
         work.wait()
-    for name, buf in staged:
-        try:
-            runner.load_weights([(name, buf)])
-        except (KeyError, ValueError) as e:
-            errors.append(str(e))
+    if into_model:
+        for name, buf in staged:
+            try:
+                runner.load_weights([(name, buf)])
+            except (KeyError, ValueError) as e:
+                errors.append(str(e))
     if errors:
         raise ValueError("; ".join(errors))
+    return received

@@ -31,6 +31,44 @@ benchmarks of the trainer's overlap (`benchmarks/bench_async.py`); uses no CPU."
 logger = logging.getLogger(__name__)
 
 
+class PrefixCache:
+    """Which token prefixes this server has seen: a trie of finished sequences (prompt +
+    output), like SGLang's radix cache, used to report `meta_info.cached_tokens`.
+
+    Bounded: past `max_tokens` stored tokens the whole cache is dropped (this server recomputes
+    every prefix anyway; the count only tells clients how well their routing reuses prefixes).
+    """
+
+    def __init__(self, max_tokens: int = 4_000_000):
+        self.max_tokens = max_tokens
+        self.clear()
+
+    def clear(self) -> None:
+        self._root: dict = {}
+        self._size = 0
+
+    def match(self, tokens: list[int]) -> int:
+        """Length of the longest cached prefix of `tokens`."""
+        node, n = self._root, 0
+        for tok in tokens:
+            node = node.get(tok)
+            if node is None:
+                break
+            n += 1
+        return n
+
+    def insert(self, tokens: list[int]) -> None:
+        if self._size + len(tokens) > self.max_tokens:
+            self.clear()
+        node = self._root
+        for tok in tokens:
+            child = node.get(tok)
+            if child is None:
+                child = node[tok] = {}
+                self._size += 1
+            node = child
+
+
 @dataclass
 class Request:
     """One sequence to generate (a batch item with n > 1 becomes n Requests)."""
@@ -47,6 +85,7 @@ class Request:
     finish_reason: dict | None = None
     weight_version: str = "default"
     num_retractions: int = 0
+    cached_tokens: int = 0
     stream: bool = False
     created: float = field(default_factory=time.monotonic)
     notify: Callable[["Request", bool], None] | None = None
@@ -85,16 +124,30 @@ class Scheduler:
         self._paused: str | None = None      # None or the pause mode
         self._update_pending = 0
         self._stop = False
+        self._live_rids: set[str] = set()
+        self.prefix_cache = PrefixCache()
         self._thread = threading.Thread(target=self._loop, name="embedded-scheduler", daemon=True)
         self._thread.start()
 
     # ---- submission and control (any thread) ------------------------------------------------
     def submit(self, requests: list[Request]) -> None:
+        """Queues requests; ValueError (SGLang's message) when a rid is still in use."""
         with self._cv:
+            rids = [r.rid for r in requests]
+            for rid in rids:
+                if rid in self._live_rids or rids.count(rid) > 1:
+                    raise ValueError(f"Duplicate request ID detected: {rid}")
             for req in requests:
                 req.weight_version = self.weight_version
+                # At least one prompt token is always computed, as in SGLang.
+                req.cached_tokens = min(self.prefix_cache.match(req.input_ids), len(req.input_ids) - 1)
+                self._live_rids.add(req.rid)
                 self._waiting.append(req)
             self._cv.notify_all()
+
+    def flush_prefix_cache(self) -> None:
+        with self._cv:
+            self.prefix_cache.clear()
 
     def abort(self, rid: str = "", abort_all: bool = False, message: str = "Abort request") -> None:
         """Aborts matching requests; waiting ones finish now, running ones at the next step."""
@@ -197,6 +250,10 @@ class Scheduler:
     def _finish(self, req: Request, reason: dict) -> None:
         req.finish_reason = reason
         req.weight_version = self.weight_version
+        with self._cv:
+            self._live_rids.discard(req.rid)
+            if reason.get("type") != "abort":
+                self.prefix_cache.insert(req.input_ids + req.output_ids)
         req.publish(final=True)
 
     def _step_gate(self, batch: list[Request]) -> bool:

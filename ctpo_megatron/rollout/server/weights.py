@@ -7,11 +7,14 @@
   separate group and broadcasts full HF-named tensors (per tensor, or one `flattened_bucket`
   uint8 buffer). On CPU the group uses gloo (`backend="nccl"` is mapped to gloo when CUDA is
   absent).
-* `/update_weights_from_tensor` — differs from SGLang on purpose: SGLang passes tensors *by
-  handle* (a base64 ForkingPickler pickle of CUDA-IPC / shared-memory handles, so only a
-  same-node process can send them). Here each `serialized_named_tensors` entry is
-  `base64(safetensors.torch.save(dict name -> tensor))`: data *by value*, any host. Entry 0 is
-  read (one TP rank). `load_format` must be null or "direct" (both load by name).
+* `/update_weights_from_tensor`: one `serialized_named_tensors` entry per TP rank, each rank
+  decodes its own. An entry is SGLang's format (base64 `MultiprocessingSerializer` pickle,
+  tensors by shared-memory handle, decoded with a restricted unpickler) or, an extension for
+  hosts that share no memory, `base64(safetensors bytes)` (data by value). `load_format` must
+  be null or "direct" (both load by name).
+
+With `--tp-size N` every call above runs on the server's N ranks (`tp.py`): each joins the group
+at `rank_offset + tp_rank` and receives every broadcast, as SGLang's ranks do.
 
 Every successful update records `weight_version` (when given), and with `flush_cache=true`
 fails like SGLang does when requests are still running.
@@ -22,14 +25,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import threading
 
 from aiohttp import web
 from safetensors.torch import load as load_safetensors
+from ctpo_megatron.rollout.weight_sync.serialization import decode_named_tensors
 
 from ctpo_megatron.rollout.server.bodies import BodyError, parse_body
 from ctpo_megatron.rollout.server.receive import comm_device, receive_flattened, receive_into_model
-from ctpo_megatron.rollout.weight_sync.process_group import (
-    destroy_custom_process_group, init_custom_process_group, resolve_backend)
+from ctpo_megatron.rollout.weight_sync.process_group import (SideGroup, destroy_custom_process_group,
+                                                             resolve_backend)
 
 logger = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -67,8 +72,10 @@ async def _apply(request: web.Request, body: dict, load_fn) -> tuple[bool, str]:
         return False, f"Failed to update weights: {e}"
     if body.get("weight_version") is not None:
         state.scheduler.set_weight_version(body["weight_version"])
-    if body.get("flush_cache", True) and not state.scheduler.can_flush():
-        return False, _FLUSH_FAILED
+    if body.get("flush_cache", True):
+        if not state.scheduler.can_flush():
+            return False, _FLUSH_FAILED
+        state.scheduler.flush_prefix_cache()
     return True, message
 
 
@@ -99,6 +106,7 @@ async def begin_weight_update(request: web.Request) -> web.Response:
     if state.session_open:
         return _reply(False, "a weight-update session is already open; call end_weight_update() first")
     state.session_open = True
+    state.tp.reset()
     return _reply(True, "Success")
 
 
@@ -127,15 +135,30 @@ async def update_weights_from_tensor(request: web.Request) -> web.Response:
         return _reply(False, f"load_format {body['load_format']!r} is not supported by the embedded "
                              "server: entries are base64 safetensors bytes (load_format null or 'direct')")
     entries = body["serialized_named_tensors"]
-    if not entries or not isinstance(entries[0], str):
-        return _reply(False, "serialized_named_tensors must be a non-empty list of base64 strings")
+    tp = state.tp
+    if len(entries) < tp.size or not all(isinstance(e, str) for e in entries):
+        return _reply(False, f"serialized_named_tensors must hold one base64 string per TP rank: "
+                             f"got {len(entries)} entries, this server has tp_size {tp.size}")
 
     def load() -> str:
-        tensors = load_safetensors(base64.b64decode(entries[0]))
-        count = state.scheduler.runner.load_weights(tensors.items())
+        def decode(tp_rank: int) -> list:
+            tensors = decode_entry(entries[tp_rank])
+            tp.record(tp_rank, [t for _, t in tensors])
+            return tensors
+
+        decoded = tp.run(decode)
+        count = state.scheduler.runner.load_weights(decoded[0])
         return f"Success ({count} tensors)"
 
     return _reply(*await _apply(request, body, load))
+
+
+def decode_entry(entry: str) -> list:
+    """One `serialized_named_tensors` entry: SGLang's pickle format, or base64 safetensors."""
+    raw = base64.b64decode(entry[:8] + "=" * (-len(entry[:8]) % 4))[:1]
+    if raw == b"\x80":  # a pickle: SGLang's MultiprocessingSerializer format
+        return decode_named_tensors(entry)
+    return list(load_safetensors(base64.b64decode(entry)).items())
 
 
 @routes.post("/init_weights_update_group")
@@ -148,14 +171,14 @@ async def init_weights_update_group(request: web.Request) -> web.Response:
     if name in state.groups:
         return _reply(False, f"Failed to initialize custom process group: group {name!r} exists.")
 
-    def join():
-        return init_custom_process_group(
+    def join(tp_rank: int):
+        return SideGroup(
             master_address=body["master_address"], master_port=body["master_port"],
-            rank=body["rank_offset"], world_size=body["world_size"], group_name=name,
-            backend=resolve_backend(body["backend"]))
+            rank=body["rank_offset"] + tp_rank, world_size=body["world_size"], group_name=name,
+            backend=resolve_backend(body["backend"]), timeout_s=state.group_timeout_s)
 
     try:
-        state.groups[name] = await asyncio.to_thread(join)
+        state.groups[name] = await asyncio.to_thread(state.tp.run, join)
     except Exception as e:  # noqa: BLE001 - reported to the caller as success=false
         return _reply(False, f"Failed to initialize custom process group: {e}.")
     return _reply(True, "Succeeded to initialize custom process group.")
@@ -166,10 +189,13 @@ async def destroy_weights_update_group(request: web.Request) -> web.Response:
     body, error = await _body(request, "destroy_weights_update_group")
     if error:
         return error
-    pg = request.app["state"].groups.pop(body["group_name"], None)
-    if pg is None:
+    pgs = request.app["state"].groups.pop(body["group_name"], None)
+    if pgs is None:
         return _reply(False, "The group to be destroyed does not exist.")
-    await asyncio.to_thread(destroy_custom_process_group, pg)
+    # In the background: a group whose broadcast failed may still have a receive pending, and
+    # tearing it down waits for that.
+    for pg in pgs:
+        threading.Thread(target=destroy_custom_process_group, args=(pg,), daemon=True).start()
     return _reply(True, "Succeeded to destroy custom process group.")
 
 
@@ -182,31 +208,45 @@ async def update_weights_from_distributed(request: web.Request) -> web.Response:
     if not state.session_open:
         return _reply(False, "update_weights_from_distributed must run between begin_weight_update() "
                              "and end_weight_update()")
-    pg = state.groups.get(body["group_name"])
-    if pg is None:
+    pgs = state.groups.get(body["group_name"])
+    if pgs is None:
         return _reply(False, f"Failed to receive weights: Group {body['group_name']} not in "
                              f"{list(state.groups)}. Please call `init_weights_update_group` first.")
     names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
     if not len(names) == len(dtypes) == len(shapes):
         return _reply(False, f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes "
                              f"({len(shapes)}) must have the same length")
-    runner = state.scheduler.runner
+    runner, tp = state.scheduler.runner, state.tp
     if body["load_format"] == "flattened_bucket":
+        def receive(tp_rank: int) -> list:
+            received = receive_flattened(pgs[tp_rank], names, dtypes, shapes,
+                                         state.recv_buffers[tp_rank], comm_device(pgs[tp_rank], runner))
+            tp.record(tp_rank, [t for _, t in received])
+            return received
+
         try:
             # Receive outside the model lock (the broadcast must not wait for generation), then load.
-            received = await asyncio.to_thread(receive_flattened, pg, names, dtypes, shapes,
-                                               state.recv_buffers, comm_device(pg, runner))
+            received = (await asyncio.to_thread(tp.run, receive))[0]
         except Exception as e:  # noqa: BLE001 - reported to the caller as success=false
             return _reply(False, f"Failed to receive weights: {e}")
+
         def load() -> str:
             runner.load_weights(received)
             return "Succeeded to update parameter online."
 
         success, message = await _apply(request, body, load)
     else:
-        # Per tensor: received straight into the parameters, under the model-update lock.
-        success, message = await _apply(request, body, lambda: receive_into_model(
-            pg, names, dtypes, shapes, runner) or "Succeeded to update parameter online.")
+        # Per tensor: rank 0 receives straight into the parameters, under the model-update lock.
+        def load() -> str:
+            def receive(tp_rank: int) -> None:
+                tensors = receive_into_model(pgs[tp_rank], names, dtypes, shapes, runner,
+                                             into_model=tp_rank == 0)
+                tp.record(tp_rank, tensors)
+
+            tp.run(receive)
+            return "Succeeded to update parameter online."
+
+        success, message = await _apply(request, body, load)
     return _reply(success, message)
 
 

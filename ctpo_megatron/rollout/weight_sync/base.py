@@ -48,13 +48,16 @@ class WeightSyncConfig:
     """`disk`: HF directory whose *.json files (config.json, ...) are copied next to the weights."""
     disk_keep: int = 1
     """`disk`: how many old checkpoints to keep besides the newest."""
-    tensor_encoding: str = "safetensors"
-    """`tensor`: `safetensors` (by value; the embedded server) or `sglang` (SGLang's pickled
-    handles: same node only, CUDA tensors need sglang importable)."""
-    server_tp_size: int = 1
-    """TP size of each server (ranks per server in the broadcast group; payload copies)."""
-    master_address: str = "127.0.0.1"
-    """`distributed`: address of trainer rank 0 as the servers reach it."""
+    tensor_encoding: str = "sglang"
+    """`tensor`: `sglang` (SGLang's own format: one `MultiprocessingSerializer` payload per server
+    TP rank, tensors by handle, so trainer rank 0 and the servers share a node; what a real
+    SGLang server decodes) or `safetensors` (by value, any host; the embedded server only)."""
+    server_tp_size: int | None = None
+    """TP size every server must report in `/server_info` (`tp_size`); None: take it from the
+    servers (the usual case: it is configured once, on the servers)."""
+    master_address: str = "auto"
+    """`distributed`: address of trainer rank 0 as the servers reach it. `auto`: the address of
+    this host's interface that routes to the servers, found at run time."""
     master_port: int = 0
     """`distributed`: rendezvous port (0 = pick a free one)."""
     group_name: str = "weight_update_group"
@@ -80,6 +83,8 @@ class WeightSyncConfig:
         if self.distributed_format not in ("auto", "flattened_bucket", "per_tensor"):
             raise ValueError(f"weight_sync.distributed_format={self.distributed_format!r}: expected "
                              "auto, flattened_bucket or per_tensor")
+        if self.server_tp_size is not None and self.server_tp_size < 1:
+            raise ValueError(f"weight_sync.server_tp_size={self.server_tp_size} must be >= 1 or null")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"weight_sync.backend={self.backend!r}: expected auto, nccl or gloo")
 
@@ -153,9 +158,24 @@ class ServerCalls:
             raise WeightSyncError(f"{url}{path} reported failure: {out.get('message')}")
         return out
 
+    def get(self, url: str, path: str) -> Any:
+        """GET `path` on one server; the parsed JSON body. WeightSyncError on failure."""
+        try:
+            with self._opener.open(url + path, timeout=min(self.timeout_s, 60.0)) as resp:
+                return json.loads(resp.read().decode())
+        except urllib.error.HTTPError as e:
+            raise WeightSyncError(f"{url}{path} returned HTTP {e.code}: "
+                                  f"{e.read().decode(errors='replace')[:2000]}") from None
+        except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
+            raise WeightSyncError(f"{url}{path} failed: {e}") from None
+
     def submit_all(self, path: str, body_of) -> list[Future]:
         """Starts `path` on every server; `body_of(i, url)` builds each body."""
         return [self.pool.submit(self.post, url, path, body_of(i, url)) for i, url in enumerate(self.urls)]
+
+    def all_bodies(self, path: str, bodies: list[dict]) -> list[Any]:
+        """POSTs `bodies[i]` to server i, in parallel; raises the first error after all settled."""
+        return wait_all(self.submit_all(path, lambda i, u: bodies[i]))
 
     def all(self, path: str, body: dict | None = None) -> list[Any]:
         return wait_all(self.submit_all(path, lambda i, u: {} if body is None else body))
@@ -177,6 +197,26 @@ def wait_all(futures: list[Future]) -> list[Any]:
     return results
 
 
+def server_tp_sizes(calls: ServerCalls, expected: int | None) -> list[int]:
+    """Each server's TP size as it reports it (`/server_info` `tp_size`, as SGLang does).
+
+    expected: the configured size, or None. Raises WeightSyncError naming the server when a
+    server does not report one, or reports another size than configured.
+    """
+    sizes = []
+    for url, info in zip(calls.urls, wait_all([calls.pool.submit(calls.get, u, "/server_info")
+                                               for u in calls.urls])):
+        tp = info.get("tp_size") if isinstance(info, dict) else None
+        if not isinstance(tp, int) or tp < 1:
+            raise WeightSyncError(f"{url}/server_info reports no valid tp_size ({tp!r})")
+        if expected is not None and tp != expected:
+            raise WeightSyncError(f"{url} runs with tp_size={tp} but weight_sync.server_tp_size="
+                                  f"{expected}: fix the setting (or leave it null to take the "
+                                  "servers' own size)")
+        sizes.append(tp)
+    return sizes
+
+
 class WeightUpdater(abc.ABC):
     """One transport. `connect(urls)` once, `update(named_tensors, version)` per step."""
 
@@ -190,6 +230,22 @@ class WeightUpdater(abc.ABC):
         if not urls:
             raise ValueError("weight sync needs at least one server URL")
         self.calls = ServerCalls(list(urls), self.cfg.http_timeout_s)
+
+    @property
+    def urls(self) -> list[str]:
+        """The servers this updater is connected to."""
+        return list(self.calls.urls) if self.calls is not None else []
+
+    def retarget(self, urls: list[str]) -> bool:
+        """Connects to exactly `urls` (e.g. without a server that died): reconnects when they
+        differ from the current servers; returns whether it did. Never waits on a dead server
+        beyond one failed HTTP call."""
+        urls = [u.rstrip("/") for u in urls]
+        if self.calls is not None and sorted(urls) == sorted(self.calls.urls):
+            return False
+        self.close()
+        self.connect(urls)
+        return True
 
     def update(self, named_tensors: NamedTensors, version: str) -> None:
         """Pauses generation, sends every tensor, records `version`, resumes generation.

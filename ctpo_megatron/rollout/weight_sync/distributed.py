@@ -11,17 +11,19 @@ server maps `nccl` to gloo when it has no CUDA).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 
 import torch
 import torch.distributed as dist
 
-from ctpo_megatron.parallel.net import free_port
-from ctpo_megatron.rollout.weight_sync.base import (NamedTensors, WeightUpdater, dtype_name,
-                                                    iter_buckets, wait_all)
+from ctpo_megatron.rollout.weight_sync.base import (NamedTensors, WeightSyncError, WeightUpdater,
+                                                    dtype_name, iter_buckets, server_tp_sizes,
+                                                    wait_all)
 from ctpo_megatron.rollout.weight_sync.process_group import (destroy_custom_process_group,
-                                                             init_custom_process_group)
+                                                             host_store, init_custom_process_group,
+                                                             routable_address)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,11 @@ class DistributedWeightUpdater(WeightUpdater):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.pg: dist.ProcessGroup | None = None
+        self.pg_failed = False
+        self.group_name = cfg.group_name
+        self._generation = 0
+        self._abandoned: list[dist.ProcessGroup] = []
+        self.world_size, self.rank_offsets = 0, []
         self._buffers: list[torch.Tensor | None] = [None, None]
         backend = cfg.backend
         if backend == "auto":
@@ -67,32 +74,62 @@ class DistributedWeightUpdater(WeightUpdater):
         self.format = fmt
 
     def connect(self, urls: list[str]) -> None:
-        """Creates the group: trainer rank 0, server i's TP ranks at 1 + i * server_tp_size."""
+        """Creates the group: trainer rank 0, then every TP rank of every server.
+
+        Each server's TP size comes from its `/server_info` (checked against
+        `server_tp_size` when that is set); server i's ranks start at 1 + the TP sizes of the
+        servers before it, and the world size is 1 + their sum. Trainer rank 0 hosts the
+        rendezvous store on a free port and publishes its routable address (`master_address:
+        auto`). Calling it again (e.g. without a server that died) forms a fresh group.
+        """
+        self._drop_group()
+        self.pg_failed = False
         super().connect(urls)
         assert self.calls is not None
         cfg = self.cfg
-        port = cfg.master_port or free_port()
-        world_size = 1 + cfg.server_tp_size * len(urls)
+        tp_sizes = server_tp_sizes(self.calls, cfg.server_tp_size)
+        offsets = [1 + sum(tp_sizes[:i]) for i in range(len(tp_sizes))]
+        world_size = 1 + sum(tp_sizes)
+        address = routable_address(self.calls.urls) if cfg.master_address == "auto" else cfg.master_address
+        store = host_store(cfg.master_port, world_size, cfg.http_timeout_s)
+        self._generation += 1
+        name = cfg.group_name if self._generation == 1 else f"{cfg.group_name}-{self._generation}"
         futures = self.calls.submit_all("/init_weights_update_group", lambda i, url: {
-            "master_address": cfg.master_address, "master_port": port,
-            "rank_offset": 1 + i * cfg.server_tp_size, "world_size": world_size,
-            "group_name": cfg.group_name, "backend": self.backend})
-        # Rank 0 hosts the rendezvous store and joins while the servers are joining. A server
-        # that refuses (e.g. the group name exists) would leave the join waiting until its
-        # timeout: watch the HTTP replies and fail at once instead.
+            "master_address": address, "master_port": store.port, "rank_offset": offsets[i],
+            "world_size": world_size, "group_name": name, "backend": self.backend})
+        # Rank 0 joins while the servers are joining. A server that refuses (e.g. the group
+        # name exists) would leave the join waiting until its timeout: watch the HTTP replies
+        # and fail at once instead.
         join = self.calls.pool.submit(
-            init_custom_process_group, master_address=cfg.master_address, master_port=port, rank=0,
-            world_size=world_size, group_name=cfg.group_name, backend=self.backend,
-            timeout_s=cfg.http_timeout_s)
+            init_custom_process_group, master_address=address, master_port=store.port, rank=0,
+            world_size=world_size, group_name=name, backend=self.backend,
+            timeout_s=cfg.http_timeout_s, store=store)
         while not join.done():
             failed = [f for f in futures if f.done() and f.exception() is not None]
             if failed:
                 raise failed[0].exception()
             time.sleep(0.01)
+        if join.exception() is not None:
+            # A server's own refusal (e.g. the group exists there) says more: give it a moment.
+            concurrent.futures.wait(futures, timeout=10)
+            failed = [f for f in futures if f.done() and f.exception() is not None]
+            raise (failed[0].exception() if failed else join.exception())
         self.pg = join.result()
+        self.group_name = name
         wait_all(futures)
-        logger.info("weight-update group %s ready: %d servers, world size %d (%s)", cfg.group_name,
-                    len(urls), world_size, self.backend)
+        self.world_size, self.rank_offsets = world_size, offsets
+        logger.info("weight-update group %s ready at %s:%d: %d servers (TP %s), world size %d (%s)",
+                    name, address, store.port, len(urls), tp_sizes, world_size, self.backend)
+
+    def _drop_group(self) -> None:
+        """Forgets the current group (after a failure its collectives may never finish: it is
+        not destroyed here, which could block on them)."""
+        if self.pg is not None:
+            self._abandoned.append(self.pg)
+            self.pg = None
+        if self.calls is not None:
+            self.calls.close()
+            self.calls = None
 
     def _send(self, named_tensors: NamedTensors, version: str) -> dict[str, int]:
         """Pipelined: bucket k+1 is flattened while bucket k is broadcast and loaded.
@@ -101,7 +138,8 @@ class DistributedWeightUpdater(WeightUpdater):
         order), so only the flatten overlaps; two reused buffers alternate.
         """
         if self.pg is None or self.calls is None:
-            raise RuntimeError("call connect(urls) before update()")
+            raise RuntimeError("call connect(urls) before update() (again after a failed update: "
+                               "its group is unusable)")
         self.calls.all("/begin_weight_update", {})
         total = buckets = 0
         in_flight = None
@@ -117,9 +155,25 @@ class DistributedWeightUpdater(WeightUpdater):
                 raise ValueError("weight sync got no tensors")
             # The version and the cache flush go with the last bucket.
             in_flight = self._start(pending, version, buckets % 2, in_flight)
-        finally:
+        except BaseException:
+            if not self.pg_failed:
+                self._finish(in_flight)
+            raise
+        else:
             self._finish(in_flight)
-            self.calls.all("/end_weight_update", {})
+        finally:
+            if self.pg_failed:
+                # Never wait on this group again; connect() forms a new one. The servers tear
+                # their side down, which also ends receives still waiting for this group.
+                self._abandoned.append(self.pg)
+                self.pg = None
+                self._destroy_on_servers()
+            try:
+                self.calls.all("/end_weight_update", {})
+            except WeightSyncError as e:
+                if not self.pg_failed:
+                    raise
+                logger.warning("end_weight_update after a failed update: %s", e)
         return {"bytes": total, "buckets": buckets}
 
     def _start(self, bucket: list[tuple[str, torch.Tensor]], version: str | None, slot: int, previous):
@@ -143,7 +197,7 @@ class DistributedWeightUpdater(WeightUpdater):
 
     def _body(self, bucket: list[tuple[str, torch.Tensor]], version: str | None, load_format) -> dict:
         return {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.cfg.group_name,
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
                 "load_format": load_format, "flush_cache": version is not None,
                 "weight_version": version}
 
@@ -163,24 +217,55 @@ class DistributedWeightUpdater(WeightUpdater):
             raise
         return works, futures, tensors
 
-    @staticmethod
-    def _finish(in_flight) -> None:
+    def _finish(self, in_flight) -> None:
+        """Waits for a bucket's broadcast and every server's reply to it.
+
+        A server that rejects the bucket (or dies) never joins or finishes the broadcast, so
+        the collective would wait for its timeout: the replies are watched while it runs, and
+        the first failure is raised at once. The group is then unusable (the servers' receive
+        order is broken): it is dropped, and the next update needs `connect()` again.
+        """
         if in_flight is None:
             return
         works, futures = in_flight[0], in_flight[1]
+        works = works if isinstance(works, list) else [works]
+        while not all(w.is_completed() for w in works):
+            failed = [f for f in futures if f.done() and f.exception() is not None]
+            if failed:
+                self.pg_failed = True
+                raise WeightSyncError(f"weight update aborted, the broadcast stopped: "
+                                      f"{failed[0].exception()}") from failed[0].exception()
+            time.sleep(0.002)
         try:
-            for work in works if isinstance(works, list) else [works]:
+            for work in works:
                 work.wait()
-        finally:
+        except Exception as e:
+            self.pg_failed = True
+            raise WeightSyncError(f"weight broadcast failed: {e}") from e
+        try:
             wait_all(futures)
+        except Exception:
+            self.pg_failed = True
+            raise
+
+    def _destroy_on_servers(self) -> None:
+        """Best effort: every server that still answers drops the current group."""
+        assert self.calls is not None
+        futures = self.calls.submit_all("/destroy_weights_update_group", lambda i, u: {"group_name": self.group_name})
+        for url, fut in zip(self.calls.urls, futures):
+            try:
+                fut.result(timeout=60)
+            except Exception as e:  # noqa: BLE001 - a dead server cannot answer
+                logger.warning("%s: destroy_weights_update_group %s: %s", url, self.group_name, e)
 
     def close(self) -> None:
-        if self.pg is not None:
+        if self.pg is not None and not self.pg_failed:
             if self.calls is not None:
                 try:
-                    self.calls.all("/destroy_weights_update_group", {"group_name": self.cfg.group_name})
+                    self.calls.all("/destroy_weights_update_group", {"group_name": self.group_name})
                 except Exception as e:  # noqa: BLE001 - best effort at shutdown
                     logger.warning("destroy_weights_update_group failed: %s", e)
             destroy_custom_process_group(self.pg)
             self.pg = None
+        self._drop_group()
         super().close()
