@@ -113,7 +113,19 @@ _TOKEN_LOCAL_LOSSES = ("grpo",)
 """Losses whose per-token terms need nothing from other tokens (no prefix sum)."""
 
 
-def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, return_terms: bool = False):
+def check_context_parallel_loss(cfg, cp_size: int) -> None:
+    """Raises ValueError, naming the settings, when `cfg` (`algo.PolicyLossConfig`) cannot run
+    at CP size `cp_size`: above 1 only algo.name "ctpo" or "grpo" with loss_agg_mode
+    "token-mean" (other losses or aggregations need whole sequences on one rank). The trainer
+    calls it at start-up, before any process group exists."""
+    if cp_size > 1 and (cfg.name not in ("ctpo",) + _TOKEN_LOCAL_LOSSES or cfg.loss_agg_mode != "token-mean"):
+        raise ValueError(f"algo.name={cfg.name!r} with algo.loss_agg_mode={cfg.loss_agg_mode!r} is not "
+                         f"supported under context parallelism (parallel.cp={cp_size}): use algo.name=ctpo "
+                         "or grpo with algo.loss_agg_mode=token-mean, or parallel.cp=1")
+
+
+def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, return_terms: bool = False,
+                                 with_metrics: bool = True):
     """`algo.policy_loss` on this CP rank's tokens, with CTPO's prefix sums taken over CP.
 
     log_probs: [b, L] float with grad — the actor's per-token log-probs in its layout (local
@@ -127,6 +139,8 @@ def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, r
         the token-local "grpo", with loss_agg_mode "token-mean"; others raise ValueError.
     The loss is normalized like over DP (`sum(mask * l) / global_num_tokens * dp_size`), so with
     DDP averaging over DP x CP the gradient equals the whole mini-batch's on one rank.
+    with_metrics: False skips `algo.metrics.policy_metrics` (metrics is {}; the trainer sums
+        `algo.stats.LossSums` instead). Per-rank metrics cover only this rank's tokens.
     Returns (loss, metrics), or with return_terms (loss, metrics, TokenTerms, positions) where
     positions [b, L] is the global generated-token index n_t (1-based) for
     `algo.metrics.clip_rate_by_position(..., positions=positions)`.
@@ -137,11 +151,7 @@ def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, r
     cp_group = batch.get("cp_group")
     if cp_group is None:
         raise ValueError("context_parallel_policy_loss: batch has no 'cp_group' (the actor sets it)")
-    cp = dist.get_world_size(cp_group)
-    if cp > 1 and (cfg.name not in ("ctpo",) + _TOKEN_LOCAL_LOSSES or cfg.loss_agg_mode != "token-mean"):
-        raise ValueError(f"loss {cfg.name!r} with loss_agg_mode={cfg.loss_agg_mode!r} is not supported "
-                         "under context parallelism (parallel.cp > 1): use algo.name=ctpo or grpo with "
-                         "loss_agg_mode=token-mean")
+    check_context_parallel_loss(cfg, dist.get_world_size(cp_group))
     mask = batch["response_mask"]
     cum = count = None
     if cfg.name == "ctpo":
@@ -150,7 +160,8 @@ def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, r
     out = policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask, cfg,
                       rollout_is_weights=batch.get("rollout_is_weights"),
                       batch_num_tokens=batch["global_num_tokens"], dp_size=batch["dp_size"],
-                      cum_log_ratio=cum, cum_count=count, return_terms=return_terms)
+                      cum_log_ratio=cum, cum_count=count, return_terms=return_terms,
+                      with_metrics=with_metrics)
     if not return_terms:
         return out
     if count is None:
