@@ -294,7 +294,7 @@ class Trainer:
                                           temperature=tc.eval_temperature)
         metrics = rollout_metrics(trajs, prefix="eval/")
         from ctpo_megatron.evaluate import eval_metrics  # mean@k / best@k / maj@k, overall and per source
-        metrics.update(eval_metrics(trajs, tc.eval_samples))
+        metrics.update(eval_metrics([t.to_dict() for t in trajs], tc.eval_samples))  # it reads dicts
         by_source: dict[str, list[bool]] = {}
         for t in trajs:
             source = (t.metadata or {}).get("data_source", "unknown")
