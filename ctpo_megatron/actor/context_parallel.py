@@ -133,7 +133,9 @@ def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, r
         CP group of one rank).
     batch: the actor's loss batch: old_log_probs, advantages, response_mask, rollout_is_weights
         (same layout), global_num_tokens (response tokens of the whole mini-batch, all DP and CP
-        ranks), dp_size (ranks the gradient is averaged over: DP x CP), cp_group.
+        ranks), dp_size (ranks the gradient is averaged over: DP x CP), cp_group (the actor
+        sets it; absent or None: CP 1 without an exchange, e.g. a process without
+        torch.distributed, the prefix sums then come from `algo.policy_loss` itself).
     cfg: `algo.PolicyLossConfig`. At CP > 1 supported are "ctpo" (C_t and n_t from
         `context_parallel_cumsum`: one exchange of per-chunk totals forward, one backward) and
         the token-local "grpo", with loss_agg_mode "token-mean"; others raise ValueError.
@@ -149,12 +151,11 @@ def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, r
     from ctpo_megatron.algo.ctpo import ctpo_log_ratio
 
     cp_group = batch.get("cp_group")
-    if cp_group is None:
-        raise ValueError("context_parallel_policy_loss: batch has no 'cp_group' (the actor sets it)")
-    check_context_parallel_loss(cfg, dist.get_world_size(cp_group))
+    if cp_group is not None:
+        check_context_parallel_loss(cfg, dist.get_world_size(cp_group))
     mask = batch["response_mask"]
     cum = count = None
-    if cfg.name == "ctpo":
+    if cfg.name == "ctpo" and cp_group is not None:
         d = ctpo_log_ratio(log_probs, batch["old_log_probs"], mask)
         cum, count = context_parallel_cumsum(d, mask > 0, cp_group)
     out = policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask, cfg,
@@ -164,7 +165,9 @@ def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, r
                       with_metrics=with_metrics)
     if not return_terms:
         return out
-    if count is None:
+    if count is None and cp_group is None:  # whole responses in order: n_t is the running count
+        count = torch.cumsum((mask > 0).to(torch.int64), dim=-1)
+    elif count is None:
         with torch.no_grad():
             _, count = context_parallel_cumsum(torch.zeros_like(mask, dtype=torch.float32), mask > 0, cp_group)
     return (*out, count.round().to(torch.int64))
