@@ -9,7 +9,8 @@
 #   4. draws the plots; the last line reads `held-out accuracy: <before> -> <after>`
 # Usage: bash launch/ctpo_tiny.sh [hydra overrides, e.g. trainer.total_steps=10]
 # Env: RUN_DIR (default runs/tiny; an existing run resumes from its last checkpoint),
-#      NPROC (default 2 = the TP size of configs/tiny.yaml).
+#      NPROC (default 2 = the TP size of configs/tiny.yaml; the ranks must be a multiple of
+#      tp x cp, e.g. `parallel.tp=1 parallel.cp=2` runs context parallelism on the same 2 ranks).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -113,7 +113,19 @@ _TOKEN_LOCAL_LOSSES = ("grpo",)
 """Losses whose per-token terms need nothing from other tokens (no prefix sum)."""
 
 
-def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, return_terms: bool = False):
+def check_context_parallel_loss(cfg, cp_size: int) -> None:
+    """Raises ValueError, naming the settings, when `cfg` (`algo.PolicyLossConfig`) cannot run
+    at CP size `cp_size`: above 1 only algo.name "ctpo" or "grpo" with loss_agg_mode
+    "token-mean" (other losses or aggregations need whole sequences on one rank). The trainer
+    calls it at start-up, before any process group exists."""
+    if cp_size > 1 and (cfg.name not in ("ctpo",) + _TOKEN_LOCAL_LOSSES or cfg.loss_agg_mode != "token-mean"):
+        raise ValueError(f"algo.name={cfg.name!r} with algo.loss_agg_mode={cfg.loss_agg_mode!r} is not "
+                         f"supported under context parallelism (parallel.cp={cp_size}): use algo.name=ctpo "
+                         "or grpo with algo.loss_agg_mode=token-mean, or parallel.cp=1")
+
+
+def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, return_terms: bool = False,
+                                 with_metrics: bool = True):
     """`algo.policy_loss` on this CP rank's tokens, with CTPO's prefix sums taken over CP.
 
     log_probs: [b, L] float with grad — the actor's per-token log-probs in its layout (local
@@ -121,12 +133,16 @@ def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, r
         CP group of one rank).
     batch: the actor's loss batch: old_log_probs, advantages, response_mask, rollout_is_weights
         (same layout), global_num_tokens (response tokens of the whole mini-batch, all DP and CP
-        ranks), dp_size (ranks the gradient is averaged over: DP x CP), cp_group.
+        ranks), dp_size (ranks the gradient is averaged over: DP x CP), cp_group (the actor
+        sets it; absent or None: CP 1 without an exchange, e.g. a process without
+        torch.distributed, the prefix sums then come from `algo.policy_loss` itself).
     cfg: `algo.PolicyLossConfig`. At CP > 1 supported are "ctpo" (C_t and n_t from
         `context_parallel_cumsum`: one exchange of per-chunk totals forward, one backward) and
         the token-local "grpo", with loss_agg_mode "token-mean"; others raise ValueError.
     The loss is normalized like over DP (`sum(mask * l) / global_num_tokens * dp_size`), so with
     DDP averaging over DP x CP the gradient equals the whole mini-batch's on one rank.
+    with_metrics: False skips `algo.metrics.policy_metrics` (metrics is {}; the trainer sums
+        `algo.stats.LossSums` instead). Per-rank metrics cover only this rank's tokens.
     Returns (loss, metrics), or with return_terms (loss, metrics, TokenTerms, positions) where
     positions [b, L] is the global generated-token index n_t (1-based) for
     `algo.metrics.clip_rate_by_position(..., positions=positions)`.
@@ -135,25 +151,23 @@ def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, r
     from ctpo_megatron.algo.ctpo import ctpo_log_ratio
 
     cp_group = batch.get("cp_group")
-    if cp_group is None:
-        raise ValueError("context_parallel_policy_loss: batch has no 'cp_group' (the actor sets it)")
-    cp = dist.get_world_size(cp_group)
-    if cp > 1 and (cfg.name not in ("ctpo",) + _TOKEN_LOCAL_LOSSES or cfg.loss_agg_mode != "token-mean"):
-        raise ValueError(f"loss {cfg.name!r} with loss_agg_mode={cfg.loss_agg_mode!r} is not supported "
-                         "under context parallelism (parallel.cp > 1): use algo.name=ctpo or grpo with "
-                         "loss_agg_mode=token-mean")
+    if cp_group is not None:
+        check_context_parallel_loss(cfg, dist.get_world_size(cp_group))
     mask = batch["response_mask"]
     cum = count = None
-    if cfg.name == "ctpo":
+    if cfg.name == "ctpo" and cp_group is not None:
         d = ctpo_log_ratio(log_probs, batch["old_log_probs"], mask)
         cum, count = context_parallel_cumsum(d, mask > 0, cp_group)
     out = policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask, cfg,
                       rollout_is_weights=batch.get("rollout_is_weights"),
                       batch_num_tokens=batch["global_num_tokens"], dp_size=batch["dp_size"],
-                      cum_log_ratio=cum, cum_count=count, return_terms=return_terms)
+                      cum_log_ratio=cum, cum_count=count, return_terms=return_terms,
+                      with_metrics=with_metrics)
     if not return_terms:
         return out
-    if count is None:
+    if count is None and cp_group is None:  # whole responses in order: n_t is the running count
+        count = torch.cumsum((mask > 0).to(torch.int64), dim=-1)
+    elif count is None:
         with torch.no_grad():
             _, count = context_parallel_cumsum(torch.zeros_like(mask, dtype=torch.float32), mask > 0, cp_group)
     return (*out, count.round().to(torch.int64))

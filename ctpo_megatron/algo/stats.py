@@ -63,9 +63,16 @@ class LossSums:
     @classmethod
     def from_terms(cls, terms: TokenTerms, response_mask: torch.Tensor, advantages: torch.Tensor,
                    cfg: PolicyLossConfig, *, loss: torch.Tensor, dp_size: int,
-                   bucket_edges: Sequence[int]) -> LossSums:
+                   bucket_edges: Sequence[int], positions: torch.Tensor | None = None) -> LossSums:
         """The sums of one micro-batch. terms, response_mask, advantages: [B, S] as given to
-        `policy_loss`; loss: its 0-d result; bucket_edges: see `clip_rate_by_position`."""
+        `policy_loss`; loss: its 0-d result; bucket_edges, positions: see
+        `clip_rate_by_position` (positions [B, S]: the generated-token index n_t of each
+        column; default the cumulative mask count, which is right only when the columns are
+        whole responses in order: under context parallelism pass the global n_t).
+
+        Every sum is over valid tokens, so a rank holding a piece of each sequence (context
+        parallelism) adds exactly its tokens; only the order statistics (ratio and LA-scale
+        quantiles, averaged per micro-batch) are then taken per piece, an approximation."""
         with torch.no_grad():
             f64 = dict(dtype=torch.float64, device=response_mask.device)
             valid = response_mask > 0
@@ -94,7 +101,7 @@ class LossSums:
                               cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c)]))
             flags = torch.stack([terms.clip_high, terms.clip_low, terms.clip_dual, terms.clip_any])
             pos_clipped, pos_tokens = clip_rate_by_position(terms.clip_any, response_mask,
-                                                            bucket_edges=bucket_edges)
+                                                            bucket_edges=bucket_edges, positions=positions)
             return cls(
                 loss=loss.detach().to(torch.float64) / dp_size, tokens=n,
                 neg_adv_tokens=((advantages < 0) & valid).sum().to(torch.float64),

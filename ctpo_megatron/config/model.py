@@ -111,20 +111,8 @@ class ParallelConfig:
         """The sizes as a `ParallelDims` (dp possibly still -1)."""
         return ParallelDims(tp=self.tp, pp=self.pp, cp=self.cp, dp=self.dp)
 
-    def check_supported(self) -> None:
-        """Raises ValueError for settings the policy actor cannot run yet (parallel.cp > 1).
-
-        The trainer calls this before any process group is created.
-        """
-        if self.cp > 1:
-            raise ValueError(
-                f"parallel.cp={self.cp}: context parallelism is not supported by the policy actor "
-                "yet (it needs TransformerEngine's context-parallel attention); use parallel.cp=1, "
-                "e.g. parallel=tp8_pp2 for Qwen3-32B")
-
     def check(self, model: ModelConfig, world_size: int) -> ParallelDims:
         """Validates the layout against `model` and `world_size`; returns the resolved dims."""
-        self.check_supported()
         dims = self.dims().resolve(world_size)
         try:
             dims.check_model(num_attention_heads=model.num_attention_heads,

@@ -60,6 +60,9 @@ class TrainConfig:
             raise ValueError("correction.enabled=true needs trainer.old_log_probs=actor: with the "
                              "rollout's log-probs as old log-probs there is no mismatch to correct "
                              "(set correction.enabled=false)")
+        from ctpo_megatron.actor.context_parallel import check_context_parallel_loss
+
+        check_context_parallel_loss(self.algo, self.parallel.cp)  # a loss CP can split, or a clear error
         self._check_derived()
 
     def derived_actor_fields(self) -> dict[str, tuple[Any, str]]:
@@ -116,9 +119,8 @@ class TrainConfig:
     def validate(self, world_size: int) -> ParallelDims:
         """Start-up checks that need the world size; returns the resolved parallel dims.
 
-        Raises ValueError naming the settings (parallel.cp > 1, which the actor does not support
-        yet; TP x PP x CP x DP vs world size, TP vs heads, PP vs layers, DP vs batch sizes)
-        before any collective runs.
+        Raises ValueError naming the settings (TP x PP x CP x DP vs world size, TP vs heads,
+        PP vs layers, DP vs batch sizes) before any collective runs.
         """
         dims = self.parallel.check(self.model, world_size)
         per_update = self.trainer.mini_batch_prompts * self.rollout.n_samples

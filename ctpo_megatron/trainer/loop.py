@@ -79,7 +79,6 @@ class Trainer:
         self.run_dir = cfg.trainer.run_dir
         # Every check that can fail on bad settings runs before the first collective.
         cfg.check_inputs()
-        cfg.parallel.check_supported()
         self.rank, self.world_size = init_distributed(timeout_minutes=cfg.trainer.collective_timeout_minutes)
         self.stopper = StopPlanner(cfg.trainer.deadline, run_dir=self.run_dir, total_steps=cfg.trainer.total_steps,
                                    rank=self.rank)  # signals, the job's end, when to stop
@@ -113,7 +112,12 @@ class Trainer:
                                         model_device())
         from ctpo_megatron.trainer.dumps import TokenDumper  # per-token ratio dumps (plot figures)
         self.dumper = TokenDumper(self.run_dir, cfg.trainer.dump_every, cfg.trainer.dump_max_tokens,
-                                  rank=self.rank, enabled=self.actor.pgs.tp.rank() == 0)
+                                  rank=self.rank, enabled=self.actor.pgs.tp.rank() == 0 and self.dims.cp == 1)
+        if self.dims.cp > 1 and cfg.trainer.dump_every and self.rank == 0:
+            # The dumps' prefix sums and positions assume whole responses per rank.
+            logger.warning("trainer.dump_every=%d: per-token dumps are off under context parallelism "
+                           "(parallel.cp=%d); run with parallel.cp=1 to write them", cfg.trainer.dump_every,
+                           self.dims.cp)
         self.loss_fn = self.dumper.wrap(self.loss_fn)
         self.step = 0
         self.timer = PhaseTimer()
@@ -290,7 +294,7 @@ class Trainer:
                                           temperature=tc.eval_temperature)
         metrics = rollout_metrics(trajs, prefix="eval/")
         from ctpo_megatron.evaluate import eval_metrics  # mean@k / best@k / maj@k, overall and per source
-        metrics.update(eval_metrics(trajs, tc.eval_samples))
+        metrics.update(eval_metrics([t.to_dict() for t in trajs], tc.eval_samples))  # it reads dicts
         by_source: dict[str, list[bool]] = {}
         for t in trajs:
             source = (t.metadata or {}).get("data_source", "unknown")

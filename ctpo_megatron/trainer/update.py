@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ctpo_megatron.algo import (LossSums, PolicyLossConfig, RolloutCorrectionConfig, policy_loss,
-                                rollout_correction_weights)
+from ctpo_megatron.actor.context_parallel import context_parallel_policy_loss
+from ctpo_megatron.algo import LossSums, PolicyLossConfig, RolloutCorrectionConfig, rollout_correction_weights
 from ctpo_megatron.trainer.batch import StepBatch
 
 
@@ -46,20 +46,23 @@ def attach_old_log_probs(batch: StepBatch, old_log_probs: torch.Tensor | None,
 
 def make_loss_fn(cfg: PolicyLossConfig, edges: Sequence[int]
                  ) -> Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, LossSums]]:
-    """The actor's per-micro-batch loss: `policy_loss` and its `LossSums`.
+    """The actor's per-micro-batch loss: `context_parallel_policy_loss` and its `LossSums`.
 
-    log_probs: [b, R] float32 with grad (full over TP); inputs: [b, R] old_log_probs,
-    advantages, response_mask, rollout_is_weights and ints global_num_tokens, dp_size.
+    log_probs: float32 with grad (full over TP), and the per-token inputs old_log_probs,
+    advantages, response_mask, rollout_is_weights: [b, R] response order at CP = 1, [b, S/cp]
+    in the rank's local zigzag layout at CP > 1 (mask 0 at tokens this rank does not score).
+    inputs also hold global_num_tokens, dp_size (DP x CP) and cp_group (see
+    `PolicyActor.train_step`). One code path for every CP size: CTPO's C_t and n_t come from
+    the cross-rank prefix sum (`context_parallel_cumsum`, a no-op exchange at CP = 1), and the
+    clip-rate-by-position buckets use the global positions n_t it returns.
     """
     def loss_fn(log_probs: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, LossSums]:
         mask = inputs["response_mask"]
-        loss, _, terms = policy_loss(
-            log_probs, inputs["old_log_probs"], inputs["advantages"], mask, cfg,
-            rollout_is_weights=inputs["rollout_is_weights"],
-            batch_num_tokens=inputs["global_num_tokens"], dp_size=inputs["dp_size"],
-            return_terms=True, with_metrics=False)
+        loss, _, terms, positions = context_parallel_policy_loss(log_probs, inputs, cfg, return_terms=True,
+                                                                with_metrics=False)
         return loss, LossSums.from_terms(terms, mask, inputs["advantages"], cfg, loss=loss,
-                                         dp_size=inputs["dp_size"], bucket_edges=edges)
+                                         dp_size=inputs["dp_size"], bucket_edges=edges,
+                                         positions=positions)
 
     return loss_fn
 

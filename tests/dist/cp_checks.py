@@ -52,18 +52,14 @@ def check_cp_attention(cp):
     return errors
 
 
-def check_cp_loss(cp, samples, current):
-    """On every rank (cp divides the world): the CTPO/GRPO loss through
-    `context_parallel_policy_loss` on this rank's zigzag part vs the same function at CP 1 on
-    the whole batch (a group of one rank), float64. Returns max abs errors per config of the
-    loss, its gradient w.r.t. the log-probs (summed over CP, averaged as DDP does) and the
-    global token positions n_t."""
+def _cp_setup(cp, samples, current):
+    """Groups (CP of `cp` ranks, and this rank alone), the whole micro-batch `mb` and this
+    rank's zigzag part of it, the current log-probs `full` [N, R] float64, the token count."""
     import torch.distributed as dist
 
     from ctpo_megatron.actor.batching import TokenBatch, build_micro_batch
+    from ctpo_megatron.actor.context_parallel import shard_micro_batch
     from ctpo_megatron.actor.policy import PER_TOKEN_FIELDS
-    from ctpo_megatron.actor.context_parallel import context_parallel_policy_loss, shard_micro_batch
-    from ctpo_megatron.algo import PolicyLossConfig
     from ctpo_megatron.parallel import ParallelDims, init_parallel
 
     _, pgs = init_parallel(ParallelDims(cp=cp))
@@ -74,7 +70,21 @@ def check_cp_loss(cp, samples, current):
     full = torch.zeros(len(samples), mb.max_response_len, dtype=torch.float64)
     for i, lp in enumerate(current):
         full[i, :len(lp)] = torch.as_tensor(lp, dtype=torch.float64)
-    tokens = int(mb.fields["response_mask"].sum())
+    return pgs, one, mb, part, full, int(mb.fields["response_mask"].sum())
+
+
+def check_cp_loss(cp, samples, current):
+    """On every rank (cp divides the world): the CTPO/GRPO loss through
+    `context_parallel_policy_loss` on this rank's zigzag part vs the same function at CP 1 on
+    the whole batch (a group of one rank), float64. Returns max abs errors per config of the
+    loss, its gradient w.r.t. the log-probs (summed over CP, averaged as DDP does) and the
+    global token positions n_t."""
+    import torch.distributed as dist
+
+    from ctpo_megatron.actor.context_parallel import context_parallel_policy_loss
+    from ctpo_megatron.algo import PolicyLossConfig
+
+    pgs, one, mb, part, full, tokens = _cp_setup(cp, samples, current)
     errors = {}
     configs = {"ctpo_cumprod_la": PolicyLossConfig(name="ctpo"),
                "ctpo_geomean_la": PolicyLossConfig(name="ctpo", variant="geomean"),
@@ -102,3 +112,47 @@ def check_cp_loss(cp, samples, current):
             "positions": (part.to_response_layout(pos2) - pos1)[owned].abs().max().item(),
         }
     return errors
+
+
+def check_trainer_loss(cp, samples, current, edges):
+    """The trainer's loss closure (`trainer.update.make_loss_fn`) at CP `cp` on each rank's
+    zigzag part vs CP 1 on the whole batch, float64: its `LossSums`, reduced over CP as
+    `PolicyActor.reduce_sum` does, turned into metrics (clip rates by position included), and
+    its gradient. Returns per config: max abs metric error over the keys (order statistics
+    excepted: per-piece under CP), gradient error, the CP-1 metrics and the key sets."""
+    import torch.distributed as dist
+
+    from ctpo_megatron.algo import PolicyLossConfig
+    from ctpo_megatron.algo.metrics import RATIO_QUANTILES
+    from ctpo_megatron.trainer.update import make_loss_fn
+
+    pgs, one, mb, part, full, tokens = _cp_setup(cp, samples, current)
+    approximate = {f"is_ratio_{name}" for name, _ in RATIO_QUANTILES} | {"la_scale_p50"}
+    out = {}
+    for name, cfg in {"ctpo_cumprod_la": PolicyLossConfig(name="ctpo"),
+                      "grpo": PolicyLossConfig(name="grpo")}.items():
+        loss_fn = make_loss_fn(cfg, edges)
+        lp1 = full.clone().requires_grad_()
+        batch1 = {k: v.double() for k, v in mb.fields.items()}
+        batch1.update(global_num_tokens=tokens, dp_size=1, cp_group=one)
+        loss1, sums1 = loss_fn(lp1, batch1)
+        loss1.backward()
+        lp2 = full.clone().requires_grad_()
+        batch2 = {k: v.double() for k, v in part.fields.items()}
+        batch2.update(global_num_tokens=tokens, dp_size=cp, cp_group=pgs.cp)
+        loss2, sums2 = loss_fn(part.scatter(lp2[part.resp_row, part.resp_col]), batch2)
+        loss2.backward()
+        grad = lp2.grad.clone()
+        dist.all_reduce(grad, group=pgs.cp)
+        summed, maxima = sums2.to_vectors()
+        dist.all_reduce(summed, group=pgs.cp)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=pgs.cp)
+        sums2 = sums2.from_vectors(summed, maxima)
+        kw = dict(num_updates=1, bucket_edges=edges, adaptive_clip=cfg.adaptive_clip)
+        m1, m2 = sums1.metrics(**kw), sums2.metrics(**kw)
+        out[name] = {
+            "metrics": max(abs(m1[k] - m2[k]) for k in m1 if k not in approximate),
+            "grad": (grad / cp - lp1.grad).abs().max().item(),
+            "position_tokens": (sums1.position_tokens - sums2.position_tokens).abs().max().item(),
+            "cp1": m1, "keys_equal": set(m1) == set(m2)}
+    return out

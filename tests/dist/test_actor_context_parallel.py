@@ -7,7 +7,7 @@ import torch
 
 from ctpo_megatron.parallel.spawn import run_on_ranks
 from tests._tiny_hf import BUILDERS, hf_response_log_probs, random_samples
-from tests.dist.cp_checks import check_cp_attention, check_cp_loss
+from tests.dist.cp_checks import check_cp_attention, check_cp_loss, check_trainer_loss
 
 pytestmark = pytest.mark.dist
 
@@ -39,7 +39,12 @@ def _log_probs(rank, world_size, model_dirs, tp, cp, sequence_parallel):
         out[name] = ([t.tolist() for t in lps], [t.tolist() for t in ents], seen)
     out["attention"] = {c: check_cp_attention(c) for c in (world_size, 2)}
     out["loss"] = check_cp_loss(2, *_loss_batch())
+    out["trainer_loss"] = check_trainer_loss(2, *_loss_batch(), EDGES)
     return out
+
+
+EDGES = [1, 2, 4, 8]
+"""Clip-rate position buckets for the loss batch (responses of up to 16 tokens)."""
 
 
 def _loss_batch():
@@ -102,3 +107,17 @@ def test_ctpo_loss_at_cp2_equals_cp1(cp_run):
         for name, err in result["loss"].items():
             assert err["grad_scale"] > 1e-3, (rank, name)  # the gradient is not trivially zero
             assert err["loss"] < 1e-12 and err["grad"] < 1e-12 and err["positions"] == 0, (rank, name, err)
+
+
+def test_trainer_loss_at_cp2_equals_cp1(cp_run):
+    """The trainer's loss closure (`make_loss_fn`) at CP 2 equals CP 1 on the same batch: every
+    step metric from its `LossSums` reduced over CP (loss, token counts, clip rates, KL, ratio
+    mean/min/max, LA scale, and clip rates by GLOBAL position bucket) within 1e-6, and the
+    gradient; ratio quantiles are per-piece order statistics under CP and are left out."""
+    for rank, result in enumerate(cp_run[1]):
+        for name, err in result["trainer_loss"].items():
+            m1 = err["cp1"]
+            assert m1["clipfrac_total"] > 0 and m1["valid_tokens"] > 20, (name, m1)  # not trivial
+            assert sum(k.startswith("clip_rate_by_pos/") for k in m1) == len(EDGES), sorted(m1)
+            assert err["keys_equal"], (rank, name)
+            assert err["metrics"] < 1e-6 and err["grad"] < 1e-12 and err["position_tokens"] == 0, (rank, name, err)

@@ -75,6 +75,14 @@ def test_user_overrides_win_and_change_the_plan(paper_cfg):
     assert len(keys) == len(set(keys)) and "parallel.pp=4" in plan.train_overrides
 
 
+def test_context_parallel_layout_plans():
+    cfg = load_config(["model.path=/ckpt/qwen3-32b", "parallel=tp8_pp2_cp2"])
+    plan = build_plan(load_cluster_config("qwen3_32b"), cfg, [])
+    assert plan.parallel == {"tp": 8, "pp": 2, "cp": 2, "dp": 2} and plan.world_size == 64
+    assert "parallel.cp=2" in plan.train_overrides
+    assert "with cp=1 (same tp, pp, dp)" in plan.memory_what_ifs  # the estimate shows what CP saves
+
+
 def test_errors_name_the_setting(paper_cfg):
     cluster = load_cluster_config("qwen3_32b")
     with pytest.raises(ValueError, match="cluster.nodes=12 but the allocation has 3"):
@@ -83,8 +91,9 @@ def test_errors_name_the_setting(paper_cfg):
         build_plan(cluster, load_config([]), [], hosts=[f"n{i}" for i in range(12)])
     with pytest.raises(ValueError, match="world size 40"):  # 5 training nodes x 8 GPUs vs tp*pp*cp=16
         build_plan(load_cluster_config("qwen3_32b", ["nodes=9"]), paper_cfg, [])
-    with pytest.raises(ValueError, match="parallel.cp=2: context parallelism is not supported"):
-        build_plan(cluster, load_config(["model.path=/ckpt/qwen3-32b", "parallel=tp8_pp2_cp2"]), [])
+    with pytest.raises(ValueError, match=r"algo.name='gspo'.*parallel.cp=2"):  # a loss CP cannot split
+        build_plan(cluster, load_config(["model.path=/ckpt/qwen3-32b", "parallel=tp8_pp2_cp2",
+                                         "algo.name=gspo"]), [])
     with pytest.raises(ValueError, match="rollout_gpus_per_server"):
         ClusterConfig(rollout_gpus_per_server=3)
     with pytest.raises(ValueError, match="rollout_nodes"):

@@ -1,6 +1,7 @@
 """Config composition and start-up validation (real Hydra compose over configs/)."""
 
 import os
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -82,12 +83,21 @@ def test_world_size_mismatch_names_sizes():
 
 
 @pytest.mark.parametrize("overrides", [["parallel=tp8_pp2_cp2"], ["parallel.cp=2"]])
-def test_context_parallel_is_refused_before_any_process_group(overrides):
-    cfg = load_config(PAPER + overrides)  # composes: the layout is kept for when the actor has CP
-    with pytest.raises(ValueError, match=r"parallel.cp=2: context parallelism is not supported"):
-        cfg.parallel.check_supported()  # what the trainer calls before init_distributed
-    with pytest.raises(ValueError, match=r"parallel.cp=2"):
-        cfg.validate(world_size=64)
+def test_context_parallel_layout_resolves(overrides):
+    cfg = load_config(PAPER + overrides)
+    dims = cfg.validate(world_size=64)  # TP 8 x PP 2 x CP 2 = 32 GPUs per replica
+    assert (dims.tp, dims.pp, dims.cp, dims.dp) == (8, 2, 2, 2)
+    assert cfg.actor_config(dims).dims.cp == 2
+
+
+@pytest.mark.parametrize("overrides,names", [
+    (["algo.name=gspo"], "algo.name='gspo'"),
+    (["algo.loss_agg_mode=seq-mean-token-mean"], "algo.loss_agg_mode='seq-mean-token-mean'")])
+def test_context_parallel_refuses_losses_it_cannot_split(overrides, names):
+    with pytest.raises(ValueError, match=rf"{re.escape(names)}.*parallel.cp=2"):
+        load_config(PAPER + ["parallel.cp=2"] + overrides)  # at load time: before any process group
+    load_config(PAPER + overrides)  # fine at CP 1
+    load_config(PAPER + ["parallel.cp=2", "algo.name=grpo"])
 
 
 def test_tp_not_dividing_heads():
