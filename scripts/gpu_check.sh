@@ -49,7 +49,7 @@ fi
 if [ "$CPU" = 1 ]; then
     DEVICE=cpu
     export CTPO_CPU_MODE=on
-    if "$PY" -c "import ctpo_megatron._C" >/dev/null 2>&1; then
+    if "$PY" -c "import torch, ctpo_megatron._C" >/dev/null 2>&1; then  # _C needs torch loaded first
         check build PASS "--cpu: using the extension already built"
     else
         t0=$(date +%s)

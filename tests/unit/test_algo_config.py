@@ -40,10 +40,11 @@ def test_invalid_rollout_correction_raises(field, value):
 
 EXPECTED = {
     "ctpo": {},
-    "ctpo_geomean": {"variant": "geomean"},
+    "ctpo_geomean": {"variant": "geomean", "la_power": -0.5},  # the reference's comment: -0.5
     "ctpo_noadapt": {"adaptive_clip": False},
     "grpo": {"name": "grpo", "adaptive_clip": False},
-    "gspo": {"name": "gspo", "adaptive_clip": False, "loss_agg_mode": "seq-mean-token-mean"},
+    "gspo": {"name": "gspo", "adaptive_clip": False, "loss_agg_mode": "seq-mean-token-mean",
+             "clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4},  # GSPO's published clip
     "seq": {"name": "seq", "adaptive_clip": False},
 }
 

@@ -17,13 +17,20 @@ def test_paper_layout_fits_an_80gb_gpu():
     # bf16 weights (2 B) + fp32 main grads (4 B) + fp32 master and two Adam moments (12 B)
     # sharded over dp = 4 by the distributed optimizer: 9 bytes per parameter, exactly.
     assert estimate.weights + estimate.grads + estimate.optimizer == 9 * estimate.params_per_gpu
-    # Full recompute keeps each layer's input (bf16, hidden 5120 split by sequence parallelism
-    # over tp 8) for 32 layers x 2 micro-batches in flight x 24576 tokens = 1.875 GiB, plus one
-    # layer's activations being recomputed (~0.6 GiB).
-    checkpoints = 32 * 2 * 24576 * 2 * 5120 / 8
+    # The last pipeline stage is the largest (it also holds the output layer's logits): under
+    # 1F1B it has one micro-batch in flight. Full recompute keeps each layer's input (bf16,
+    # hidden 5120 split by sequence parallelism over tp 8) for 32 layers x 1 micro-batch x
+    # 24000 tokens (16000 prompt + 8000 response) = 0.92 GiB, plus one layer's activations
+    # being recomputed (~0.6 GiB).
+    assert (estimate.stage, estimate.in_flight_microbatches, estimate.tokens_per_gpu) == (1, 1, 24000)
+    checkpoints = 32 * 1 * 24000 * 2 * 5120 / 8
     assert checkpoints < estimate.activations < checkpoints + 1.0 * GIB
-    # 17.2 GiB of states + ~2.5 GiB of activations + the 4 GiB allowance: 23.7 GiB observed.
-    assert 23.0 * GIB < estimate.total < 24.5 * GIB
+    # The bf16 logits kept for backward and their bf16 gradient: 24000 tokens x the vocabulary
+    # (151936, padded to a multiple of 128 x tp) / tp 8 x (2 + 2) bytes.
+    assert estimate.logits_kept == 24000 * (151936 // 8) * 4
+    # 17.2 GiB of states + 1.6 GiB activations + 0.7 + 1.7 GiB logits + a 0.5 GiB weight-sync
+    # bucket + the 4 GiB allowance: 25.65 GiB observed.
+    assert 25.0 * GIB < estimate.total < 26.5 * GIB
 
 
 def test_oversized_layout_fails_at_start_up_with_the_breakdown():
