@@ -31,9 +31,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launch" / "ctpo_32b.sh"
-SERVER_TP = 1
-"""Ranks (fake GPUs) of each embedded server. 2 once the embedded server runs `--tp-size N` ranks;
-the rest of the test does not change."""
+SERVER_TP = 2
+"""Ranks (fake GPUs) of each embedded server: `--tp-size 2`, two weight-update ranks each."""
 TRANSPORT = "distributed"
 TOTAL_STEPS = 16
 # the smallest real training step: 2 prompts x 2 samples, one update; checkpoints only at the stop
@@ -158,8 +157,8 @@ def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny
     text = read(trainer_log)
     assert "world size 2 = tp 2 x pp 1 x cp 1 x dp 1" in text, job.detail()  # torchrun across both nodes
     assert re.search(rf"weight sync \({TRANSPORT}\) version step_1", text), job.detail()
-    if "router_url" in json.dumps(plan["train_overrides"]):
-        assert f"rollout.router_url={router_url}" in plan["train_overrides"]
+    assert f"rollout.router_url={router_url}" in plan["train_overrides"], plan["train_overrides"]
+    assert not any(o.startswith("rollout.weight_sync.server_tp_size=") for o in plan["train_overrides"])
 
     # 2. a server dies mid-run (SIGKILL, as a crash): reported by the launcher, training goes on
     before = max(job.steps_done())
