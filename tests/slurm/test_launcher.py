@@ -4,7 +4,8 @@ under torchrun spanning both) + 2 rollout nodes (one embedded server of `SERVER_
 behind the real sglang-router), `distributed` weight sync. One job, two attempts:
 
 1. placement: every role ran on the node the plan gave it, in that node's namespace;
-2. a rollout server is SIGKILLed mid-run: the launcher reports it, training goes on;
+2. a rollout server is SIGKILLed mid-run: the launcher reports it, the next weight sync leaves it
+   out, training goes on (the time from the kill to the next finished step is printed);
 3. the job's time limit is cut short: the trainer sees the new end (squeue), skips the weight
    sync of its last step, checkpoints and exits cleanly; the job requeues itself because steps
    remain;
@@ -157,6 +158,10 @@ def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny
     text = read(trainer_log)
     assert "world size 2 = tp 2 x pp 1 x cp 1 x dp 1" in text, job.detail()  # torchrun across both nodes
     assert re.search(rf"weight sync \({TRANSPORT}\) version step_1", text), job.detail()
+    # each server reported its own TP size: trainer rank 0 + 2 servers x SERVER_TP ranks
+    tp_list = ", ".join([str(SERVER_TP)] * 2)
+    assert f"2 servers (TP [{tp_list}]), world size {1 + 2 * SERVER_TP}" in text, job.detail()
+    assert f"behind router {router_url}" in text, job.detail()  # generation goes through the router
     assert f"rollout.router_url={router_url}" in plan["train_overrides"], plan["train_overrides"]
     assert not any(o.startswith("rollout.weight_sync.server_tp_size=") for o in plan["train_overrides"])
 
@@ -169,6 +174,9 @@ def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny
     job.wait_for(lambda: max(job.steps_done()) > before + 1, f"two more steps after step {before}", 300)
     noticed = re.search(rf"\[ctpo\] (\S+) rollout server 1 \(http://{names[3]}:\d+\) exited with rc", read(job.batch))
     assert noticed, job.detail()
+    # the next weight sync left the dead server out (dropped before it, or after it failed)
+    assert re.search(r"weight sync now targets 1 healthy server\(s\) of 2|weight sync of \S+ failed .* 1 server\(s\) "
+                     r"left", read(trainer_log)), job.detail()
     noticed_s = datetime.datetime.fromisoformat(noticed.group(1).replace("Z", "+00:00")).timestamp() - killed_wall
     print(f"\n[figure] server killed after step {before}: the launcher reported it after {noticed_s:.0f} s "
           f"(1 s clock resolution), step {before + 1} finished {next_step_s:.1f} s after the kill")
@@ -198,6 +206,7 @@ def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny
     assert "steps remain: requeueing job" in read(job.batch), job.detail()
     assert re.search(rf"resumed from \S+ at step {step}\b", second), job.detail()
     assert f"version step_{step}" in second  # the fresh servers get the checkpoint's weights
+    assert f"world size {1 + 2 * SERVER_TP}" in second, job.detail()  # both servers are back in the group
     # no step lost, none done twice
     assert job.steps_done(0) == list(range(1, step + 1)), job.detail()
     assert job.steps_done(1) == list(range(step + 1, TOTAL_STEPS + 1)), job.detail()
