@@ -100,15 +100,19 @@ class Job:
                     out.append(f"\n{self.logs(restart).name}/{name}:\n{text[-3000:]}")
         return "".join(out)
 
-    def wait_for(self, predicate, what: str, timeout: float) -> None:
+    def wait_for(self, predicate, what: str, timeout: float, poll_s: float = 0.3) -> None:
+        """Polls `predicate` every `poll_s`; the job's state (scontrol) at most once a second."""
         deadline = time.monotonic() + timeout
+        checked = 0.0
         while not predicate():
-            fields = job_fields(self.slurm, self.id)
-            if fields.get("JobState") in FINAL_STATES:
-                raise AssertionError(f"job ended ({fields.get('JobState')}) while waiting for {what}{self.detail()}")
+            if time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                fields = job_fields(self.slurm, self.id)
+                if fields.get("JobState") in FINAL_STATES:
+                    raise AssertionError(f"job ended ({fields.get('JobState')}) while waiting for {what}{self.detail()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}{self.detail()}")
-            time.sleep(0.3)
+            time.sleep(poll_s)
 
     def steps_done(self, restart: int = 0) -> list[int]:
         return [int(s) for s in re.findall(rf"step (\d+)/{TOTAL_STEPS} \|", read(self.logs(restart) / "trainer.log"))]
@@ -165,7 +169,11 @@ def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny
     assert f"rollout.router_url={router_url}" in plan["train_overrides"], plan["train_overrides"]
     assert not any(o.startswith("rollout.weight_sync.server_tp_size=") for o in plan["train_overrides"])
 
-    # 2. a server dies mid-run (SIGKILL, as a crash): reported by the launcher, training goes on
+    # 2. a server dies mid-run (SIGKILL, as a crash): reported by the launcher, training goes on.
+    # Killed as soon as a step is logged: the next step's rollout starts right after its log line
+    # (rollout -> update -> weight sync -> log), so the kill usually lands inside a rollout.
+    logged = max(job.steps_done())
+    job.wait_for(lambda: max(job.steps_done()) > logged, f"a step after step {logged}", 300, poll_s=0.02)
     before = max(job.steps_done())
     killed_at, killed_wall = time.monotonic(), time.time()
     os.kill(server_pid(slurm_cluster, names[3]), signal.SIGKILL)
@@ -178,8 +186,20 @@ def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny
     assert re.search(r"weight sync now targets 1 healthy server\(s\) of 2|weight sync of \S+ failed .* 1 server\(s\) "
                      r"left", read(trainer_log)), job.detail()
     noticed_s = datetime.datetime.fromisoformat(noticed.group(1).replace("Z", "+00:00")).timestamp() - killed_wall
+    rollout = {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+               if "rollout/requests" in m}
+    # requests of the dead server were retried on the other one, none lost
+    assert all(m["rollout/lost_requests"] == 0 for m in rollout.values()), rollout
+    # a kill inside a rollout: the router's sends to the dead server fail and it re-sends them
+    # (so the client sees no error); between rollouts nothing was in flight
+    router_log = re.sub(r"\x1b\[[0-9;]*m", "", read(job.logs() / "router.log"))  # its log is colored
+    router_resent = len(set(re.findall(rf'request_id="([^"]+)".*Failed to send .*worker_url=http://{names[3]}:',
+                                       router_log)))
     print(f"\n[figure] server killed after step {before}: the launcher reported it after {noticed_s:.0f} s "
-          f"(1 s clock resolution), step {before + 1} finished {next_step_s:.1f} s after the kill")
+          f"(1 s clock resolution), step {before + 1} finished {next_step_s:.1f} s after the kill; "
+          f"its rollout: {rollout[before + 1]['rollout/requests']:.0f} requests, "
+          f"{router_resent} in flight on the dead server re-sent by the router, "
+          f"{rollout[before + 1]['rollout/retried_requests']:.0f} retried by the client, none lost")
 
     # 3. the time limit is cut to 1-2 minutes ahead: the trainer stops and the job requeues
     hours, minutes, _ = job_fields(slurm_cluster, job.id)["RunTime"].split("-")[-1].split(":")
