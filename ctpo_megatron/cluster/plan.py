@@ -322,7 +322,7 @@ def build_plan(cluster: ClusterConfig, train_cfg: "TrainConfig", user_overrides:
                  f"parallel.cp={dims.cp}", f"trainer.run_dir={run_dir}"]
     if servers:
         generated.append("rollout.server_urls=[" + ",".join(f"'{s.url}'" for s in servers) + "]")
-        if router and hasattr(train_cfg.rollout, "router_url"):  # generation goes through the router
+        if router:  # generation goes through the router; weight updates still go to each server
             generated.append(f"rollout.router_url={router_url}")
     deadline = deadline_settings(cluster, train_cfg)
     generated += [f"trainer.deadline.checkpoint_s={deadline['checkpoint_s']}",

@@ -4,7 +4,8 @@ under torchrun spanning both) + 2 rollout nodes (one embedded server of `SERVER_
 behind the real sglang-router), `distributed` weight sync. One job, two attempts:
 
 1. placement: every role ran on the node the plan gave it, in that node's namespace;
-2. a rollout server is SIGKILLed mid-run: the launcher reports it, training goes on;
+2. a rollout server is SIGKILLed mid-run: the launcher reports it, the next weight sync leaves it
+   out, training goes on (the time from the kill to the next finished step is printed);
 3. the job's time limit is cut short: the trainer sees the new end (squeue), skips the weight
    sync of its last step, checkpoints and exits cleanly; the job requeues itself because steps
    remain;
@@ -31,9 +32,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launch" / "ctpo_32b.sh"
-SERVER_TP = 1
-"""Ranks (fake GPUs) of each embedded server. 2 once the embedded server runs `--tp-size N` ranks;
-the rest of the test does not change."""
+SERVER_TP = 2
+"""Ranks (fake GPUs) of each embedded server: `--tp-size 2`, two weight-update ranks each."""
 TRANSPORT = "distributed"
 TOTAL_STEPS = 16
 # the smallest real training step: 2 prompts x 2 samples, one update; checkpoints only at the stop
@@ -100,15 +100,19 @@ class Job:
                     out.append(f"\n{self.logs(restart).name}/{name}:\n{text[-3000:]}")
         return "".join(out)
 
-    def wait_for(self, predicate, what: str, timeout: float) -> None:
+    def wait_for(self, predicate, what: str, timeout: float, poll_s: float = 0.3) -> None:
+        """Polls `predicate` every `poll_s`; the job's state (scontrol) at most once a second."""
         deadline = time.monotonic() + timeout
+        checked = 0.0
         while not predicate():
-            fields = job_fields(self.slurm, self.id)
-            if fields.get("JobState") in FINAL_STATES:
-                raise AssertionError(f"job ended ({fields.get('JobState')}) while waiting for {what}{self.detail()}")
+            if time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                fields = job_fields(self.slurm, self.id)
+                if fields.get("JobState") in FINAL_STATES:
+                    raise AssertionError(f"job ended ({fields.get('JobState')}) while waiting for {what}{self.detail()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}{self.detail()}")
-            time.sleep(0.3)
+            time.sleep(poll_s)
 
     def steps_done(self, restart: int = 0) -> list[int]:
         return [int(s) for s in re.findall(rf"step (\d+)/{TOTAL_STEPS} \|", read(self.logs(restart) / "trainer.log"))]
@@ -158,21 +162,46 @@ def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny
     text = read(trainer_log)
     assert "world size 2 = tp 2 x pp 1 x cp 1 x dp 1" in text, job.detail()  # torchrun across both nodes
     assert re.search(rf"weight sync \({TRANSPORT}\) version step_1", text), job.detail()
-    if "router_url" in json.dumps(plan["train_overrides"]):
-        assert f"rollout.router_url={router_url}" in plan["train_overrides"]
+    # each server reported its own TP size: trainer rank 0 + 2 servers x SERVER_TP ranks
+    tp_list = ", ".join([str(SERVER_TP)] * 2)
+    assert f"2 servers (TP [{tp_list}]), world size {1 + 2 * SERVER_TP}" in text, job.detail()
+    assert f"behind router {router_url}" in text, job.detail()  # generation goes through the router
+    assert f"rollout.router_url={router_url}" in plan["train_overrides"], plan["train_overrides"]
+    assert not any(o.startswith("rollout.weight_sync.server_tp_size=") for o in plan["train_overrides"])
 
-    # 2. a server dies mid-run (SIGKILL, as a crash): reported by the launcher, training goes on
+    # 2. a server dies mid-run (SIGKILL, as a crash): reported by the launcher, training goes on.
+    # Killed as soon as a step is logged: the next step's rollout starts right after its log line
+    # (rollout -> update -> weight sync -> log), so the kill usually lands inside a rollout.
+    logged = max(job.steps_done())
+    job.wait_for(lambda: max(job.steps_done()) > logged, f"a step after step {logged}", 300, poll_s=0.02)
     before = max(job.steps_done())
     killed_at, killed_wall = time.monotonic(), time.time()
     os.kill(server_pid(slurm_cluster, names[3]), signal.SIGKILL)
     job.wait_for(lambda: max(job.steps_done()) > before, f"a step after step {before}", 300)
     next_step_s = time.monotonic() - killed_at
     job.wait_for(lambda: max(job.steps_done()) > before + 1, f"two more steps after step {before}", 300)
-    noticed = re.search(rf"\[ctpo\] (\S+) rollout server 1 \(http://{names[3]}:\d+\) exited with rc", read(job.batch))
-    assert noticed, job.detail()
+    # the launcher polls its server steps every 2 s: two tiny steps can finish before it reports
+    report = re.compile(rf"\[ctpo\] (\S+) rollout server 1 \(http://{names[3]}:\d+\) exited with rc")
+    job.wait_for(lambda: report.search(read(job.batch)), "the launcher's report of the dead server", 60)
+    noticed = report.search(read(job.batch))
+    # the next weight sync left the dead server out (dropped before it, or after it failed)
+    assert re.search(r"weight sync now targets 1 healthy server\(s\) of 2|weight sync of \S+ failed .* 1 server\(s\) "
+                     r"left", read(trainer_log)), job.detail()
     noticed_s = datetime.datetime.fromisoformat(noticed.group(1).replace("Z", "+00:00")).timestamp() - killed_wall
+    rollout = {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+               if "rollout/requests" in m}
+    # requests of the dead server were retried on the other one, none lost
+    assert all(m["rollout/lost_requests"] == 0 for m in rollout.values()), rollout
+    # a kill inside a rollout: the router's sends to the dead server fail and it re-sends them
+    # (so the client sees no error); between rollouts nothing was in flight
+    router_log = re.sub(r"\x1b\[[0-9;]*m", "", read(job.logs() / "router.log"))  # its log is colored
+    router_resent = len(set(re.findall(rf'request_id="([^"]+)".*Failed to send .*worker_url=http://{names[3]}:',
+                                       router_log)))
     print(f"\n[figure] server killed after step {before}: the launcher reported it after {noticed_s:.0f} s "
-          f"(1 s clock resolution), step {before + 1} finished {next_step_s:.1f} s after the kill")
+          f"(1 s clock resolution), step {before + 1} finished {next_step_s:.1f} s after the kill; "
+          f"its rollout: {rollout[before + 1]['rollout/requests']:.0f} requests, "
+          f"{router_resent} in flight on the dead server re-sent by the router, "
+          f"{rollout[before + 1]['rollout/retried_requests']:.0f} retried by the client, none lost")
 
     # 3. the time limit is cut to 1-2 minutes ahead: the trainer stops and the job requeues
     hours, minutes, _ = job_fields(slurm_cluster, job.id)["RunTime"].split("-")[-1].split(":")
@@ -199,6 +228,7 @@ def test_cluster_run_survives_a_server_kill_and_a_time_limit(slurm_cluster, tiny
     assert "steps remain: requeueing job" in read(job.batch), job.detail()
     assert re.search(rf"resumed from \S+ at step {step}\b", second), job.detail()
     assert f"version step_{step}" in second  # the fresh servers get the checkpoint's weights
+    assert f"world size {1 + 2 * SERVER_TP}" in second, job.detail()  # both servers are back in the group
     # no step lost, none done twice
     assert job.steps_done(0) == list(range(1, step + 1)), job.detail()
     assert job.steps_done(1) == list(range(step + 1, TOTAL_STEPS + 1)), job.detail()

@@ -249,6 +249,15 @@ def test_env_per_role_and_weight_sync_rule(paper_cfg, monkeypatch):
                       hosts=[f"h{i}" for i in range(12)])
     assert mine.env["trainer"]["NCCL_CUMEM_ENABLE"] == "1"
     assert plan.weight_sync["group_world_size"] == 33 and plan.server_tp_size == 4
+    # each server starts at the plan's TP size; the trainer reads it from the servers, so the
+    # plan never configures it a second time; generation goes through the router
+    for server in plan.servers:
+        assert server.argv[server.argv.index("--tp-size") + 1] == "4"
+    assert not any(o.startswith("rollout.weight_sync.server_tp_size=") for o in plan.train_overrides)
+    assert f"rollout.router_url={plan.router_url}" in plan.train_overrides
+    embedded = build_plan(load_cluster_config("tiny", ["rollout_gpus_per_node=2", "rollout_gpus_per_server=2"]),
+                          load_config(["model.path=/m"], config_name="tiny"), [], hosts=["a", "b", "c"])
+    assert all(s.argv[s.argv.index("--tp-size") + 1] == "2" for s in embedded.servers) and embedded.servers
     pinned = build_plan(cluster, load_config(["model.path=/ckpt/q", "rollout.weight_sync.transport=distributed",
                                               "rollout.weight_sync.master_address=127.0.0.1"]), [],
                         hosts=[f"h{i}" for i in range(12)])
