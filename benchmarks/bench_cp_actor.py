@@ -88,7 +88,8 @@ def _memory(rank, world_size, model_dir, seqlen, reps):
 
 def _exchange(rank, world_size, tokens):
     """Bytes delivered per rank by the CP loss's all-gathers, forward + backward."""
-    from ctpo_megatron.actor.batching import PER_TOKEN_FIELDS, build_micro_batch
+    from ctpo_megatron.actor.batching import TokenBatch, build_micro_batch
+    from ctpo_megatron.actor.policy import PER_TOKEN_FIELDS
     from ctpo_megatron.actor.context_parallel import context_parallel_policy_loss, shard_micro_batch
     from ctpo_megatron.algo import PolicyLossConfig
     from ctpo_megatron.algo.ctpo import ctpo_log_ratio
@@ -99,7 +100,7 @@ def _exchange(rank, world_size, tokens):
     old = (-2 * torch.rand(tokens, generator=gen)).tolist()
     sample = {"prompt_ids": [1], "response_ids": torch.randint(0, 200, (tokens,), generator=gen).tolist(),
               "old_log_probs": old, "advantages": [1.0] * tokens}
-    part = shard_micro_batch(build_micro_batch([sample], fields=PER_TOKEN_FIELDS, seq_multiple=2 * cp), cp, rank)
+    part = shard_micro_batch(build_micro_batch(TokenBatch.from_samples([sample], PER_TOKEN_FIELDS), seq_multiple=2 * cp), cp, rank)
     log_probs = (part.fields["old_log_probs"] + 0.05 * torch.randn(part.tokens.shape, generator=gen)).requires_grad_()
     batch = dict(part.fields, global_num_tokens=tokens, dp_size=cp, cp_group=group)
     counted = {"bytes": 0}

@@ -8,10 +8,11 @@ stops them at exit. Generation runs on one persistent asyncio loop owned by this
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -131,8 +132,29 @@ class RolloutDriver:
 
     def alive_servers(self) -> list[str]:
         """The servers answering `/health` now."""
-        health = self.loop.run_until_complete(self.client.health())
+        health = self._run(self.client.health)
         return [u for u in self.client.urls if health.get(u)]
+
+    def _run(self, make_coro: Callable[[], Any]) -> Any:
+        """Runs `make_coro()` on the driver's event loop from this thread, also while another
+        thread (the rollout producer of `rollout.max_staleness` > 0) is inside `generate` on it:
+        then the coroutine is handed to that running loop instead."""
+        while True:
+            if not self.loop.is_running():
+                try:
+                    return self.loop.run_until_complete(make_coro())
+                except RuntimeError as e:  # the producer started generating in between
+                    if "already running" not in str(e):
+                        raise
+                    continue
+            future = asyncio.run_coroutine_threadsafe(make_coro(), self.loop)
+            while True:
+                try:
+                    return future.result(timeout=1.0)
+                except concurrent.futures.TimeoutError:
+                    if not self.loop.is_running():  # it stopped before running ours: run it here
+                        future.cancel()
+                        break
 
     def close(self) -> None:
         """Stops the servers this driver started and closes the client and sandboxes."""

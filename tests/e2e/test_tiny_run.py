@@ -255,6 +255,22 @@ def test_bench_step_smoke(tiny_init, tmp_path):
     assert re.search(r"^CTPO loss overhead vs GRPO: -?[\d.]+% of the step time", stdout, re.M), logs
 
 
+def test_bench_async_smoke(tiny_init, tmp_path):
+    """benchmarks/bench_async.py at a tiny size (3 steps of 8 prompts, one pair of runs, no
+    simulated latency) prints its step-time ratio line."""
+    bench = Launch(["--steps", "3", "--prompts-per-step", "8", "--repeats", "1", "--decode-delay", "0",
+                    "--init", tiny_init, "--out", str(tmp_path / "bench")], str(tmp_path / "bench"),
+                   str(tmp_path / "bench_async"), command=[sys.executable, "benchmarks/bench_async.py"])
+    try:
+        bench.wait(time.monotonic() + BUDGET_S)
+    finally:
+        bench.kill()
+    logs = bench.logs()
+    assert bench.proc.returncode == 0, logs
+    stdout = open(bench.out_path).read()
+    assert re.search(r"^step time ratio \(max_staleness=1 / 0\): [\d.]+$", stdout, re.M), logs
+
+
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sync_step_reference.jsonl")
 # Recorded with the synchronous trainer as it was before the typed step batch (commit 0aaa5d4:
 # trajectories broadcast as dicts, samples sharded twice), same command, OMP_NUM_THREADS=1.

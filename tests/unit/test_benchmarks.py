@@ -2,8 +2,8 @@
 these sizes mean nothing, but a benchmark that no longer runs, or no longer prints its ratio
 against the baseline measured in the same run, fails here).
 
-bench_step.py trains the tiny run, so its smoke run lives in tests/e2e/test_tiny_run.py, which
-has the tiny model and data at hand.
+bench_step.py and bench_async.py train the tiny run, so their smoke runs live in
+tests/e2e/test_tiny_run.py, which has the tiny model and data at hand.
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ NUM = r"\d+(?:\.\d+)?(?:e[-+]\d+)?"
 SMOKE = {  # script -> (tiny arguments, the ratio line)
     "bench_cp_cumsum.py": (["--cp", "2", "--batch", "2", "--seqlen", "64", "--reps", "5"],
                            rf"^\s+2\s+[\d,]+\s+[\d,]+\s+{NUM}\s+{NUM} \({NUM}\)\s+{NUM} \({NUM}\)\s+{NUM}\s+{NUM}$"),
+    "bench_cp_actor.py": (["--seqlen", "64", "--loss-tokens", "256", "--reps", "1"],
+                          rf"^\s+ratio cp2/cp1 = {NUM}\s"),
     "bench_ctpo_loss.py": (["--reps", "5", "--shapes", "2x64"], rf"^\s+2x64\s.*\s{NUM}x \({NUM}x\)\s"),
     "bench_logprobs.py": (["--tokens", "64", "--vocab", "512", "--tp", "2", "--reps", "1", "--chunk", "32"],
                           rf"^\s+2\s+fwd\+bwd(\s+{NUM}){{7}}$"),
+    "bench_prefix_affinity.py": (["--servers", "2", "--prompts", "2", "--samples", "2", "--turns", "2",
+                                  "--prompt-len", "16", "--reps", "5"],
+                                 rf"^\s+hash\s+hit rate {NUM} of ideal\s+\(x{NUM} vs none\)$"),
     "bench_sandbox.py": (["--reps", "3", "--runs", "4", "--workers", "2"], rf"\| ratio {NUM}x$"),
     "bench_weight_sync.py": (["--hidden", "64", "--layers", "1", "--vocab", "256", "--reps", "5", "--bucket-mb", "1"],
                              rf"^sync distributed:flattened_bucket\s*: .* ratio vs raw\s+{NUM}$"),
@@ -32,7 +37,7 @@ SMOKE = {  # script -> (tiny arguments, the ratio line)
 
 def test_every_benchmark_has_a_smoke_run():
     scripts = {f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if re.match(r"bench_\w+\.py$", f)}
-    assert scripts == set(SMOKE) | {"bench_step.py"}
+    assert scripts == set(SMOKE) | {"bench_step.py", "bench_async.py"}
 
 
 @pytest.mark.slow
