@@ -142,7 +142,7 @@ def our_calls() -> list[Call]:
 
     Methods: `_request(METHOD, url, path, body)` / `_all(METHOD, path, body)` (the client),
     `calls.all(path, body)` / `calls.submit_all(path, lambda i, url: body)` (the weight syncs'
-    ServerCalls, POST only), and `url + "/path"` opened with urllib (GET: no data).
+    ServerCalls, POST; `all_bodies` takes one body per server), `calls.pool.submit(calls.get | calls.post, url, path, ...)`, and `url + "/path"` opened with urllib (GET: no data).
     """
     calls = []
     for rel in OUR_HTTP_SOURCES:
@@ -160,8 +160,12 @@ def our_calls() -> list[Call]:
             where = f"{rel}:{node.lineno}"
             if name in ("_request", "_all"):
                 method = node.args[0].value
-            elif name in ("all", "submit_all") and "calls" in ast.unparse(node.func):
+            elif name in ("all", "submit_all", "all_bodies") and "calls" in ast.unparse(node.func):
                 method = "POST"
+            elif name == "submit" and "calls" in ast.unparse(node.func) and idx >= 1 \
+                    and ast.unparse(node.args[0]).endswith((".get", ".post")):
+                # calls.pool.submit(calls.get | calls.post, url, path, ...): ServerCalls' own methods
+                method = "GET" if ast.unparse(node.args[0]).endswith(".get") else "POST"
             else:
                 if name not in ("ServerError", "GenerationError"):  # error messages naming a path
                     raise AssertionError(f"{where}: unknown HTTP call {ast.unparse(node)[:80]}")
@@ -194,6 +198,8 @@ def _dict_keys(expr: ast.AST, at: ast.AST, parents: dict, where: str) -> set[str
         return {k.value for k in expr.keys}
     if isinstance(expr, ast.Lambda):
         return _dict_keys(expr.body, at, parents, where)
+    if isinstance(expr, ast.ListComp):  # calls.all_bodies(path, [{...} for ...]): one body per server
+        return _dict_keys(expr.elt, at, parents, where)
     fn = _enclosing(at, parents, (ast.FunctionDef, ast.AsyncFunctionDef))
     if isinstance(expr, ast.Name) and fn is not None:
         assigns = [n for n in ast.walk(fn) if isinstance(n, ast.Assign)
