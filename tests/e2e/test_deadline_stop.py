@@ -6,35 +6,21 @@ the job script would requeue it (steps remain). Deterministic: the end lies in t
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.e2e._trainer import run_trainer
+
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, str]:
-    from ctpo_megatron.data.tiny_setup import TinySetupConfig, prepare_tiny_run
-    from ctpo_megatron.data.warm_start import WarmStartConfig
-
-    return prepare_tiny_run(str(tmp_path_factory.mktemp("tiny")), TinySetupConfig(warm_start=WarmStartConfig(steps=0)))
-
-
-def test_trainer_past_its_deadline_skips_the_sync_saves_and_stops(inputs, tmp_path):
+def test_trainer_past_its_deadline_skips_the_sync_saves_and_stops(cold_tiny_inputs, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "ctpo_megatron.train", "--config-name", "tiny", f"trainer.run_dir={run}",
-           f"model.path={inputs['model']}", f"data.train_files=[{inputs['train']}]",
-           f"data.val_files=[{inputs['val']}]", "trainer.total_steps=3", "trainer.prompts_per_step=2",
-           "trainer.mini_batch_prompts=2", "rollout.n_samples=2", "trainer.eval_every=0",
-           "trainer.save_every=0", "trainer.deadline.end_time=1000000000"]  # September 2001
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
+    done = run_trainer(str(run), cold_tiny_inputs["model"], cold_tiny_inputs["train"], cold_tiny_inputs["val"], [
+        "trainer.total_steps=3", "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2",
+        "rollout.n_samples=2", "trainer.eval_every=0", "trainer.save_every=0",
+        "trainer.deadline.end_time=1000000000"])  # September 2001
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-6000:]
     assert "stopping: the job ends in -" in log and "another step needs" in log, log[-4000:]

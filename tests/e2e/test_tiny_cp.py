@@ -14,38 +14,22 @@ included, is `tests/dist/test_actor_context_parallel.py`.
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.e2e._trainer import run_trainer
+
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, str]:
-    from ctpo_megatron.data.tiny_setup import TinySetupConfig, prepare_tiny_run
-    from ctpo_megatron.data.warm_start import WarmStartConfig
-
-    # no warm start: every reward is 0, so advantages and gradients are 0 and the weights stay
-    # put (weight decay aside), which makes the ratios checkable token by token
-    return prepare_tiny_run(str(tmp_path_factory.mktemp("tiny")), TinySetupConfig(warm_start=WarmStartConfig(steps=0)))
-
-
-def test_tiny_run_at_cp2_completes_with_finite_metrics(inputs, tmp_path):
+def test_tiny_run_at_cp2_completes_with_finite_metrics(cold_tiny_inputs, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "ctpo_megatron.train", "--config-name", "tiny", f"trainer.run_dir={run}",
-           f"model.path={inputs['model']}", f"data.train_files=[{inputs['train']}]",
-           f"data.val_files=[{inputs['val']}]", f"trainer.total_steps={STEPS}", "trainer.prompts_per_step=4",
-           "trainer.mini_batch_prompts=2", "rollout.n_samples=4", "trainer.eval_every=0",
-           "trainer.save_every=0", "trainer.dump_every=1", "parallel.tp=1", "parallel.cp=2"]
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT},
-                          capture_output=True, text=True, timeout=600)
+    done = run_trainer(str(run), cold_tiny_inputs["model"], cold_tiny_inputs["train"], cold_tiny_inputs["val"], [
+        f"trainer.total_steps={STEPS}", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2",
+        "rollout.n_samples=4", "trainer.eval_every=0", "trainer.save_every=0", "trainer.dump_every=1",
+        "parallel.tp=1", "parallel.cp=2"])
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-6000:]
     assert "tp 1 x pp 1 x cp 2 x dp 1" in log, log[-4000:]

@@ -23,6 +23,8 @@ import time
 
 import pytest
 
+from tests.e2e._trainer import run_trainer
+
 # Deadlines inside the timeout: the shared setup (<= SETUP_S, run in the first test's item) plus
 # one test's BUDGET_S stays below TIMEOUT_S, so a slow run fails here with its logs attached.
 TIMEOUT_S, SETUP_S, BUDGET_S = 1700, 600, 1000
@@ -237,20 +239,25 @@ def test_pp2_grpo_with_rollout_log_probs(tiny_init, tmp_path):
     assert os.path.isdir(os.path.join(run, "weight_sync"))
 
 
+def _bench_stdout(script: str, args: list[str], run: str, logs: str) -> tuple[str, str]:
+    """Runs benchmarks/`script` to completion (within the test's budget); (stdout, logs)."""
+    bench = Launch(args, run, logs, command=[sys.executable, f"benchmarks/{script}"])
+    try:
+        bench.wait(time.monotonic() + BUDGET_S)
+    finally:
+        bench.kill()
+    text = bench.logs()
+    assert bench.proc.returncode == 0, text
+    return open(bench.out_path).read(), text
+
+
 def test_bench_step_smoke(tiny_init, tmp_path):
     """benchmarks/bench_step.py at a tiny size (2 steps of 8 prompts: the tiny config's mini-batch)
     prints its CTPO-vs-GRPO ratio line."""
     out = tmp_path / "bench"
     shutil.copytree(tiny_init, out / "init")  # the benchmark reuses a complete OUT/init
-    bench = Launch(["--steps", "2", "--prompts-per-step", "8", "--reps", "5", "--out", str(out)], str(out),
-                   str(tmp_path / "bench"), command=[sys.executable, "benchmarks/bench_step.py"])
-    try:
-        bench.wait(time.monotonic() + BUDGET_S)
-    finally:
-        bench.kill()
-    logs = bench.logs()
-    assert bench.proc.returncode == 0, logs
-    stdout = open(bench.out_path).read()
+    stdout, logs = _bench_stdout("bench_step.py", ["--steps", "2", "--prompts-per-step", "8", "--reps", "5",
+                                                   "--out", str(out)], str(out), str(tmp_path / "bench"))
     assert re.search(r"^loss per step .*: ctpo [\d.]+ ms, grpo [\d.]+ ms, ratio [\d.]+x$", stdout, re.M), logs
     assert re.search(r"^CTPO loss overhead vs GRPO: -?[\d.]+% of the step time", stdout, re.M), logs
 
@@ -258,16 +265,10 @@ def test_bench_step_smoke(tiny_init, tmp_path):
 def test_bench_async_smoke(tiny_init, tmp_path):
     """benchmarks/bench_async.py at a tiny size (3 steps of 8 prompts, one pair of runs, no
     simulated latency) prints its step-time ratio line."""
-    bench = Launch(["--steps", "3", "--prompts-per-step", "8", "--repeats", "1", "--decode-delay", "0",
-                    "--init", tiny_init, "--out", str(tmp_path / "bench")], str(tmp_path / "bench"),
-                   str(tmp_path / "bench_async"), command=[sys.executable, "benchmarks/bench_async.py"])
-    try:
-        bench.wait(time.monotonic() + BUDGET_S)
-    finally:
-        bench.kill()
-    logs = bench.logs()
-    assert bench.proc.returncode == 0, logs
-    stdout = open(bench.out_path).read()
+    out = str(tmp_path / "bench")
+    stdout, logs = _bench_stdout("bench_async.py", ["--steps", "3", "--prompts-per-step", "8", "--repeats", "1",
+                                                    "--decode-delay", "0", "--init", tiny_init, "--out", out],
+                                 out, str(tmp_path / "bench_async"))
     assert re.search(r"^step time ratio \(max_staleness=1 / 0\): [\d.]+$", stdout, re.M), logs
 
 
@@ -290,12 +291,8 @@ def test_step_batch_reproduces_the_recorded_synchronous_run(tiny_init, tmp_path)
     trainer's values to 1e-4 (the embedded server's log-probs vary by ~1e-7 between runs with
     how requests happen to be batched, which moves the IS weights by as much)."""
     run = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "ctpo_megatron.train", "--config-name", "tiny", f"trainer.run_dir={run}",
-           f"model.path={tiny_init}/model", f"data.train_files=[{tiny_init}/train.parquet]",
-           f"data.val_files=[{tiny_init}/val.parquet]", *REFERENCE_ARGS]
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    done = run_trainer(run, f"{tiny_init}/model", f"{tiny_init}/train.parquet", f"{tiny_init}/val.parquet",
+                       [*REFERENCE_ARGS])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     with open(REFERENCE) as f:
         reference = [json.loads(line) for line in f]
@@ -319,12 +316,8 @@ def test_rollouts_run_one_step_ahead(tiny_init, tmp_path):
     matches the synchronous run (same weights, same seed); later steps train on tokens at most
     one version old; the data position advances exactly as in the synchronous run."""
     run = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "ctpo_megatron.train", "--config-name", "tiny", f"trainer.run_dir={run}",
-           f"model.path={tiny_init}/model", f"data.train_files=[{tiny_init}/train.parquet]",
-           f"data.val_files=[{tiny_init}/val.parquet]", *REFERENCE_ARGS, "rollout.max_staleness=1"]
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    done = run_trainer(run, f"{tiny_init}/model", f"{tiny_init}/train.parquet", f"{tiny_init}/val.parquet",
+                       [*REFERENCE_ARGS, "rollout.max_staleness=1"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     with open(REFERENCE) as f:
         reference = [json.loads(line) for line in f]
