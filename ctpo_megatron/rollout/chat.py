@@ -36,6 +36,16 @@ class Tokenizer(Protocol):
         ...
 
 
+
+def check_messages(messages: list[dict[str, str]], roles, where: str) -> None:
+    """Raises ValueError naming `where` unless every message has a role in `roles` and string
+    content."""
+    for i, msg in enumerate(messages):
+        role, content = msg.get("role"), msg.get("content")
+        if role not in roles or not isinstance(content, str):
+            raise ValueError(f"{where}: message {i} must have a role in {roles} and string content, "
+                             f"got role={role!r}, content type {type(content).__name__}")
+
 @dataclass
 class _HFAdapter:
     tok: Any
@@ -106,12 +116,7 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The template text of `messages` (each {"role", "content"})."""
-        for i, msg in enumerate(messages):
-            role, content = msg.get("role"), msg.get("content")
-            if role not in self.roles or not isinstance(content, str):
-                raise ValueError(f"ChatTemplate.render: message {i} must have a role in {self.roles} "
-                                 f"and string content, got role={role!r}, content type "
-                                 f"{type(content).__name__}")
+        check_messages(messages, self.roles, "ChatTemplate.render")
         if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         parts = [f"{self.im_start}{m['role']}\n{m['content']}{self.im_end}\n" for m in messages]
@@ -207,12 +212,7 @@ class Qwen3ToolTemplate(ChatTemplate):
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The template text of `messages` (system, user and tool turns; assistant turns only
         before the last user turn, where Qwen3 renders them verbatim)."""
-        for i, msg in enumerate(messages):
-            role, content = msg.get("role"), msg.get("content")
-            if role not in self.roles or not isinstance(content, str):
-                raise ValueError(f"Qwen3ToolTemplate.render: message {i} must have a role in "
-                                 f"{self.roles} and string content, got role={role!r}, content "
-                                 f"type {type(content).__name__}")
+        check_messages(messages, self.roles, "Qwen3ToolTemplate.render")
         messages = self._with_system(messages)
         parts: list[str] = []
         first_system = bool(messages) and messages[0]["role"] == "system"
