@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ctpo_megatron.rollout.client import SGLangClient, affinity, prompt_affinity_key  # noqa: E402
-from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup  # noqa: E402
-from ctpo_megatron.rollout.server.scheduler import PrefixCache  # noqa: E402
+from ctpo_megatron.rollout.serving.client import SGLangClient, affinity, prompt_affinity_key  # noqa: E402
+from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup  # noqa: E402
+from ctpo_megatron.rollout.serving.server.scheduler import PrefixCache  # noqa: E402
 
 SAMPLING = {"max_new_tokens": 8, "temperature": 1.0}
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctpo_megatron.parallel.net import free_port  # noqa: E402
-from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup  # noqa: E402
+from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup  # noqa: E402
 from ctpo_megatron.rollout.weight_sync import (WeightSyncConfig, iter_buckets,  # noqa: E402
                                                make_weight_updater)
 from ctpo_megatron.rollout.weight_sync.distributed import flatten_bucket  # noqa: E402

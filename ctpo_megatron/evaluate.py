@@ -76,8 +76,8 @@ class EvalConfig:
 
 def final_answer(traj: dict) -> str | None:
     """The normalised final answer of a scored trajectory (its last \\boxed{}), for voting."""
-    from ctpo_megatron.rollout.reward import last_boxed
-    from ctpo_megatron.rollout.reward_checkers import strip_string
+    from ctpo_megatron.rollout.agent.reward import last_boxed
+    from ctpo_megatron.rollout.agent.reward_checkers import strip_string
 
     answer = traj["answer"] if "answer" in traj else last_boxed(traj.get("response_text") or "")
     if answer is None:

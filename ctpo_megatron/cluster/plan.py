@@ -21,7 +21,7 @@ from ctpo_megatron.cluster.config import REPO_ROOT, ClusterConfig
 from ctpo_megatron.cluster.memory import GIB, MemoryEstimate, estimate_memory, estimate_rollout_memory
 from ctpo_megatron.cluster.model_dims import model_dims_of
 from ctpo_megatron.parallel.dims import ParallelDims
-from ctpo_megatron.rollout.launcher import (LaunchConfig, embedded_server_command, router_command,
+from ctpo_megatron.rollout.serving.launcher import (LaunchConfig, embedded_server_command, router_command,
                                             sglang_server_command)
 
 if TYPE_CHECKING:  # the trainer's config pulls in torch; only the annotations need it here

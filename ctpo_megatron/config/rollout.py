@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ctpo_megatron.rollout.agent_config import AgentOptions
+from ctpo_megatron.rollout.agent.config import AgentOptions
 from ctpo_megatron.rollout.weight_sync.base import WeightSyncConfig
 
 

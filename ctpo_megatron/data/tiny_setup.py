@@ -47,7 +47,7 @@ class TinySetupConfig:
 
 def _render_tool_output(stdout: str) -> str:
     # The exact text the agent loop inserts after a code block, so warm start and RL agree.
-    from ctpo_megatron.rollout.chat import ToolFormat
+    from ctpo_megatron.rollout.agent.chat import ToolFormat
 
     fmt = ToolFormat()
     return fmt.wrap_output(fmt.render_output(stdout), after=fmt.code_close)

@@ -1,4 +1,5 @@
-"""Rollouts: SGLang launcher and HTTP client, the embedded CPU server, weight sync.
+"""Rollouts: `serving` (SGLang launcher and client, API contract, embedded server), `agent`
+(conversation loop, chat templates, reward), `sandbox` (model-written code), `weight_sync`.
 
 This package never imports megatron: the trainer hands it plain `(hf_name, tensor)` pairs.
 """

@@ -29,9 +29,9 @@ class RolloutDriver:
     def __init__(self, cfg: TrainConfig, *, run_dir: str) -> None:
         from transformers import AutoTokenizer
 
-        from ctpo_megatron.rollout.agent_config import AgentConfig
-        from ctpo_megatron.rollout.client import SGLangClient
-        from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup
+        from ctpo_megatron.rollout.agent.config import AgentConfig
+        from ctpo_megatron.rollout.serving.client import SGLangClient
+        from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup
         from ctpo_megatron.rollout.sandbox import SandboxPool
 
         self.cfg = cfg
@@ -67,7 +67,7 @@ class RolloutDriver:
     def generate(self, prompts: Sequence[Prompt], n_samples: int, *, seed: int,
                  temperature: float | None = None) -> list[Any]:
         """`n_samples` scored trajectories per prompt (prompt-major order), sampled with `seed`."""
-        from ctpo_megatron.rollout.agent import run_agent_batch
+        from ctpo_megatron.rollout.agent.loop import run_agent_batch
 
         overrides: dict[str, Any] = {"seed": seed}
         if temperature is not None:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ctpo_megatron.parallel.spawn import run_on_ranks
-from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup
+from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup
 from ctpo_megatron.rollout.weight_sync import (WeightSyncConfig, WeightSyncError, iter_buckets,
                                                make_weight_updater)
 from tests.unit.test_embedded_server import RunningStream, build_tiny_model, call, load_local

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup
+from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup
 from ctpo_megatron.rollout.weight_sync import WeightSyncConfig, WeightSyncError, make_weight_updater
 from tests.dist.test_weight_sync import _local_scores, _server_scores
 from tests.unit.test_embedded_server import build_tiny_model, call, load_local

@@ -78,7 +78,7 @@ def test_trainer_publishes_its_routable_address(netns, tmp_path):
     url = f"http://{server_ip}:{port}"
     log = open(tmp_path / "server.log", "wb")
     server = subprocess.Popen(["ip", "netns", "exec", "ctpows-srv", sys.executable, "-m",
-                               "ctpo_megatron.rollout.server", "--model", model, "--host", "0.0.0.0",
+                               "ctpo_megatron.rollout.serving.server", "--model", model, "--host", "0.0.0.0",
                                "--port", str(port), "--tp-size", "2"],
                               env=_env(), stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -196,7 +196,7 @@ def _run_readme_after_training(run: str, tmp_path, deadline: float) -> None:
                             capture_output=True, text=True, timeout=max(deadline - time.monotonic(), 1))
     assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
     assert os.path.exists(os.path.join(run, "hf", "config.json")), os.listdir(os.path.join(run, "hf"))
-    serve = argv(_readme_command("python -m ctpo_megatron.rollout.server ").replace("30000", port))
+    serve = argv(_readme_command("python -m ctpo_megatron.rollout.serving.server ").replace("30000", port))
     server_log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(serve, cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT,
                               start_new_session=True)

@@ -133,7 +133,7 @@ def server_pid(slurm, node: str) -> int:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"ctpo_megatron.rollout.server" in cmdline and b"-m" in cmdline:
+        if b"ctpo_megatron.rollout.serving.server" in cmdline and b"-m" in cmdline:
             return pid
     raise AssertionError(f"no rollout server process in namespace {node}")
 

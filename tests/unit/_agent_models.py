@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ctpo_megatron.data.tiny_model import TinyModelConfig, build_tiny_model
 from ctpo_megatron.data.tiny_tokenizer import build_char_tokenizer
-from ctpo_megatron.rollout.agent import AgentLoop
+from ctpo_megatron.rollout.agent.loop import AgentLoop
 from ctpo_megatron.rollout.sandbox import run_code
 
 _KNOWN_PARAMS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids",
@@ -104,7 +104,7 @@ def trained_setup(kind: str = "char"):
     tok_dir = tempfile.mkdtemp(prefix="ctpo_agent_tok_")
     atexit.register(shutil.rmtree, tok_dir, True)
     tokenizer = tiny_tokenizer(tok_dir) if kind == "char" else bpe_tokenizer(tok_dir)
-    from ctpo_megatron.rollout.agent_config import AgentConfig
+    from ctpo_megatron.rollout.agent.config import AgentConfig
     from ctpo_megatron.rollout.sandbox import SandboxPool
 
     loop = AgentLoop(tokenizer, AgentConfig(temperature=0.0), sandbox=SandboxPool(1))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from ctpo_megatron.rollout.agent import AgentLoop, run_agent_batch, tool_stop_token_ids
-from ctpo_megatron.rollout.agent_config import AgentConfig
-from ctpo_megatron.rollout.chat import ToolFormat
+from ctpo_megatron.rollout.agent.loop import AgentLoop, run_agent_batch, tool_stop_token_ids
+from ctpo_megatron.rollout.agent.config import AgentConfig
+from ctpo_megatron.rollout.agent.chat import ToolFormat
 from ctpo_megatron.rollout.sandbox import SandboxPool
 from tests.unit._agent_models import DEMOS, TorchGenerator, teacher_forced_log_probs, tiny_model, trained_setup
 

@@ -1,5 +1,5 @@
 """Agent loop end to end through the real HTTP path: SGLangClient -> embedded server
-(`python -m ctpo_megatron.rollout.server`) -> the tool-trained tiny model."""
+(`python -m ctpo_megatron.rollout.serving.server`) -> the tool-trained tiny model."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import sys
 import pytest
 
 from ctpo_megatron.data.tiny_model import save_tiny_model
-from ctpo_megatron.rollout.agent import run_agent_batch
-from ctpo_megatron.rollout.agent_config import AgentConfig
-from ctpo_megatron.rollout.client import SGLangClient
-from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup
+from ctpo_megatron.rollout.agent.loop import run_agent_batch
+from ctpo_megatron.rollout.agent.config import AgentConfig
+from ctpo_megatron.rollout.serving.client import SGLangClient
+from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup
 from ctpo_megatron.rollout.sandbox import SandboxPool
 from tests.unit._agent_models import DEMOS, trained_setup
 from tests.unit.test_agent import assert_token_exact
@@ -70,7 +70,7 @@ def test_cli_prints_scored_trajectories(server_url):
 
 
 def test_cli_paper_setting_renders_the_reference_prompt(server_url):
-    from ctpo_megatron.rollout.chat import REFERENCE_TOOL_USE_SYSTEM_PROMPT
+    from ctpo_megatron.rollout.agent.chat import REFERENCE_TOOL_USE_SYSTEM_PROMPT
 
     _, _, _, tok_dir = trained_setup()
     out = subprocess.run(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctpo_megatron.rollout.chat import ChatTemplate, ToolFormat, as_tokenizer
+from ctpo_megatron.rollout.agent.chat import ChatTemplate, ToolFormat, as_tokenizer
 from tests.unit._agent_models import bpe_tokenizer, tiny_tokenizer
 
 MESSAGES = [

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from ctpo_megatron.config.rollout import RolloutConfig
-from ctpo_megatron.rollout.agent import AgentLoop
-from ctpo_megatron.rollout.agent_config import AgentConfig, AgentOptions
-from ctpo_megatron.rollout.chat import (CODE_INTERPRETER_TOOL, REFERENCE_TOOL_USE_SYSTEM_PROMPT, ToolFormat,
+from ctpo_megatron.rollout.agent.loop import AgentLoop
+from ctpo_megatron.rollout.agent.config import AgentConfig, AgentOptions
+from ctpo_megatron.rollout.agent.chat import (CODE_INTERPRETER_TOOL, REFERENCE_TOOL_USE_SYSTEM_PROMPT, ToolFormat,
                                         find_tool_calls, truncate_chars)
 from ctpo_megatron.rollout.sandbox import SandboxPool
 from tests.unit._agent_models import LocalResult

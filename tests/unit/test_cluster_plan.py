@@ -122,7 +122,7 @@ def test_cli_dry_run_sbatch_and_job(tmp_path, capsys):
     assert env["CTPO_LOG_DIR"] == str(log_dir) and env["CTPO_TRAIN_NODES"] == "x1,x2"
     assert env["CTPO_ROLLOUT_NODES"] == "x3" and env["CTPO_MASTER_ADDR"] == "x1"
     plan = json.loads((log_dir / "plan.json").read_text())
-    assert plan["servers"][0]["argv"][:2] == ["-m", "ctpo_megatron.rollout.server"]
+    assert plan["servers"][0]["argv"][:2] == ["-m", "ctpo_megatron.rollout.serving.server"]
     assert cli.main(["--emit", "job", "--hosts", "x1,x2", *base]) == 2  # 2 hosts for 3 nodes
     assert "cluster.nodes=3" in capsys.readouterr().err
 

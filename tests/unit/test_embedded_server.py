@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from ctpo_megatron.rollout.contract import load_contract
-from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup
+from ctpo_megatron.rollout.serving.contract import load_contract
+from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup
 
 EOS = 1
 

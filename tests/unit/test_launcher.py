@@ -13,8 +13,8 @@ import urllib.request
 import pytest
 import torch
 
-from ctpo_megatron.rollout.client import SGLangClient
-from ctpo_megatron.rollout.launcher import (LaunchConfig, ServerDiedError, ServerGroup,
+from ctpo_megatron.rollout.serving.client import SGLangClient
+from ctpo_megatron.rollout.serving.launcher import (LaunchConfig, ServerDiedError, ServerGroup,
                                             ServerStartError, embedded_server_command,
                                             router_command, sglang_server_command)
 from ctpo_megatron.rollout.weight_sync import WeightSyncConfig, make_weight_updater
@@ -40,7 +40,7 @@ def test_router_and_embedded_commands():
         "py", "-m", "sglang_router.launch_router", "--worker-urls", *urls,
         "--policy", "round_robin", "--host", "127.0.0.1", "--port", "9000"]
     cmd = embedded_server_command(cfg, index=1, port=5)
-    assert cmd[:3] == ["py", "-m", "ctpo_megatron.rollout.server"]
+    assert cmd[:3] == ["py", "-m", "ctpo_megatron.rollout.serving.server"]
     assert cmd[cmd.index("--seed") + 1] == "1" and cmd[cmd.index("--port") + 1] == "5"
 
 
@@ -61,7 +61,7 @@ def test_start_failure_shows_the_log_tail(tmp_path):
 
 def test_health_timeout_names_the_server(tmp_path, monkeypatch):
     # A process that never serves HTTP: the wait must end with the server named and its log.
-    from ctpo_megatron.rollout import launcher
+    from ctpo_megatron.rollout.serving import launcher
 
     monkeypatch.setattr(launcher, "embedded_server_command", lambda cfg, i, port: [
         sys.executable, "-c", "print('booting', flush=True); import time; time.sleep(60)"])
@@ -131,7 +131,7 @@ def test_kill_one_of_two_mid_batch(tmp_path):
 
 _PARENT = """
 import sys, time
-from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup
+from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup
 group = ServerGroup(LaunchConfig(model_path=sys.argv[1], health_timeout_s=120, log_dir=sys.argv[2]))
 group.start()
 print(group.pids()[0], flush=True)

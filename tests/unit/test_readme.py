@@ -40,7 +40,7 @@ COVERAGE = {
     "python -m sglang.launch_server --model-path /ckpt/ctpo-qwen3-32b --tp 8 --port 30000":
         "excluded: SGLang needs GPUs; its flags are checked against SGLang's own server arguments "
         "in tests/unit/test_sglang_sources.py",
-    "python -m ctpo_megatron.rollout.server --model runs/tiny/hf --port 30000":
+    "python -m ctpo_megatron.rollout.serving.server --model runs/tiny/hf --port 30000":
         "tests/e2e/test_tiny_run.py serves the exported tiny model with it (a free port for 30000)",
     'python -m ctpo_megatron.rollout.agent --url http://127.0.0.1:30000 --tokenizer runs/tiny/hf '
     '--prompt "What is 17 * 23?" --ground-truth 391 -n 8':

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ctpo_megatron.rollout.reward import RewardConfig, last_boxed, math_reward, score_response
+from ctpo_megatron.rollout.agent.reward import RewardConfig, last_boxed, math_reward, score_response
 
 EQUAL = [
     ("The answer is \\boxed{42}.", "42"),
@@ -78,7 +78,7 @@ def test_same_answers_from_worker_threads():
 
 
 def test_stuck_helper_process_times_out():
-    from ctpo_megatron.rollout.reward import _VerifyWorker
+    from ctpo_megatron.rollout.agent.reward import _VerifyWorker
 
     worker = _VerifyWorker()
     try:
@@ -91,7 +91,7 @@ def test_stuck_helper_process_times_out():
 
 
 def test_helper_processes_are_bounded():
-    from ctpo_megatron.rollout import reward
+    from ctpo_megatron.rollout.agent import reward
 
     with ThreadPoolExecutor(max_workers=4 * reward.MAX_VERIFY_WORKERS) as ex:
         got = list(ex.map(lambda p: math_reward(*p), EQUAL * 2))
@@ -100,8 +100,8 @@ def test_helper_processes_are_bounded():
 
 
 def test_any_checker_mode_accepts_what_one_checker_accepts():
-    from ctpo_megatron.rollout.reward import RewardConfig
-    from ctpo_megatron.rollout.reward_checkers import dapo_style_correct, math_style_correct, strip_string
+    from ctpo_megatron.rollout.agent.reward import RewardConfig
+    from ctpo_megatron.rollout.agent.reward_checkers import dapo_style_correct, math_style_correct, strip_string
 
     anyc = RewardConfig(mode="any")
     # MATH-style normalisation: \dfrac, shorthand \frac12, a/b, 0.5, units after "\text{ ".

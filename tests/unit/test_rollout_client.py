@@ -7,9 +7,9 @@ import pytest
 from aiohttp import ClientSession, web
 
 from ctpo_megatron.parallel.net import free_port
-from ctpo_megatron.rollout.client import GenerationError, SGLangClient, ServerError
-from ctpo_megatron.rollout.contract import ContractError
-from ctpo_megatron.rollout.launcher import LaunchConfig, ServerGroup
+from ctpo_megatron.rollout.serving.client import GenerationError, SGLangClient, ServerError
+from ctpo_megatron.rollout.serving.contract import ContractError
+from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup
 from tests.unit.test_embedded_server import build_tiny_model
 
 GREEDY = {"max_new_tokens": 4, "temperature": 0.0}
@@ -229,7 +229,7 @@ def test_duplicate_rid_is_refused_and_a_retry_gets_a_fresh_rid(urls):
 def test_without_router_a_prompts_samples_and_turns_stay_on_one_server(urls):
     """Affinity by prompt: all samples and turns of a prompt reach one server, whose prefix
     cache then serves the shared prefix (`cached_tokens`); the prompts still spread."""
-    from ctpo_megatron.rollout.client import affinity, prompt_affinity_key
+    from ctpo_megatron.rollout.serving.client import affinity, prompt_affinity_key
 
     prompts = [[10 + p] + [20 + (p * 7 + k) % 90 for k in range(30)] for p in range(6)]
 

@@ -3,9 +3,9 @@ and the fallback mirror against that validator on a table of good and bad bodies
 
 import pytest
 
-from ctpo_megatron.rollout import contract
-from ctpo_megatron.rollout.client import SGLangClient
-from ctpo_megatron.rollout.contract import (SAMPLING_PARAM_KEYS, ContractError, FallbackContract,
+from ctpo_megatron.rollout.serving import contract
+from ctpo_megatron.rollout.serving.client import SGLangClient
+from ctpo_megatron.rollout.serving.contract import (SAMPLING_PARAM_KEYS, ContractError, FallbackContract,
                                             load_contract, validate_generate_request)
 
 RL_SAMPLING = [

@@ -24,7 +24,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONTRACT = os.path.join(ROOT, ".cache", "sglang_contract")
-OUR_HTTP_SOURCES = ["ctpo_megatron/rollout/client.py", "ctpo_megatron/rollout/launcher.py",
+OUR_HTTP_SOURCES = ["ctpo_megatron/rollout/serving/client.py", "ctpo_megatron/rollout/serving/launcher.py",
                     "ctpo_megatron/cluster/role.py", *sorted(
                         os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/ctpo_megatron/rollout/weight_sync/*.py"))]
 ROUTE = re.compile(r"^/[a-z_]+$")
@@ -260,7 +260,7 @@ def _emitted_command_lines() -> dict[str, list[list[str]]]:
     from ctpo_megatron.cluster.config import load_cluster_config
     from ctpo_megatron.cluster.plan import build_plan
     from ctpo_megatron.config.store import load_config
-    from ctpo_megatron.rollout.launcher import LaunchConfig, router_command, sglang_server_command
+    from ctpo_megatron.rollout.serving.launcher import LaunchConfig, router_command, sglang_server_command
 
     cfg = LaunchConfig(model_path="/m", backend="sglang", tp_size=2, mem_fraction_static=0.8,
                        load_format="dummy", dtype="bfloat16", seed=1, router=True)

@@ -10,7 +10,7 @@ import torch
 from ctpo_megatron.actor.batching import build_micro_batch
 from ctpo_megatron.algo import PolicyLossConfig, RolloutCorrectionConfig, policy_loss, position_bucket_edges
 from ctpo_megatron.parallel.spawn import run_on_ranks
-from ctpo_megatron.rollout.trajectory import Trajectory
+from ctpo_megatron.rollout.agent.trajectory import Trajectory
 from ctpo_megatron.trainer import checkpoint as ckpt
 from ctpo_megatron.trainer.batch import StepBatch, plan_shards, rollout_metrics, shard, version_metrics
 from ctpo_megatron.trainer.loop import progress_line

@@ -31,8 +31,8 @@ from aiohttp import web
 from safetensors.torch import load as load_safetensors
 from ctpo_megatron.rollout.weight_sync.serialization import decode_named_tensors
 
-from ctpo_megatron.rollout.server.bodies import BodyError, parse_body
-from ctpo_megatron.rollout.server.receive import comm_device, receive_flattened, receive_into_model
+from ctpo_megatron.rollout.serving.server.bodies import BodyError, parse_body
+from ctpo_megatron.rollout.serving.server.receive import comm_device, receive_flattened, receive_into_model
 from ctpo_megatron.rollout.weight_sync.process_group import (SideGroup, destroy_custom_process_group,
                                                              resolve_backend)
 

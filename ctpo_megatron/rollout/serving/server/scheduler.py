@@ -21,8 +21,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ctpo_megatron.rollout.server.model_runner import ModelRunner
-from ctpo_megatron.rollout.server.sampling import SamplingParams, sample_next
+from ctpo_megatron.rollout.serving.server.model_runner import ModelRunner
+from ctpo_megatron.rollout.serving.server.sampling import SamplingParams, sample_next
 
 DECODE_DELAY_ENV = "CTPO_SIM_DECODE_DELAY_S"
 """Seconds every decode step sleeps (default 0): stands in for a GPU on another node in

@@ -169,7 +169,7 @@ _CHECKS = {"box": _verify_main_thread, "text": _verify_text_main_thread}
 
 
 class _VerifyWorker:
-    """A helper process (`python -m ctpo_megatron.rollout.reward --worker`) that runs
+    """A helper process (`python -m ctpo_megatron.rollout.agent.reward --worker`) that runs
     `_verify_main_thread` in its own main thread, one JSON request/answer line at a time.
 
     A plain subprocess rather than multiprocessing: it never re-imports the caller's
@@ -178,7 +178,7 @@ class _VerifyWorker:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ctpo_megatron.rollout.reward", "--worker"],
+            [sys.executable, "-m", "ctpo_megatron.rollout.agent.reward", "--worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, bufsize=1)
 
@@ -288,7 +288,7 @@ def score_response(response_text: str, ground_truth: str, config: RewardConfig |
 
 def _score_any(text: str, ground_truth: str, cfg: RewardConfig, truncated: bool) -> RewardResult:
     """The reference's rule: correct when any checker accepts (cheap string checks first)."""
-    from ctpo_megatron.rollout.reward_checkers import dapo_style_correct, math_style_correct
+    from ctpo_megatron.rollout.agent.reward_checkers import dapo_style_correct, math_style_correct
 
     answer = last_boxed(text)
     penalty = cfg.truncated_penalty if truncated else 0.0

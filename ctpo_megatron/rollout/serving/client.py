@@ -42,7 +42,7 @@ from typing import Any, Iterator, Sequence
 
 import aiohttp
 
-from ctpo_megatron.rollout.contract import validate_sampling_params
+from ctpo_megatron.rollout.serving.contract import validate_sampling_params
 
 logger = logging.getLogger(__name__)
 

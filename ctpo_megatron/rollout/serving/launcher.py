@@ -124,8 +124,8 @@ def sglang_server_command(cfg: LaunchConfig, index: int, port: int) -> list[str]
 
 
 def embedded_server_command(cfg: LaunchConfig, index: int, port: int) -> list[str]:
-    """`python -m ctpo_megatron.rollout.server ...` for server `index`."""
-    cmd = [cfg.python, "-m", "ctpo_megatron.rollout.server", "--model", cfg.model_path,
+    """`python -m ctpo_megatron.rollout.serving.server ...` for server `index`."""
+    cmd = [cfg.python, "-m", "ctpo_megatron.rollout.serving.server", "--model", cfg.model_path,
            "--host", cfg.host, "--port", str(port), "--max-batch-size", str(cfg.max_batch_size),
            "--weight-version", cfg.weight_version, "--seed", str((cfg.seed or 0) + index),
            "--tp-size", str(cfg.tp_size)]

@@ -1,4 +1,4 @@
-"""CLI: `python -m ctpo_megatron.rollout.server --model DIR --port P [options]`."""
+"""CLI: `python -m ctpo_megatron.rollout.serving.server --model DIR --port P [options]`."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import torch
 from aiohttp import web
 
 from ctpo_megatron.logging_utils import init_logging
-from ctpo_megatron.rollout.server.app import build_app, make_state
+from ctpo_megatron.rollout.serving.server.app import build_app, make_state
 
-logger = logging.getLogger("ctpo_megatron.rollout.server")
+logger = logging.getLogger("ctpo_megatron.rollout.serving.server")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ctpo_megatron.rollout.server",
+        prog="python -m ctpo_megatron.rollout.serving.server",
         description="Embedded inference server: serves SGLang's native HTTP API (token-in/"
                     "token-out /generate, weight updates, control) from a Hugging Face causal LM.")
     parser.add_argument("--model", "--model-path", dest="model", required=True,

@@ -13,13 +13,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ctpo_megatron.rollout.server.bodies import BodyError, parse_body
-from ctpo_megatron.rollout.server.generate import handle_generate
-from ctpo_megatron.rollout.server.model_runner import ModelRunner
-from ctpo_megatron.rollout.server.sampling import SamplingParams
-from ctpo_megatron.rollout.server.scheduler import Request, Scheduler
-from ctpo_megatron.rollout.server.tp import TPRanks
-from ctpo_megatron.rollout.server.weights import routes as weight_routes
+from ctpo_megatron.rollout.serving.server.bodies import BodyError, parse_body
+from ctpo_megatron.rollout.serving.server.generate import handle_generate
+from ctpo_megatron.rollout.serving.server.model_runner import ModelRunner
+from ctpo_megatron.rollout.serving.server.sampling import SamplingParams
+from ctpo_megatron.rollout.serving.server.scheduler import Request, Scheduler
+from ctpo_megatron.rollout.serving.server.tp import TPRanks
+from ctpo_megatron.rollout.serving.server.weights import routes as weight_routes
 
 logger = logging.getLogger(__name__)
 

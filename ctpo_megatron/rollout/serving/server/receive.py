@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ctpo_megatron.rollout.server.model_runner import ModelRunner
+from ctpo_megatron.rollout.serving.server.model_runner import ModelRunner
 from ctpo_megatron.rollout.weight_sync.process_group import SideGroup
 
 

@@ -30,12 +30,12 @@ import asyncio
 import logging
 from typing import Any, Protocol, Sequence
 
-from ctpo_megatron.rollout.agent_config import AgentConfig
-from ctpo_megatron.rollout.chat import ToolFormat, as_tokenizer, find_tool_calls, truncate_chars
-from ctpo_megatron.rollout.client import affinity, prompt_affinity_key
-from ctpo_megatron.rollout.reward import score_response
+from ctpo_megatron.rollout.agent.config import AgentConfig
+from ctpo_megatron.rollout.agent.chat import ToolFormat, as_tokenizer, find_tool_calls, truncate_chars
+from ctpo_megatron.rollout.serving.client import affinity, prompt_affinity_key
+from ctpo_megatron.rollout.agent.reward import score_response
 from ctpo_megatron.rollout.sandbox import SandboxPool, SandboxResult
-from ctpo_megatron.rollout.trajectory import Trajectory
+from ctpo_megatron.rollout.agent.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     from ctpo_megatron.logging_utils import init_logging
-    from ctpo_megatron.rollout.chat import ChatTemplate
-    from ctpo_megatron.rollout.client import SGLangClient
+    from ctpo_megatron.rollout.agent.chat import ChatTemplate
+    from ctpo_megatron.rollout.serving.client import SGLangClient
 
     init_logging(0)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         from omegaconf import OmegaConf
 
         from ctpo_megatron.config.store import CONFIG_DIR
-        from ctpo_megatron.rollout.agent_config import AgentOptions, options_fields
+        from ctpo_megatron.rollout.agent.config import AgentOptions, options_fields
 
         paper = OmegaConf.load(os.path.join(CONFIG_DIR, "rollout", "paper.yaml"))
         opts = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AgentOptions), paper.agent))

@@ -25,7 +25,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 CONTRACT_ENV = "CTPO_SGLANG_CONTRACT"
-_DEFAULT_PATH = Path(__file__).resolve().parents[2] / ".cache" / "sglang_contract" / "api_types.py"
+_DEFAULT_PATH = Path(__file__).resolve().parents[3] / ".cache" / "sglang_contract" / "api_types.py"
 
 # SamplingParams keys in SGLang 0.5.23's contract, in its declaration order (the order its
 # "unknown field" message lists them), and the JSON kind each must have (null always allowed).

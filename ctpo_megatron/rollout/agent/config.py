@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctpo_megatron.rollout.chat import ChatTemplate, Qwen3ToolTemplate, ToolFormat
-from ctpo_megatron.rollout.reward import RewardConfig
+from ctpo_megatron.rollout.agent.chat import ChatTemplate, Qwen3ToolTemplate, ToolFormat
+from ctpo_megatron.rollout.agent.reward import RewardConfig
 from ctpo_megatron.rollout.sandbox import SandboxConfig
 
 STOP_MODES = ("auto", "none")

@@ -16,9 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ctpo_megatron.rollout.contract import ContractError, validate_generate_request
-from ctpo_megatron.rollout.server.sampling import SamplingParams
-from ctpo_megatron.rollout.server.scheduler import Request, Scheduler
+from ctpo_megatron.rollout.serving.contract import ContractError, validate_generate_request
+from ctpo_megatron.rollout.serving.server.sampling import SamplingParams
+from ctpo_megatron.rollout.serving.server.scheduler import Request, Scheduler
 
 
 def _per_item(value: Any, batch: int, name: str) -> list[Any]:
