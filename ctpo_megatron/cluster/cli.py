@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from ctpo_megatron.cluster.config import load_cluster_config
+from ctpo_megatron.cluster.config import hydra_value, load_launch_config
 from ctpo_megatron.cluster.plan import build_plan, split_overrides
 from ctpo_megatron.cluster.render import job_env, plan_text, sbatch_args, shell_assignments
 
@@ -65,19 +65,16 @@ def parser() -> argparse.ArgumentParser:
 
 def make_plan(args: argparse.Namespace):
     """(cluster config, plan) from parsed arguments; raises ValueError on bad settings."""
-    from ctpo_megatron.config.store import load_config
-
     cluster_overrides, trainer_overrides = split_overrides(args.overrides)
     for flag, name in FLAG_FIELDS.items():
         value = getattr(args, flag)
         if value is not None:
-            cluster_overrides.append(f"{name}={value}")
-    cluster = load_cluster_config(args.cluster, cluster_overrides)
-    train_cfg = load_config(list(cluster.train_overrides) + trainer_overrides, config_name=cluster.train_config)
+            cluster_overrides.append(f"{name}={hydra_value(value)}")
+    train_cfg, selection = load_launch_config(args.cluster, cluster_overrides, trainer_overrides)
     hosts = args.hosts.split(",") if args.hosts else None
-    plan = build_plan(cluster, train_cfg, trainer_overrides, hosts=hosts, job_id=args.job_id,
+    plan = build_plan(train_cfg, selection + trainer_overrides, hosts=hosts, job_id=args.job_id,
                       restart=args.restart)
-    return cluster, plan
+    return train_cfg.cluster, plan
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,22 @@
-"""Launcher settings (`configs/cluster/<name>.yaml`): nodes, roles, Slurm options, environment.
+"""Launcher settings, the `cluster` section of the trainer's config: nodes, roles, Slurm
+options, environment.
 
-The trainer's own settings (model, parallel sizes, batch sizes) stay in the trainer's Hydra
-config; this file only says how a job is laid out on a cluster. The YAML files override the
-defaults below; `cluster.KEY=VALUE` arguments of the launcher override the YAML.
+`ClusterConfig` is one section of `TrainConfig` (Hydra group `cluster`, `configs/cluster/*.yaml`),
+so the launcher and `python -m ctpo_megatron.train ... cluster.KEY=VALUE` read the same typed,
+validated values. It only says how a job is laid out on a cluster: the trainer's own settings
+(model, parallel sizes, micro-batch size, recompute, log-prob chunking) stay in their sections,
+and the launcher's memory estimate reads those (`cluster.train_memory`). `load_launch_config`
+composes the trainer's config the way the launcher does.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # the trainer's config pulls in torch; only the annotations need it here
+    from ctpo_megatron.config.schema import TrainConfig
 
 ROLLOUT_BACKENDS = ("sglang", "embedded")
 SGLANG_NCCL_PORT_SPAN = 1000
@@ -16,6 +24,12 @@ SGLANG_NCCL_PORT_SPAN = 1000
 DEFAULT_ENV = {"NCCL_SOCKET_IFNAME": "", "GLOO_SOCKET_IFNAME": "", "NCCL_IB_HCA": "", "NCCL_DEBUG": "WARN"}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLUSTER_CONFIG_DIR = os.path.join(REPO_ROOT, "configs", "cluster")
+REMOVED_SETTINGS = {
+    "micro_batch": "actor.micro_batch_size",
+    "logits_chunk_tokens": "actor.logprob_chunk_size",
+}
+"""Former cluster settings -> the trainer setting that replaces them (the memory estimate reads
+the trainer's own values, so the estimate and the run cannot disagree)."""
 
 
 @dataclass
@@ -106,14 +120,19 @@ class ClusterConfig:
     the trainer side of the group SGLang joins must match)."""
     venv: str = ""
     """Virtual environment activated in the plain environment; empty: `<repo>/.venv` if present."""
-    micro_batch: int = 1
-    """Sequences per micro-batch, for the memory estimate."""
-    logits_chunk_tokens: int = 4096
-    """Tokens per log-prob chunk (0: unchunked), for the memory estimate."""
     memory_overhead_gib: float = 4.0
-    """CUDA context, NCCL buffers and fragmentation allowance per GPU, GiB (memory estimate)."""
+    """CUDA context, NCCL buffers and fragmentation allowance per GPU, GiB (memory estimate of
+    the launcher's plan and of the trainer's start-up check)."""
+    micro_batch: Optional[int] = None
+    """Removed: the memory estimate reads `actor.micro_batch_size`. Setting it is an error."""
+    logits_chunk_tokens: Optional[int] = None
+    """Removed: the memory estimate reads `actor.logprob_chunk_size`. Setting it is an error."""
 
     def __post_init__(self) -> None:
+        for name, replacement in REMOVED_SETTINGS.items():
+            if getattr(self, name) is not None:
+                raise ValueError(f"cluster.{name}={getattr(self, name)} was removed: the memory estimate "
+                                 f"reads the trainer's own {replacement}; set {replacement} instead")
         if self.nodes < 1:
             raise ValueError(f"cluster.nodes={self.nodes} must be >= 1")
         if not 0 <= self.rollout_nodes < self.nodes:
@@ -151,9 +170,9 @@ class ClusterConfig:
             port = getattr(self, name)
             if not (0 if name == "master_port" else 1) <= port <= 65535:
                 raise ValueError(f"cluster.{name}={port} is not a TCP port")
-        if self.gpu_memory_gib <= 0 or self.micro_batch < 1 or self.logits_chunk_tokens < 0:
-            raise ValueError("cluster.gpu_memory_gib must be > 0, cluster.micro_batch >= 1 and "
-                             "cluster.logits_chunk_tokens >= 0")
+        if self.gpu_memory_gib <= 0 or self.memory_overhead_gib < 0:
+            raise ValueError(f"cluster.gpu_memory_gib={self.gpu_memory_gib} must be > 0 and "
+                             f"cluster.memory_overhead_gib={self.memory_overhead_gib} >= 0")
 
     @property
     def train_nodes(self) -> int:
@@ -174,34 +193,108 @@ class ClusterConfig:
         return [self.rollout_port + i * self.rollout_port_stride for i in range(self.servers_per_node)]
 
 
-def cluster_config_path(name: str) -> str:
-    """`name` as a file if it exists, else `configs/cluster/<name>.yaml`."""
-    if os.path.isfile(name):
-        return name
-    path = os.path.join(CLUSTER_CONFIG_DIR, f"{name}.yaml")
-    if not os.path.isfile(path):
-        known = sorted(f[:-5] for f in os.listdir(CLUSTER_CONFIG_DIR) if f.endswith(".yaml"))
-        raise ValueError(f"--cluster {name!r}: no such file and no {path} (known: {', '.join(known)})")
-    return path
 
 
-def load_cluster_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
-    """Loads `configs/cluster/<name>.yaml` (or a YAML file) and applies `KEY=VALUE` overrides.
+def hydra_value(value: Any) -> str:
+    """`value` (a launcher flag, a YAML setting) in Hydra's override grammar: strings quoted, lists and dicts
+    as `[a,b]` / `{k:v}`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    quote = "'" if "'" not in text else '"'
+    if quote in text:
+        raise ValueError(f"{text!r}: a setting cannot hold both quote characters")
+    return quote + text + quote
 
-    Unknown keys raise ValueError naming the key and the file; `__post_init__` validates the result.
+
+def _flatten(prefix: str, data: dict) -> list[str]:
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out += _flatten(f"{prefix}{key}.", value)
+        else:
+            out.append(f"{prefix}{key}={hydra_value(value)}")
+    return out
+
+
+def _cluster_override(override: str) -> str:
+    """`KEY=VALUE` as a Hydra override of the cluster section. A key inside a dict setting
+    (`env.NCCL_SOCKET_IFNAME=ib0`) may be new, which Hydra accepts only as `++` (add or set)."""
+    name = override.split("=", 1)[0].split(".")[0]
+    is_dict = any(f.name == name and f.default_factory is not MISSING and isinstance(f.default_factory(), dict)
+                  for f in fields(ClusterConfig))
+    return ("++" if is_dict and "." in override.split("=", 1)[0] else "") + f"cluster.{override}"
+
+
+def cluster_selection(name: str, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Hydra overrides of the trainer's config that select cluster config `name` and apply the
+    launcher's cluster settings `overrides` (`KEY=VALUE`, without the `cluster.` prefix).
+
+    name: a `configs/cluster/<name>.yaml` group option (`cluster=<name>`), or a YAML file: its
+    settings become `cluster.KEY=VALUE` overrides over the `ClusterConfig` defaults, so the
+    trainer, given the same overrides, composes the same section. Raises ValueError naming
+    `--cluster` when neither exists.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-    from yaml import YAMLError
+    user = [_cluster_override(o) for o in overrides]
+    if os.path.isfile(name):
+        from omegaconf import OmegaConf
+        from yaml import YAMLError
 
-    path = cluster_config_path(name)
-    base = OmegaConf.structured(ClusterConfig)
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(name))
+        except YAMLError as e:
+            raise ValueError(f"--cluster {name}: not a YAML file: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"--cluster {name}: expected a mapping of cluster settings")
+        return ["~cluster", *(_cluster_override(o) for o in _flatten("", data)), *user]
+    if not os.path.isfile(os.path.join(CLUSTER_CONFIG_DIR, f"{name}.yaml")):
+        known = sorted(f[:-len(".yaml")] for f in os.listdir(CLUSTER_CONFIG_DIR) if f.endswith(".yaml"))
+        raise ValueError(f"--cluster {name!r}: no such file and no configs/cluster/{name}.yaml "
+                         f"(known: {', '.join(known)})")
+    return [f"cluster={name}", *user]
+
+
+def load_launch_config(name: str, cluster_overrides: list[str] | tuple[str, ...] = (),
+                       trainer_overrides: list[str] | tuple[str, ...] = ()) -> tuple["TrainConfig", list[str]]:
+    """The trainer's typed config as the launcher composes it, with its `cluster` section.
+
+    name: `--cluster` (see `cluster_selection`); cluster_overrides: `KEY=VALUE` cluster settings
+    (launcher flags and `cluster.KEY=VALUE` arguments, prefix removed); trainer_overrides: the
+    user's other Hydra overrides. The cluster section names the trainer's top-level config
+    (`cluster.train_config`) and its `cluster.train_overrides`, so it is read first; then
+    `configs/<train_config>.yaml` is composed with the train overrides, the cluster selection
+    and the user's overrides, in the order the trainer gets them.
+
+    Returns (config, the cluster selection as Hydra overrides: the trainer gets them too).
+    Raises ValueError naming the setting on a bad key or value.
+    """
+    selection = cluster_selection(name, cluster_overrides)
+    cluster = _load(selection, "config").cluster
+    cfg = _load([*cluster.train_overrides, *selection, *trainer_overrides], cluster.train_config)
+    return cfg, selection
+
+
+def _load(overrides: list[str], config_name: str) -> "TrainConfig":
+    """`load_config`, with Hydra's and OmegaConf's errors (unknown key, wrong type) as ValueError
+    naming the override, its cause and, for a cluster setting, the known keys."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ctpo_megatron.config.store import load_config
+
     try:
-        merged = OmegaConf.merge(base, OmegaConf.load(path))
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, YAMLError) as e:
-        known = ", ".join(f.name for f in fields(ClusterConfig))
-        raise ValueError(f"cluster config {path} with overrides {list(overrides)}: {e}\n"
-                         f"(known keys: {known})") from None
+        return load_config(overrides, config_name=config_name)
+    except (HydraException, OmegaConfBaseException) as e:
+        message = " ".join(f"{e} {e.__cause__ or ''}".split())
+        if "cluster" in message:
+            known = [f.name for f in fields(ClusterConfig) if f.name not in REMOVED_SETTINGS]
+            message += f" (cluster keys: {', '.join(known)})"
+        raise ValueError(f"configs/{config_name}.yaml with overrides {overrides}: {message}") from None
