@@ -120,9 +120,10 @@ def test_cli_dry_run_sbatch_and_job(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "world 2 = tp 2 x pp 1 x cp 1 x dp 1" in text and "http://node02:31000" in text
     assert "memory per GPU" in text
-    assert cli.main(["--emit", "sbatch", "--partition", "gpu", *base]) == 0
+    assert cli.main(["--emit", "sbatch", "--partition", "gpu", "--time", "01:30:00", *base]) == 0
     sbatch = capsys.readouterr().out.split()
     assert "--nodes=3" in sbatch and "--gres=gpu:1" in sbatch and "--partition=gpu" in sbatch
+    assert "--time=01:30:00" in sbatch  # a flag value is a quoted Hydra string, not a sexagesimal number
     assert "--requeue" in sbatch and "--signal=B:USR1@60" in sbatch  # tiny.yaml: fixed lead
     assert (tmp_path / "run" / "logs").is_dir()  # sbatch --output needs the directory
     assert cli.main(["--emit", "job", "--hosts", "x1,x2,x3", "--job-id", "9", "--restart", "2", *base]) == 0
