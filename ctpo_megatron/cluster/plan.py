@@ -1,7 +1,7 @@
 """The launch plan: which node runs which role, rendezvous, the trainer's Hydra overrides.
 
-`build_plan` is pure logic over the cluster config, the trainer's composed config and the
-node list; `launch/ctpo_32b.sh` calls the CLI (`python -m ctpo_megatron.cluster.plan --help`)
+`build_plan` is pure logic over the trainer's composed config (its `cluster` section is the
+layout) and the node list; `launch/ctpo_32b.sh` calls the CLI (`python -m ctpo_megatron.cluster.plan --help`)
 to print the plan (`--dry-run`), to get its sbatch options, and inside the job to write the
 plan that `python -m ctpo_megatron.cluster.role` executes on every node.
 

@@ -66,7 +66,7 @@ class RolloutConfig:
     uninformative groups."""
     agent: AgentOptions = field(default_factory=AgentOptions)
     """Conversation layout (inline / the reference's tool turns), system prompt, thinking,
-    accepted fences, tool-output cut, reward rule (see `rollout.agent_config.AgentOptions`)."""
+    accepted fences, tool-output cut, reward rule (see `rollout.agent.config.AgentOptions`)."""
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:

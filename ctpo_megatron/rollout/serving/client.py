@@ -23,7 +23,7 @@
 * Requests finished by the server with `finish_reason.type == "abort"` (abort_request,
   pause_generation(mode="abort")) are returned as they are; the caller decides.
 * Payloads: `sampling_params` is checked client-side against SGLang's own contract
-  (`rollout.contract`), so an unknown key fails here, before any request is sent.
+  (`rollout.serving.contract`), so an unknown key fails here, before any request is sent.
 """
 
 from __future__ import annotations
