@@ -26,7 +26,6 @@ from ctpo_megatron.rollout.serving.launcher import (LaunchConfig, embedded_serve
                                             sglang_server_command)
 
 if TYPE_CHECKING:  # the trainer's config pulls in torch; only the annotations need it here
-    from ctpo_megatron.config.model import ModelConfig
     from ctpo_megatron.config.schema import TrainConfig
 
 MASTER_PORT_BASE = 20000
@@ -236,7 +235,7 @@ def build_plan(train_cfg: "TrainConfig", user_overrides: list[str], *,
     """Lays the job out on `hosts` (None: placeholder names for a dry run).
 
     train_cfg: the trainer's composed `TrainConfig` (with `user_overrides` applied; its
-    `cluster` section is the layout, see `cluster.config.load_launch_config`).
+    `cluster` section is the layout, see `cluster.compose.load_launch_config`).
     user_overrides: the Hydra overrides the trainer gets after the launcher's own and
     `cluster.train_overrides` (the cluster selection, then the user's); they win over the
     launcher's own.

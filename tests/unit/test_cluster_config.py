@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from ctpo_megatron.cluster.config import ClusterConfig, load_launch_config
+from ctpo_megatron.cluster.compose import load_launch_config
+from ctpo_megatron.cluster.config import ClusterConfig
 from ctpo_megatron.cluster.plan import build_plan
 from ctpo_megatron.config.store import load_config
 from ctpo_megatron.trainer.loop import check_policy_memory

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ctpo_megatron.cluster import cli, role
-from ctpo_megatron.cluster.config import ClusterConfig, load_launch_config
+from ctpo_megatron.cluster.compose import load_launch_config
+from ctpo_megatron.cluster.config import ClusterConfig
 from ctpo_megatron.cluster.plan import build_plan, override_key, split_overrides
 from ctpo_megatron.config.store import load_config
 from ctpo_megatron.parallel.net import free_port
