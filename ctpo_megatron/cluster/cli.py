@@ -7,11 +7,11 @@ import json
 import os
 import sys
 
-from ctpo_megatron.cluster.config import load_cluster_config
+from ctpo_megatron.cluster.compose import hydra_value, load_launch_config
 from ctpo_megatron.cluster.plan import build_plan, split_overrides
 from ctpo_megatron.cluster.render import job_env, plan_text, sbatch_args, shell_assignments
 
-# launcher flag -> ClusterConfig field
+# launcher flag -> ClusterConfig field (passed as a `cluster.<field>=` override)
 FLAG_FIELDS = {"nodes": "nodes", "rollout_nodes": "rollout_nodes", "gpus_per_node": "gpus_per_node",
                "partition": "partition", "time": "time", "account": "account",
                "container_image": "container_image", "container_mounts": "container_mounts",
@@ -20,9 +20,11 @@ FLAG_FIELDS = {"nodes": "nodes", "rollout_nodes": "rollout_nodes", "gpus_per_nod
 EPILOG = """\
 Hydra overrides (KEY=VALUE) go to the trainer (`python -m ctpo_megatron.train`), e.g.
 trainer.total_steps=200 model.path=/ckpt/Qwen3-32B parallel.cp=4; `cluster.KEY=VALUE`
-overrides a launcher setting of configs/cluster/<name>.yaml (e.g. cluster.rollout_port=31000,
-cluster.env.NCCL_SOCKET_IFNAME=ib0 for the network NCCL and Gloo use; docs/slurm.md has a
-first-run checklist).
+overrides a setting of the trainer config's `cluster` section, configs/cluster/<name>.yaml
+(e.g. cluster.rollout_port=31000, cluster.env.NCCL_SOCKET_IFNAME=ib0 for the network NCCL and
+Gloo use); the trainer gets the same cluster settings. The memory estimate reads the trainer's
+own settings (actor.micro_batch_size, actor.logprob_chunk_size, recompute, parallel sizes).
+docs/slurm.md has a first-run checklist.
 
 Outside an allocation the launcher submits itself with sbatch; inside one (SLURM_JOB_ID set)
 it starts the roles with srun: rollout servers on the last `--rollout-nodes` nodes (one step per
@@ -39,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
                     "training nodes (Megatron under torchrun) + rollout nodes (inference servers).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cluster", default="qwen3_32b",
-                   help="configs/cluster/<name>.yaml or a YAML file (default qwen3_32b)")
+                   help="the trainer's `cluster` group option configs/cluster/<name>.yaml, or a YAML "
+                        "file of cluster settings (default qwen3_32b)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit, submit nothing")
     p.add_argument("--nodes", type=int, help="nodes of the job (training + rollout)")
     p.add_argument("--rollout-nodes", type=int, help="nodes running inference servers")
@@ -65,19 +68,16 @@ def parser() -> argparse.ArgumentParser:
 
 def make_plan(args: argparse.Namespace):
     """(cluster config, plan) from parsed arguments; raises ValueError on bad settings."""
-    from ctpo_megatron.config.store import load_config
-
     cluster_overrides, trainer_overrides = split_overrides(args.overrides)
     for flag, name in FLAG_FIELDS.items():
         value = getattr(args, flag)
         if value is not None:
-            cluster_overrides.append(f"{name}={value}")
-    cluster = load_cluster_config(args.cluster, cluster_overrides)
-    train_cfg = load_config(list(cluster.train_overrides) + trainer_overrides, config_name=cluster.train_config)
+            cluster_overrides.append(f"{name}={hydra_value(value)}")
+    train_cfg, selection = load_launch_config(args.cluster, cluster_overrides, trainer_overrides)
     hosts = args.hosts.split(",") if args.hosts else None
-    plan = build_plan(cluster, train_cfg, trainer_overrides, hosts=hosts, job_id=args.job_id,
+    plan = build_plan(train_cfg, selection + trainer_overrides, hosts=hosts, job_id=args.job_id,
                       restart=args.restart)
-    return cluster, plan
+    return train_cfg.cluster, plan
 
 
 def main(argv: list[str] | None = None) -> int:

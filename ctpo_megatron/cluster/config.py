@@ -1,14 +1,19 @@
-"""Launcher settings (`configs/cluster/<name>.yaml`): nodes, roles, Slurm options, environment.
+"""Launcher settings, the `cluster` section of the trainer's config: nodes, roles, Slurm
+options, environment.
 
-The trainer's own settings (model, parallel sizes, batch sizes) stay in the trainer's Hydra
-config; this file only says how a job is laid out on a cluster. The YAML files override the
-defaults below; `cluster.KEY=VALUE` arguments of the launcher override the YAML.
+`ClusterConfig` is one section of `TrainConfig` (Hydra group `cluster`, `configs/cluster/*.yaml`),
+so the launcher and `python -m ctpo_megatron.train ... cluster.KEY=VALUE` read the same typed,
+validated values. It only says how a job is laid out on a cluster: the trainer's own settings
+(model, parallel sizes, micro-batch size, recompute, log-prob chunking) stay in their sections,
+and the launcher's memory estimate reads those (`cluster.train_memory`). `cluster.compose`
+composes the trainer's config the way the launcher does.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import Optional
 
 ROLLOUT_BACKENDS = ("sglang", "embedded")
 SGLANG_NCCL_PORT_SPAN = 1000
@@ -16,6 +21,12 @@ SGLANG_NCCL_PORT_SPAN = 1000
 DEFAULT_ENV = {"NCCL_SOCKET_IFNAME": "", "GLOO_SOCKET_IFNAME": "", "NCCL_IB_HCA": "", "NCCL_DEBUG": "WARN"}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLUSTER_CONFIG_DIR = os.path.join(REPO_ROOT, "configs", "cluster")
+REMOVED_SETTINGS = {
+    "micro_batch": "actor.micro_batch_size",
+    "logits_chunk_tokens": "actor.logprob_chunk_size",
+}
+"""Former cluster settings -> the trainer setting that replaces them (the memory estimate reads
+the trainer's own values, so the estimate and the run cannot disagree)."""
 
 
 @dataclass
@@ -106,14 +117,19 @@ class ClusterConfig:
     the trainer side of the group SGLang joins must match)."""
     venv: str = ""
     """Virtual environment activated in the plain environment; empty: `<repo>/.venv` if present."""
-    micro_batch: int = 1
-    """Sequences per micro-batch, for the memory estimate."""
-    logits_chunk_tokens: int = 4096
-    """Tokens per log-prob chunk (0: unchunked), for the memory estimate."""
     memory_overhead_gib: float = 4.0
-    """CUDA context, NCCL buffers and fragmentation allowance per GPU, GiB (memory estimate)."""
+    """CUDA context, NCCL buffers and fragmentation allowance per GPU, GiB (memory estimate of
+    the launcher's plan and of the trainer's start-up check)."""
+    micro_batch: Optional[int] = None
+    """Removed: the memory estimate reads `actor.micro_batch_size`. Setting it is an error."""
+    logits_chunk_tokens: Optional[int] = None
+    """Removed: the memory estimate reads `actor.logprob_chunk_size`. Setting it is an error."""
 
     def __post_init__(self) -> None:
+        for name, replacement in REMOVED_SETTINGS.items():
+            if getattr(self, name) is not None:
+                raise ValueError(f"cluster.{name}={getattr(self, name)} was removed: the memory estimate "
+                                 f"reads the trainer's own {replacement}; set {replacement} instead")
         if self.nodes < 1:
             raise ValueError(f"cluster.nodes={self.nodes} must be >= 1")
         if not 0 <= self.rollout_nodes < self.nodes:
@@ -151,9 +167,9 @@ class ClusterConfig:
             port = getattr(self, name)
             if not (0 if name == "master_port" else 1) <= port <= 65535:
                 raise ValueError(f"cluster.{name}={port} is not a TCP port")
-        if self.gpu_memory_gib <= 0 or self.micro_batch < 1 or self.logits_chunk_tokens < 0:
-            raise ValueError("cluster.gpu_memory_gib must be > 0, cluster.micro_batch >= 1 and "
-                             "cluster.logits_chunk_tokens >= 0")
+        if self.gpu_memory_gib <= 0 or self.memory_overhead_gib < 0:
+            raise ValueError(f"cluster.gpu_memory_gib={self.gpu_memory_gib} must be > 0 and "
+                             f"cluster.memory_overhead_gib={self.memory_overhead_gib} >= 0")
 
     @property
     def train_nodes(self) -> int:
@@ -172,36 +188,3 @@ class ClusterConfig:
     def server_ports(self) -> list[int]:
         """Ports of the servers of one rollout node."""
         return [self.rollout_port + i * self.rollout_port_stride for i in range(self.servers_per_node)]
-
-
-def cluster_config_path(name: str) -> str:
-    """`name` as a file if it exists, else `configs/cluster/<name>.yaml`."""
-    if os.path.isfile(name):
-        return name
-    path = os.path.join(CLUSTER_CONFIG_DIR, f"{name}.yaml")
-    if not os.path.isfile(path):
-        known = sorted(f[:-5] for f in os.listdir(CLUSTER_CONFIG_DIR) if f.endswith(".yaml"))
-        raise ValueError(f"--cluster {name!r}: no such file and no {path} (known: {', '.join(known)})")
-    return path
-
-
-def load_cluster_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
-    """Loads `configs/cluster/<name>.yaml` (or a YAML file) and applies `KEY=VALUE` overrides.
-
-    Unknown keys raise ValueError naming the key and the file; `__post_init__` validates the result.
-    """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-    from yaml import YAMLError
-
-    path = cluster_config_path(name)
-    base = OmegaConf.structured(ClusterConfig)
-    try:
-        merged = OmegaConf.merge(base, OmegaConf.load(path))
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, YAMLError) as e:
-        known = ", ".join(f.name for f in fields(ClusterConfig))
-        raise ValueError(f"cluster config {path} with overrides {list(overrides)}: {e}\n"
-                         f"(known keys: {known})") from None

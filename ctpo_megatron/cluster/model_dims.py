@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ctpo_megatron.config.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,6 @@ class ModelDims:
         return self.num_layers * self.params_per_layer + self.embedding_params + output + self.hidden_size
 
 
-# Shapes from the published HF config.json files of each model.
 def model_dims_of(model_cfg: "ModelConfig") -> ModelDims:
     """ModelDims of the trainer's `ModelConfig` (Qwen2 family has qkv bias, Qwen3 qk-norm)."""
     return ModelDims(hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
@@ -96,21 +99,20 @@ def model_dims_of(model_cfg: "ModelConfig") -> ModelDims:
 
 
 def _presets() -> dict[str, ModelDims]:
-    """The model presets' shapes, read from the trainer's Hydra group `configs/model/*.yaml`:
-    the shapes are written down once, there. (Parsed as plain YAML so the launcher does not
-    import the trainer's config, which pulls in torch.)"""
-    import types
-
+    """The model presets' shapes, read from the trainer's Hydra group `configs/model/*.yaml`
+    into its `ModelConfig` (unset fields take its defaults): the shapes are written down once,
+    there."""
     import yaml
+
+    from ctpo_megatron.config.model import ModelConfig
 
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "configs", "model")
     out = {}
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    for name in sorted(os.listdir(folder)):
         if name.endswith(".yaml"):
             with open(os.path.join(folder, name), encoding="utf-8") as f:
-                fields = {"head_dim": 0, "arch": "qwen2", **(yaml.safe_load(f) or {})}
-            out[name[:-len(".yaml")]] = model_dims_of(types.SimpleNamespace(**fields))
+                out[name[:-len(".yaml")]] = model_dims_of(ModelConfig(**(yaml.safe_load(f) or {})))
     return out
 
 
@@ -141,13 +143,3 @@ def model_dims_from_hf_config(path: str | os.PathLike) -> ModelDims:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
     except KeyError as e:
         raise ValueError(f"{path}: missing key {e.args[0]!r}; expected a dense decoder-only HF config") from None
-
-
-def resolve_model_dims(model: str) -> ModelDims:
-    """A preset name (see PRESETS) or a path to a HF config.json / checkpoint directory."""
-    if model in PRESETS:
-        return PRESETS[model]
-    if os.path.exists(model):
-        return model_dims_from_hf_config(model)
-    raise ValueError(f"model={model!r}: not a preset ({', '.join(sorted(PRESETS))}) and no such "
-                     "HF config file or directory")

@@ -1,7 +1,7 @@
 """The launch plan: which node runs which role, rendezvous, the trainer's Hydra overrides.
 
-`build_plan` is pure logic over the cluster config, the trainer's composed config and the
-node list; `launch/ctpo_32b.sh` calls the CLI (`python -m ctpo_megatron.cluster.plan --help`)
+`build_plan` is pure logic over the trainer's composed config (its `cluster` section is the
+layout) and the node list; `launch/ctpo_32b.sh` calls the CLI (`python -m ctpo_megatron.cluster.plan --help`)
 to print the plan (`--dry-run`), to get its sbatch options, and inside the job to write the
 plan that `python -m ctpo_megatron.cluster.role` executes on every node.
 
@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from ctpo_megatron.cluster.config import REPO_ROOT, ClusterConfig
-from ctpo_megatron.cluster.memory import GIB, MemoryEstimate, estimate_memory, estimate_rollout_memory
+from ctpo_megatron.cluster.memory import estimate_rollout_memory
 from ctpo_megatron.cluster.model_dims import model_dims_of
+from ctpo_megatron.cluster.train_memory import estimate_for_train_config, memory_what_ifs
 from ctpo_megatron.parallel.dims import ParallelDims
 from ctpo_megatron.rollout.serving.launcher import (LaunchConfig, embedded_server_command, router_command,
                                             sglang_server_command)
 
 if TYPE_CHECKING:  # the trainer's config pulls in torch; only the annotations need it here
-    from ctpo_megatron.config.model import ModelConfig
     from ctpo_megatron.config.schema import TrainConfig
 
 MASTER_PORT_BASE = 20000
@@ -137,69 +137,13 @@ def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     for arg in args:
         if "=" not in arg:
             raise ValueError(f"argument {arg!r} is neither an option nor a Hydra override KEY=VALUE")
+        if override_key(arg) == "cluster":
+            raise ValueError(f"{arg!r}: choose the cluster config with --cluster NAME|FILE")
         if arg.startswith("cluster."):
             cluster.append(arg[len("cluster."):])
         else:
             trainer.append(arg)
     return cluster, trainer
-
-
-def _recompute(train_cfg: "TrainConfig") -> str:
-    """The estimate's recompute mode for the trainer's config (as `TrainConfig.actor_config`
-    derives it): none, full or selective."""
-    actor = train_cfg.actor_config(train_cfg.parallel.dims())
-    return actor.recompute_granularity if actor.recompute else "none"
-
-
-def estimate_for_train_config(train_cfg: "TrainConfig", dims: ParallelDims, *,
-                              gpu_memory_gib: float = 80.0, micro_batch: int = 1,
-                              logits_chunk_tokens: int = 4096, overhead_gib: float = 4.0,
-                              **changes) -> MemoryEstimate:
-    """Memory per GPU of the trainer's config (`TrainConfig`) at resolved `dims` (ParallelDims).
-
-    Sequence length = rollout.max_prompt_len + rollout.max_response_len; recompute as the trainer
-    derives it (model.recompute_activations or actor.recompute, of `recompute_granularity`). `changes` override `estimate_memory` keywords (what-ifs).
-    The trainer's start-up validation can call this directly.
-    """
-    kwargs = dict(seq_len=train_cfg.rollout.max_prompt_len + train_cfg.rollout.max_response_len,
-                  micro_batch=micro_batch, recompute=_recompute(train_cfg),
-                  distributed_optimizer=train_cfg.parallel.distributed_optimizer,
-                  sequence_parallel=train_cfg.parallel.sequence_parallel,
-                  logits_chunk_tokens=logits_chunk_tokens, gpu_memory_gib=gpu_memory_gib,
-                  weight_sync_bucket_bytes=train_cfg.rollout.weight_sync.bucket_bytes,
-                  overhead_gib=overhead_gib)
-    kwargs.update(changes)
-    return estimate_memory(model_dims_of(train_cfg.model), dims, **kwargs)
-
-
-def memory_what_ifs(train_cfg: "TrainConfig", dims: ParallelDims, **kwargs) -> dict[str, float]:
-    """Total GiB per GPU with each memory-saving setting of the config turned off in turn."""
-    out = {}
-    if train_cfg.model.recompute_activations:
-        out["without activation recompute"] = estimate_for_train_config(train_cfg, dims, **kwargs,
-                                                                         recompute="none").total
-    for mode in ("selective", "full"):  # the other recompute kinds (model.recompute_granularity)
-        if mode != _recompute(train_cfg):
-            out[f"with {mode} recompute"] = estimate_for_train_config(train_cfg, dims, **kwargs,
-                                                                      recompute=mode).total
-    if train_cfg.parallel.distributed_optimizer:
-        out["without distributed optimizer"] = estimate_for_train_config(
-            train_cfg, dims, **kwargs, distributed_optimizer=False).total
-    if kwargs.get("logits_chunk_tokens"):
-        out["without logits chunking"] = estimate_for_train_config(
-            train_cfg, dims, **{**kwargs, "logits_chunk_tokens": 0}).total
-    if train_cfg.parallel.sequence_parallel and dims.tp > 1:
-        out["without sequence parallel"] = estimate_for_train_config(
-            train_cfg, dims, **kwargs, sequence_parallel=False).total
-    if dims.cp > 1:
-        out["with cp=1 (same tp, pp, dp)"] = estimate_for_train_config(
-            train_cfg, ParallelDims(tp=dims.tp, pp=dims.pp, cp=1, dp=dims.dp), **kwargs).total
-    if train_cfg.model.recompute_activations and train_cfg.parallel.distributed_optimizer:
-        out["with none of these"] = estimate_for_train_config(
-            train_cfg, ParallelDims(tp=dims.tp, pp=dims.pp, cp=1, dp=dims.dp),
-            **{**kwargs, "logits_chunk_tokens": 0}, recompute="none", distributed_optimizer=False,
-            sequence_parallel=False).total
-    return {name: total / GIB for name, total in out.items()}
 
 
 def role_env(cluster: ClusterConfig, train_cfg: "TrainConfig", dims: ParallelDims, has_servers: bool
@@ -285,15 +229,19 @@ def _dedupe(generated: list[str], user: list[str]) -> list[str]:
     return [o for o in generated if override_key(o) not in taken]
 
 
-def build_plan(cluster: ClusterConfig, train_cfg: "TrainConfig", user_overrides: list[str], *,
+def build_plan(train_cfg: "TrainConfig", user_overrides: list[str], *,
                hosts: list[str] | None = None, job_id: str = "dryrun", restart: int = 0,
                cwd: str | None = None) -> LaunchPlan:
     """Lays the job out on `hosts` (None: placeholder names for a dry run).
 
-    train_cfg: the trainer's composed `TrainConfig` (with `user_overrides` applied).
-    user_overrides: the user's trainer Hydra overrides; they win over the launcher's own.
+    train_cfg: the trainer's composed `TrainConfig` (with `user_overrides` applied; its
+    `cluster` section is the layout, see `cluster.compose.load_launch_config`).
+    user_overrides: the Hydra overrides the trainer gets after the launcher's own and
+    `cluster.train_overrides` (the cluster selection, then the user's); they win over the
+    launcher's own.
     Raises ValueError naming the setting when the sizes, node list or paths do not fit.
     """
+    cluster = train_cfg.cluster
     placeholder = hosts is None
     hosts = [f"node{i:02d}" for i in range(cluster.nodes)] if placeholder else list(hosts)
     if len(hosts) != cluster.nodes:
@@ -335,9 +283,7 @@ def build_plan(cluster: ClusterConfig, train_cfg: "TrainConfig", user_overrides:
                   "--rdzv-endpoint", f"{train_hosts[0]}:{master_port}", "--rdzv-id", str(job_id),
                   "--max-restarts", "0", "-m", cluster.train_module, *config_args, *overrides]
 
-    mem_kwargs = dict(gpu_memory_gib=cluster.gpu_memory_gib, micro_batch=cluster.micro_batch,
-                      logits_chunk_tokens=cluster.logits_chunk_tokens, overhead_gib=cluster.memory_overhead_gib)
-    estimate = estimate_for_train_config(train_cfg, dims, **mem_kwargs)
+    estimate = estimate_for_train_config(train_cfg, dims)  # the trainer's start-up check computes the same
     sync_info, warnings = weight_sync_info(cluster, train_cfg, servers)
     if placeholder and not model_path:
         warnings.append("model.path is unset: pass model.path=<HF checkpoint dir> to submit")
@@ -357,7 +303,7 @@ def build_plan(cluster: ClusterConfig, train_cfg: "TrainConfig", user_overrides:
         router_argv=router_command(LaunchConfig(model_path=model_path or UNSET_MODEL, host="0.0.0.0"),
                                    [s.url for s in servers], cluster.router_port)[1:] if router else [],
         startup_timeout_s=cluster.rollout_startup_timeout_s, memory=estimate.as_dict(),
-        memory_text=estimate.format(), memory_what_ifs=memory_what_ifs(train_cfg, dims, **mem_kwargs),
+        memory_text=estimate.format(), memory_what_ifs=memory_what_ifs(train_cfg, dims),
         rollout_memory=rollout_memory, model_path=model_path, server_tp_size=gpus, weight_sync=sync_info,
         env=role_env(cluster, train_cfg, dims, bool(servers)), deadline=deadline,
         container_mounts=container_mounts(cluster, train_cfg, run_dir, REPO_ROOT) if cluster.container_image else [],

@@ -1,4 +1,10 @@
-"""Typed configuration of a CTPO run (dataclasses registered in Hydra's ConfigStore)."""
+"""Typed configuration of a CTPO run (dataclasses registered in Hydra's ConfigStore).
+
+`TrainConfig` (schema) holds the sections; the model, parallel, rollout, data and trainer
+sections live here, the others next to the code that uses them (`actor.config.ActorConfig`,
+`algo.config.PolicyLossConfig`, `algo.correction.RolloutCorrectionConfig`,
+`cluster.config.ClusterConfig`).
+"""
 
 from ctpo_megatron.config.data import DataConfig
 from ctpo_megatron.config.model import ModelConfig, ParallelConfig

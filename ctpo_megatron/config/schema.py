@@ -16,6 +16,7 @@ from typing import Any
 from ctpo_megatron.actor.config import ActorConfig
 from ctpo_megatron.algo.config import PolicyLossConfig
 from ctpo_megatron.algo.correction import RolloutCorrectionConfig
+from ctpo_megatron.cluster.config import ClusterConfig
 from ctpo_megatron.config.data import DataConfig
 from ctpo_megatron.config.model import ModelConfig, ParallelConfig
 from ctpo_megatron.config.rollout import RolloutConfig
@@ -46,8 +47,11 @@ class TrainConfig:
     `actor.hf_model_dir`, `actor.dims`, `actor.params_dtype`, `actor.temperature`,
     `actor.use_distributed_optimizer` and `actor.sequence_parallel` are derived from model,
     parallel and rollout (`actor_config`); setting one of them to another value is an error."""
-    cluster: Any = None
-    """Slurm launcher settings (group `cluster`); read by the launcher, ignored by the trainer."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Slurm layout of the job (group `cluster`: nodes, roles, Slurm options, environment),
+    composed by the launcher (`bash launch/ctpo_32b.sh`) with the rest of this config and passed
+    to the trainer with the same overrides. The trainer reads `cluster.memory_overhead_gib` for
+    its start-up memory check; the memory estimate reads the model/parallel/actor settings."""
 
     def __post_init__(self) -> None:
         budget = self.rollout.max_prompt_len + self.rollout.max_response_len

@@ -45,14 +45,14 @@ EVAL_SEED_OFFSET = 999_983
 
 
 def check_policy_memory(cfg: TrainConfig, dims, *, gpu_memory_gib: float):
-    """Estimates the policy's memory per GPU (`ctpo_megatron.cluster.memory`) for `cfg` at the
-    resolved `dims`; raises ValueError with the breakdown when it cannot fit `gpu_memory_gib`,
-    so an oversized layout fails at start-up instead of out of memory mid-step."""
+    """Estimates the policy's memory per GPU for `cfg` at the resolved `dims`, as the launcher's
+    plan does (`cluster.train_memory.estimate_for_train_config`), against this GPU's
+    `gpu_memory_gib`; raises ValueError with the breakdown when it cannot fit, so an oversized
+    layout fails at start-up instead of out of memory mid-step."""
     from ctpo_megatron.cluster.memory import check_memory
-    from ctpo_megatron.cluster.plan import estimate_for_train_config
+    from ctpo_megatron.cluster.train_memory import estimate_for_train_config
 
-    estimate = estimate_for_train_config(cfg, dims, gpu_memory_gib=gpu_memory_gib,
-                                         micro_batch=cfg.actor.micro_batch_size)
+    estimate = estimate_for_train_config(cfg, dims, gpu_memory_gib=gpu_memory_gib)
     check_memory(estimate)
     return estimate
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ctpo_megatron.cluster import cli, role
-from ctpo_megatron.cluster.config import ClusterConfig, load_cluster_config
+from ctpo_megatron.cluster.compose import load_launch_config
+from ctpo_megatron.cluster.config import ClusterConfig
 from ctpo_megatron.cluster.plan import build_plan, override_key, split_overrides
 from ctpo_megatron.config.store import load_config
 from ctpo_megatron.parallel.net import free_port
@@ -36,10 +37,16 @@ def paper_cfg():
     return load_config(["model.path=/ckpt/qwen3-32b"])
 
 
+def launch(cluster: str = "qwen3_32b", cluster_overrides=(), overrides=("model.path=/ckpt/q",), **kwargs):
+    """The plan as the launcher builds it: cluster settings and trainer overrides composed into
+    one typed config, the trainer given the cluster selection and the overrides."""
+    cfg, selection = load_launch_config(cluster, list(cluster_overrides), list(overrides))
+    return build_plan(cfg, selection + list(overrides), **kwargs)
+
+
 def test_paper_layout_on_twelve_nodes(paper_cfg):
-    cluster = load_cluster_config("qwen3_32b")
     hosts = [f"gpu{i}" for i in range(12)]
-    plan = build_plan(cluster, paper_cfg, ["trainer.total_steps=7"], hosts=hosts, job_id="4242", cwd="/runs")
+    plan = build_plan(paper_cfg, ["trainer.total_steps=7"], hosts=hosts, job_id="4242", cwd="/runs")
     assert plan.train_hosts == hosts[:8] and plan.rollout_hosts == hosts[8:]
     assert plan.parallel == {"tp": 8, "pp": 2, "cp": 1, "dp": 4} and plan.world_size == 64
     assert (plan.master_addr, plan.master_port) == ("gpu0", 20000 + 4242)
@@ -66,42 +73,45 @@ def test_paper_layout_on_twelve_nodes(paper_cfg):
 
 
 def test_user_overrides_win_and_change_the_plan(paper_cfg):
-    cluster = load_cluster_config("qwen3_32b", ["nodes=10", "rollout_nodes=2"])
     user = ["parallel.pp=4", "model.path=/ckpt/qwen3-32b"]
-    cfg = load_config(user)
-    plan = build_plan(cluster, cfg, user, hosts=[f"n{i}" for i in range(10)], job_id="1")
+    plan = launch(cluster_overrides=["nodes=10", "rollout_nodes=2"], overrides=user,
+                  hosts=[f"n{i}" for i in range(10)], job_id="1")
     assert plan.parallel == {"tp": 8, "pp": 4, "cp": 1, "dp": 2}
     keys = [override_key(o) for o in plan.train_overrides]
     assert len(keys) == len(set(keys)) and "parallel.pp=4" in plan.train_overrides
+    # the trainer composes the same cluster section: the selection and the settings come along
+    assert plan.train_overrides[-5:] == ["cluster=qwen3_32b", "cluster.nodes=10", "cluster.rollout_nodes=2", *user]
 
 
 def test_context_parallel_layout_plans():
     cfg = load_config(["model.path=/ckpt/qwen3-32b", "parallel=tp8_pp2_cp2"])
-    plan = build_plan(load_cluster_config("qwen3_32b"), cfg, [])
+    plan = build_plan(cfg, [])
     assert plan.parallel == {"tp": 8, "pp": 2, "cp": 2, "dp": 2} and plan.world_size == 64
     assert "parallel.cp=2" in plan.train_overrides
     assert "with cp=1 (same tp, pp, dp)" in plan.memory_what_ifs  # the estimate shows what CP saves
 
 
 def test_errors_name_the_setting(paper_cfg):
-    cluster = load_cluster_config("qwen3_32b")
     with pytest.raises(ValueError, match="cluster.nodes=12 but the allocation has 3"):
-        build_plan(cluster, paper_cfg, [], hosts=["a", "b", "c"])
+        build_plan(paper_cfg, [], hosts=["a", "b", "c"])
     with pytest.raises(ValueError, match="model.path"):  # a real allocation needs it; a dry run does not
-        build_plan(cluster, load_config([]), [], hosts=[f"n{i}" for i in range(12)])
+        build_plan(load_config([]), [], hosts=[f"n{i}" for i in range(12)])
     with pytest.raises(ValueError, match="world size 40"):  # 5 training nodes x 8 GPUs vs tp*pp*cp=16
-        build_plan(load_cluster_config("qwen3_32b", ["nodes=9"]), paper_cfg, [])
+        launch(cluster_overrides=["nodes=9"])
     with pytest.raises(ValueError, match=r"algo.name='gspo'.*parallel.cp=2"):  # a loss CP cannot split
-        build_plan(cluster, load_config(["model.path=/ckpt/qwen3-32b", "parallel=tp8_pp2_cp2",
-                                         "algo.name=gspo"]), [])
+        launch(overrides=["model.path=/ckpt/qwen3-32b", "parallel=tp8_pp2_cp2", "algo.name=gspo"])
     with pytest.raises(ValueError, match="rollout_gpus_per_server"):
         ClusterConfig(rollout_gpus_per_server=3)
     with pytest.raises(ValueError, match="rollout_nodes"):
         ClusterConfig(nodes=2, rollout_nodes=2)
-    with pytest.raises(ValueError, match="no_such_key"):
-        load_cluster_config("tiny", ["no_such_key=1"])
+    with pytest.raises(ValueError, match=r"Key 'no_such_key' not in 'ClusterConfig'.*cluster keys: train_config"):
+        load_launch_config("tiny", ["no_such_key=1"])
+    with pytest.raises(ValueError, match=r"--cluster 'nope': no such file.*known: qwen3_14b"):
+        load_launch_config("nope")
     with pytest.raises(ValueError, match="neither an option nor"):
         split_overrides(["--bogus"])
+    with pytest.raises(ValueError, match="with --cluster NAME"):
+        split_overrides(["cluster=tiny"])
 
 
 def test_cli_dry_run_sbatch_and_job(tmp_path, capsys):
@@ -111,9 +121,10 @@ def test_cli_dry_run_sbatch_and_job(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "world 2 = tp 2 x pp 1 x cp 1 x dp 1" in text and "http://node02:31000" in text
     assert "memory per GPU" in text
-    assert cli.main(["--emit", "sbatch", "--partition", "gpu", *base]) == 0
+    assert cli.main(["--emit", "sbatch", "--partition", "gpu", "--time", "01:30:00", *base]) == 0
     sbatch = capsys.readouterr().out.split()
     assert "--nodes=3" in sbatch and "--gres=gpu:1" in sbatch and "--partition=gpu" in sbatch
+    assert "--time=01:30:00" in sbatch  # a flag value is a quoted Hydra string, not a sexagesimal number
     assert "--requeue" in sbatch and "--signal=B:USR1@60" in sbatch  # tiny.yaml: fixed lead
     assert (tmp_path / "run" / "logs").is_dir()  # sbatch --output needs the directory
     assert cli.main(["--emit", "job", "--hosts", "x1,x2,x3", "--job-id", "9", "--restart", "2", *base]) == 0
@@ -139,8 +150,7 @@ def test_launcher_script_dry_run_and_help():
 
 
 def test_role_picks_its_server_and_gpus(tmp_path, monkeypatch):
-    cluster = load_cluster_config("qwen3_32b")
-    plan = build_plan(cluster, load_config(["model.path=/ckpt/q"]), [], hosts=[f"h{i}" for i in range(12)])
+    plan = build_plan(load_config(["model.path=/ckpt/q"]), [], hosts=[f"h{i}" for i in range(12)])
     monkeypatch.setenv("SLURMD_NODENAME", "h9")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
@@ -223,30 +233,27 @@ def test_submit_needs_model_path(capsys):
 
 
 def test_server_ports_leave_room_for_sglang_nccl_ports(paper_cfg):
-    cluster = load_cluster_config("qwen3_32b", ["rollout_gpus_per_server=2"])  # 4 servers per node
-    plan = build_plan(cluster, paper_cfg, [], hosts=[f"g{i}" for i in range(12)])
+    plan = launch(cluster_overrides=["rollout_gpus_per_server=2"], hosts=[f"g{i}" for i in range(12)])  # 4 per node
     ports = sorted(s.port for s in plan.servers if s.host == "g8")
     assert len(ports) == 4 and all(b - a > 1000 for a, b in zip(ports, ports[1:]))
     with pytest.raises(ValueError, match="more than 1000 apart"):
-        load_cluster_config("qwen3_32b", ["rollout_port_stride=1"])
+        load_launch_config("qwen3_32b", ["rollout_port_stride=1"])
     with pytest.raises(ValueError, match="router_port=30500 lies in a server's port range"):
-        load_cluster_config("qwen3_32b", ["router_port=30500"])
+        load_launch_config("qwen3_32b", ["router_port=30500"])
 
 
 def test_env_per_role_and_weight_sync_rule(paper_cfg, monkeypatch):
-    cfg = load_config(["model.path=/ckpt/q", "rollout.weight_sync.transport=distributed"])
-    cluster = load_cluster_config("qwen3_32b", ["env.NCCL_SOCKET_IFNAME=ib0", "env.NCCL_DEBUG=INFO"])
-    plan = build_plan(cluster, cfg, [], hosts=[f"h{i}" for i in range(12)])
+    distributed = ["model.path=/ckpt/q", "rollout.weight_sync.transport=distributed"]
+    plan = launch(cluster_overrides=["env.NCCL_SOCKET_IFNAME=ib0", "env.NCCL_DEBUG=INFO"], overrides=distributed,
+                  hosts=[f"h{i}" for i in range(12)])
     assert plan.env["trainer"] == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_CUMEM_ENABLE": "0",
                                    "NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO"}
     assert plan.env["rollout"] == {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO"}  # empty values: unset
     # a tensor-transport run without sequence parallelism needs neither automatic variable
-    tiny_cfg = load_config(["model.path=/m", "rollout.weight_sync.transport=tensor"], config_name="tiny")
-    plain = build_plan(load_cluster_config("tiny"), tiny_cfg, [], hosts=["a", "b", "c"])
+    plain = launch("tiny", overrides=["model.path=/m", "rollout.weight_sync.transport=tensor"], hosts=["a", "b", "c"])
     assert "NCCL_CUMEM_ENABLE" not in plain.env["trainer"] and "CUDA_DEVICE_MAX_CONNECTIONS" not in plain.env["trainer"]
     # the user's value wins over an automatic one
-    mine = build_plan(load_cluster_config("qwen3_32b", ["env.NCCL_CUMEM_ENABLE=1"]), cfg, [],
-                      hosts=[f"h{i}" for i in range(12)])
+    mine = launch(cluster_overrides=["env.NCCL_CUMEM_ENABLE=1"], overrides=distributed, hosts=[f"h{i}" for i in range(12)])
     assert mine.env["trainer"]["NCCL_CUMEM_ENABLE"] == "1"
     assert plan.weight_sync["group_world_size"] == 33 and plan.server_tp_size == 4
     # each server starts at the plan's TP size; the trainer reads it from the servers, so the
@@ -255,19 +262,18 @@ def test_env_per_role_and_weight_sync_rule(paper_cfg, monkeypatch):
         assert server.argv[server.argv.index("--tp-size") + 1] == "4"
     assert not any(o.startswith("rollout.weight_sync.server_tp_size=") for o in plan.train_overrides)
     assert f"rollout.router_url={plan.router_url}" in plan.train_overrides
-    embedded = build_plan(load_cluster_config("tiny", ["rollout_gpus_per_node=2", "rollout_gpus_per_server=2"]),
-                          load_config(["model.path=/m"], config_name="tiny"), [], hosts=["a", "b", "c"])
+    embedded = launch("tiny", ["rollout_gpus_per_node=2", "rollout_gpus_per_server=2"], ["model.path=/m"],
+                      hosts=["a", "b", "c"])
     assert all(s.argv[s.argv.index("--tp-size") + 1] == "2" for s in embedded.servers) and embedded.servers
-    pinned = build_plan(cluster, load_config(["model.path=/ckpt/q", "rollout.weight_sync.transport=distributed",
-                                              "rollout.weight_sync.master_address=127.0.0.1"]), [],
-                        hosts=[f"h{i}" for i in range(12)])
+    pinned = launch(overrides=[*distributed, "rollout.weight_sync.master_address=127.0.0.1"],
+                    hosts=[f"h{i}" for i in range(12)])
     assert any("would dial their own loopback" in w for w in pinned.warnings)
     # the role exports its environment before exec
     monkeypatch.delenv("NCCL_CUMEM_ENABLE", raising=False)
     assert role.export_role_env(plan, "trainer")["NCCL_CUMEM_ENABLE"] == "0"
     assert os.environ["NCCL_CUMEM_ENABLE"] == "0"
     with pytest.raises(ValueError, match="not an environment variable name"):
-        load_cluster_config("tiny", ["env.1BAD=x"])
+        load_launch_config("tiny", ["env.BAD-NAME=x"])
 
 
 def test_srun_lines_per_server_and_container(tmp_path):

@@ -156,7 +156,7 @@ def test_on_a_gpu_te_is_used_or_the_local_spec_refused(monkeypatch):
 
 
 def test_selective_recompute_is_offered_through_the_config():
-    from ctpo_megatron.cluster.plan import estimate_for_train_config, memory_what_ifs
+    from ctpo_megatron.cluster.train_memory import estimate_for_train_config, memory_what_ifs
     from ctpo_megatron.config.store import load_config
     from ctpo_megatron.parallel.dims import ParallelDims
 

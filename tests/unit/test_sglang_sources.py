@@ -257,15 +257,13 @@ def test_every_body_we_send_matches_sglangs_request_class():
 def _emitted_command_lines() -> dict[str, list[list[str]]]:
     """Server and router argv our code emits: the launcher with every option set, the Slurm plan
     of the paper's cluster config."""
-    from ctpo_megatron.cluster.config import load_cluster_config
     from ctpo_megatron.cluster.plan import build_plan
     from ctpo_megatron.config.store import load_config
     from ctpo_megatron.rollout.serving.launcher import LaunchConfig, router_command, sglang_server_command
 
     cfg = LaunchConfig(model_path="/m", backend="sglang", tp_size=2, mem_fraction_static=0.8,
                        load_format="dummy", dtype="bfloat16", seed=1, router=True)
-    cluster = load_cluster_config("qwen3_32b")
-    plan = build_plan(cluster, load_config(["model.path=/ckpt/q"]), [], hosts=[f"h{i}" for i in range(12)])
+    plan = build_plan(load_config(["model.path=/ckpt/q"]), [], hosts=[f"h{i}" for i in range(12)])
     servers = [sglang_server_command(cfg, 0, 30000)] + [s.argv for s in plan.servers]
     assert all("sglang.launch_server" in argv for argv in servers)
     return {"server": servers, "router": [router_command(cfg, ["http://a:1", "http://b:2"], 9000),

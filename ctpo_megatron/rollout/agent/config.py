@@ -1,4 +1,4 @@
-"""Settings of the tool-interleaved agent loop (`rollout/agent.py`)."""
+"""Settings of the tool-interleaved agent loop (`rollout/agent/loop.py`)."""
 
 from __future__ import annotations
 
