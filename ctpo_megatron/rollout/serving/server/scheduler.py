@@ -126,6 +126,9 @@ class Scheduler:
         self._stop = False
         self._live_rids: set[str] = set()
         self.prefix_cache = PrefixCache()
+        self.released: frozenset[str] = frozenset()
+        """Memory regions released by /release_memory_occupation (`server/memory.py`); while
+        any is, new generation requests are refused."""
         self._thread = threading.Thread(target=self._loop, name="embedded-scheduler", daemon=True)
         self._thread.start()
 
@@ -133,6 +136,10 @@ class Scheduler:
     def submit(self, requests: list[Request]) -> None:
         """Queues requests; ValueError (SGLang's message) when a rid is still in use."""
         with self._cv:
+            if self.released:
+                raise ValueError(f"the server's memory is released ({', '.join(sorted(self.released))}, "
+                                 "by release_memory_occupation): call resume_memory_occupation "
+                                 "(and update the weights) before generating")
             rids = [r.rid for r in requests]
             for rid in rids:
                 if rid in self._live_rids or rids.count(rid) > 1:
@@ -185,6 +192,19 @@ class Scheduler:
     def is_idle(self) -> bool:
         with self._cv:
             return not self._running and not self._waiting
+
+    def mark_released(self, tags: frozenset[str]) -> bool:
+        """Marks memory regions released if no request runs or waits (SGLang's condition);
+        returns False (nothing marked) otherwise. From then on `submit` refuses requests."""
+        with self._cv:
+            if self._running or self._waiting:
+                return False
+            self.released = self.released | tags
+            return True
+
+    def mark_resumed(self, tags: frozenset[str]) -> None:
+        with self._cv:
+            self.released = self.released - tags
 
     def can_flush(self) -> bool:
         """SGLang refuses a flush while requests run or wait (retracted ones do not count)."""
