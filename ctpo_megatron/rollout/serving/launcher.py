@@ -60,6 +60,9 @@ class LaunchConfig:
     """First GPU of server 0 (SGLang)."""
     mem_fraction_static: float | None = None
     """SGLang --mem-fraction-static (None = SGLang's auto)."""
+    enable_memory_saver: bool = False
+    """SGLang --enable-memory-saver: the server can release and resume its GPU memory
+    (colocated with a trainer). The embedded server always can."""
     weight_version: str = "default"
     """Initial weight version reported in meta_info."""
     skip_tokenizer_init: bool = True
@@ -112,6 +115,8 @@ def sglang_server_command(cfg: LaunchConfig, index: int, port: int) -> list[str]
            "--weight-version", cfg.weight_version]
     if cfg.mem_fraction_static is not None:
         cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
+    if cfg.enable_memory_saver:
+        cmd.append("--enable-memory-saver")
     if cfg.skip_tokenizer_init:
         cmd.append("--skip-tokenizer-init")
     if cfg.load_format:

@@ -126,6 +126,7 @@ class Scheduler:
         self._stop = False
         self._live_rids: set[str] = set()
         self.prefix_cache = PrefixCache()
+        self._generating_version: str | None = None
         self.released: frozenset[str] = frozenset()
         """Memory regions released by /release_memory_occupation (`server/memory.py`); while
         any is, new generation requests are refused."""
@@ -197,7 +198,11 @@ class Scheduler:
         """Marks memory regions released if no request runs or waits (SGLang's condition);
         returns False (nothing marked) otherwise. From then on `submit` refuses requests."""
         with self._cv:
-            if self._running or self._waiting:
+            # A batch whose requests all finished is over (its thread touches the model no more).
+            running = [r for r in self._running if not r.finished]
+            if running or self._waiting:
+                logger.warning("release refused: %d request(s) running, %d waiting (e.g. %s)",
+                               len(running), len(self._waiting), (running or list(self._waiting))[0].rid)
                 return False
             self.released = self.released | tags
             return True
@@ -254,6 +259,9 @@ class Scheduler:
                 batch = [self._waiting.popleft()
                          for _ in range(min(self.max_batch_size, len(self._waiting)))]
                 self._running = batch
+                if self.weight_version != self._generating_version:  # once per version, for the log
+                    self._generating_version = self.weight_version
+                    logger.info("generating with weight version %s", self.weight_version)
             try:
                 self._run_batch(batch)
             except Exception as e:  # noqa: BLE001 - a failed batch must not kill the server

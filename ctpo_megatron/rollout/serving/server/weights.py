@@ -75,6 +75,7 @@ async def _apply(request: web.Request, body: dict, load_fn) -> tuple[bool, str]:
         return False, f"Failed to update weights: {e}"
     if body.get("weight_version") is not None:
         state.scheduler.set_weight_version(body["weight_version"])
+        logger.info("weights updated to version %s (%s)", body["weight_version"], message)
     if body.get("flush_cache", True):
         if not state.scheduler.can_flush():
             return False, _FLUSH_FAILED
