@@ -24,12 +24,13 @@ from tests.unit.test_embedded_server import build_tiny_model
 def test_sglang_command_matches_its_cli():
     cfg = LaunchConfig(model_path="/models/qwen", backend="sglang", num_servers=4, tp_size=2,
                        base_gpu_id=0, mem_fraction_static=0.7, weight_version="0", load_format="dummy",
-                       dtype="bfloat16", seed=3, extra_args=["--disable-radix-cache"], python="py")
+                       dtype="bfloat16", seed=3, extra_args=["--disable-radix-cache"], python="py",
+                       enable_memory_saver=True)
     cmd = sglang_server_command(cfg, index=2, port=30002)
     assert cmd == ["py", "-m", "sglang.launch_server", "--model-path", "/models/qwen",
                    "--host", "127.0.0.1", "--port", "30002", "--tp-size", "2",
                    "--base-gpu-id", "4", "--weight-version", "0", "--mem-fraction-static", "0.7",
-                   "--skip-tokenizer-init", "--load-format", "dummy", "--dtype", "bfloat16",
+                   "--enable-memory-saver", "--skip-tokenizer-init", "--load-format", "dummy", "--dtype", "bfloat16",
                    "--random-seed", "3", "--disable-radix-cache"]
 
 

@@ -263,7 +263,7 @@ def _emitted_command_lines() -> dict[str, list[list[str]]]:
     from ctpo_megatron.rollout.serving.launcher import LaunchConfig, router_command, sglang_server_command
 
     cfg = LaunchConfig(model_path="/m", backend="sglang", tp_size=2, mem_fraction_static=0.8,
-                       load_format="dummy", dtype="bfloat16", seed=1, router=True)
+                       load_format="dummy", dtype="bfloat16", seed=1, router=True, enable_memory_saver=True)
     cluster = load_cluster_config("qwen3_32b")
     plan = build_plan(cluster, load_config(["model.path=/ckpt/q"]), [], hosts=[f"h{i}" for i in range(12)])
     servers = [sglang_server_command(cfg, 0, 30000)] + [s.argv for s in plan.servers]
