@@ -27,10 +27,6 @@ from ctpo_megatron.data.prompts import Prompt
 
 logger = logging.getLogger(__name__)
 
-COLOCATED_MEM_FRACTION = 0.5
-"""SGLang --mem-fraction-static of colocated servers when `rollout.server_mem_fraction_static`
-is unset: the trainer's weights stay on the GPU while the servers' weights and KV cache are
-resumed, so the servers get a smaller share than SGLang's default."""
 RESUME_FIRST = ["weights"]
 """Resumed before the weight push (it writes into them)."""
 RESUME_AFTER = ["kv_cache", "cuda_graph"]
@@ -45,7 +41,7 @@ class RolloutDriver:
 
         from ctpo_megatron.rollout.agent.config import AgentConfig
         from ctpo_megatron.rollout.serving.client import SGLangClient
-        from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup
+        from ctpo_megatron.rollout.serving.launcher import COLOCATED_MEM_FRACTION, LaunchConfig, ServerGroup
         from ctpo_megatron.rollout.sandbox import SandboxPool
 
         self.cfg = cfg

@@ -30,6 +30,11 @@ from ctpo_megatron.parallel.net import free_port
 
 logger = logging.getLogger(__name__)
 
+COLOCATED_MEM_FRACTION = 0.5
+"""SGLang --mem-fraction-static of servers colocated with the trainer (`rollout.placement=
+colocated`) unless set: the trainer's weights and optimizer state stay on the GPU while the
+servers' weights and KV cache are resumed, so the servers take a smaller share than alone."""
+
 
 class ServerStartError(RuntimeError):
     """A server did not become healthy in time (message has its log tail)."""
