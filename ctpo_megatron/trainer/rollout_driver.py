@@ -24,6 +24,7 @@ import torch
 
 from ctpo_megatron.config.schema import TrainConfig
 from ctpo_megatron.data.prompts import Prompt
+from ctpo_megatron.rollout.serving.launcher import COLOCATED_MEM_FRACTION, LaunchConfig, ServerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,24 @@ RESUME_FIRST = ["weights"]
 """Resumed before the weight push (it writes into them)."""
 RESUME_AFTER = ["kv_cache", "cuda_graph"]
 """Resumed after the push: the KV cache is not needed until the next generation."""
+
+
+def server_launch_config(cfg: TrainConfig, run_dir: str, *, gpus: int | None = None) -> LaunchConfig:
+    """What the trainer launches when `rollout.server_urls` is empty. Colocated SGLang servers
+    get the memory saver and a lower `--mem-fraction-static`, and must fit GPUs [0, n * tp) of
+    this node (`gpus`: its GPU count; None: torch's). Server TP: `weight_sync.server_tp_size`."""
+    rc = cfg.rollout
+    colocated = rc.placement == "colocated"
+    tp_size = rc.weight_sync.server_tp_size or 1
+    mem_fraction = rc.server_mem_fraction_static
+    if colocated and rc.server_backend == "sglang":
+        rc.check_colocated_gpus(tp_size, torch.cuda.device_count() if gpus is None else gpus)
+        mem_fraction = mem_fraction or COLOCATED_MEM_FRACTION
+    return LaunchConfig(model_path=cfg.model.path, backend=rc.server_backend, num_servers=rc.num_servers,
+                        seed=cfg.trainer.seed, tp_size=tp_size, log_dir=os.path.join(run_dir, "logs"),
+                        dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
+                        max_batch_size=max(1, min(rc.max_concurrency, 256)), router=rc.router,
+                        enable_memory_saver=colocated, mem_fraction_static=mem_fraction)
 
 
 class RolloutDriver:
@@ -41,7 +60,6 @@ class RolloutDriver:
 
         from ctpo_megatron.rollout.agent.config import AgentConfig
         from ctpo_megatron.rollout.serving.client import SGLangClient
-        from ctpo_megatron.rollout.serving.launcher import COLOCATED_MEM_FRACTION, LaunchConfig, ServerGroup
         from ctpo_megatron.rollout.sandbox import SandboxPool
 
         self.cfg = cfg
@@ -54,19 +72,7 @@ class RolloutDriver:
             logger.info("using external rollout servers %s%s", urls,
                         f" behind router {router_url}" if router_url else "")
         else:
-            colocated = rc.placement == "colocated"
-            tp_size = rc.weight_sync.server_tp_size or 1
-            if colocated and rc.server_backend == "sglang":  # servers on GPUs [0, n * tp) of this node
-                rc.check_colocated_gpus(tp_size, torch.cuda.device_count())
-            mem_fraction = rc.server_mem_fraction_static
-            if colocated and mem_fraction is None and rc.server_backend == "sglang":
-                mem_fraction = COLOCATED_MEM_FRACTION
-            launch = LaunchConfig(model_path=cfg.model.path, backend=rc.server_backend,
-                                  num_servers=rc.num_servers, seed=cfg.trainer.seed, tp_size=tp_size,
-                                  log_dir=os.path.join(run_dir, "logs"),
-                                  dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
-                                  max_batch_size=max(1, min(rc.max_concurrency, 256)), router=rc.router,
-                                  enable_memory_saver=colocated, mem_fraction_static=mem_fraction)
+            launch = server_launch_config(cfg, run_dir)
             self.servers = ServerGroup(launch)
             logger.info("starting %d %s rollout server(s)", rc.num_servers, rc.server_backend)
             self.servers.start()
