@@ -2,7 +2,8 @@
 
 Server-side evidence (the embedded server's own log, in call order): each step's rollouts are
 followed by a release of every memory region, then the weights are resumed, the new weights
-arrive by `/update_weights_from_tensor` (SGLang's per-TP-rank format) as version `step_<s>`,
+arrive by `/update_weights_from_tensor` (SGLang's format, one entry per rank of the server's
+TP 2) as version `step_<s>`,
 the KV cache is resumed, and only then does the server generate again, with that version.
 Released weights are discarded and resumed ones are NaN until updated, so the next step's
 rollout log-probs matching the trainer's own (`mismatch/*`) shows the pushed weights are the
@@ -38,9 +39,11 @@ def test_colocated_run_releases_trains_resumes_updates_then_generates(cold_tiny_
     done = run_trainer(str(run), cold_tiny_inputs["model"], cold_tiny_inputs["train"], cold_tiny_inputs["val"], [
         f"trainer.total_steps={STEPS}", "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2",
         "rollout.n_samples=2", "trainer.eval_every=0", "trainer.save_every=0",
-        "rollout.placement=colocated"])
+        "rollout.placement=colocated", "rollout.weight_sync.server_tp_size=2"])
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-6000:]
+    # A server of TP 2: every update carries one entry per TP rank (fewer is refused with a 400).
+    assert "--tp-size 2" in log, log[-6000:]
 
     events = _events(run / "logs" / "server0.log")
     expected = ["generating with weight version default"]
