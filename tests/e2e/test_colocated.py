@@ -3,8 +3,8 @@
 Server-side evidence (the embedded server's own log, in call order): each step's rollouts are
 followed by a release of every memory region, then the weights are resumed, the new weights
 arrive by `/update_weights_from_tensor` (SGLang's format, one entry per rank of the server's
-TP 2) as version `step_<s>`,
-the KV cache is resumed, and only then does the server generate again, with that version.
+TP 2) as version `step_<s>`, the KV cache is resumed, and only then does the server generate
+again, with that version.
 Released weights are discarded and resumed ones are NaN until updated, so the next step's
 rollout log-probs matching the trainer's own (`mismatch/*`) shows the pushed weights are the
 ones generating.
@@ -29,7 +29,6 @@ def _events(log_path) -> list[str]:
     for line in log_path.read_text().splitlines():
         match = EVENT.search(line)
         if match:
-            # "memory released: [...] (weights now hold 0 bytes)" -> its tags and bytes
             events.append(match.group(1))
     return events
 
