@@ -25,6 +25,7 @@ import logging
 from aiohttp import web
 
 from ctpo_megatron.rollout.serving.server.bodies import BodyError, parse_body
+from ctpo_megatron.rollout.serving.server.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -52,7 +53,7 @@ async def _tags(request: web.Request, endpoint: str) -> tuple[frozenset[str] | N
     return frozenset(tags), None
 
 
-def memory_occupation(scheduler) -> dict:
+def memory_occupation(scheduler: Scheduler) -> dict:
     """What `/server_info` reports: released regions and the bytes the weights hold now."""
     return {"released": sorted(scheduler.released), "weight_bytes": scheduler.runner.weight_bytes()}
 
