@@ -4,6 +4,7 @@
 #
 #   bash launch/ctpo_32b.sh [--dry-run] [--nodes N] [--rollout-nodes R] [--container-image IMG]
 #        [--partition P] [--time T] [--cluster NAME] [hydra overrides...]
+#   ROLLOUT_PLACEMENT=colocated bash launch/ctpo_32b.sh --cluster qwen3_4b ...   # one node, shared GPUs
 #
 # Outside an allocation it submits itself with sbatch; inside one (SLURM_JOB_ID set) it runs the
 # job: plan -> one srun step per rollout server (+ router) -> wait for /health -> torchrun
@@ -24,6 +25,16 @@ source "$CTPO_REPO/launch/_common.sh"
 PY=$(ctpo_python)
 export PYTHONPATH="$CTPO_REPO${PYTHONPATH:+:$PYTHONPATH}"
 export CTPO_LAUNCHER_PROG="bash launch/ctpo_32b.sh"
+
+# ROLLOUT_PLACEMENT=colocated: one node, the inference servers on the training GPUs (SGLang's
+# memory saver; docs/slurm.md, "Colocated on one node"). Options and overrides given after win.
+case "${ROLLOUT_PLACEMENT:-separate}" in
+  separate) ;;
+  colocated)
+    set -- --nodes 1 --rollout-nodes 0 rollout.placement=colocated rollout.weight_sync.transport=tensor "$@"
+    unset ROLLOUT_PLACEMENT ;;  # the job gets these arguments from sbatch, not twice
+  *) echo "error: ROLLOUT_PLACEMENT=$ROLLOUT_PLACEMENT: expected separate or colocated" >&2; exit 2 ;;
+esac
 
 if ctpo_has_flag --help "$@" || ctpo_has_flag -h "$@" || ctpo_has_flag --dry-run "$@"; then
   exec "$PY" -m ctpo_megatron.cluster.plan "$@"

@@ -31,6 +31,11 @@ it starts the roles with srun: rollout servers on the last `--rollout-nodes` nod
 server), torchrun on the others. Logs: <run_dir>/logs/slurm-<job>/{trainer,router,server-<i>,
 rollout}.log and plan.txt. The trainer stops before a step that cannot finish by the job's end;
 the job requeues when steps remain and resumes from <run_dir>/checkpoints/latest.
+
+One node shared by training and rollout: ROLLOUT_PLACEMENT=colocated in front of the launcher
+(it adds --nodes 1 --rollout-nodes 0 rollout.placement=colocated
+rollout.weight_sync.transport=tensor): the servers run on the training node's GPUs with
+SGLang's memory saver, released while the trainer trains.
 """
 
 

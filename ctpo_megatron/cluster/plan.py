@@ -7,7 +7,9 @@ plan that `python -m ctpo_megatron.cluster.role` executes on every node.
 
 Layout: the first `nodes - rollout_nodes` hosts of the allocation train (the first of them is
 the torchrun c10d rendezvous host), the remaining hosts run inference servers, each node
-`rollout GPUs / rollout_gpus_per_server` of them, `rollout_port_stride` ports apart.
+`rollout GPUs / rollout_gpus_per_server` of them, `rollout_port_stride` ports apart. With
+`rollout.placement=colocated` the job is one node: the servers run on the training node's GPUs
+with SGLang's memory saver and a lower `--mem-fraction-static`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from ctpo_megatron.cluster.memory import estimate_rollout_memory
 from ctpo_megatron.cluster.model_dims import model_dims_of
 from ctpo_megatron.cluster.train_memory import estimate_for_train_config, memory_what_ifs
 from ctpo_megatron.parallel.dims import ParallelDims
-from ctpo_megatron.rollout.serving.launcher import (LaunchConfig, embedded_server_command, router_command,
-                                            sglang_server_command)
+from ctpo_megatron.rollout.serving.launcher import (COLOCATED_MEM_FRACTION, LaunchConfig, embedded_server_command,
+                                            router_command, sglang_server_command)
 
 if TYPE_CHECKING:  # the trainer's config pulls in torch; only the annotations need it here
     from ctpo_megatron.config.schema import TrainConfig
@@ -107,6 +109,8 @@ class LaunchPlan:
     """pyxis mounts `src:dst` of every role (container mode)."""
     warnings: list[str] = field(default_factory=list)
     """Settings that will not work on a real cluster (printed by the dry run and the job)."""
+    colocated_mem_fraction: float = 0.0
+    """`rollout.placement=colocated`: the servers' --mem-fraction-static (0: separate nodes)."""
 
     @property
     def server_urls(self) -> list[str]:
@@ -215,13 +219,30 @@ def container_mounts(cluster: ClusterConfig, train_cfg: "TrainConfig", run_dir: 
     return out
 
 
-def _rollout_argv(cluster: ClusterConfig, model_path: str, port: int, number: int) -> list[str]:
+def _rollout_argv(cluster: ClusterConfig, model_path: str, port: int, number: int,
+                  colocated_mem_fraction: float = 0.0) -> list[str]:
     # The rollout launcher's own command builders; server index 0 because the role narrows
     # CUDA_VISIBLE_DEVICES to this server's GPUs. `number` (global server index) seeds it.
+    # Colocated: the memory saver, and a share of the GPU beside the trainer's weights.
     cfg = LaunchConfig(model_path=model_path, backend=cluster.rollout_backend, host="0.0.0.0",
-                       tp_size=cluster.rollout_gpus_per_server, seed=number, extra_args=list(cluster.rollout_args))
+                       tp_size=cluster.rollout_gpus_per_server, seed=number, extra_args=list(cluster.rollout_args),
+                       enable_memory_saver=colocated_mem_fraction > 0,
+                       mem_fraction_static=colocated_mem_fraction or None)
     build = sglang_server_command if cluster.rollout_backend == "sglang" else embedded_server_command
     return build(cfg, 0, port)[1:]  # drop the interpreter: the role process supplies its own
+
+
+def _colocated_mem_fraction(cluster: ClusterConfig, train_cfg: "TrainConfig") -> float:
+    """0 for separate rollout nodes; with `rollout.placement=colocated` the servers'
+    --mem-fraction-static, after checking the layout is one node (the trainer hands the
+    weights to the servers by CUDA IPC handle, which does not cross nodes)."""
+    if train_cfg.rollout.placement != "colocated":
+        return 0.0
+    if cluster.nodes != 1 or cluster.rollout_nodes != 0:
+        raise ValueError(f"rollout.placement=colocated runs on one node, servers beside the trainer: got "
+                         f"cluster.nodes={cluster.nodes}, cluster.rollout_nodes={cluster.rollout_nodes} "
+                         "(pass --nodes 1 --rollout-nodes 0)")
+    return train_cfg.rollout.server_mem_fraction_static or COLOCATED_MEM_FRACTION
 
 
 def _dedupe(generated: list[str], user: list[str]) -> list[str]:
@@ -248,10 +269,12 @@ def build_plan(train_cfg: "TrainConfig", user_overrides: list[str], *,
         raise ValueError(f"cluster.nodes={cluster.nodes} but the allocation has {len(hosts)} node(s): "
                          f"{','.join(hosts)} (pass --nodes {len(hosts)})")
     train_hosts, rollout_hosts = hosts[:cluster.train_nodes], hosts[cluster.train_nodes:]
+    colocated = _colocated_mem_fraction(cluster, train_cfg)
+    server_hosts = train_hosts if colocated else rollout_hosts
     world = cluster.train_nodes * cluster.gpus_per_node
     dims = train_cfg.validate(world)
     model_path = train_cfg.model.path
-    if rollout_hosts and not model_path and not placeholder:
+    if server_hosts and not model_path and not placeholder:
         raise ValueError(f"cluster.rollout_nodes={cluster.rollout_nodes}: the inference servers load the "
                          "checkpoint, pass model.path=<HF checkpoint dir>")
     cwd = cwd or os.getcwd()
@@ -259,11 +282,12 @@ def build_plan(train_cfg: "TrainConfig", user_overrides: list[str], *,
     attempt = f"slurm-{job_id}" + (f"-r{restart}" if restart else "")
     per_node, gpus, ports = cluster.servers_per_node, cluster.rollout_gpus_per_server, cluster.server_ports
     servers = [ServerSpec(host=h, local_index=i, port=ports[i], gpu_slots=list(range(i * gpus, (i + 1) * gpus)),
-                          argv=_rollout_argv(cluster, model_path or UNSET_MODEL, ports[i], n * per_node + i),
+                          argv=_rollout_argv(cluster, model_path or UNSET_MODEL, ports[i], n * per_node + i,
+                                             colocated),
                           index=n * per_node + i)
-               for n, h in enumerate(rollout_hosts) for i in range(per_node)]
+               for n, h in enumerate(server_hosts) for i in range(per_node)]
     router = cluster.router and bool(servers)
-    router_url = f"http://{rollout_hosts[0]}:{cluster.router_port}" if router else ""
+    router_url = f"http://{server_hosts[0]}:{cluster.router_port}" if router else ""
     master_port = cluster.master_port or MASTER_PORT_BASE + (int(job_id) % 10000 if job_id.isdigit() else 0)
 
     generated = [f"model={train_cfg.model.name}", f"parallel.tp={dims.tp}", f"parallel.pp={dims.pp}",
@@ -290,7 +314,8 @@ def build_plan(train_cfg: "TrainConfig", user_overrides: list[str], *,
     rollout_memory = {}
     if servers:
         rollout_memory = asdict(estimate_rollout_memory(model_dims_of(train_cfg.model), gpus,
-                                                        gpu_memory_gib=cluster.gpu_memory_gib))
+                                                        gpu_memory_gib=cluster.gpu_memory_gib,
+                                                        **({"mem_fraction": colocated} if colocated else {})))
     return LaunchPlan(
         job_id=str(job_id), hosts=hosts, train_hosts=train_hosts, rollout_hosts=rollout_hosts,
         placeholder_hosts=placeholder, gpus_per_node=cluster.gpus_per_node, master_addr=train_hosts[0],
@@ -299,7 +324,7 @@ def build_plan(train_cfg: "TrainConfig", user_overrides: list[str], *,
         seq_len=train_cfg.rollout.max_prompt_len + train_cfg.rollout.max_response_len,
         run_dir=run_dir, log_dir=os.path.join(run_dir, "logs", attempt), train_argv=train_argv,
         train_overrides=overrides, servers=servers,
-        router_host=rollout_hosts[0] if router else "", router_port=cluster.router_port if router else 0,
+        router_host=server_hosts[0] if router else "", router_port=cluster.router_port if router else 0,
         router_argv=router_command(LaunchConfig(model_path=model_path or UNSET_MODEL, host="0.0.0.0"),
                                    [s.url for s in servers], cluster.router_port)[1:] if router else [],
         startup_timeout_s=cluster.rollout_startup_timeout_s, memory=estimate.as_dict(),
@@ -307,7 +332,7 @@ def build_plan(train_cfg: "TrainConfig", user_overrides: list[str], *,
         rollout_memory=rollout_memory, model_path=model_path, server_tp_size=gpus, weight_sync=sync_info,
         env=role_env(cluster, train_cfg, dims, bool(servers)), deadline=deadline,
         container_mounts=container_mounts(cluster, train_cfg, run_dir, REPO_ROOT) if cluster.container_image else [],
-        warnings=warnings)
+        warnings=warnings, colocated_mem_fraction=colocated)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def plan_text(plan: LaunchPlan, cluster: ClusterConfig) -> str:
     ]
     if not plan.servers:
         lines.append("             (no rollout nodes: the trainer starts its own servers)")
+    if plan.colocated_mem_fraction:
+        lines.append(f"             colocated on the training node's GPUs: SGLang memory saver (released while "
+                     f"the trainer trains), --mem-fraction-static {plan.colocated_mem_fraction:g}")
     for s in plan.servers:
         lines.append(f"             {s.url}  gpus {','.join(map(str, s.gpu_slots))}")
     if plan.rollout_memory:
@@ -36,7 +39,7 @@ def plan_text(plan: LaunchPlan, cluster: ClusterConfig) -> str:
         lines.append(f"             per GPU: weights {r['weights'] / 1024 ** 3:.2f} GiB, KV cache "
                      f"{r['kv_bytes_per_token'] / 1024:.0f} KiB/token -> {r['kv_tokens']:,} tokens per server "
                      f"(~{r['kv_tokens'] // plan.seq_len} full {plan.seq_len}-token trajectories) at "
-                     "mem-fraction 0.85")
+                     f"mem-fraction {plan.colocated_mem_fraction or 0.85:g}")
     if plan.router_url:
         lines.append(f"  router   : {plan.router_url} (generation goes through it; weight updates go to each "
                      "server)")

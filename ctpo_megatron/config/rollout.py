@@ -27,6 +27,15 @@ class RolloutConfig:
     server_backend: str = "embedded"
     """What the trainer launches when `server_urls` is empty: `embedded` (our CPU/GPU HTTP
     server speaking SGLang's API) or `sglang` (a real SGLang server; needs CUDA)."""
+    placement: str = "separate"
+    """Where the servers run. `separate`: on their own GPUs (other nodes, or `server_urls`).
+    `colocated`: on the training GPUs, taking turns with the trainer: after each step's
+    rollouts the trainer asks them to release their memory (SGLang's memory saver), trains,
+    asks them to resume, then pushes the new weights (`weight_sync.transport=tensor`, SGLang's
+    per-TP-rank format, CUDA IPC handles on GPU). See docs/rollout_servers.md, "Colocated"."""
+    server_mem_fraction_static: float | None = None
+    """SGLang `--mem-fraction-static` of the servers the trainer starts (None: SGLang's own
+    choice, or 0.5 with `placement=colocated`, where the trainer's weights stay on the GPU)."""
     n_samples: int = 8
     """Responses sampled per prompt (the GRPO group size)."""
     temperature: float = 1.0
@@ -94,3 +103,31 @@ class RolloutConfig:
             raise ValueError(f"rollout.max_sampling_rounds={self.max_sampling_rounds} must be >= 1")
         if self.max_tool_turns < 0:
             raise ValueError(f"rollout.max_tool_turns={self.max_tool_turns} must be >= 0")
+        if self.server_mem_fraction_static is not None and not 0 < self.server_mem_fraction_static < 1:
+            raise ValueError(f"rollout.server_mem_fraction_static={self.server_mem_fraction_static} "
+                             "must be in (0, 1) or null")
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        if self.placement not in ("separate", "colocated"):
+            raise ValueError(f"rollout.placement={self.placement!r}: expected separate or colocated")
+        if self.placement != "colocated":
+            return
+        if self.max_staleness:
+            raise ValueError(f"rollout.placement=colocated cannot run rollouts ahead "
+                             f"(rollout.max_staleness={self.max_staleness}): the servers' memory is "
+                             "released while the trainer trains; set rollout.max_staleness=0")
+        ws = self.weight_sync
+        if ws.transport != "tensor" or ws.tensor_encoding != "sglang":
+            raise ValueError(f"rollout.placement=colocated pushes weights by handle on the shared "
+                             f"GPUs: set rollout.weight_sync.transport=tensor (got {ws.transport!r}) "
+                             f"and rollout.weight_sync.tensor_encoding=sglang (got {ws.tensor_encoding!r})")
+
+    def check_colocated_gpus(self, tp_size: int, gpus: int) -> None:
+        """Colocated servers the trainer starts take GPUs [0, num_servers * tp_size) of the
+        training node: ValueError naming the settings when they do not fit its `gpus`."""
+        need = self.num_servers * tp_size
+        if need > gpus:
+            raise ValueError(f"rollout.placement=colocated: rollout.num_servers={self.num_servers} x server "
+                             f"TP {tp_size} (rollout.weight_sync.server_tp_size) = {need} GPUs, but the "
+                             f"training node has {gpus}; lower one of them")

@@ -9,6 +9,9 @@ Per step, a straight line over one typed batch (`trainer.batch.StepBatch`):
     -> mini-batch CTPO updates; loss statistics summed and reduced once per step
     -> weight resync to the servers -> periodic held-out eval -> metrics -> checkpoint
 
+Colocated servers (`rollout.placement=colocated`, on the training GPUs) release their memory
+after the rollouts and resume it for the weight resync (`RolloutDriver.release_memory`).
+
 Resume: a run directory with `checkpoints/latest` continues from it (model, optimizer, data
 position, RNG, step); metrics logged after that checkpoint by the killed run are dropped.
 """
@@ -209,6 +212,7 @@ class Trainer:
         with self.timer.phase("rollout"):
             if self.rank == 0:
                 trajs, generated, sampling = self._rollouts(prompts)
+                self.rollout.release_memory()  # colocated: the GPUs are the trainer's until the resync
                 metrics.update(rollout_metrics(generated))
                 metrics.update(sampling)
                 batch = StepBatch.from_trajectories(trajs, norm_adv_by_std=tc.norm_adv_by_std)

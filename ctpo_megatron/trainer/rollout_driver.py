@@ -3,6 +3,11 @@
 With `rollout.server_urls` set the trainer uses those servers (started by the Slurm launcher);
 otherwise it starts `rollout.num_servers` servers itself (embedded CPU server, or SGLang) and
 stops them at exit. Generation runs on one persistent asyncio loop owned by this object.
+
+With `rollout.placement=colocated` the servers share the training GPUs: `release_memory()`
+frees their memory before the trainer trains, and `update_weights` resumes the weights,
+pushes the new ones, then resumes the KV cache (and CUDA graphs), so at no time do the
+servers' weights, their KV cache and the trainer's step all hold memory at once.
 """
 
 from __future__ import annotations
@@ -19,8 +24,32 @@ import torch
 
 from ctpo_megatron.config.schema import TrainConfig
 from ctpo_megatron.data.prompts import Prompt
+from ctpo_megatron.rollout.serving.launcher import COLOCATED_MEM_FRACTION, LaunchConfig, ServerGroup
 
 logger = logging.getLogger(__name__)
+
+RESUME_FIRST = ["weights"]
+"""Resumed before the weight push (it writes into them)."""
+RESUME_AFTER = ["kv_cache", "cuda_graph"]
+"""Resumed after the push: the KV cache is not needed until the next generation."""
+
+
+def server_launch_config(cfg: TrainConfig, run_dir: str, *, gpus: int | None = None) -> LaunchConfig:
+    """What the trainer launches when `rollout.server_urls` is empty. Colocated SGLang servers
+    get the memory saver and a lower `--mem-fraction-static`, and must fit GPUs [0, n * tp) of
+    this node (`gpus`: its GPU count; None: torch's). Server TP: `weight_sync.server_tp_size`."""
+    rc = cfg.rollout
+    colocated = rc.placement == "colocated"
+    tp_size = rc.weight_sync.server_tp_size or 1
+    mem_fraction = rc.server_mem_fraction_static
+    if colocated and rc.server_backend == "sglang":
+        rc.check_colocated_gpus(tp_size, torch.cuda.device_count() if gpus is None else gpus)
+        mem_fraction = mem_fraction or COLOCATED_MEM_FRACTION
+    return LaunchConfig(model_path=cfg.model.path, backend=rc.server_backend, num_servers=rc.num_servers,
+                        seed=cfg.trainer.seed, tp_size=tp_size, log_dir=os.path.join(run_dir, "logs"),
+                        dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
+                        max_batch_size=max(1, min(rc.max_concurrency, 256)), router=rc.router,
+                        enable_memory_saver=colocated, mem_fraction_static=mem_fraction)
 
 
 class RolloutDriver:
@@ -31,7 +60,6 @@ class RolloutDriver:
 
         from ctpo_megatron.rollout.agent.config import AgentConfig
         from ctpo_megatron.rollout.serving.client import SGLangClient
-        from ctpo_megatron.rollout.serving.launcher import LaunchConfig, ServerGroup
         from ctpo_megatron.rollout.sandbox import SandboxPool
 
         self.cfg = cfg
@@ -44,11 +72,7 @@ class RolloutDriver:
             logger.info("using external rollout servers %s%s", urls,
                         f" behind router {router_url}" if router_url else "")
         else:
-            launch = LaunchConfig(model_path=cfg.model.path, backend=rc.server_backend,
-                                  num_servers=rc.num_servers, seed=cfg.trainer.seed,
-                                  log_dir=os.path.join(run_dir, "logs"),
-                                  dtype="float32" if cfg.model.dtype == "float32" else "bfloat16",
-                                  max_batch_size=max(1, min(rc.max_concurrency, 256)), router=rc.router)
+            launch = server_launch_config(cfg, run_dir)
             self.servers = ServerGroup(launch)
             logger.info("starting %d %s rollout server(s)", rc.num_servers, rc.server_backend)
             self.servers.start()
@@ -63,6 +87,21 @@ class RolloutDriver:
         self.sandbox = SandboxPool(max_workers=self.agent_cfg.sandbox_workers, config=self.agent_cfg.sandbox,
                                    default_timeout=self.agent_cfg.tool_timeout_s)
         self.weight_sync = None
+        self.colocated = rc.placement == "colocated"
+        self.released = False
+        """The servers' memory is released (colocated, between rollouts and the weight push)."""
+
+    def release_memory(self) -> None:
+        """Colocated: every server frees its weights, KV cache and CUDA graphs (SGLang's memory
+        saver), so the trainer has the GPUs for its step. Servers must be idle (they are: the
+        step's rollouts are complete). No-op for separate servers."""
+        if not self.colocated or self.released:
+            return
+        self._run(lambda: self.client.release_memory_occupation(None))
+        self.released = True
+
+    def _resume(self, tags: list[str]) -> None:
+        self._run(lambda: self.client.resume_memory_occupation(tags))
 
     def generate(self, prompts: Sequence[Prompt], n_samples: int, *, seed: int,
                  temperature: float | None = None) -> list[Any]:
@@ -109,6 +148,9 @@ class RolloutDriver:
                            len(self.worker_urls), alive)
         tensors = iter(named_tensors)
         failed = 0.0
+        released, self.released = self.released, False
+        if released:  # colocated: the push writes into the resumed weights
+            self._resume(RESUME_FIRST)
         try:
             self.weight_sync.update(tensors, version)
         except WeightSyncError as e:
@@ -121,6 +163,8 @@ class RolloutDriver:
                          version, e, len(survivors))
             self.weight_sync.retarget(survivors)
             failed = 1.0
+        if released:  # the next rollouts need the KV cache (and CUDA graphs) again
+            self._resume(RESUME_AFTER)
         metrics = dict(self.weight_sync.metrics())
         metrics["weight_sync/failed"] = failed
         stats = self.client.take_stats()

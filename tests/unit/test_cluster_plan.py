@@ -303,3 +303,39 @@ def test_srun_lines_per_server_and_container(tmp_path):
     assert f"PYTHONPATH={REPO}" in args and not any("/host/site" in a for a in args)
     assert args[-4:] == ["--plan", "/run/plan.json", "--server", "1"]
     assert (tmp_path / "server-1.log").exists()
+
+
+def test_colocated_plan_puts_the_servers_on_the_training_node(monkeypatch):
+    """`ROLLOUT_PLACEMENT=colocated`: one node; each SGLang server on its GPUs of the training
+    node with the memory saver and a lower --mem-fraction-static; the role finds its server
+    there; anything but one node is refused with the settings named."""
+    coloc = ["model.path=/ckpt/q", "rollout.placement=colocated", "rollout.weight_sync.transport=tensor"]
+    one_node = ["nodes=1", "rollout_nodes=0"]
+    plan = launch("qwen3_4b", one_node, coloc, hosts=["g0"], job_id="5")
+    assert plan.train_hosts == ["g0"] and plan.rollout_hosts == [] and plan.colocated_mem_fraction == 0.5
+    assert [s.host for s in plan.servers] == ["g0"] * 8 and plan.servers[7].gpu_slots == [7]
+    argv = plan.servers[0].argv
+    assert "--enable-memory-saver" in argv and argv[argv.index("--mem-fraction-static") + 1] == "0.5"
+    assert plan.router_url == "http://g0:30080" and plan.rollout_memory["kv_tokens"] > 0
+    assert "rollout.server_urls=['http://g0:30000'" in " ".join(plan.train_overrides)
+    monkeypatch.setenv("SLURMD_NODENAME", "g0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert role.visible_gpus_for(role.server_for_this_task(plan, 3)) == "3"
+    argv = launch("qwen3_4b", one_node, coloc + ["rollout.server_mem_fraction_static=0.35"], hosts=["g0"]).servers[0].argv
+    assert argv[argv.index("--mem-fraction-static") + 1] == "0.35"
+    with pytest.raises(ValueError, match=r"colocated runs on one node.*cluster.nodes=2, cluster.rollout_nodes=1"):
+        launch("qwen3_4b", (), coloc, hosts=["g0", "g1"])
+    separate = launch("qwen3_4b", hosts=["g0", "g1"])
+    assert separate.colocated_mem_fraction == 0 and "--enable-memory-saver" not in separate.servers[0].argv
+
+
+def test_launcher_script_colocated_dry_run():
+    env = {**os.environ, "CTPO_PYTHON": sys.executable, "ROLLOUT_PLACEMENT": "colocated"}
+    out = subprocess.run(["bash", str(REPO / "launch" / "ctpo_32b.sh"), "--dry-run", "--cluster", "qwen3_4b",
+                          "model.path=/ckpt/q"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "1 node(s) x 8 GPU(s)" in out.stdout and "colocated on the training node's GPUs" in out.stdout
+    assert "http://node00:37700  gpus 7" in out.stdout and "rollout.placement=colocated" in out.stdout
+    bad = subprocess.run(["bash", str(REPO / "launch" / "ctpo_32b.sh"), "--dry-run"], capture_output=True,
+                         text=True, timeout=120, env={**env, "ROLLOUT_PLACEMENT": "shared"})
+    assert bad.returncode == 2 and "ROLLOUT_PLACEMENT=shared: expected separate or colocated" in bad.stderr

@@ -150,6 +150,26 @@ def test_overridden_derived_settings_are_errors(override, message):
         load_config(config_name="tiny", overrides=["parallel=tp1", override])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.max_staleness=1"], r"placement=colocated cannot run rollouts ahead \(rollout.max_staleness=1\)"),
+    (["rollout.weight_sync.transport=distributed"], "set rollout.weight_sync.transport=tensor"),
+    (["rollout.weight_sync.tensor_encoding=safetensors"], "tensor_encoding=sglang"),
+    (["rollout.placement=shared"], "rollout.placement='shared': expected separate or colocated"),
+    (["rollout.server_mem_fraction_static=1.5"], "server_mem_fraction_static=1.5 must be in"),
+])
+def test_colocated_settings_are_checked(overrides, message):
+    with pytest.raises(Exception, match=message):
+        load_config(config_name="tiny", overrides=["rollout.placement=colocated", *overrides])
+
+
+def test_colocated_servers_must_fit_the_training_node():
+    cfg = load_config(config_name="tiny", overrides=["rollout.placement=colocated", "rollout.num_servers=2"])
+    assert cfg.rollout.weight_sync.transport == "tensor" and cfg.rollout.max_staleness == 0
+    cfg.rollout.check_colocated_gpus(tp_size=4, gpus=8)  # GPUs 0-7: two TP-4 servers fit
+    with pytest.raises(ValueError, match=r"num_servers=2 x server TP 8 .* = 16 GPUs, but the training node has 8"):
+        cfg.rollout.check_colocated_gpus(tp_size=8, gpus=8)
+
+
 def test_derived_actor_settings_are_computed():
     cfg = load_config(config_name="tiny", overrides=["parallel=tp1", "rollout.temperature=0.6",
                                                      "actor.temperature=0.6", "model.path=/m"])

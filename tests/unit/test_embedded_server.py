@@ -105,6 +105,9 @@ def restores_weights(server, model_dir):
     the other tests (which compare with `local`) pass in any order."""
     yield
     call(server, "/end_weight_update", {})  # closes a session a failed test may have left open
+    released = call(server, "/server_info", method="GET")[1]["memory_occupation"]["released"]
+    if released:  # memory a failed test left released
+        call(server, "/resume_memory_occupation", {"tags": released})
     status, out = call(server, "/update_weights_from_disk", {"model_path": model_dir, "weight_version": "default"})
     assert status == 200, out
 
@@ -312,3 +315,71 @@ def test_update_weights_from_disk_then_logprobs_match(server, tmp_path, restores
     assert out["meta_info"]["weight_version"] == "d1"
     status, out = call(server, "/update_weights_from_disk", {"model_path": str(tmp_path / "missing")})
     assert status == 400 and out["success"] is False
+
+
+def test_release_and_resume_memory_occupation(server, local, restores_weights):
+    """SGLang's memory saver cycle: release frees the weights (generation refused meanwhile),
+    resume reallocates them without values (NaN), a tensor update in SGLang's per-TP-rank
+    format makes the server generate with exactly those weights again."""
+    from ctpo_megatron.rollout.weight_sync.serialization import encode_named_tensors
+
+    held = call(server, "/server_info", method="GET")[1]["memory_occupation"]
+    assert held["released"] == [] and held["weight_bytes"] > 0
+    # Bodies are checked like SGLang's ReleaseMemoryOccupationReqInput; unknown tags refused.
+    assert call(server, "/release_memory_occupation")[0] == 400  # a JSON body is required
+    status, out = call(server, "/release_memory_occupation", {"tags": "weights"})
+    assert status == 400 and "must be list or null" in out["message"]
+    status, out = call(server, "/release_memory_occupation", {"tags": ["optimizer"]})
+    assert status == 400 and "unknown tags ['optimizer']" in out["error"]["message"]
+    status, out = call(server, "/resume_memory_occupation", {"tags": ["weights"]})
+    assert status == 400 and "not released" in out["error"]["message"]
+
+    status, out = call(server, "/release_memory_occupation", {"tags": None})  # null: every region
+    assert status == 200 and out is None  # SGLang's handler returns nothing
+    info = call(server, "/server_info", method="GET")[1]["memory_occupation"]
+    assert info == {"released": ["cuda_graph", "kv_cache", "weights"], "weight_bytes": 0}
+    status, out = gen(server, [1, 2, 3], max_new_tokens=2)
+    assert status == 400 and "memory is released" in out["error"]["message"]
+    assert call(server, "/health_generate", method="GET")[0] == 503
+    assert call(server, "/health", method="GET")[0] == 200  # alive: the launcher must not restart it
+    assert call(server, "/get_weights_by_name", {"name": "lm_head.weight"})[0] == 400
+    assert call(server, "/begin_weight_update", {})[0] == 200
+    names = list(dict(local.named_parameters()))  # tied embeddings: one name
+    entry = encode_named_tensors([(n, local.state_dict()[n]) for n in names])
+    body = {"serialized_named_tensors": [entry], "weight_version": "c1"}
+    status, out = call(server, "/update_weights_from_tensor", body)
+    assert status == 400 and "released" in out["message"]  # weights must be resumed first
+
+    assert call(server, "/resume_memory_occupation", {"tags": ["weights"]}) == (200, None)
+    info = call(server, "/server_info", method="GET")[1]["memory_occupation"]
+    assert info == {"released": ["cuda_graph", "kv_cache"], "weight_bytes": held["weight_bytes"]}
+    got = call(server, "/get_weights_by_name", {"name": "lm_head.weight", "truncate_size": 1})[1]
+    assert all(v != v for v in got[0])  # NaN: resumed memory holds no values
+    status, out = call(server, "/update_weights_from_tensor", body)
+    assert status == 200 and out["success"], out
+    assert call(server, "/end_weight_update", {})[0] == 200
+    assert gen(server, [1, 2, 3], max_new_tokens=2)[0] == 400  # kv_cache still released
+    assert call(server, "/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]}) == (200, None)
+
+    prompt = [3, 14, 15]
+    status, out = call(server, "/generate", {"input_ids": prompt, "return_logprob": True,
+                                             "sampling_params": {"max_new_tokens": 1, "temperature": 1.0}})
+    assert status == 200 and out["meta_info"]["weight_version"] == "c1"
+    with torch.no_grad():
+        lp = torch.log_softmax(local(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    assert out["meta_info"]["output_token_logprobs"][0][0] == lp[out["output_ids"][0]].item()
+
+
+def test_release_refused_while_a_request_runs(server):
+    async def scenario():
+        stream = await RunningStream(server, {"input_ids": [7, 8], "rid": "busy", "sampling_params": {
+            "max_new_tokens": 3000, "ignore_eos": True}}).start()
+        refused = await post(server, "/release_memory_occupation", {"tags": ["kv_cache"]})
+        await post(server, "/abort_request", {"rid": "busy"})
+        await stream.finish()
+        return refused
+
+    status, text = asyncio.run(scenario())
+    assert status == 400 and json.loads(text) == {"error": {"message": (
+        "release_memory_occupation should be called only when no ongoing request.")}}
+    assert call(server, "/server_info", method="GET")[1]["memory_occupation"]["released"] == []

@@ -24,12 +24,13 @@ from tests.unit.test_embedded_server import build_tiny_model
 def test_sglang_command_matches_its_cli():
     cfg = LaunchConfig(model_path="/models/qwen", backend="sglang", num_servers=4, tp_size=2,
                        base_gpu_id=0, mem_fraction_static=0.7, weight_version="0", load_format="dummy",
-                       dtype="bfloat16", seed=3, extra_args=["--disable-radix-cache"], python="py")
+                       dtype="bfloat16", seed=3, extra_args=["--disable-radix-cache"], python="py",
+                       enable_memory_saver=True)
     cmd = sglang_server_command(cfg, index=2, port=30002)
     assert cmd == ["py", "-m", "sglang.launch_server", "--model-path", "/models/qwen",
                    "--host", "127.0.0.1", "--port", "30002", "--tp-size", "2",
                    "--base-gpu-id", "4", "--weight-version", "0", "--mem-fraction-static", "0.7",
-                   "--skip-tokenizer-init", "--load-format", "dummy", "--dtype", "bfloat16",
+                   "--enable-memory-saver", "--skip-tokenizer-init", "--load-format", "dummy", "--dtype", "bfloat16",
                    "--random-seed", "3", "--disable-radix-cache"]
 
 
@@ -162,3 +163,27 @@ def test_servers_die_with_a_killed_parent(tmp_path):
         parent.kill()
         if server_pid is not None and _group_alive(server_pid):
             os.killpg(server_pid, signal.SIGKILL)
+
+
+def test_trainer_launched_colocated_servers_get_the_memory_saver():
+    """Servers the trainer starts itself: colocated SGLang servers get --enable-memory-saver and
+    --mem-fraction-static 0.5 (or the setting), and must fit the node's GPUs."""
+    from ctpo_megatron.config.store import load_config
+    from ctpo_megatron.trainer.rollout_driver import server_launch_config
+
+    def argv(overrides, gpus=8):
+        cfg = load_config(config_name="tiny", overrides=["model.path=/m", "rollout.server_backend=sglang",
+                                                         *overrides])
+        launch = server_launch_config(cfg, "/run", gpus=gpus)
+        return sglang_server_command(launch, 1, 30001)
+
+    colocated = ["rollout.placement=colocated", "rollout.num_servers=2", "rollout.weight_sync.server_tp_size=4"]
+    cmd = argv(colocated)
+    assert "--enable-memory-saver" in cmd and cmd[cmd.index("--mem-fraction-static") + 1] == "0.5"
+    assert cmd[cmd.index("--tp-size") + 1] == "4" and cmd[cmd.index("--base-gpu-id") + 1] == "4"
+    cmd = argv(colocated + ["rollout.server_mem_fraction_static=0.3"])
+    assert cmd[cmd.index("--mem-fraction-static") + 1] == "0.3"
+    with pytest.raises(ValueError, match="= 8 GPUs, but the training node has 4"):
+        argv(colocated, gpus=4)
+    separate = argv([])
+    assert "--enable-memory-saver" not in separate and "--mem-fraction-static" not in separate

@@ -27,10 +27,12 @@ README = os.path.join(ROOT, "README.md")
 TINY = "bash launch/ctpo_tiny.sh"
 DRY_RUN = "bash launch/ctpo_32b.sh --dry-run"
 SUBMIT_PREFIX = "bash launch/ctpo_32b.sh model.path="
+COLOCATED = "ROLLOUT_PLACEMENT=colocated bash launch/ctpo_32b.sh --dry-run --cluster qwen3_4b"
 COVERAGE = {
     TINY: "tests/e2e/test_tiny_run.py runs it (TINY_COMMAND) with trainer.total_steps and other overrides",
     "bash scripts/test.sh": "excluded: it is this test suite (running it here would recurse)",
     DRY_RUN: "run as written: test_dry_run_prints_a_plan",
+    COLOCATED: "run as written: test_colocated_dry_run_plans_one_shared_node",
     "python -m ctpo_megatron.export runs/tiny runs/tiny/hf":
         "tests/e2e/test_tiny_run.py runs it on the tiny run's directory (runs/tiny -> that directory)",
     "torchrun --nproc-per-node 8 -m ctpo_megatron.export RUN_DIR /ckpt/ctpo-qwen3-32b --step 200 "
@@ -114,6 +116,18 @@ def test_dry_run_prints_a_plan():
     out = _run(shlex.split(command))
     assert out.returncode == 0, f"`{command}` exited {out.returncode}:\n{out.stderr[-3000:]}"
     check_plan(out.stdout)
+
+
+def test_colocated_dry_run_plans_one_shared_node():
+    (command,) = [c for c in readme_commands() if c == COLOCATED]
+    assignment, *argv = shlex.split(command)
+    name, value = assignment.split("=", 1)
+    out = subprocess.run(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, name: value},
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, f"`{command}` exited {out.returncode}:\n{out.stderr[-3000:]}"
+    assert "1 node(s) x 8 GPU(s)" in out.stdout and "rollout  : 0 node(s)" in out.stdout, out.stdout
+    assert "colocated on the training node's GPUs" in out.stdout, out.stdout
+    assert len(re.findall(r"^\s+http://node00:\d+\s+gpus \d$", out.stdout, re.M)) == 8, out.stdout
 
 
 def test_submit_command_plans_with_its_overrides():

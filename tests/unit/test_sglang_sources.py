@@ -262,7 +262,7 @@ def _emitted_command_lines() -> dict[str, list[list[str]]]:
     from ctpo_megatron.rollout.serving.launcher import LaunchConfig, router_command, sglang_server_command
 
     cfg = LaunchConfig(model_path="/m", backend="sglang", tp_size=2, mem_fraction_static=0.8,
-                       load_format="dummy", dtype="bfloat16", seed=1, router=True)
+                       load_format="dummy", dtype="bfloat16", seed=1, router=True, enable_memory_saver=True)
     plan = build_plan(load_config(["model.path=/ckpt/q"]), [], hosts=[f"h{i}" for i in range(12)])
     servers = [sglang_server_command(cfg, 0, 30000)] + [s.argv for s in plan.servers]
     assert all("sglang.launch_server" in argv for argv in servers)
@@ -280,3 +280,25 @@ def test_every_server_and_router_flag_exists_in_sglang():
     problems = [f"{kind} flag {flag} (in {' '.join(argv)[:120]}...)" for kind, argvs in lines.items()
                 for argv in argvs for flag in sorted(_flags(argv) - known[kind])]
     assert not problems, "flags SGLang does not define:\n" + "\n".join(problems)
+
+
+def test_embedded_server_bodies_match_sglangs_request_classes():
+    """The embedded server's body table (`server/bodies.py`): each endpoint is an SGLang route
+    whose request class has every field we read, and requires exactly the fields we require."""
+    from ctpo_megatron.rollout.serving.server.bodies import BODIES, REQUIRED
+
+    routes = sglang_routes()
+    assert {"release_memory_occupation", "resume_memory_occupation"} <= set(BODIES)
+    problems = []
+    for endpoint, table in BODIES.items():
+        route = routes.get("/" + endpoint)
+        if route is None or route[1] is None:
+            problems.append(f"/{endpoint}: no SGLang route parsing a request class")
+            continue
+        fields, required = request_fields(route[1])
+        ours_required = {name for name, (_, default) in table.items() if default is REQUIRED}
+        if set(table) - fields:
+            problems.append(f"/{endpoint}: {sorted(set(table) - fields)} are not fields of {route[1]}")
+        if ours_required != required:
+            problems.append(f"/{endpoint}: we require {sorted(ours_required)}, {route[1]} {sorted(required)}")
+    assert not problems, "\n".join(problems)

@@ -387,6 +387,16 @@ class SGLangClient:
         """Resumes every server after pause_generation."""
         await self._all("POST", "/continue_generation", {})
 
+    async def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Frees memory regions on every server (SGLang's memory saver: `weights`, `kv_cache`,
+        `cuda_graph`; None: all). Servers must be idle; ServerError when one refuses."""
+        await self._all("POST", "/release_memory_occupation", {"tags": tags})
+
+    async def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Allocates released regions again on every server; resumed weights hold no values
+        until the next weight update."""
+        await self._all("POST", "/resume_memory_occupation", {"tags": tags})
+
     async def update_weight_version(self, version: str, abort_all_requests: bool = False) -> None:
         """Sets the weight version string reported in later responses' meta_info."""
         await self._all("POST", "/update_weight_version",

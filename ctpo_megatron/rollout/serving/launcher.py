@@ -30,6 +30,11 @@ from ctpo_megatron.parallel.net import free_port
 
 logger = logging.getLogger(__name__)
 
+COLOCATED_MEM_FRACTION = 0.5
+"""SGLang --mem-fraction-static of servers colocated with the trainer (`rollout.placement=
+colocated`) unless set: the trainer's weights and optimizer state stay on the GPU while the
+servers' weights and KV cache are resumed, so the servers take a smaller share than alone."""
+
 
 class ServerStartError(RuntimeError):
     """A server did not become healthy in time (message has its log tail)."""
@@ -60,6 +65,9 @@ class LaunchConfig:
     """First GPU of server 0 (SGLang)."""
     mem_fraction_static: float | None = None
     """SGLang --mem-fraction-static (None = SGLang's auto)."""
+    enable_memory_saver: bool = False
+    """SGLang --enable-memory-saver: the server can release and resume its GPU memory
+    (colocated with a trainer). The embedded server always can."""
     weight_version: str = "default"
     """Initial weight version reported in meta_info."""
     skip_tokenizer_init: bool = True
@@ -112,6 +120,8 @@ def sglang_server_command(cfg: LaunchConfig, index: int, port: int) -> list[str]
            "--weight-version", cfg.weight_version]
     if cfg.mem_fraction_static is not None:
         cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
+    if cfg.enable_memory_saver:
+        cmd.append("--enable-memory-saver")
     if cfg.skip_tokenizer_init:
         cmd.append("--skip-tokenizer-init")
     if cfg.load_format:

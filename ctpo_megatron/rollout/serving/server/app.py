@@ -15,6 +15,8 @@ from aiohttp import web
 
 from ctpo_megatron.rollout.serving.server.bodies import BodyError, parse_body
 from ctpo_megatron.rollout.serving.server.generate import handle_generate
+from ctpo_megatron.rollout.serving.server.memory import memory_occupation
+from ctpo_megatron.rollout.serving.server.memory import routes as memory_routes
 from ctpo_megatron.rollout.serving.server.model_runner import ModelRunner
 from ctpo_megatron.rollout.serving.server.sampling import SamplingParams
 from ctpo_megatron.rollout.serving.server.scheduler import Request, Scheduler
@@ -62,7 +64,7 @@ async def health(request: web.Request) -> web.Response:
 async def health_generate(request: web.Request) -> web.Response:
     """Like SGLang: a 1-token greedy generation of input_ids=[0]; 200 at once when busy."""
     scheduler = request.app["state"].scheduler
-    if not scheduler._thread.is_alive():
+    if not scheduler._thread.is_alive() or scheduler.released:  # released memory: cannot generate
         return web.Response(status=503)
     if not scheduler.is_idle():
         return web.Response(status=200)
@@ -118,6 +120,7 @@ async def server_info(request: web.Request) -> web.Response:
         weight_version=state.scheduler.weight_version, startup_time=state.startup_time,
         version=SERVER_VERSION, frontend="python", device=str(runner.device),
         tp_size=state.tp.size, tp_ranks=state.tp.as_list(),
+        memory_occupation=memory_occupation(state.scheduler),
         internal_states=[{"paused": state.scheduler.paused, "idle": state.scheduler.is_idle()}])
     return web.json_response(info)
 
@@ -181,6 +184,7 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_route("PUT", "/generate", handle_generate)
     app.add_routes(routes)
     app.add_routes(weight_routes)
+    app.add_routes(memory_routes)
 
     async def on_cleanup(app: web.Application) -> None:
         await asyncio.to_thread(state.scheduler.shutdown)

@@ -46,6 +46,8 @@ BODIES: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "selector": ((str,), "all"), "torch_empty_cache": _BOOL_F},
     "update_weight_version": {"new_version": ((str,), REQUIRED), "abort_all_requests": _BOOL_T},
     "get_weights_by_name": {"name": ((str,), REQUIRED), "truncate_size": ((int,), 100)},
+    "release_memory_occupation": {"tags": ((list, type(None)), None)},
+    "resume_memory_occupation": {"tags": ((list, type(None)), None)},
 }
 CHOICES = {("pause_generation", "mode"): ("abort", "retract", "in_place"),
            ("begin_weight_update", "selector"): ("target", "draft", "all"),

@@ -62,6 +62,8 @@ class ModelRunner:
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
         params = inspect.signature(self.model.forward).parameters
         self._cache_key = "cache" if "cache" in params else "past_key_values"
+        self._released_shapes: dict[int, torch.Size] | None = None
+        """While the weights are released: parameter id -> its shape (None: weights held)."""
 
     def _eos_ids(self) -> frozenset[int]:
         ids = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
@@ -145,6 +147,9 @@ class ModelRunner:
         """
         count = 0
         with self.lock:
+            if self.weights_released:
+                raise RuntimeError("the weights are released (release_memory_occupation): call "
+                                   "resume_memory_occupation with tag 'weights' before updating them")
             for name, tensor in named_tensors:
                 target = self.parameter(name)
                 if tuple(target.shape) != tuple(tensor.shape):
@@ -153,6 +158,41 @@ class ModelRunner:
                 target.copy_(tensor)
                 count += 1
         return count
+
+    # ---- memory occupation (SGLang's release / resume of the "weights" region) -------------
+    @property
+    def weights_released(self) -> bool:
+        return self._released_shapes is not None
+
+    def weight_bytes(self) -> int:
+        """Bytes the parameters hold now (tied ones once); 0 while released."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @torch.no_grad()
+    def release_weights(self) -> None:
+        """Frees every parameter's storage (each becomes an empty tensor of its dtype), as
+        SGLang's memory saver unmaps the weights; buffers (rotary tables) stay, as SGLang
+        stashes and restores them. Idempotent."""
+        with self.lock:
+            if self._released_shapes is not None:
+                return
+            self._released_shapes = {}
+            for param in self.model.parameters():
+                self._released_shapes[id(param)] = param.shape
+                param.data = torch.empty(0, dtype=param.dtype, device=self.device)
+
+    @torch.no_grad()
+    def resume_weights(self) -> None:
+        """Allocates the parameters again. Like SGLang's resume (without a CPU backup) the
+        values are not restored: they are NaN here, so only a weight update makes the model
+        usable again and a generation before one cannot pass unnoticed."""
+        with self.lock:
+            if self._released_shapes is None:
+                return
+            for param in self.model.parameters():
+                param.data = torch.full(self._released_shapes[id(param)], float("nan"),
+                                        dtype=param.dtype, device=self.device)
+            self._released_shapes = None
 
     def load_from_disk(self, model_path: str) -> int:
         """Loads every `*.safetensors` file of an HF checkpoint directory (or one file)."""

@@ -126,6 +126,10 @@ class Scheduler:
         self._stop = False
         self._live_rids: set[str] = set()
         self.prefix_cache = PrefixCache()
+        self._generating_version: str | None = None
+        self.released: frozenset[str] = frozenset()
+        """Memory regions released by /release_memory_occupation (`server/memory.py`); while
+        any is, new generation requests are refused."""
         self._thread = threading.Thread(target=self._loop, name="embedded-scheduler", daemon=True)
         self._thread.start()
 
@@ -133,6 +137,10 @@ class Scheduler:
     def submit(self, requests: list[Request]) -> None:
         """Queues requests; ValueError (SGLang's message) when a rid is still in use."""
         with self._cv:
+            if self.released:
+                raise ValueError(f"the server's memory is released ({', '.join(sorted(self.released))}, "
+                                 "by release_memory_occupation): call resume_memory_occupation "
+                                 "(and update the weights) before generating")
             rids = [r.rid for r in requests]
             for rid in rids:
                 if rid in self._live_rids or rids.count(rid) > 1:
@@ -186,6 +194,23 @@ class Scheduler:
         with self._cv:
             return not self._running and not self._waiting
 
+    def mark_released(self, tags: frozenset[str]) -> bool:
+        """Marks memory regions released if no request runs or waits (SGLang's condition);
+        returns False (nothing marked) otherwise. From then on `submit` refuses requests."""
+        with self._cv:
+            # A batch whose requests all finished is over (its thread touches the model no more).
+            running = [r for r in self._running if not r.finished]
+            if running or self._waiting:
+                logger.warning("release refused: %d request(s) running, %d waiting (e.g. %s)",
+                               len(running), len(self._waiting), (running or list(self._waiting))[0].rid)
+                return False
+            self.released = self.released | tags
+            return True
+
+    def mark_resumed(self, tags: frozenset[str]) -> None:
+        with self._cv:
+            self.released = self.released - tags
+
     def can_flush(self) -> bool:
         """SGLang refuses a flush while requests run or wait (retracted ones do not count)."""
         with self._cv:
@@ -234,6 +259,9 @@ class Scheduler:
                 batch = [self._waiting.popleft()
                          for _ in range(min(self.max_batch_size, len(self._waiting)))]
                 self._running = batch
+                if self.weight_version != self._generating_version:  # once per version, for the log
+                    self._generating_version = self.weight_version
+                    logger.info("generating with weight version %s", self.weight_version)
             try:
                 self._run_batch(batch)
             except Exception as e:  # noqa: BLE001 - a failed batch must not kill the server

@@ -58,6 +58,9 @@ async def _body(request: web.Request, endpoint: str):
 async def _apply(request: web.Request, body: dict, load_fn) -> tuple[bool, str]:
     """Runs `load_fn()` under the model-update lock, then records the version and flushes."""
     state = request.app["state"]
+    if state.scheduler.runner.weights_released:
+        return False, ("Failed to update weights: the weights are released (release_memory_occupation); "
+                       "call resume_memory_occupation with tag 'weights' first")
     if body.get("abort_all_requests"):
         state.scheduler.abort(abort_all=True, message="Abort by weight update")
 
@@ -72,6 +75,7 @@ async def _apply(request: web.Request, body: dict, load_fn) -> tuple[bool, str]:
         return False, f"Failed to update weights: {e}"
     if body.get("weight_version") is not None:
         state.scheduler.set_weight_version(body["weight_version"])
+        logger.info("weights updated to version %s (%s)", body["weight_version"], message)
     if body.get("flush_cache", True):
         if not state.scheduler.can_flush():
             return False, _FLUSH_FAILED
@@ -271,6 +275,9 @@ async def get_weights_by_name(request: web.Request) -> web.Response:
     if error:
         return error
     runner = request.app["state"].scheduler.runner
+    if runner.weights_released:
+        return web.json_response({"error": {"message": "Get parameter by name failed: the weights are "
+                                                       "released (release_memory_occupation)"}}, status=400)
     try:
         with runner.lock:
             values = runner.parameter(body["name"]).detach().float().cpu().tolist()
