@@ -63,15 +63,17 @@ async def _apply(request: web.Request, body: dict, load_fn) -> tuple[bool, str]:
 
     def run() -> str:
         with state.scheduler.exclusive():
-            return load_fn()
+            message = load_fn()
+            # Still under the lock: every token sampled with these weights carries the version.
+            if body.get("weight_version") is not None:
+                state.scheduler.set_weight_version(body["weight_version"])
+            return message
 
     try:
         message = await asyncio.to_thread(run)
     except Exception as e:  # noqa: BLE001 - reported to the caller as success=false
         logger.error("weight update failed: %s", e)
         return False, f"Failed to update weights: {e}"
-    if body.get("weight_version") is not None:
-        state.scheduler.set_weight_version(body["weight_version"])
     if body.get("flush_cache", True):
         if not state.scheduler.can_flush():
             return False, _FLUSH_FAILED
