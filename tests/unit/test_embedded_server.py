@@ -340,6 +340,9 @@ def test_request_spanning_a_weight_update_reports_each_tokens_version(server, lo
 
     res = asyncio.run(scenario())
     spans = res.meta_info["weight_versions"]
+    decoded = load_contract().GenerateMetaInfo.from_json_value(res.meta_info)  # SGLang's own decoder
+    assert [(d.version, d.start, d.end) for d in decoded.weight_versions] == [
+        (s["version"], s["start"], s["end"]) for s in spans]
     assert [s["version"] for s in spans] == ["default", "step_7"], spans
     cut = spans[0]["end"]
     assert 0 < cut < len(res.output_ids) == 3000 and spans[1] == {"version": "step_7", "start": cut, "end": 3000}
