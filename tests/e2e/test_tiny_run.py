@@ -366,3 +366,4 @@ def test_async_dynamic_sampling_resumes_exactly_after_sigkill(tiny_init, tmp_pat
         assert r["data/offset"] - offset == r["sampling/groups_drawn"] >= 4, (r["step"], offset)
         offset = r["data/offset"]
         assert r["staleness/max"] <= 1.0 and r["stale/tokens"] == 0.0 and "rollout/partial" in r
+    assert sum(r["sampling/groups_dropped"] for r in records) > 0  # it did over-sample
