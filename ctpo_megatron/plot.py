@@ -4,6 +4,9 @@ Writes into `RUN_DIR/plots/`:
   reward.png            training reward and held-out accuracy per step
   clip_by_position.png  clip rate vs. generated-token position (early, middle and late steps)
   ratio.png             distribution of the policy ratio per step (quantile bands)
+  staleness.png         asynchronous runs (`rollout.max_staleness` >= 1) only: the fraction of
+                        generated tokens 0, 1, ... weight versions behind the trained weights
+                        per step, and the fraction `rollout.stale_policy` took out of the loss
 and, when the run wrote per-token dumps (`trainer.dump_every`, `RUN_DIR/token_dumps/`), from
 the latest dumped step (or `--dump-step`):
   logratio_std.png      std of the cumulative log ratio log rho_t = s_t over sequences, at
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from ctpo_megatron.trainer.metrics import METRICS_FILE, read_metrics
 
 _POS_KEY = re.compile(r"^clip_rate_by_pos/(\d+)(?:-(\d+)|\+)$")
+_STALENESS_KEY = re.compile(r"^staleness/(\d+)$")
 RATIO_BANDS = (("is_ratio_p25", "is_ratio_p75"), ("is_ratio_min", "is_ratio_max"))
 
 
@@ -117,6 +121,32 @@ def plot_ratio(records: list[dict], out: str) -> None:
     ax.legend()
     _finish(fig, ax, out, title="ratio distribution", xlabel="step",
             ylabel="policy ratio r_t (valid tokens)")
+
+
+def staleness_ages(records: list[dict]) -> list[int]:
+    """Token ages (weight versions behind) that some record counts, `staleness/<age>`."""
+    return sorted({int(m.group(1)) for r in records for k in r if (m := _STALENESS_KEY.match(k))})
+
+
+def plot_staleness(records: list[dict], out: str) -> None:
+    """Per step, the fraction of generated tokens at each age, and the fraction taken out of
+    the loss for being older than `rollout.max_staleness` (`stale/masked_tokens` over the
+    step's generated tokens, the sum of `tokens_per_version/*`)."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r.get("staleness/mean") is not None]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for age in staleness_ages(rows):
+        ax.plot(steps, [r.get(f"staleness/{age}", 0.0) for r in rows], "o-",
+                label=f"{age} version{'s' if age != 1 else ''} behind")
+    if any("stale/masked_tokens" in r for r in rows):
+        generated = [sum(v for k, v in r.items() if k.startswith("tokens_per_version/")) for r in rows]
+        ax.plot(steps, [r.get("stale/masked_tokens", 0.0) / max(g, 1.0) for r, g in zip(rows, generated)],
+                "x--", color="gray", label="taken out of the loss (stale_policy)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    _finish(fig, ax, out, title="token staleness", xlabel="step", ylabel="fraction of generated tokens")
 
 
 REWARD_KEYS = ("reward/mean", "eval/accuracy")
@@ -294,6 +324,10 @@ def plot_run(run_dir: str, *, dump_step: int | None = None, clip: ClipSettings |
                      ("ratio.png", plot_ratio)):
         out = os.path.join(out_dir, name)
         fn(records, out)
+        outputs.append(out)
+    if any(age > 0 for age in staleness_ages(records)):  # an asynchronous run
+        out = os.path.join(out_dir, "staleness.png")
+        plot_staleness(records, out)
         outputs.append(out)
     if os.path.isdir(os.path.join(run_dir, "token_dumps")):
         outputs += plot_dumps(run_dir, out_dir, step=dump_step, clip=clip)

@@ -69,7 +69,14 @@ class RolloutConfig:
     step trains (see `trainer.producer`). 0: the synchronous step (rollouts of step s use the
     weights of step s - 1). k >= 1: tokens are at most k weight versions old; a weight update
     reaches the servers mid-generation (partial rollouts), each token keeping its behaviour
-    log-prob. Not combined with `filter_zero_variance_groups` yet."""
+    log-prob and weight version. Works with `filter_zero_variance_groups` (the producer
+    over-samples ahead). Also the bound of `stale_policy`."""
+    stale_policy: str = "mask"
+    """Generated tokens more than `max_staleness` weight versions behind the weights being
+    trained: `mask` takes those tokens out of the loss (the trajectory's newer tokens stay),
+    `drop` takes the whole trajectory out (its group's advantages unchanged). Counted in
+    `stale/*`. The producer keeps tokens within the bound, so this acts only when a weight
+    sync did not advance the servers' version (a failed or skipped sync)."""
     max_sampling_rounds: int = 8
     """Rounds of drawing with `filter_zero_variance_groups` before the step is topped up with
     uninformative groups."""
@@ -96,9 +103,8 @@ class RolloutConfig:
                 raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
         if self.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness={self.max_staleness} must be >= 0")
-        if self.max_staleness and self.filter_zero_variance_groups:
-            raise ValueError("rollout.max_staleness > 0 cannot be combined with "
-                             "rollout.filter_zero_variance_groups=true yet")
+        if self.stale_policy not in ("mask", "drop"):
+            raise ValueError(f"rollout.stale_policy={self.stale_policy!r}: expected mask or drop")
         if self.max_sampling_rounds < 1:
             raise ValueError(f"rollout.max_sampling_rounds={self.max_sampling_rounds} must be >= 1")
         if self.max_tool_turns < 0:

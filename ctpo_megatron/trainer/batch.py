@@ -12,7 +12,6 @@ Every stage reads and adds tensors; nothing is converted to lists and back.
 from __future__ import annotations
 
 import dataclasses
-import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,14 +21,7 @@ import torch
 
 from ctpo_megatron.actor.batching import TokenBatch
 from ctpo_megatron.algo import grpo_advantages
-
-_VERSION = re.compile(r"step_(\d+)$")
-
-
-def version_number(version: str | None) -> int:
-    """`step_<n>` -> n; the base model (no version yet, or any other name) -> 0."""
-    match = _VERSION.search(version or "")
-    return int(match.group(1)) if match else 0
+from ctpo_megatron.rollout.agent.trajectory import version_number
 
 
 @dataclass
@@ -50,7 +42,8 @@ class StepBatch:
     sampled it (0 at tool output)."""
     versions: torch.Tensor
     """[N, R] int64 — weight version (the trainer step whose weights sampled the token; 0 = the
-    initial weights) of each generated token; -1 at tool output and padding."""
+    initial weights) of each generated token; -1 at tool output and padding. Tokens that
+    `mask_stale_tokens` took out of the loss keep their version."""
     rewards: torch.Tensor
     """[N] float32."""
     group_ids: torch.Tensor
@@ -215,15 +208,50 @@ def shard(batch: StepBatch, num_mini_batches: int, dp_size: int) -> list[StepBat
     return out
 
 
+STALE_POLICIES = ("mask", "drop")
+"""What `rollout.stale_policy` does with generated tokens older than `rollout.max_staleness`."""
+
+
+def mask_stale_tokens(batch: StepBatch, policy_version: int, max_staleness: int, policy: str) -> dict[str, float]:
+    """Takes generated tokens more than `max_staleness` versions behind `policy_version` out of
+    the loss (in place, on `response_mask`); returns `stale/*` counts.
+
+    policy "mask": only those tokens leave the loss; the trajectory's newer tokens stay, and the
+    stale prefix becomes context (a token's version never decreases along a trajectory, so the
+    stale tokens are its first generated ones: CTPO's cumulative ratio and positions then start
+    after them). "drop": the whole trajectory leaves the loss. Either way the rows stay (the
+    batch shape and mini-batch split do not change) and the GRPO advantages, computed over the
+    whole group as generated, do not change: the stale samples still count in their group's
+    baseline. Metrics: `stale/tokens` (generated tokens past the bound), `stale/masked_tokens`
+    (tokens taken out of the loss: the stale ones, or every generated token of a dropped
+    trajectory), `stale/dropped_trajectories`.
+    """
+    if policy not in STALE_POLICIES:
+        raise ValueError(f"rollout.stale_policy={policy!r}: expected one of {', '.join(STALE_POLICIES)}")
+    generated = batch.response_mask > 0
+    stale = generated & (batch.versions < policy_version - max_staleness)
+    rows = stale.any(dim=-1)
+    removed = stale if policy == "mask" else generated & rows[:, None]
+    batch.response_mask = batch.response_mask.masked_fill(removed, 0.0)
+    return {"stale/tokens": float(stale.sum()), "stale/masked_tokens": float(removed.sum()),
+            "stale/dropped_trajectories": float(rows.sum()) if policy == "drop" else 0.0}
+
+
 def version_metrics(batch: StepBatch, policy_version: int) -> dict[str, float]:
     """How old the step's generated tokens are: `staleness/mean|max` and the fraction of
     tokens `staleness/<k>` that are k versions behind `policy_version` (the weights being
-    trained), plus `tokens_per_version/<v>`. Synchronous steps show staleness 0 only."""
-    versions = batch.versions[batch.response_mask > 0]
+    trained), `tokens_per_version/<v>`, and `rollout/partial`: trajectories whose tokens come
+    from more than one version (a weight update landed while they were generated). Synchronous
+    steps show staleness 0 only."""
+    generated = batch.response_mask > 0
+    versions = batch.versions[generated]
     if versions.numel() == 0:
         return {}
     staleness = policy_version - versions
-    out = {"staleness/mean": float(staleness.double().mean()), "staleness/max": float(staleness.max())}
+    newest = batch.versions.masked_fill(~generated, -1).max(dim=-1).values
+    oldest = batch.versions.masked_fill(~generated, 1 << 62).min(dim=-1).values
+    out = {"staleness/mean": float(staleness.double().mean()), "staleness/max": float(staleness.max()),
+           "rollout/partial": float(((newest > oldest) & generated.any(dim=-1)).sum())}
     values, counts = torch.unique(staleness, return_counts=True)
     for v, c in zip(values.tolist(), counts.tolist()):
         out[f"staleness/{v}"] = c / versions.numel()

@@ -34,7 +34,7 @@ from ctpo_megatron.config.store import save_config
 from ctpo_megatron.data.prompts import PromptSampler, load_prompts
 from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 from ctpo_megatron.trainer import checkpoint as ckpt
-from ctpo_megatron.trainer.batch import StepBatch, rollout_metrics, shard, version_metrics
+from ctpo_megatron.trainer.batch import StepBatch, mask_stale_tokens, rollout_metrics, shard, version_metrics
 from ctpo_megatron.trainer.deadline import StopPlanner
 from ctpo_megatron.trainer.metrics import MetricsSink
 from ctpo_megatron.trainer.timers import PhaseTimer, format_eta
@@ -142,7 +142,7 @@ class Trainer:
 
             ahead = PromptSampler(self.sampler.prompts, seed=self.sampler.seed, shuffle=self.sampler.shuffle)
             ahead.load_state_dict(self.sampler.state_dict())
-            self.producer = RolloutProducer(self._generate, ahead, prompts_per_step=cfg.trainer.prompts_per_step,
+            self.producer = RolloutProducer(self._collect, ahead, prompts_per_step=cfg.trainer.prompts_per_step,
                                             first_step=self.step + 1, last_step=cfg.trainer.total_steps,
                                             max_staleness=cfg.rollout.max_staleness)
 
@@ -219,6 +219,8 @@ class Trainer:
                 metrics["perf/tokens"] = float(batch.num_tokens)
                 # The servers hold the weights of the previous step (version step - 1).
                 metrics.update(version_metrics(batch, self.step - 1))
+                metrics.update(mask_stale_tokens(batch, self.step - 1, cfg.rollout.max_staleness,
+                                                 cfg.rollout.stale_policy))
                 shards = [s.to_tensors() for s in shard(batch, num_mb, self.dp_size)]
             mine = StepBatch.from_tensors(self.transport.exchange(shards))
             if cfg.rollout.filter_zero_variance_groups:
@@ -243,20 +245,25 @@ class Trainer:
     def _rollouts(self, prompts: list) -> tuple[list, list, dict[str, float]]:
         """Rank 0: the step's scored trajectories (n per prompt, prompt-major), every trajectory
         generated (for the rollout metrics), and the dynamic-sampling metrics."""
+        if self.producer is None:
+            return self._collect(self.step, prompts, self.sampler)
+        ready = self.producer.take(self.step, prompts)  # generated while earlier steps trained
+        # The producer may have drawn more prompts (dynamic sampling): its position is the step's.
+        self.sampler.load_state_dict(ready.data_position)
+        return ready.result
+
+    def _collect(self, step: int, prompts: list, sampler: PromptSampler) -> tuple[list, list, dict[str, float]]:
+        """Rank 0: step `step`'s rollouts of `prompts`, and with dynamic sampling of more prompts
+        drawn from `sampler` (the trainer's, or the producer's own when generating ahead)."""
         cfg, tc = self.cfg, self.cfg.trainer
-        if self.producer is not None:  # generated ahead, while earlier steps trained
-            trajs, _ = self.producer.take(self.step, prompts)
-            partial = sum(len(set(t.weight_versions)) > 1 for t in trajs)
-            return trajs, trajs, {"rollout/partial": float(partial)}
         if not cfg.rollout.filter_zero_variance_groups:
-            trajs = self._generate(self.step, prompts)
+            trajs = self._generate(step, prompts)
             return trajs, trajs, {}
         from ctpo_megatron.trainer.sampling import fill_informative_groups
 
-        kept, generated, metrics = fill_informative_groups(
-            lambda batch, round_index: self._generate(self.step, batch, round_index), self.sampler,
+        return fill_informative_groups(
+            lambda batch, round_index: self._generate(step, batch, round_index), sampler,
             prompts, target=tc.prompts_per_step, max_rounds=cfg.rollout.max_sampling_rounds)
-        return kept, generated, metrics
 
     def _generate(self, step: int, prompts: list, round_index: int = 0) -> list:
         """Rank 0: n scored trajectories per prompt with the sampling seed of `step` (round 0;

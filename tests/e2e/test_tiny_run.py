@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tests.e2e._trainer import run_trainer
+from tests.e2e._trainer import run_trainer, trainer_command
 
 # Deadlines inside the timeout: the shared setup (<= SETUP_S, run in the first test's item) plus
 # one test's BUDGET_S stays below TIMEOUT_S, so a slow run fails here with its logs attached.
@@ -333,3 +333,37 @@ def test_rollouts_run_one_step_ahead(tiny_init, tmp_path):
     # generation of step s+1 starts as step s starts training, before its weights reach the
     # servers: some of those tokens come from the previous version
     assert max(records[2]["staleness/mean"], records[3]["staleness/mean"]) > 0
+
+
+def test_async_dynamic_sampling_resumes_exactly_after_sigkill(tiny_init, tmp_path):
+    """rollout.max_staleness=1 with dynamic sampling: the producer over-samples ahead. Killed
+    with SIGKILL after step 3 (checkpoint after step 2; step 4's rollouts in flight) and rerun:
+    every step is logged once, and the data position advances by exactly the prompts each step
+    drew (none skipped or repeated across the kill), tokens at most one version old."""
+    deadline = time.monotonic() + BUDGET_S
+    run = str(tmp_path / "run")
+    replaced = ("trainer.total_steps=", "trainer.eval_every=", "trainer.save_every=")
+    args = [a for a in REFERENCE_ARGS if not a.startswith(replaced)] + [
+        "trainer.total_steps=4", "trainer.eval_every=0", "trainer.save_every=2", "rollout.max_staleness=1",
+        "rollout.filter_zero_variance_groups=true", "rollout.max_sampling_rounds=3"]
+    cmd = trainer_command(run, f"{tiny_init}/model", f"{tiny_init}/train.parquet", f"{tiny_init}/val.parquet", args)
+    first = Launch([], run, str(tmp_path / "first"), command=cmd)
+    try:
+        first.wait(deadline, until=lambda: any(r["step"] >= 3 for r in _records(run)))
+        assert first.proc.poll() is None, f"training exited early:\n{first.logs()}"
+    finally:
+        first.kill()
+    killed = _records(run)
+    second = Launch([], run, str(tmp_path / "second"), command=cmd)
+    second.wait(deadline)
+    assert second.proc.returncode == 0, second.logs()
+    assert re.search(r"resumed from \S+ at step 2 ", open(second.err_path).read()), second.logs()
+    records = _records(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[:2] == killed[:2]  # the checkpointed steps stay; 3 is redone
+    offset = 0.0
+    for r in records:
+        assert r["data/offset"] - offset == r["sampling/groups_drawn"] >= 4, (r["step"], offset)
+        offset = r["data/offset"]
+        assert r["staleness/max"] <= 1.0 and r["stale/tokens"] == 0.0 and "rollout/partial" in r
+    assert sum(r["sampling/groups_dropped"] for r in records) > 0  # it did over-sample

@@ -55,6 +55,7 @@ def test_trained_model_calls_tools_and_gets_scored(kind, sandbox):
         # Greedy decoding reproduces the demo, tool outputs included, token for token.
         assert traj.prompt_ids == prompt and traj.response_ids == response and traj.loss_mask == mask
         assert traj.finish_reason == "stop" and traj.weight_versions == ["0"]
+        assert traj.token_versions == [0 if m else -1 for m in mask]  # tool output: -1
         assert_token_exact(model, traj)
     one, two, err = trajs
     assert (one.tool_calls, one.num_turns, one.tool_errors, one.reward, one.correct) == (1, 2, 0, 1.0, True)
@@ -110,6 +111,30 @@ def test_sampled_batch_is_token_exact(tokenizer, sandbox):
     assert len({tuple(t.response_ids) for t in trajs[:3]}) > 1  # samples differ
     again = asyncio.run(run_agent_batch(gen, prompts, cfg, tokenizer=tokenizer, n_samples=3, sandbox=sandbox))
     assert [t.response_ids for t in again] == [t.response_ids for t in trajs]  # seeded
+
+
+def test_tokens_keep_the_version_that_sampled_them(tokenizer, sandbox):
+    """A request that spans a weight update (the server reports per-token versions) gives
+    its tokens both versions: the trajectory records each token's trainer step."""
+    model, examples = _trained(tokenizer)
+    gen = TorchGenerator(model, eos_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    split = []
+
+    class UpdateMidRequest:  # each request's second half sampled after an update to step_2
+        async def generate(self, input_ids, sampling_params, *, return_logprob=True):
+            res = await gen.generate(input_ids, sampling_params, return_logprob=return_logprob)
+            half = len(res.output_ids) // 2
+            res.output_versions = ["step_1"] * half + ["step_2"] * (len(res.output_ids) - half)
+            split.append(res.output_versions)
+            return res
+
+    loop = AgentLoop(tokenizer, AgentConfig(temperature=0.0, max_response_tokens=400), sandbox)
+    (traj,) = asyncio.run(loop.run_batch(UpdateMidRequest(), [[{"role": "user", "content": DEMOS[0][0]}]]))
+    assert traj.response_ids == examples[0][1] and traj.tool_calls == 1
+    sampled = [v for t, v in zip(traj.loss_mask, traj.token_versions) if t]
+    assert sampled == [int(v[-1]) for versions in split for v in versions]  # every request's tokens, in order
+    assert all(v == -1 for t, v in zip(traj.loss_mask, traj.token_versions) if not t)
+    assert traj.weight_versions[:2] == ["step_1", "step_2"] and traj.weight_version == "step_2"
 
 
 def test_stop_token_selection():

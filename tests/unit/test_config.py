@@ -132,6 +132,8 @@ def test_batch_not_divisible_by_dp():
     ("parallel.sequence_parallel=true", "sequence_parallel=true needs parallel.tp > 1"),
     ("model.arch=llama", "model.arch='llama'"),
     ("algo.la_clip_high=-1", "la_clip_high"),
+    ("rollout.stale_policy=ignore", "rollout.stale_policy='ignore': expected mask or drop"),
+    ("rollout.max_staleness=-1", "rollout.max_staleness=-1 must be >= 0"),
 ])
 def test_invalid_values_are_named(override, message):
     with pytest.raises(Exception, match=message):

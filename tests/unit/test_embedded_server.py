@@ -383,3 +383,47 @@ def test_release_refused_while_a_request_runs(server):
     assert status == 400 and json.loads(text) == {"error": {"message": (
         "release_memory_occupation should be called only when no ongoing request.")}}
     assert call(server, "/server_info", method="GET")[1]["memory_occupation"]["released"] == []
+
+
+def test_request_spanning_a_weight_update_reports_each_tokens_version(server, local, tmp_path, restores_weights):
+    """A partial rollout: pause (retract), new weights with a new version, continue, while one
+    request is mid-generation. The client reads SGLang's `meta_info.weight_versions` spans as one
+    version per token; the tokens before the update carry the old version and the old weights'
+    log-probs, the tokens after it the new version and the new weights' log-probs."""
+    from ctpo_megatron.rollout.serving.client import SGLangClient
+
+    fresh_dir = build_tiny_model(tmp_path / "fresh", seed=321)
+    prompt, temperature = [9, 10, 11], 0.8
+    params = {"max_new_tokens": 3000, "temperature": temperature, "ignore_eos": True, "sampling_seed": 5}
+
+    async def scenario():
+        async with SGLangClient([server], health_interval_s=0) as client:
+            task = asyncio.ensure_future(client.generate(prompt, params))
+            while json.loads((await post(server, "/server_info", method="GET"))[1])["internal_states"][0]["idle"]:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # some tokens with the old weights
+            await client.pause_generation("retract")
+            status, out = await post(server, "/update_weights_from_disk",
+                                     {"model_path": fresh_dir, "weight_version": "step_7"})
+            assert status == 200, out
+            await client.continue_generation()
+            return await task
+
+    res = asyncio.run(scenario())
+    spans = res.meta_info["weight_versions"]
+    decoded = load_contract().GenerateMetaInfo.from_json_value(res.meta_info)  # SGLang's own decoder
+    assert [(d.version, d.start, d.end) for d in decoded.weight_versions] == [
+        (s["version"], s["start"], s["end"]) for s in spans]
+    assert [s["version"] for s in spans] == ["default", "step_7"], spans
+    cut = spans[0]["end"]
+    assert 0 < cut < len(res.output_ids) == 3000 and spans[1] == {"version": "step_7", "start": cut, "end": 3000}
+    assert res.output_versions == ["default"] * cut + ["step_7"] * (3000 - cut)
+    assert res.weight_version == "step_7" and res.meta_info["num_retractions"] == 1
+    ids = prompt + res.output_ids
+    with torch.no_grad():
+        before = torch.log_softmax(local(torch.tensor([ids])).logits[0].float() / temperature, -1)
+        after = torch.log_softmax(load_local(fresh_dir)(torch.tensor([ids])).logits[0].float() / temperature, -1)
+    expected = [(before if k < cut else after)[len(prompt) - 1 + k, t].item() for k, t in enumerate(res.output_ids)]
+    assert res.output_log_probs == pytest.approx(expected, abs=1e-4)
+    old_only = [before[len(prompt) - 1 + k, t].item() for k, t in enumerate(res.output_ids)]
+    assert res.output_log_probs[cut:] != pytest.approx(old_only[cut:], abs=1e-3)  # the weights did change

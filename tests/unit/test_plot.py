@@ -140,3 +140,24 @@ def test_metrics_file_is_plain_json_lines(tmp_path):
     _fake_run(tmp_path, steps=1)
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         assert all(isinstance(json.loads(line), dict) for line in f)
+
+
+def test_asynchronous_runs_get_a_staleness_figure(tmp_path, monkeypatch):
+    _fake_run(tmp_path, steps=3)
+    path = os.path.join(tmp_path, "metrics.jsonl")
+    assert "staleness.png" not in [os.path.basename(p) for p in plot.plot_run(str(tmp_path))]  # synchronous
+    records = read_metrics(path)
+    for r in records[1:]:  # step 1: all fresh; later steps: a quarter one version behind, 2 tokens masked
+        late = r["step"] > 1
+        r.update({"staleness/mean": 0.25 * late, "staleness/0": 1.0 - 0.25 * late,
+                  "tokens_per_version/0": 40.0, "stale/masked_tokens": 2.0 * late})
+        if late:
+            r.update({"staleness/1": 0.25, "tokens_per_version/1": 40.0})
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    axes = _drawn_figures(monkeypatch)
+    assert os.path.basename(plot.plot_run(str(tmp_path))[-1]) == "staleness.png"
+    ax = axes["staleness.png"]
+    assert _line(ax, "0 versions behind") == ([1, 2, 3], [1.0, 0.75, 0.75])
+    assert _line(ax, "1 version behind") == ([1, 2, 3], [0.0, 0.25, 0.25])
+    assert _line(ax, "taken out of the loss (stale_policy)") == ([1, 2, 3], [0.0, 2 / 80, 2 / 80])

@@ -281,3 +281,26 @@ def test_generation_goes_through_the_real_router(tmp_path):
     cached = [r.meta_info["cached_tokens"] for _, r in results]
     # Per prompt: the first request misses, the other three are served from the cache.
     assert cached == [0, 40, 40, 40] * 3
+
+
+def test_weight_version_spans_become_one_version_per_token():
+    """SGLang's meta_info.weight_versions spans (end exclusive) -> one version per output token;
+    no spans (an SGLang without them): the request's version for every token; spans that do not
+    tile the output are a malformed response."""
+    import json
+
+    from ctpo_megatron.rollout.serving.client import token_versions
+
+    spans = [{"version": "step_3", "start": 0, "end": 2}, {"version": "step_4", "start": 2, "end": 5}]
+    assert token_versions(spans, 5, "step_4") == ["step_3"] * 2 + ["step_4"] * 3
+    assert token_versions(None, 3, "step_4") == ["step_4"] * 3
+    assert token_versions([{"version": "v", "start": 0, "end": 0}], 0, "v") == []
+    for bad, n in (([{"version": "a", "start": 1, "end": 3}], 3), (spans, 6), (spans[1:], 3)):
+        with pytest.raises(ValueError):
+            token_versions(bad, n, "x")
+    body = {"output_ids": [4, 5, 6], "meta_info": {"weight_version": "step_4", "weight_versions": spans,
+                                                   "output_token_logprobs": [[-1.0, t, None] for t in (4, 5, 6)]}}
+    with pytest.raises(ServerError, match="weight_versions"):
+        SGLangClient._parse("http://h:1", json.dumps(body), True)
+    body["meta_info"]["weight_versions"] = spans[:1] + [{"version": "step_4", "start": 2, "end": 3}]
+    assert SGLangClient._parse("http://h:1", json.dumps(body), True).output_versions == ["step_3"] * 2 + ["step_4"]

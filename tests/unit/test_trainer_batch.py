@@ -12,7 +12,8 @@ from ctpo_megatron.algo import PolicyLossConfig, RolloutCorrectionConfig, policy
 from ctpo_megatron.parallel.spawn import run_on_ranks
 from ctpo_megatron.rollout.agent.trajectory import Trajectory
 from ctpo_megatron.trainer import checkpoint as ckpt
-from ctpo_megatron.trainer.batch import StepBatch, plan_shards, rollout_metrics, shard, version_metrics
+from ctpo_megatron.trainer.batch import (StepBatch, mask_stale_tokens, plan_shards, rollout_metrics, shard,
+                                         version_metrics)
 from ctpo_megatron.trainer.loop import progress_line
 from ctpo_megatron.trainer.update import attach_old_log_probs, make_loss_fn
 from tests.unit._shard_exchange import exchange
@@ -235,7 +236,32 @@ def test_mixed_version_trajectories_use_each_tokens_own_behaviour_log_prob():
     assert abs(reference(stale) - reference(behaviour)) > 1e-3
     assert version_metrics(batch, 5) == pytest.approx({
         "staleness/mean": 2 / 9, "staleness/max": 1.0, "staleness/0": 7 / 9, "staleness/1": 2 / 9,
-        "tokens_per_version/4": 2.0, "tokens_per_version/5": 7.0})
+        "tokens_per_version/4": 2.0, "tokens_per_version/5": 7.0, "rollout/partial": 1.0})
+
+
+@pytest.mark.parametrize("policy", ["mask", "drop"])
+def test_stale_tokens_are_masked_or_their_trajectories_dropped(policy):
+    """Tokens more than max_staleness versions behind the trained weights leave the loss: only
+    them (mask) or their whole trajectory (drop); rows, advantages and versions stay, and the
+    mini-batch token counts (the loss's denominators) follow the mask."""
+    masks = [[1, 1, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1]]
+    versions = [[2, 3, 3, 4, 4], [4, 4, 4, 4], [3, 3, 4]]  # row 0 spans two updates
+    trajs = [Trajectory(prompt_ids=[1], response_ids=[5] * len(m), loss_mask=m, rollout_log_probs=[-0.5] * len(m),
+                        token_versions=v, reward=float(i % 2), prompt_index=i // 2, sample_index=i % 2)
+             for i, (m, v) in enumerate(zip(masks, versions))]
+    batch = StepBatch.from_trajectories(trajs)
+    advantages, before = batch.advantages.clone(), batch.versions.clone()
+    metrics = mask_stale_tokens(batch, policy_version=4, max_staleness=1, policy=policy)
+    kept = {"mask": [[0, 1, 0, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]],
+            "drop": [[0, 0, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]}[policy]
+    assert batch.response_mask.tolist() == kept
+    assert metrics == {"stale/tokens": 1.0, "stale/masked_tokens": 1.0 if policy == "mask" else 4.0,
+                       "stale/dropped_trajectories": float(policy == "drop")}
+    assert torch.equal(batch.advantages, advantages) and torch.equal(batch.versions, before)
+    assert shard(batch, 1, 1)[0].mini_batch_tokens.tolist() == [sum(map(sum, kept))]
+    assert mask_stale_tokens(batch, 4, 2, policy)["stale/tokens"] == 0.0  # within a bound of 2
+    with pytest.raises(ValueError, match="rollout.stale_policy"):
+        mask_stale_tokens(batch, 4, 1, "ignore")
 
 
 def test_dynamic_sampling_keeps_drawing_until_the_groups_are_informative():
@@ -274,7 +300,7 @@ def test_rollout_producer_runs_at_most_k_steps_ahead():
     ahead = PromptSampler(prompts, seed=0)
     started, gate = [], threading.Semaphore(0)
 
-    def generate(step, batch):
+    def generate(step, batch, sampler):
         started.append(step)
         gate.release()
         return [f"traj of step {step}"]
@@ -286,8 +312,7 @@ def test_rollout_producer_runs_at_most_k_steps_ahead():
             assert gate.acquire(timeout=30)
         assert not gate.acquire(timeout=0.5) and started == [1, 2]  # 2 ahead, then it waits
         for step in range(1, 5):
-            trajs, _ = producer.take(step, lockstep.next_batch(3))
-            assert trajs == [f"traj of step {step}"]
+            assert producer.take(step, lockstep.next_batch(3)).result == [f"traj of step {step}"]
             assert gate.acquire(timeout=30)  # taking step s lets step s + 2 start
             assert started[-1] == step + 2
         with pytest.raises(RuntimeError, match="other prompts"):
@@ -299,7 +324,7 @@ def test_rollout_producer_runs_at_most_k_steps_ahead():
     finally:
         producer.close()
 
-    def broken(step, batch):
+    def broken(step, batch, sampler):
         raise OSError("server gone")
 
     producer = RolloutProducer(broken, PromptSampler(prompts, seed=0), prompts_per_step=3, first_step=1,
@@ -307,3 +332,39 @@ def test_rollout_producer_runs_at_most_k_steps_ahead():
     with pytest.raises(RuntimeError, match="rollout producer failed"):
         producer.take(1, [])
     producer.close()
+
+
+def test_rollout_producer_with_dynamic_sampling_hands_over_the_data_position():
+    """max_staleness together with dynamic sampling: the producer over-samples from its own
+    sampler, and the trainer takes the position after each step's last draw, so the data
+    position (what checkpoints save) is exactly the synchronous run's."""
+    from ctpo_megatron.data.prompts import Prompt, PromptSampler
+    from ctpo_megatron.trainer.producer import RolloutProducer
+    from ctpo_megatron.trainer.sampling import fill_informative_groups
+
+    prompts = [Prompt(uid=str(i), messages=[], ground_truth="") for i in range(40)]
+
+    def generate(batch, round_index):  # uid % 3 == 0: all-equal rewards (dropped)
+        return [_traj(i, k, float(k % 2) if int(p.uid) % 3 else 1.0, n_resp=2)
+                for i, p in enumerate(batch) for k in range(2)]
+
+    def collect(step, batch, sampler):
+        return fill_informative_groups(generate, sampler, batch, target=4, max_rounds=8)
+
+    synchronous = PromptSampler(prompts, seed=3)
+    expected = []
+    for step in range(1, 5):
+        kept, _, metrics = collect(step, synchronous.next_batch(4), synchronous)
+        expected.append((synchronous.state_dict(), [t.reward for t in kept], metrics))
+    lockstep = PromptSampler(prompts, seed=3)
+    producer = RolloutProducer(collect, PromptSampler(prompts, seed=3), prompts_per_step=4, first_step=1,
+                               last_step=4, max_staleness=2)
+    try:
+        for step, (position, rewards, metrics) in enumerate(expected, start=1):
+            ready = producer.take(step, lockstep.next_batch(4))
+            lockstep.load_state_dict(ready.data_position)  # what the trainer does
+            kept, _, got = ready.result
+            assert (lockstep.state_dict(), [t.reward for t in kept], got) == (position, rewards, metrics)
+        assert sum(m["sampling/groups_dropped"] for _, _, m in expected) > 0  # it did over-sample
+    finally:
+        producer.close()

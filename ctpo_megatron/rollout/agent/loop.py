@@ -35,7 +35,7 @@ from ctpo_megatron.rollout.agent.chat import ToolFormat, as_tokenizer, find_tool
 from ctpo_megatron.rollout.serving.client import affinity, prompt_affinity_key
 from ctpo_megatron.rollout.agent.reward import score_response
 from ctpo_megatron.rollout.sandbox import SandboxPool, SandboxResult
-from ctpo_megatron.rollout.agent.trajectory import Trajectory
+from ctpo_megatron.rollout.agent.trajectory import Trajectory, version_number
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ class GenerateResultLike(Protocol):
     output_log_probs: list[float]
     finish_reason: dict | None
     weight_version: str
+    """The request's weight version; `output_versions` ([R] str, optional) per token when a
+    weight update landed mid-request."""
 
 
 class Generator(Protocol):
@@ -185,24 +187,31 @@ class AgentLoop:
             cfg.seed * 1_000_003 + traj.prompt_index * 10_007 + traj.sample_index * 101 + calls) % (1 << 31)
 
     async def _generate(self, generator: Generator, traj: Trajectory, max_new: int,
-                        calls: int) -> tuple[GenerateResultLike, list[int], list[float]]:
+                        calls: int) -> tuple[GenerateResultLike, list[int], list[float], list[str]]:
+        """One request; returns the result, its output ids, log-probs and per-token versions."""
         res = await generator.generate(traj.prompt_ids + traj.response_ids,
                                        self._sampling_params(max_new, self._seed(traj, calls)),
                                        return_logprob=True)
         new_ids, new_lps = list(res.output_ids), list(res.output_log_probs)
-        if len(new_lps) != len(new_ids):
+        versions = list(getattr(res, "output_versions", None) or [res.weight_version] * len(new_ids))
+        if len(new_lps) != len(new_ids) or len(versions) != len(new_ids):
             raise ValueError(f"generate returned {len(new_ids)} output_ids but {len(new_lps)} "
-                             f"log-probs (server {getattr(res, 'server_url', '?')})")
-        if not traj.weight_versions or traj.weight_versions[-1] != res.weight_version:
-            traj.weight_versions.append(res.weight_version)
-        return res, new_ids, new_lps
+                             f"log-probs and {len(versions)} versions (server "
+                             f"{getattr(res, 'server_url', '?')})")
+        for version in versions or [res.weight_version]:
+            if not traj.weight_versions or traj.weight_versions[-1] != version:
+                traj.weight_versions.append(version)
+        return res, new_ids, new_lps, versions
 
     @staticmethod
-    def _append(traj: Trajectory, ids: list[int], log_probs: list[float] | None) -> None:
-        """Appends sampled tokens (with their log-probs, mask 1) or inserted ones (mask 0)."""
+    def _append(traj: Trajectory, ids: list[int], log_probs: list[float] | None,
+                versions: list[str] | None = None) -> None:
+        """Appends sampled tokens (with their log-probs and weight versions, mask 1) or
+        inserted ones (mask 0, version -1)."""
         traj.response_ids += ids
         traj.rollout_log_probs += [float(x) for x in log_probs] if log_probs is not None else [0.0] * len(ids)
         traj.loss_mask += [int(log_probs is not None)] * len(ids)
+        traj.token_versions += [version_number(v) for v in versions] if versions is not None else [-1] * len(ids)
 
     async def _run_tool_turns(self, generator: Generator, traj: Trajectory) -> None:
         """The reference's layout: each assistant turn is sampled to its end-of-turn token;
@@ -215,9 +224,9 @@ class AgentLoop:
             if budget <= 0:
                 traj.finish_reason = "length"
                 return
-            res, new_ids, new_lps = await self._generate(generator, traj, budget, traj.num_turns)
+            res, new_ids, new_lps, versions = await self._generate(generator, traj, budget, traj.num_turns)
             turn_start = len(traj.response_ids)
-            self._append(traj, new_ids, new_lps)
+            self._append(traj, new_ids, new_lps, versions)
             traj.num_turns += 1
             reason = self._finish_without_call(res, new_ids)
             if reason == "abort":
@@ -271,14 +280,14 @@ class AgentLoop:
                 traj.finish_reason = "length"
                 break
             max_new = min(budget, cfg.max_tokens_per_call) if cfg.max_tokens_per_call else budget
-            res, new_ids, new_lps = await self._generate(generator, traj, max_new, calls)
+            res, new_ids, new_lps, versions = await self._generate(generator, traj, max_new, calls)
             calls += 1
             seg_ids = traj.response_ids[seg_start:]
             cut = self._first_call_cut(seg_ids, new_ids) if new_ids else None
             keep = cut[0] if cut else len(new_ids)
             if seg_start == len(traj.response_ids) and keep > 0:
                 traj.num_turns += 1  # the first tokens of a new assistant segment
-            self._append(traj, new_ids[:keep], new_lps[:keep])
+            self._append(traj, new_ids[:keep], new_lps[:keep], versions[:keep])
             if cut is None:
                 traj.finish_reason = self._finish_without_call(res, new_ids)
                 continue
@@ -313,9 +322,7 @@ class AgentLoop:
         if len(ids) >= room:
             ids = ids[:room]
             traj.finish_reason = "length"
-        traj.response_ids += ids
-        traj.rollout_log_probs += [0.0] * len(ids)
-        traj.loss_mask += [0] * len(ids)
+        self._append(traj, ids, None)
 
     async def _score(self, traj: Trajectory) -> None:
         res = await asyncio.to_thread(score_response, self.reward_text(traj), traj.ground_truth,

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+_VERSION = re.compile(r"step_(\d+)$")
+
+
+def version_number(version: str | None) -> int:
+    """The trainer's weight version string `step_<n>` -> n; the base model (no version yet,
+    or any other name) -> 0."""
+    match = _VERSION.search(version or "")
+    return int(match.group(1)) if match else 0
 
 
 @dataclass
@@ -39,9 +49,10 @@ class Trajectory:
     weight_versions: list[str] = field(default_factory=list)
     """Distinct server weight versions that produced the generated tokens, in order."""
     token_versions: list[int] = field(default_factory=list)
-    """[R] int — trainer step whose weights sampled each token (0 = initial weights), when the
-    producer records it per token (a rollout that spans a weight update); empty: every token
-    comes from `weight_version`."""
+    """[R] int — trainer step whose weights sampled each generated token (`version_number` of
+    the server's per-token version: a request paused across a weight update holds tokens of
+    both), -1 at tool output; empty (trajectories built elsewhere): every token is taken to
+    come from the first of `weight_versions`."""
     response_text: str = ""
     """Decoded response (special tokens kept), for reward and logging."""
     prompt_index: int = 0

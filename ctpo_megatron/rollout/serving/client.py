@@ -54,6 +54,10 @@ class GenerateResult:
     output_ids: [R] int — generated token ids, including the matched stop/EOS token.
     output_log_probs: [R] float — rollout log-prob of each output token (empty when
       return_logprob=False); SGLang's definition: log_softmax(logits / temperature).
+    output_versions: [R] str — the weight version that sampled each output token. A request
+      paused across a weight update (partial rollout: pause, new weights, continue) holds
+      tokens of two versions; SGLang reports them as `meta_info.weight_versions` spans. A
+      server without spans: every token at the request's `weight_version`.
     """
 
     output_ids: list[int]
@@ -64,6 +68,7 @@ class GenerateResult:
     server_url: str
     rid: str = ""
     meta_info: dict = field(default_factory=dict, repr=False)
+    output_versions: list[str] = field(default_factory=list, repr=False)
 
 
 class ServerError(RuntimeError):
@@ -109,6 +114,24 @@ def pinned_server(key: str, urls: Sequence[str]) -> str:
     """The server `key` maps to: highest rendezvous weight, so removing a server moves only
     the keys that mapped to it."""
     return max(urls, key=lambda u: hashlib.blake2b(f"{key}|{u}".encode(), digest_size=8).digest())
+
+
+def token_versions(spans: list[dict] | None, num_tokens: int, default: str) -> list[str]:
+    """Per-token weight versions from SGLang's `meta_info.weight_versions` spans
+    (`{version, start, end}`, end exclusive, contiguous from 0 over the output tokens);
+    `default` for every token when the server sent no spans. ValueError when the spans do
+    not cover the output exactly."""
+    if not spans:
+        return [default] * num_tokens
+    out: list[str] = []
+    for span in spans:
+        start, end = int(span["start"]), int(span["end"])
+        if start != len(out) or end < start:
+            raise ValueError(f"span {span} does not continue at token {len(out)}")
+        out += [str(span["version"])] * (end - start)
+    if len(out) != num_tokens:
+        raise ValueError(f"spans cover {len(out)} tokens, the output has {num_tokens}")
+    return out
 
 
 class SGLangClient:
@@ -322,11 +345,15 @@ class SGLangClient:
         if return_logprob and len(logprobs) != len(output_ids):
             raise ServerError(url, 200, f"{len(logprobs)} log-probs for {len(output_ids)} output ids: "
                                         f"{text[:2000]}")
+        version = str(meta.get("weight_version") or "default")
+        try:
+            versions = token_versions(meta.get("weight_versions"), len(output_ids), version)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ServerError(url, 200, f"malformed meta_info.weight_versions ({e}): {text[:2000]}") from None
         return GenerateResult(output_ids=output_ids, output_log_probs=logprobs,
-                              finish_reason=meta.get("finish_reason"),
-                              weight_version=str(meta.get("weight_version") or "default"),
+                              finish_reason=meta.get("finish_reason"), weight_version=version,
                               prompt_tokens=int(meta.get("prompt_tokens", 0)), server_url=url,
-                              rid=str(meta.get("id", "")), meta_info=meta)
+                              rid=str(meta.get("id", "")), meta_info=meta, output_versions=versions)
 
     async def generate_many(self, list_of_input_ids: Sequence[Sequence[int]], sampling_params: dict, *,
                             return_logprob: bool = True) -> list[GenerateResult]:

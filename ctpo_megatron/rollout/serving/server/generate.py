@@ -81,6 +81,18 @@ def build_requests(body: dict, scheduler: Scheduler, seed_base: int,
     return requests, is_batch or n > 1
 
 
+def version_spans(versions: list[str], current: str) -> list[dict[str, Any]]:
+    """SGLang's `meta_info.weight_versions`: `{version, start, end}` spans (end exclusive) of the
+    output tokens each weight version sampled, in order; `[{current, 0, 0}]` without output."""
+    spans: list[dict[str, Any]] = []
+    for i, version in enumerate(versions):
+        if spans and spans[-1]["version"] == version:
+            spans[-1]["end"] = i + 1
+        else:
+            spans.append({"version": version, "start": i, "end": i + 1})
+    return spans or [{"version": current, "start": 0, "end": 0}]
+
+
 def response_of(req: Request, *, index: int | None = None, upto: int | None = None,
                 final: bool = True) -> dict:
     """SGLang's response object for one request: cumulative output, its first `upto` tokens."""
@@ -92,6 +104,7 @@ def response_of(req: Request, *, index: int | None = None, upto: int | None = No
         "cached_tokens": req.cached_tokens,
         "reasoning_tokens": 0, "weight_version": req.weight_version,
         "num_retractions": req.num_retractions,
+        "weight_versions": version_spans(req.output_versions[:upto], req.weight_version),
     }
     if req.return_logprob:
         meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in

@@ -81,6 +81,9 @@ class Request:
     seed: int = 0
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_versions: list[str] = field(default_factory=list)
+    """Weight version that sampled each output token (a request paused across a weight update
+    holds tokens of two versions): reported as `meta_info.weight_versions` spans."""
     input_logprobs: list[float | None] | None = None
     finish_reason: dict | None = None
     weight_version: str = "default"
@@ -233,6 +236,8 @@ class Scheduler:
                 self._cv.notify_all()
 
     def set_weight_version(self, version: str) -> None:
+        """Call under `exclusive()`, right after the load: no token is sampled with the new weights
+        under the old version string."""
         with self._cv:
             self.weight_version = version
 
@@ -342,6 +347,7 @@ class Scheduler:
         token, logprob = sample_next(logits, params, req.generator(), banned)
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
+        req.output_versions.append(self.weight_version)
         total = len(req.input_ids) + len(req.output_ids)
         if token in stops:
             self._finish(req, {"type": "stop", "matched": token})

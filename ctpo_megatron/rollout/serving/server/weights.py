@@ -66,7 +66,11 @@ async def _apply(request: web.Request, body: dict, load_fn) -> tuple[bool, str]:
 
     def run() -> str:
         with state.scheduler.exclusive():
-            return load_fn()
+            message = load_fn()
+            # Still under the lock: every token sampled with these weights carries the version.
+            if body.get("weight_version") is not None:
+                state.scheduler.set_weight_version(body["weight_version"])
+            return message
 
     try:
         message = await asyncio.to_thread(run)
@@ -74,7 +78,6 @@ async def _apply(request: web.Request, body: dict, load_fn) -> tuple[bool, str]:
         logger.error("weight update failed: %s", e)
         return False, f"Failed to update weights: {e}"
     if body.get("weight_version") is not None:
-        state.scheduler.set_weight_version(body["weight_version"])
         logger.info("weights updated to version %s (%s)", body["weight_version"], message)
     if body.get("flush_cache", True):
         if not state.scheduler.can_flush():
