@@ -6,7 +6,9 @@ in simulated-latency mode (`CTPO_SIM_DECODE_DELAY_S`): every decode step takes `
 seconds of wall time, standing in for rollout GPUs on other nodes. The server's own sampling
 and forward count toward that time (only the remainder is slept); the server log's count of
 steps whose compute alone exceeded it is printed, as the simulation is only faithful when it
-is ~0.
+is ~0. In that mode the server also runs at the lowest CPU priority (nice 19): remote GPUs
+take no trainer CPU, and the trainer's TP ranks run in lockstep, so a core taken from one
+rank stalls them all; the server then computes on the CPU the trainer leaves idle.
 
 The goal is about overlap, so the defaults make rollout and training of comparable length:
 the sync run's rollout time R and training time T (old log-probs + update + weight sync)
@@ -17,7 +19,7 @@ start-up included): when the max_staleness=1 run already uses about all cores, t
 own CPU work (agent loop, sandbox, reward, the server's HTTP and forward) competes with the
 trainer and overlap cannot shorten the step further on this machine.
 
-    python benchmarks/bench_async.py [--steps 6] [--decode-delay 0.02] [--epochs 2] [--repeats 2] [--init DIR]
+    python benchmarks/bench_async.py [--steps 6] [--decode-delay 0.02] [--epochs 3] [--repeats 2] [--init DIR]
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def main() -> int:
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--decode-delay", type=float, default=0.02,
                         help="seconds per decode step (simulated remote GPU; 0 = real CPU speed)")
-    parser.add_argument("--epochs", type=int, default=2,
+    parser.add_argument("--epochs", type=int, default=3,
                         help="trainer.epochs_per_step: the default makes training about as long as the rollout")
     parser.add_argument("--repeats", type=int, default=2,
                         help="alternating (0, 1) run pairs; medians over all their steps")
