@@ -263,12 +263,20 @@ def test_bench_step_smoke(tiny_init, tmp_path):
 
 
 def test_bench_async_smoke(tiny_init, tmp_path):
-    """benchmarks/bench_async.py at a tiny size (3 steps of 8 prompts, one pair of runs, no
-    simulated latency) prints its step-time ratio line."""
+    """benchmarks/bench_async.py at a tiny size (3 steps of 8 prompts, one epoch, one pair of
+    runs, 1 ms simulated decode) prints the sync run's R and T, the server's simulated-decode
+    figures, both runs' rows and the step-time ratio."""
     out = str(tmp_path / "bench")
     stdout, logs = _bench_stdout("bench_async.py", ["--steps", "3", "--prompts-per-step", "8", "--repeats", "1",
-                                                    "--decode-delay", "0", "--init", tiny_init, "--out", out],
+                                                    "--epochs", "1", "--decode-delay", "0.001", "--init", tiny_init,
+                                                    "--out", out],
                                  out, str(tmp_path / "bench_async"))
+    assert re.search(r"^sync run: rollout R [\d.]+ s, training T [\d.]+ s ", stdout, re.M), logs
+    # The server logged its simulated-decode summary (read back from its log): real steps ran.
+    compute = re.search(r"^server decode compute ([\d.]+) ms/step \(sync\)", stdout, re.M)
+    assert compute and float(compute.group(1)) > 0, logs
+    for k in (0, 1):
+        assert re.search(rf"^{k} +[\d.]+ +[\d.]+ +[\d.]+ +\d+% +[\d.]+ ", stdout, re.M), logs
     assert re.search(r"^step time ratio \(max_staleness=1 / 0\): [\d.]+$", stdout, re.M), logs
 
 

@@ -427,3 +427,22 @@ def test_request_spanning_a_weight_update_reports_each_tokens_version(server, lo
     assert res.output_log_probs == pytest.approx(expected, abs=1e-4)
     old_only = [before[len(prompt) - 1 + k, t].item() for k, t in enumerate(res.output_ids)]
     assert res.output_log_probs[cut:] != pytest.approx(old_only[cut:], abs=1e-3)  # the weights did change
+
+
+def test_simulated_latency_mode_server(model_dir, tmp_path):
+    """A server started with CTPO_SIM_DECODE_DELAY_S runs at the lowest CPU priority (it stands
+    in for GPUs on other nodes), still generates, and logs its simulated-decode summary (the
+    line bench_async reads) at shutdown."""
+    import os
+
+    from ctpo_megatron.rollout.serving.server.scheduler import DECODE_DELAY_ENV
+
+    cfg = LaunchConfig(model_path=model_dir, health_timeout_s=120, max_batch_size=8, log_dir=str(tmp_path),
+                       env={"OMP_NUM_THREADS": "1", DECODE_DELAY_ENV: "0.002"})
+    with ServerGroup(cfg) as group:
+        proc = group.servers[0]
+        assert os.getpriority(os.PRIO_PROCESS, proc.proc.pid) == 19
+        status, out = gen(group.worker_urls[0], [5, 6, 7], max_new_tokens=6, ignore_eos=True, sampling_seed=3)
+        assert status == 200 and len(out["output_ids"]) == 6, out
+    log = proc.log.read_text()
+    assert "simulated decode: 5 steps of 2.0 ms" in log, log  # 6 tokens: prefill + 5 decode steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import signal
 
 import torch
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from ctpo_megatron.logging_utils import init_logging
 from ctpo_megatron.rollout.serving.server.app import build_app, make_state
+from ctpo_megatron.rollout.serving.server.scheduler import DECODE_DELAY_ENV
 
 logger = logging.getLogger("ctpo_megatron.rollout.serving.server")
 
@@ -56,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--tp-size must be >= 1, got {args.tp_size}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if float(os.environ.get(DECODE_DELAY_ENV, "") or 0) > 0:
+        # Simulated-latency mode stands in for GPUs on other nodes: this server's own compute
+        # takes only CPU the trainer leaves idle (its TP ranks run in lockstep, so a core taken
+        # from one rank stalls all of them). Set before any thread starts: threads inherit it.
+        os.nice(19 - os.nice(0))
     state = make_state(model=args.model, seed=args.seed, max_batch_size=args.max_batch_size,
                        dtype=args.dtype, device=args.device, weight_version=args.weight_version,
                        tp_size=args.tp_size, rank_digests=args.rank_digests,

@@ -144,3 +144,37 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     choice = torch.multinomial(probs_sort / probs_sort.sum(), 1, generator=generator)
     token = int(probs_idx[choice])
     return token, float(log_probs[token])
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+                banned: list[frozenset[int]]) -> list[tuple[int, float]]:
+    """`sample_next` for every row of a decode step, with the same tokens and log-probs bit for
+    bit, at a fraction of the CPU: rows that share their sampling parameters (and mask nothing)
+    take the softmax, sort and truncation together; only the seeded draw stays per row (each
+    request has its own generator).
+
+    logits: [B, V] float32 — row i is the next-token logits of the request behind params[i],
+    generators[i] and banned[i].
+    """
+    out: list[tuple[int, float] | None] = [None] * len(params)
+    groups: dict[tuple[float, float, int, float], list[int]] = {}
+    for i, (p, ban) in enumerate(zip(params, banned)):
+        if ban or p.greedy:
+            out[i] = sample_next(logits[i], p, generators[i], ban)
+        else:
+            groups.setdefault((p.temperature, p.top_p, p.top_k, p.min_p), []).append(i)
+    for (temperature, top_p, top_k, min_p), rows in groups.items():
+        log_probs = torch.log_softmax(logits[rows].float() / temperature, dim=-1)
+        probs_sort, probs_idx = log_probs.exp().sort(dim=-1, descending=True)
+        cum = probs_sort.cumsum(-1)
+        probs_sort = probs_sort.masked_fill((cum - probs_sort) > top_p, 0.0)
+        if top_k < probs_sort.shape[-1]:
+            probs_sort[:, top_k:] = 0.0
+        if min_p > 0.0:
+            probs_sort = probs_sort.masked_fill(probs_sort < probs_sort[:, :1] * min_p, 0.0)
+        for g, i in enumerate(rows):
+            row = probs_sort[g]
+            choice = torch.multinomial(row / row.sum(), 1, generator=generators[i])
+            token = int(probs_idx[g, choice])
+            out[i] = (token, float(log_probs[g, token]))
+    return out  # type: ignore[return-value]

@@ -22,11 +22,14 @@ from typing import Callable, Iterator
 import torch
 
 from ctpo_megatron.rollout.serving.server.model_runner import ModelRunner
-from ctpo_megatron.rollout.serving.server.sampling import SamplingParams, sample_next
+from ctpo_megatron.rollout.serving.server.sampling import SamplingParams, sample_rows
 
 DECODE_DELAY_ENV = "CTPO_SIM_DECODE_DELAY_S"
-"""Seconds every decode step sleeps (default 0): stands in for a GPU on another node in
-benchmarks of the trainer's overlap (`benchmarks/bench_async.py`); uses no CPU."""
+"""Simulated-latency mode (default 0: off): every decode step takes this many seconds of wall
+time, standing in for a GPU on another node in benchmarks of the trainer's overlap
+(`benchmarks/bench_async.py`). The step's real CPU work (sampling + forward) counts toward
+it and only the remainder is slept, so the step time is the setting, not the setting plus
+this machine's compute; steps whose compute alone exceeds it are counted (`SimulatedDecode`)."""
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,33 @@ class Request:
             self.notify(self, final)
 
 
+@dataclass
+class SimulatedDecode:
+    """Simulated-latency mode's bookkeeping: each decode step lasts `delay_s` of wall time."""
+
+    delay_s: float
+    steps: int = 0
+    over: int = 0
+    """Steps whose own compute exceeded `delay_s` (the simulation ran slower than set)."""
+    compute_s: float = 0.0
+    """Sampling + forward seconds of all steps (the server's CPU work inside the wall time)."""
+
+    def finish_step(self, compute_s: float) -> None:
+        """Records a step that computed for `compute_s` and sleeps the rest of `delay_s`."""
+        self.steps += 1
+        self.compute_s += compute_s
+        if compute_s > self.delay_s:
+            self.over += 1
+        else:
+            time.sleep(self.delay_s - compute_s)  # wall time, no CPU
+
+    def summary(self) -> str:
+        """One line for the server log (read by `benchmarks/bench_async.py`)."""
+        mean_ms = 1e3 * self.compute_s / max(self.steps, 1)
+        return (f"simulated decode: {self.steps} steps of {self.delay_s * 1e3:.1f} ms, compute "
+                f"{mean_ms:.2f} ms/step, {self.over} steps over the setting")
+
+
 class Scheduler:
     """Batches requests and runs them on a ModelRunner in a background thread."""
 
@@ -118,8 +148,15 @@ class Scheduler:
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        self.decode_delay_s = float(os.environ.get(DECODE_DELAY_ENV, "0") or 0)
-        """Simulated-latency mode (benchmarks): every decode step also sleeps this long."""
+        delay = os.environ.get(DECODE_DELAY_ENV, "") or "0"
+        try:
+            delay_s = float(delay)
+        except ValueError:
+            delay_s = -1.0
+        if not delay_s >= 0:
+            raise ValueError(f"{DECODE_DELAY_ENV}={delay!r}: expected seconds per decode step (>= 0)")
+        self.sim = SimulatedDecode(delay_s) if delay_s > 0 else None
+        """Simulated-latency mode (benchmarks): every decode step lasts `sim.delay_s`."""
         self.weight_version = weight_version
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -246,6 +283,8 @@ class Scheduler:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=10)
+        if self.sim is not None:
+            logger.info(self.sim.summary())
 
     # ---- the scheduler thread ---------------------------------------------------------------
     def _can_start(self) -> bool:
@@ -320,36 +359,58 @@ class Scheduler:
         del logits
         rows = list(batch)  # the requests behind the cache rows, in row order
         while True:
-            for i, req in enumerate(rows):
-                if not req.finished:
-                    self._sample_into(req, step_logits[i])
-            if not self._step_gate(batch):
+            start = time.perf_counter()
+            self._sample_step(rows, step_logits)
+            sampled = time.perf_counter()
+            if not self._step_gate(batch):  # may block (paused): not part of the step's time
                 return
+            start += time.perf_counter() - sampled
             keep = [i for i, r in enumerate(rows) if not r.finished]
-            if self.decode_delay_s:
-                time.sleep(self.decode_delay_s)  # simulated remote GPU: wall time, no CPU
             with runner.lock:
                 if len(keep) < len(rows):  # finished rows leave the batch: no compute for them
                     runner.select_rows(state, keep)
                     rows = [rows[i] for i in keep]
                 step_logits = runner.decode([r.output_ids[-1] for r in rows], state).cpu()
+            if self.sim is not None:
+                self.sim.finish_step(time.perf_counter() - start)
 
-    def _sample_into(self, req: Request, logits: torch.Tensor) -> None:
+    def _sample_step(self, rows: list[Request], logits: torch.Tensor) -> None:
+        """Samples the next token of every unfinished row (one batched `sample_rows` call).
+
+        logits: [len(rows), V] float32 on CPU, row i for rows[i].
+        """
+        live, banned = [], []
+        for i, req in enumerate(rows):
+            if req.finished:
+                continue
+            limit = req.params.max_new_tokens
+            if limit is not None and len(req.output_ids) >= limit:
+                self._finish(req, {"type": "length", "length": limit})
+                continue
+            live.append(i)
+            banned.append(frozenset(self._stops(req)) if len(req.output_ids) < req.params.min_new_tokens
+                          else frozenset())
+        if not live:
+            return
+        drawn = sample_rows(logits[live], [rows[i].params for i in live],
+                            [rows[i].generator() for i in live], banned)
+        for i, (token, logprob) in zip(live, drawn):
+            self._append_token(rows[i], token, logprob)
+
+    def _stops(self, req: Request) -> set[int]:
+        stops = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            stops |= self.runner.eos_token_ids
+        return stops
+
+    def _append_token(self, req: Request, token: int, logprob: float) -> None:
         params = req.params
         limit = params.max_new_tokens
-        if limit is not None and len(req.output_ids) >= limit:
-            self._finish(req, {"type": "length", "length": limit})
-            return
-        stops = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stops |= self.runner.eos_token_ids
-        banned = frozenset(stops) if len(req.output_ids) < params.min_new_tokens else frozenset()
-        token, logprob = sample_next(logits, params, req.generator(), banned)
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
         req.output_versions.append(self.weight_version)
         total = len(req.input_ids) + len(req.output_ids)
-        if token in stops:
+        if token in self._stops(req):
             self._finish(req, {"type": "stop", "matched": token})
         elif limit is not None and len(req.output_ids) >= limit:
             self._finish(req, {"type": "length", "length": limit})
