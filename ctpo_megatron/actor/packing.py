@@ -86,6 +86,14 @@ def block_causal_mask(cu_seqlens: torch.Tensor, device: torch.device) -> torch.T
     return (later | (seg[:, None] != seg[None, :]))[None, None]
 
 
+def check_packing_backend(pack_sequences: bool, *, use_te: bool, on_gpu: bool) -> None:
+    """Raises ValueError for packing on a GPU without TransformerEngine (megatron's local spec
+    cannot take PackedSeqParams, and a [T, T] mask per pack is what packing avoids there)."""
+    if pack_sequences and on_gpu and not use_te:
+        raise ValueError("actor.pack_sequences=true needs TransformerEngine on a GPU (megatron's local "
+                         "spec cannot take PackedSeqParams); install it or set actor.pack_sequences=false")
+
+
 def packed_attention_inputs(mb: PackedMicroBatch, device: torch.device):
     """(attention_mask, packed_seq_params) for GPTModel: the block-diagonal causal mask on CPU
     (megatron's local spec), `PackedSeqParams` (THD, TransformerEngine) elsewhere."""

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ctpo_megatron.actor.batching import MicroBatch, TokenBatch
 from ctpo_megatron.actor.config import ActorConfig
 from ctpo_megatron.actor.context_parallel import cp_micro_batches, gather_response_layout
+from ctpo_megatron.actor.packing import check_packing_backend
 from ctpo_megatron.actor.schedule import (
     ScoreSettings, budget_micro_batches, make_micro_batches, model_device, run_schedule,
 )
@@ -87,9 +88,7 @@ def build_policy_model(cfg: ActorConfig, *, load_hf_weights: bool = True):
     spec = model_spec_from_hf(hf_config, cfg.dims.resolve(dist.get_world_size()),
                               make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
     use_te = resolve_use_te(allow_local_spec=cfg.allow_local_spec)  # refuses a silent fallback
-    if cfg.pack_sequences and not use_te and not is_cpu_mode():
-        raise ValueError("actor.pack_sequences=true needs TransformerEngine on a GPU (megatron's local "
-                         "spec cannot take PackedSeqParams); install it or set actor.pack_sequences=false")
+    check_packing_backend(cfg.pack_sequences, use_te=use_te, on_gpu=not is_cpu_mode())
     dims, pgs = init_parallel(cfg.dims, seed=cfg.seed)
     tf_config = transformer_config(spec, dims, params_dtype=cfg.params_dtype,
                                    recompute=cfg.recompute and cfg.recompute_granularity,
