@@ -5,7 +5,7 @@ micro-batches (today's padding) vs the token budget (`actor.micro_batch_tokens`)
 
 Batch (the paper's length spread): one mini-batch of --trajectories (256 = 32 prompts x 8
 samples), prompts uniform in [200, 500] tokens, responses log-normal with median 2500 tokens
-and sigma 0.8, clipped to [64, --max-response] (8000, the paper's cap: ~4% of the responses
+and sigma 0.8, clipped to [64, --max-response] (8000, the paper's cap: ~7% of the responses
 hit it, as truncated ones do). The mini-batch is sharded over --dp replicas as the trainer
 does (`trainer.batch.plan_shards`: token-balanced, equal row counts).
 

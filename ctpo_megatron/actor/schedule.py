@@ -1,7 +1,8 @@
 """Running padded micro-batches through megatron's forward/backward schedules.
 
 `run_schedule` drives `get_forward_backward_func()` (no pipelining, or 1F1B for PP > 1) over a
-list of micro-batches (`make_micro_batches` slices a `TokenBatch` into them): runs GPTModel, and on the last PP stage turns
+list of micro-batches (`make_micro_batches` slices a `TokenBatch` into fixed-size ones,
+`budget_micro_batches` into token-budget ones, padded or packed): runs GPTModel, and on the last PP stage turns
 the vocab-parallel logits into per-response-token log-probs (vocab_parallel.py) that a callback
 consumes. It knows nothing about losses or optimizers.
 """
@@ -130,6 +131,9 @@ def run_schedule(model_chunks: list, micro_batches: list[MicroBatch], *, pgs,
     consume(mb, log_probs [b, R] float32, entropy [b, R] | None) -> (loss scalar, metrics dict)
     is called on the last stage per micro-batch; with forward_only=False the schedule runs
     backward from the loss (scaled 1/num_microbatches by megatron: the caller undoes that).
+    Micro-batches may differ in shape under PP only with the model config's
+    variable_seq_lengths (the actor sets it with a token budget); seq_length/micro_batch_size
+    handed to megatron are then unused for the p2p exchange.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
