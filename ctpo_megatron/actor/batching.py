@@ -61,6 +61,11 @@ class TokenBatch:
                           self.response_lens[start:stop],
                           {k: v[start:stop] for k, v in self.per_token.items()})
 
+    def select(self, index: torch.Tensor) -> TokenBatch:
+        """Rows `index` ([k] int64), in that order (copies)."""
+        return TokenBatch(self.tokens[index], self.prompt_lens[index], self.response_lens[index],
+                          {k: v[index] for k, v in self.per_token.items()})
+
     def check(self, *, max_len: int, vocab_size: int) -> None:
         """Raises ValueError naming the first row that cannot be scored."""
         if len(self) == 0:
@@ -136,6 +141,14 @@ class MicroBatch:
     """R_i per real sample."""
     fields: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-token training inputs, each [b, R] float32, R = max response length, padded with 0."""
+    sample_index: torch.Tensor | None = None
+    """[num_samples] int64 — the `TokenBatch` row of each sample (token-budget micro-batches
+    are sorted by length; empty for a filler micro-batch); None: consecutive rows in order."""
+
+    @property
+    def computed_tokens(self) -> int:
+        """Token positions the model runs for this micro-batch, padding included."""
+        return self.tokens.numel()
 
     @property
     def num_samples(self) -> int:

@@ -33,7 +33,17 @@ class ActorConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables)."""
     micro_batch_size: int = 1
-    """Samples per micro-batch in the forward/backward schedule."""
+    """Samples per micro-batch in the forward/backward schedule (when micro_batch_tokens is 0)."""
+    micro_batch_tokens: int = 0
+    """Token budget per micro-batch (0: fixed micro-batches of micro_batch_size samples, under
+    PP all padded to the share's longest sample). > 0: the share's samples sorted by length
+    fill micro-batches while samples x own longest (padded; packed: sum of lengths) stays within
+    it, each padded only to its own longest; a longer sample runs alone. Under PP megatron then
+    exchanges each micro-batch's shape (variable_seq_lengths). See `actor/token_budget.py`."""
+    pack_sequences: bool = False
+    """With micro_batch_tokens: pack each micro-batch's samples into one row without padding
+    (THD + PackedSeqParams on TransformerEngine; a block-diagonal causal mask on CPU). Not with
+    context parallelism, not on a GPU without TransformerEngine."""
     temperature: float = 1.0
     """Sampling temperature the log-probs are computed at (logits / temperature)."""
     logprob_chunk_size: int = 1024
@@ -77,6 +87,18 @@ class ActorConfig:
         for name in ("micro_batch_size", "logprob_chunk_size", "make_vocab_size_divisible_by"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"actor.{name}={getattr(self, name)!r}: must be >= 1")
+        if self.micro_batch_tokens is None:  # YAML `null`: the fixed micro-batches
+            self.micro_batch_tokens = 0
+        if int(self.micro_batch_tokens) < 0:
+            raise ValueError(f"actor.micro_batch_tokens={self.micro_batch_tokens!r}: must be >= 0 "
+                             "(0: fixed micro-batches of actor.micro_batch_size samples)")
+        if self.pack_sequences and not self.micro_batch_tokens:
+            raise ValueError("actor.pack_sequences=true needs actor.micro_batch_tokens > 0 (the "
+                             "tokens of one packed row)")
+        if self.pack_sequences and self.dims.cp != 1:
+            raise ValueError(f"actor.pack_sequences=true is not supported under context parallelism "
+                             f"(parallel.cp={self.dims.cp}): the zigzag split needs padded rows; "
+                             "set actor.pack_sequences=false (the token budget still applies)")
         if self.sequence_parallel and self.dims.tp < 2:
             raise ValueError(f"actor.sequence_parallel=True needs tp > 1 (parallel.tp={self.dims.tp}); "
                              "set parallel.sequence_parallel=false")

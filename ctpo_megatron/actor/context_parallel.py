@@ -47,6 +47,11 @@ class ContextParallelMicroBatch(MicroBatch):
     global_seq_len: int = 0
     """S: the padded length of the whole rows (L * cp)."""
 
+    @property
+    def computed_tokens(self) -> int:
+        """Token positions of the whole micro-batch over all CP ranks (b * S)."""
+        return self.tokens.shape[0] * self.global_seq_len
+
     def scatter(self, values: torch.Tensor) -> torch.Tensor:
         """[M_local] per scored token -> [b, L] local layout, 0 elsewhere (keeps autograd)."""
         out = values.new_zeros(self.tokens.shape)
@@ -97,7 +102,7 @@ def shard_micro_batch(mb: MicroBatch, cp_size: int, cp_rank: int) -> ContextPara
         position_ids=zigzag_shard(mb.position_ids, cp_size, cp_rank),
         rows=resp_row * local_len + local, targets=mb.targets[own], resp_row=resp_row,
         resp_col=resp_col, response_lengths=list(mb.response_lengths), fields=fields,
-        local_col=local, cp_size=cp_size, global_seq_len=s)
+        sample_index=mb.sample_index, local_col=local, cp_size=cp_size, global_seq_len=s)
 
 
 def gather_response_layout(mb: ContextParallelMicroBatch, local: torch.Tensor, cp_group) -> torch.Tensor:
@@ -174,11 +179,19 @@ def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, r
 
 
 def cp_micro_batches(batch, cp_group, *, micro_batch_size: int, fixed_shape: bool,
-                     tp_size: int = 1, sequence_parallel: bool = False) -> list[ContextParallelMicroBatch]:
-    """`schedule.make_micro_batches` of a `TokenBatch`, padded for CP, then cut to this rank's part."""
-    from ctpo_megatron.actor.schedule import make_micro_batches
+                     tp_size: int = 1, sequence_parallel: bool = False, token_budget: int = 0,
+                     dp_group=None) -> list[ContextParallelMicroBatch]:
+    """`schedule.make_micro_batches` of a `TokenBatch` (or with token_budget > 0
+    `schedule.budget_micro_batches`, padded, never packed: the zigzag cut needs whole padded
+    rows), padded for CP, then cut to this rank's part."""
+    from ctpo_megatron.actor.schedule import budget_micro_batches, make_micro_batches
 
     cp_size, cp_rank = cp_group.size(), cp_group.rank()
-    full = make_micro_batches(batch, micro_batch_size=micro_batch_size, fixed_shape=fixed_shape,
-                              seq_multiple=cp_seq_multiple(cp_size, tp_size, sequence_parallel))
+    multiple = cp_seq_multiple(cp_size, tp_size, sequence_parallel)
+    if token_budget:
+        full = budget_micro_batches(batch, token_budget=token_budget, seq_multiple=multiple,
+                                    dp_group=dp_group)
+    else:
+        full = make_micro_batches(batch, micro_batch_size=micro_batch_size, fixed_shape=fixed_shape,
+                                  seq_multiple=multiple)
     return [shard_micro_batch(mb, cp_size, cp_rank) for mb in full]

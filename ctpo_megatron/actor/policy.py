@@ -21,8 +21,9 @@ import torch.distributed as dist
 from ctpo_megatron.actor.batching import MicroBatch, TokenBatch
 from ctpo_megatron.actor.config import ActorConfig
 from ctpo_megatron.actor.context_parallel import cp_micro_batches, gather_response_layout
+from ctpo_megatron.actor.packing import check_packing_backend
 from ctpo_megatron.actor.schedule import (
-    ScoreSettings, make_micro_batches, model_device, run_schedule,
+    ScoreSettings, budget_micro_batches, make_micro_batches, model_device, run_schedule,
 )
 from ctpo_megatron.models import hf_io
 from ctpo_megatron.models.builder import build_gpt_model, resolve_use_te
@@ -87,12 +88,16 @@ def build_policy_model(cfg: ActorConfig, *, load_hf_weights: bool = True):
     spec = model_spec_from_hf(hf_config, cfg.dims.resolve(dist.get_world_size()),
                               make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
     use_te = resolve_use_te(allow_local_spec=cfg.allow_local_spec)  # refuses a silent fallback
+    check_packing_backend(cfg.pack_sequences, use_te=use_te, on_gpu=not is_cpu_mode())
     dims, pgs = init_parallel(cfg.dims, seed=cfg.seed)
     tf_config = transformer_config(spec, dims, params_dtype=cfg.params_dtype,
                                    recompute=cfg.recompute and cfg.recompute_granularity,
                                    sequence_parallel=cfg.sequence_parallel,
                                    cp_comm_type=cfg.cp_comm_type, overrides=cfg.transformer_overrides,
                                    use_te=use_te)
+    if cfg.micro_batch_tokens and dims.pp > 1:
+        # Token-budget micro-batches differ in shape: the p2p exchange sends each one's shape first.
+        tf_config.variable_seq_lengths = True
     model = build_gpt_model(spec, tf_config, pgs, use_te=use_te)
     if cfg.params_dtype == "bfloat16":
         model.to(torch.bfloat16)
@@ -137,6 +142,7 @@ class PolicyActor:
         self.tf_config.grad_scale_func = self.optimizer.scale_loss
         self.set_lr(cfg.lr)
         self.step_count = 0
+        self._token_counts = [0, 0]  # tokens computed, useful tokens since `pop_token_counts`
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -160,15 +166,38 @@ class PolicyActor:
         return ScoreSettings(vocab_size=self.spec.vocab_size, temperature=self.cfg.temperature,
                              chunk_size=self.cfg.logprob_chunk_size, with_entropy=with_entropy)
 
-    def _micro_batches(self, batch: TokenBatch) -> list[MicroBatch]:
+    def _micro_batches(self, batch: TokenBatch, *, same_count_over_dp: bool = False) -> list[MicroBatch]:
+        """The micro-batches of `batch` (fixed size, or by `cfg.micro_batch_tokens`); with
+        same_count_over_dp (training: DDP's gradient reduction) a token-budget plan has the
+        same count on every DP replica. Adds to the padding counters."""
         batch.check(max_len=self.spec.max_position_embeddings, vocab_size=self.spec.vocab_size)
+        cfg = self.cfg
+        budget = cfg.micro_batch_tokens
+        dp_group = self.pgs.dp if same_count_over_dp else None
         if self.cp_size > 1:
-            return cp_micro_batches(batch, self.pgs.cp, micro_batch_size=self.cfg.micro_batch_size,
-                                    fixed_shape=self.pgs.pp.size() > 1, tp_size=self.dims.tp,
-                                    sequence_parallel=self.cfg.sequence_parallel)
-        return make_micro_batches(batch, micro_batch_size=self.cfg.micro_batch_size,
-                                  fixed_shape=self.pgs.pp.size() > 1,
-                                  seq_multiple=self.dims.tp if self.cfg.sequence_parallel else 1)
+            mbs = cp_micro_batches(batch, self.pgs.cp, micro_batch_size=cfg.micro_batch_size,
+                                   fixed_shape=self.pgs.pp.size() > 1, tp_size=self.dims.tp,
+                                   sequence_parallel=cfg.sequence_parallel, token_budget=budget,
+                                   dp_group=dp_group)
+        elif budget:
+            mbs = budget_micro_batches(batch, token_budget=budget, packed=cfg.pack_sequences,
+                                       seq_multiple=self.dims.tp if cfg.sequence_parallel else 1,
+                                       dp_group=dp_group)
+        else:
+            mbs = make_micro_batches(batch, micro_batch_size=cfg.micro_batch_size,
+                                     fixed_shape=self.pgs.pp.size() > 1,
+                                     seq_multiple=self.dims.tp if cfg.sequence_parallel else 1)
+        self._token_counts[0] += sum(mb.computed_tokens for mb in mbs)
+        self._token_counts[1] += int(batch.lengths.sum())
+        return mbs
+
+    def pop_token_counts(self) -> dict[str, float]:
+        """This DP replica's tokens computed (padding included) and useful tokens (prompt +
+        response) over the `score`/`train_step` calls since the last pop, then resets them.
+        Their ratio over all replicas is the padding waste (`trainer.metrics.padding_metrics`)."""
+        computed, useful = self._token_counts
+        self._token_counts = [0, 0]
+        return {"perf/actor_tokens_computed": float(computed), "perf/actor_tokens_useful": float(useful)}
 
     def _broadcast_from_last_stage(self, flat: torch.Tensor | None, numel: int) -> torch.Tensor:
         pp = self.pgs.pp
@@ -210,10 +239,14 @@ class PolicyActor:
             out = torch.zeros((planes, n, r), dtype=torch.float32, device=model_device())
             row = 0
             for mb, (lp, ent) in zip(micro_batches, outputs):
-                k, width = mb.num_samples, lp.shape[1]
-                out[0, row:row + k, :width] = lp[:k]
+                width = lp.shape[1]
+                if mb.sample_index is None:  # consecutive rows
+                    k, rows = mb.num_samples, slice(row, row + mb.num_samples)
+                else:  # token-budget micro-batches hold rows sorted by length
+                    k, rows = mb.sample_index.numel(), mb.sample_index.to(out.device)
+                out[0, rows, :width] = lp[:k]
                 if with_entropy:
-                    out[1, row:row + k, :width] = ent[:k].float()
+                    out[1, rows, :width] = ent[:k].float()
                 row += k
             out = out.reshape(-1)
         out = self._broadcast_from_last_stage(out, planes * n * r).cpu().reshape(planes, n, r)
@@ -251,7 +284,7 @@ class PolicyActor:
         CP = 1); `context_parallel.context_parallel_policy_loss` is a loss for that layout.
         """
         batch = as_token_batch(batch, PER_TOKEN_FIELDS)
-        micro_batches = self._micro_batches(batch)
+        micro_batches = self._micro_batches(batch, same_count_over_dp=True)
         if global_num_tokens is None:
             local = torch.tensor([float(sum(mb.fields["response_mask"].sum() for mb in micro_batches))],
                                  dtype=torch.float64, device=model_device())

@@ -1,7 +1,8 @@
 """Running padded micro-batches through megatron's forward/backward schedules.
 
 `run_schedule` drives `get_forward_backward_func()` (no pipelining, or 1F1B for PP > 1) over a
-list of micro-batches (`make_micro_batches` slices a `TokenBatch` into them): runs GPTModel, and on the last PP stage turns
+list of micro-batches (`make_micro_batches` slices a `TokenBatch` into fixed-size ones,
+`budget_micro_batches` into token-budget ones, padded or packed): runs GPTModel, and on the last PP stage turns
 the vocab-parallel logits into per-response-token log-probs (vocab_parallel.py) that a callback
 consumes. It knows nothing about losses or optimizers.
 """
@@ -15,6 +16,8 @@ from typing import Callable
 import torch
 
 from ctpo_megatron.actor.batching import MicroBatch, TokenBatch, build_micro_batch
+from ctpo_megatron.actor.packing import PackedMicroBatch, build_packed_micro_batch, packed_attention_inputs
+from ctpo_megatron.actor.token_budget import filler_batch, plan_token_budget
 from ctpo_megatron.actor.vocab_parallel import vocab_parallel_log_probs
 from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 
@@ -72,11 +75,36 @@ def make_micro_batches(batch: TokenBatch, *, micro_batch_size: int, fixed_shape:
             for i in range(0, len(batch), micro_batch_size)]
 
 
+def budget_micro_batches(batch: TokenBatch, *, token_budget: int, packed: bool = False,
+                         seq_multiple: int = 1, dp_group=None) -> list[MicroBatch]:
+    """Token-budget micro-batches of `batch` (`token_budget.plan_token_budget`: sorted by
+    length, each padded to its own longest row, or packed into one row with `packed`). With
+    dp_group the count is the same on every DP replica (split micro-batches, then fillers of
+    zero loss weight: only training needs it). Each micro-batch's `sample_index` holds its
+    rows of `batch`."""
+    groups = plan_token_budget(batch.lengths.tolist(), token_budget, packed=packed,
+                               seq_multiple=seq_multiple, dp_group=dp_group)
+    build = build_packed_micro_batch if packed else build_micro_batch
+    out = []
+    for group in groups:
+        index = torch.tensor(group, dtype=torch.int64)
+        mb = build(batch.select(index) if group else filler_batch(list(batch.per_token)),
+                   seq_multiple=seq_multiple)
+        mb.sample_index = index
+        out.append(mb)
+    return out
+
+
 def _forward_step(data_iterator, model, *, settings: ScoreSettings, tp_group, consume: Callable):
     mb: MicroBatch = next(data_iterator)
     device = model_device()
-    mask = attention_mask(mb.tokens.shape[1], device, context_parallel=getattr(mb, "cp_size", 1) > 1)
-    output = model(mb.tokens.to(device), mb.position_ids.to(device), attention_mask=mask)
+    packed = None
+    if isinstance(mb, PackedMicroBatch):  # THD on TransformerEngine, a block mask on CPU
+        mask, packed = packed_attention_inputs(mb, device)
+    else:
+        mask = attention_mask(mb.tokens.shape[1], device, context_parallel=getattr(mb, "cp_size", 1) > 1)
+    output = model(mb.tokens.to(device), mb.position_ids.to(device), attention_mask=mask,
+                   packed_seq_params=packed)
     return output, functools.partial(_score, mb, settings=settings, tp_group=tp_group,
                                      consume=consume)
 
@@ -103,6 +131,9 @@ def run_schedule(model_chunks: list, micro_batches: list[MicroBatch], *, pgs,
     consume(mb, log_probs [b, R] float32, entropy [b, R] | None) -> (loss scalar, metrics dict)
     is called on the last stage per micro-batch; with forward_only=False the schedule runs
     backward from the loss (scaled 1/num_microbatches by megatron: the caller undoes that).
+    Micro-batches may differ in shape under PP only with the model config's
+    variable_seq_lengths (the actor sets it with a token budget); seq_length/micro_batch_size
+    handed to megatron are then unused for the p2p exchange.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -36,7 +36,7 @@ from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 from ctpo_megatron.trainer import checkpoint as ckpt
 from ctpo_megatron.trainer.batch import StepBatch, mask_stale_tokens, rollout_metrics, shard, version_metrics
 from ctpo_megatron.trainer.deadline import StopPlanner
-from ctpo_megatron.trainer.metrics import MetricsSink
+from ctpo_megatron.trainer.metrics import MetricsSink, padding_metrics
 from ctpo_megatron.trainer.timers import PhaseTimer, format_eta
 from ctpo_megatron.trainer.transport import ShardTransport
 from ctpo_megatron.trainer.update import attach_old_log_probs, make_loss_fn, run_updates
@@ -234,7 +234,8 @@ class Trainer:
                                        epochs=tc.epochs_per_step, loss_fn=self.loss_fn,
                                        cfg=cfg.algo, edges=self.edges))
         self.dumper.flush()
-        metrics.update(world_mean(mismatch))
+        metrics.update(world_mean({**mismatch, **self.actor.pop_token_counts()}))
+        metrics.update(padding_metrics(metrics))  # tokens computed per useful token
         if not self.stopper.skip_weight_sync(self.step):  # stopping after this step: save first
             with self.timer.phase("weight_sync"):
                 metrics.update(self._sync_weights())

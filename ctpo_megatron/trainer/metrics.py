@@ -131,6 +131,16 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
+def padding_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """`perf/padding_ratio`: tokens the actor computed (padding included) per useful token, from
+    `PolicyActor.pop_token_counts` averaged over ranks (every replica has as many ranks, so the
+    ratio of the means is that of the sums). 1.0 is no padding; {} without the counts."""
+    useful = metrics.get("perf/actor_tokens_useful", 0.0)
+    if not useful:
+        return {}
+    return {"perf/padding_ratio": metrics["perf/actor_tokens_computed"] / useful}
+
+
 def mean_metrics(dicts: Iterable[Mapping[str, float]]) -> dict[str, float]:
     """Key-wise mean over metric dicts (keys missing from some dicts average over the rest)."""
     sums: dict[str, float] = {}

@@ -219,12 +219,14 @@ def _run_readme_after_training(run: str, tmp_path, deadline: float) -> None:
 
 
 def test_pp2_grpo_with_rollout_log_probs(tiny_init, tmp_path):
-    """The other paths through a step: PP 2, the GRPO baseline, the engine's log-probs as old
-    log-probs (no mismatch correction), the `disk` weight transport."""
+    """The other paths through a step: PP 2 with token-budget micro-batches (megatron's
+    variable_seq_lengths), the GRPO baseline, the engine's log-probs as old log-probs (no
+    mismatch correction), the `disk` weight transport."""
     run = _run_dir(tmp_path, tiny_init)
     launch = Launch(_overrides() + [
         "parallel=pp2", "algo=grpo", "trainer.old_log_probs=rollout", "correction.enabled=false",
-        "rollout.weight_sync.transport=disk", "trainer.total_steps=2", "trainer.eval_every=0"],
+        "rollout.weight_sync.transport=disk", "trainer.total_steps=2", "trainer.eval_every=0",
+        "actor.micro_batch_tokens=256"],
         run, str(tmp_path / "launch"))
     try:
         launch.wait(time.monotonic() + BUDGET_S)
@@ -236,6 +238,8 @@ def test_pp2_grpo_with_rollout_log_probs(tiny_init, tmp_path):
     assert [r["step"] for r in records] == [1, 2], logs
     assert not any(k.startswith("mismatch/rollout_is") for k in records[-1])
     assert records[-1]["weight_sync/bytes"] > 0 and records[-1]["actor/valid_tokens"] > 0
+    # the padding metric: every token computed is counted, none is useful twice
+    assert 1.0 <= records[-1]["perf/padding_ratio"] < 2.0 and records[-1]["perf/actor_tokens_useful"] > 0
     assert os.path.isdir(os.path.join(run, "weight_sync"))
 
 
