@@ -74,7 +74,7 @@ class MemoryEstimate:
     params_per_gpu: int
     """Parameters held by one GPU of this stage."""
     tokens_per_gpu: int
-    """Tokens of one micro-batch on one GPU (seq_len * micro_batch / cp)."""
+    """Tokens of one micro-batch on one GPU (seq_len * micro_batch / cp, or the token budget / cp)."""
     layers_per_stage: int
     """Transformer layers in one pipeline stage."""
     in_flight_microbatches: int
@@ -134,7 +134,8 @@ def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int,
                     logits_chunk_tokens: int = 0, num_microbatches: int | None = None,
                     sequence_parallel: bool | None = None, grad_bytes: int = 4,
                     weight_sync_bucket_bytes: int = WEIGHT_SYNC_BUCKET_BYTES,
-                    gpu_memory_gib: float = 80.0, overhead_gib: float = 4.0) -> MemoryEstimate:
+                    gpu_memory_gib: float = 80.0, overhead_gib: float = 4.0,
+                    micro_batch_tokens: int = 0) -> MemoryEstimate:
     """Estimates training memory per GPU for the most loaded pipeline stage.
 
     model_dims: the transformer shape. parallel: TP/PP/CP/DP sizes with dp resolved (>= 1).
@@ -144,6 +145,9 @@ def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int,
     num_microbatches: micro-batches per step (bounds the 1F1B in-flight count); None = >= pp.
     sequence_parallel: defaults to tp > 1. grad_bytes: 4 (fp32 main grads) or 2.
     weight_sync_bucket_bytes: one weight-sync bucket (`rollout.weight_sync.bucket_bytes`).
+    micro_batch_tokens: the actor's token budget per micro-batch (`actor.micro_batch_tokens`);
+    > 0 replaces micro_batch: a micro-batch holds at most max(budget, seq_len) tokens (a sample
+    longer than the budget runs alone), split over CP.
     Raises ValueError naming the setting on invalid input.
     """
     if parallel.dp < 1:
@@ -158,6 +162,8 @@ def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int,
                          "(context parallelism splits each sequence into 2*cp chunks)")
     if weight_sync_bucket_bytes < 0:
         raise ValueError(f"weight_sync_bucket_bytes={weight_sync_bucket_bytes}: must be >= 0")
+    if micro_batch_tokens < 0:
+        raise ValueError(f"micro_batch_tokens={micro_batch_tokens}: must be >= 0 (0 = micro_batch sequences)")
     if logits_chunk_tokens < 0:
         raise ValueError(f"logits_chunk_tokens={logits_chunk_tokens}: must be >= 0 (0 = unchunked)")
     parallel.check_model(num_attention_heads=model_dims.num_attention_heads,
@@ -165,7 +171,10 @@ def estimate_memory(model_dims: ModelDims, parallel: ParallelDims, seq_len: int,
     tp, pp = parallel.tp, parallel.pp
     sp = tp > 1 if sequence_parallel is None else sequence_parallel
     layers = model_dims.num_layers // pp
-    tokens = seq_len * micro_batch // parallel.cp
+    if micro_batch_tokens:
+        tokens = -(-max(micro_batch_tokens, seq_len) // parallel.cp)
+    else:
+        tokens = seq_len * micro_batch // parallel.cp
     layer_act = _layer_activation_bytes_per_token(model_dims, tp, sp)
     mlp_act = _mlp_activation_bytes_per_token(model_dims, tp)
     layer_input = 2 * model_dims.hidden_size / (tp if sp else 1)

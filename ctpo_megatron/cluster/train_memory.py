@@ -5,7 +5,7 @@ plan (`--dry-run`) and the trainer's start-up check.
 actor's settings as the trainer builds the actor (`TrainConfig.actor_config(dims)`: micro-batch
 size, log-prob chunk, recompute, sequence parallelism, distributed optimizer), the rollout's
 sequence budget and weight-sync bucket, and the cluster's GPU memory and overhead allowance. A
-new batching setting of the actor (e.g. a token budget per micro-batch) is fed in there.
+new batching setting of the actor (like the token budget per micro-batch) is fed in there.
 """
 
 from __future__ import annotations
@@ -24,16 +24,18 @@ def estimate_inputs(cfg: "TrainConfig", dims: ParallelDims) -> dict[str, Any]:
     """`estimate_memory` keywords for `cfg` at the resolved `dims` (dp >= 1).
 
     seq_len: rollout.max_prompt_len + rollout.max_response_len (the longest trajectory).
-    micro_batch: actor.micro_batch_size sequences. num_microbatches: micro-batches of one
-    optimizer update on one DP rank (trainer.mini_batch_prompts x rollout.n_samples / dp, in
-    micro-batches), which bounds the 1F1B in-flight count.
+    micro_batch: actor.micro_batch_size sequences, or with actor.micro_batch_tokens > 0 that
+    token budget (micro_batch_tokens). num_microbatches: micro-batches of one optimizer update
+    on one DP rank (trainer.mini_batch_prompts x rollout.n_samples / dp, in micro-batches; with
+    a token budget at most one per sample), which bounds the 1F1B in-flight count.
     """
     actor = cfg.actor_config(dims)
     per_rank = cfg.trainer.mini_batch_prompts * cfg.rollout.n_samples // dims.dp
     return dict(
         seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len,
         micro_batch=actor.micro_batch_size,
-        num_microbatches=max(1, -(-per_rank // actor.micro_batch_size)),
+        micro_batch_tokens=actor.micro_batch_tokens,
+        num_microbatches=max(1, per_rank if actor.micro_batch_tokens else -(-per_rank // actor.micro_batch_size)),
         recompute=actor.recompute_granularity if actor.recompute else "none",
         distributed_optimizer=actor.use_distributed_optimizer,
         sequence_parallel=actor.sequence_parallel,

@@ -79,6 +79,8 @@ def test_the_launchers_estimate_is_the_trainers():
     assert base["tokens_per_gpu"] == 24000  # actor.micro_batch_size=1 x 24000 tokens
     # each actor setting the trainer runs with moves the launcher's estimate, and both agree
     changes = {"actor.micro_batch_size=2": lambda m: m["tokens_per_gpu"] == 48000,
+               "actor.micro_batch_tokens=65536": lambda m: m["tokens_per_gpu"] == 65536,
+               "actor.micro_batch_tokens=8192": lambda m: m["tokens_per_gpu"] == 24000,  # a longer sample runs alone
                "actor.logprob_chunk_size=4096": lambda m: m["logits"] == 4 * base["logits"],
                "model.recompute_granularity=selective": lambda m: m["activations"] > base["activations"],
                "parallel.distributed_optimizer=false": lambda m: m["optimizer"] == 4 * base["optimizer"],

@@ -99,6 +99,7 @@ def test_qwen3_32b_paper_layout_fits_80gb():
     (dict(recompute="some"), "recompute"),
     (dict(seq_len=15), "2\\*cp"),
     (dict(logits_chunk_tokens=-1), "logits_chunk_tokens"),
+    (dict(micro_batch_tokens=-1), "micro_batch_tokens"),
     (dict(micro_batch=0), "micro_batch"),
 ])
 def test_bad_input_names_the_setting(kwargs, match):
