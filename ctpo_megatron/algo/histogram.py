@@ -11,6 +11,7 @@ clamp and one `index_add_` on the device, with no host sync; `histogram_quantile
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -38,9 +39,10 @@ def histogram(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return counts.index_add_(0, bin_index(values).reshape(-1), weights.reshape(-1).to(torch.float64))
 
 
+@functools.lru_cache(maxsize=1)
 def bin_edges() -> torch.Tensor:
     """[NUM_BINS + 1] float64: bin k holds values in [edges[k], edges[k+1]) (exactly, for
-    float32 values inside the covered range)."""
+    float32 values inside the covered range). Cached: do not modify it."""
     k = torch.arange(NUM_BINS + 1, dtype=torch.float64)
     octave, sub = torch.div(k, 1 << SUB_BITS, rounding_mode="floor"), k.remainder(1 << SUB_BITS)
     return torch.exp2(octave + LOG2_MIN) * (1 + sub / (1 << SUB_BITS))

@@ -52,7 +52,8 @@ def position_counts(clip_mask: torch.Tensor, response_mask: torch.Tensor, *, siz
                     positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped-token and token counts per generated-token position (no host sync).
 
-    clip_mask: [B, S] bool; response_mask: [B, S] binary (only valid tokens count).
+    clip_mask: [B, S] bool, False at invalid tokens (as `TokenTerms`' flags are);
+    response_mask: [B, S] binary (only valid tokens count).
     positions: [B, S] — the position n_t of each token; default the 1-indexed generated-token
         position cumsum(mask) (tool output does not advance it). Positions >= size - 1 count
         in the last slot.
@@ -70,7 +71,7 @@ def position_counts(clip_mask: torch.Tensor, response_mask: torch.Tensor, *, siz
     tokens = torch.zeros(size, dtype=torch.float64, device=clip_mask.device)
     clipped = torch.zeros_like(tokens)
     tokens.index_add_(0, index, valid.reshape(-1).to(torch.float64))
-    clipped.index_add_(0, index, (clip_mask & valid).reshape(-1).to(torch.float64))
+    clipped.index_add_(0, index, clip_mask.reshape(-1).to(torch.float64))
     return clipped, tokens
 
 
@@ -93,7 +94,7 @@ def clip_rate_by_position(clip_mask: torch.Tensor, response_mask: torch.Tensor, 
     divide: rate_k = clipped[k] / max(tokens[k], 1)).
 
     clip_mask: [B, S] bool — e.g. `terms.clip_any` or `terms.clip_high`.
-    response_mask: [B, S] binary — only valid tokens are counted.
+    response_mask: [B, S] binary — only valid tokens are counted (clip_mask & mask).
     bucket_edges: increasing ints >= 1; bucket k = [edges[k], edges[k+1]), last one open.
         Default: `position_bucket_edges(S)` (powers of two).
     positions: [B, S] — token position to bucket by (see `position_counts`). Under context
@@ -103,7 +104,8 @@ def clip_rate_by_position(clip_mask: torch.Tensor, response_mask: torch.Tensor, 
     if bucket_edges is None:
         bucket_edges = position_bucket_edges(max(clip_mask.shape[-1], 1))
     edges = check_bucket_edges(bucket_edges)
-    counts = torch.stack(position_counts(clip_mask, response_mask, size=edges[-1] + 1, positions=positions))
+    counts = torch.stack(position_counts(clip_mask & (response_mask > 0), response_mask, size=edges[-1] + 1,
+                                         positions=positions))
     clipped, tokens = bucket_sums(counts, edges).round().to(torch.int64)
     return clipped, tokens
 

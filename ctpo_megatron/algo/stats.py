@@ -28,9 +28,18 @@ _MAX_FIELDS = ("ratio_max", "ratio_neg_min", "la_scale_max", "la_scale_neg_min")
 """Fields reduced with max (minima are stored negated)."""
 
 
-def _masked_max(values: torch.Tensor, valid: torch.Tensor, sign: float) -> torch.Tensor:
-    """max of sign * values over valid entries as 0-d float64, -inf when there is none."""
-    return torch.where(valid, values if sign > 0 else -values, -torch.inf).max().to(torch.float64)
+def _extremes(values: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, -min) over valid entries of non-negative `values` (ratios, LA scales), 0-d float64;
+    (0, -inf) when there is none, neutral under the max-reduction since values >= 0."""
+    top = (values * weight).max()
+    bottom = torch.where(valid, values, torch.inf).min()
+    return top.to(torch.float64), -bottom.to(torch.float64)
+
+
+def _exp_sums(g: torch.Tensor, weight: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
+    """[len(coefficients)] float64: sum of weight * exp(c g) per coefficient (equal ones once)."""
+    sums = {c: (torch.exp(c * g) * weight).sum().to(torch.float64) for c in dict.fromkeys(coefficients)}
+    return torch.stack([sums[c] for c in coefficients])
 
 
 @dataclass
@@ -89,33 +98,33 @@ class LossSums:
             f64 = dict(dtype=torch.float64, device=response_mask.device)
             valid = response_mask > 0
             mask = valid.to(torch.float64)  # histogram weights
-            weight = valid.to(terms.ratio.dtype)  # products in the compute dtype, summed in float64
+            weight = valid.to(terms.ratio.dtype)  # sums in the compute dtype, accumulated in float64
             if advantages.shape != valid.shape:
                 advantages = advantages.reshape(advantages.shape[0], -1).expand(valid.shape)
             ratio = terms.ratio
-            neg_inf = torch.full((), -torch.inf, **f64)
-            la = dict(la_scale_sum=torch.zeros((), **f64), la_scale_max=neg_inf,
-                      la_scale_neg_min=neg_inf, la_scale_hist=torch.zeros(histogram.NUM_BINS, **f64),
-                      la_clip_ratios=torch.zeros(3, **f64))
+            la = dict(la_scale_sum=torch.zeros((), **f64), la_scale_max=torch.zeros((), **f64),
+                      la_scale_neg_min=torch.full((), -torch.inf, **f64),
+                      la_scale_hist=torch.zeros(histogram.NUM_BINS, **f64), la_clip_ratios=torch.zeros(3, **f64))
             if terms.la_scale is not None:
                 g = terms.la_scale
-                la = dict(la_scale_sum=torch.sum(g * weight, dtype=torch.float64),
-                          la_scale_max=_masked_max(g, valid, 1.0), la_scale_neg_min=_masked_max(g, valid, -1.0),
-                          la_scale_hist=histogram.histogram(g, mask),
-                          la_clip_ratios=torch.stack([torch.sum(torch.exp(c * g) * weight, dtype=torch.float64)
-                                                      for c in (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c)]))
-            flags = torch.stack([terms.clip_high, terms.clip_low, terms.clip_dual, terms.clip_any])
-            pos_clipped, pos_tokens = position_counts(terms.clip_any, response_mask, size=edges[-1] + 1,
+                la_max, la_neg_min = _extremes(g, weight, valid)
+                la = dict(la_scale_sum=(g * weight).sum().to(torch.float64), la_scale_max=la_max,
+                          la_scale_neg_min=la_neg_min, la_scale_hist=histogram.histogram(g, mask),
+                          la_clip_ratios=_exp_sums(g, weight, (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c)))
+            # TokenTerms' flags are False and log_ratio_clamped 0 at invalid tokens (its contract):
+            # they are summed as they are; ratio is only meaningful at valid tokens, so weighted.
+            clip_any = terms.clip_any
+            flags = torch.stack([terms.clip_high, terms.clip_low, terms.clip_dual, clip_any])
+            pos_clipped, pos_tokens = position_counts(clip_any, response_mask, size=edges[-1] + 1,
                                                       positions=positions)
+            ratio_max, ratio_neg_min = _extremes(ratio, weight, valid)
             return cls(
                 loss=loss.detach().to(torch.float64) / dp_size, tokens=mask.sum(),
                 neg_adv_tokens=((advantages < 0) & valid).sum().to(torch.float64),
-                clip=(flags & valid).sum((1, 2)).to(torch.float64),
-                pg_clipped=(terms.clipped & valid).sum().to(torch.float64),
-                kl=-torch.sum(terms.log_ratio_clamped * weight, dtype=torch.float64),
-                ratio_sum=torch.sum(ratio * weight, dtype=torch.float64),
-                ratio_max=_masked_max(ratio, valid, 1.0), ratio_neg_min=_masked_max(ratio, valid, -1.0),
-                ratio_hist=histogram.histogram(ratio, mask),
+                clip=flags.sum((1, 2)).to(torch.float64), pg_clipped=terms.clipped.sum().to(torch.float64),
+                kl=-terms.log_ratio_clamped.sum().to(torch.float64),
+                ratio_sum=(ratio * weight).sum().to(torch.float64),
+                ratio_max=ratio_max, ratio_neg_min=ratio_neg_min, ratio_hist=histogram.histogram(ratio, mask),
                 position_clipped=pos_clipped, position_tokens=pos_tokens, **la)
 
     def __add__(self, other: LossSums) -> LossSums:
