@@ -114,14 +114,15 @@ class LossSums:
             # TokenTerms' flags are False and log_ratio_clamped 0 at invalid tokens (its contract):
             # they are summed as they are; ratio is only meaningful at valid tokens, so weighted.
             clip_any = terms.clip_any
-            flags = torch.stack([terms.clip_high, terms.clip_low, terms.clip_dual, clip_any])
+            flags = (terms.clip_high, terms.clip_low, terms.clip_dual, clip_any)
             pos_clipped, pos_tokens = position_counts(clip_any, response_mask, size=edges[-1] + 1,
                                                       positions=positions)
             ratio_max, ratio_neg_min = _extremes(ratio, weight, valid)
             return cls(
                 loss=loss.detach().to(torch.float64) / dp_size, tokens=mask.sum(),
                 neg_adv_tokens=((advantages < 0) & valid).sum().to(torch.float64),
-                clip=flags.sum((1, 2)).to(torch.float64), pg_clipped=terms.clipped.sum().to(torch.float64),
+                clip=torch.stack([f.sum() for f in flags]).to(torch.float64),  # full reductions: no copies
+                pg_clipped=terms.clipped.sum().to(torch.float64),
                 kl=-terms.log_ratio_clamped.sum().to(torch.float64),
                 ratio_sum=(ratio * weight).sum().to(torch.float64),
                 ratio_max=ratio_max, ratio_neg_min=ratio_neg_min, ratio_hist=histogram.histogram(ratio, mask),
