@@ -8,6 +8,7 @@ clip counters and their power-of-two buckets, and the one-copy float conversion.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -48,43 +49,39 @@ def check_bucket_edges(bucket_edges: Sequence[int]) -> list[int]:
     return edges
 
 
-def position_counts(clip_mask: torch.Tensor, response_mask: torch.Tensor, *, size: int,
+@functools.lru_cache(maxsize=16)
+def _bucket_of_position(edges: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[edges[-1] + 1] int64 on `device`: the bucket of each position 0..edges[-1], K for
+    positions below edges[0] (left out). Built and copied once per edges and device."""
+    bucket = torch.searchsorted(torch.tensor(edges), torch.arange(edges[-1] + 1), right=True) - 1
+    return torch.where(bucket < 0, len(edges), bucket).to(device)
+
+
+def position_counts(clip_mask: torch.Tensor, response_mask: torch.Tensor, *, bucket_edges: Sequence[int],
                     positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped-token and token counts per generated-token position (no host sync).
+    """Clipped-token and token counts per position bucket, float64 (no host sync).
 
     clip_mask: [B, S] bool, False at invalid tokens (as `TokenTerms`' flags are);
-    response_mask: [B, S] binary (only valid tokens count).
-    positions: [B, S] — the position n_t of each token; default the 1-indexed generated-token
-        position cumsum(mask) (tool output does not advance it). Positions >= size - 1 count
-        in the last slot.
-    Returns (clipped [size], tokens [size]) float64 on the input device: slot n counts the
-    tokens at position n (slot 0: positions <= 0). Sum them over micro-batches and ranks, then
-    `bucket_sums` them.
+    response_mask: [B, S] binary (only valid tokens count); bucket_edges: see
+    `clip_rate_by_position`; positions: [B, S] — the position n_t of each token; default the
+    1-indexed generated-token position cumsum(mask) (tool output does not advance it).
+    Returns (clipped [K], tokens [K]) on the input device; sum them over micro-batches and
+    ranks. A bucket lookup table (one gather) replaces a search per token.
     """
     if clip_mask.shape != response_mask.shape:
         raise ValueError(f"clip_rate_by_position: clip_mask {tuple(clip_mask.shape)} and "
                          f"response_mask {tuple(response_mask.shape)} differ in shape")
+    edges = check_bucket_edges(bucket_edges)
     valid = response_mask > 0
     if positions is None:
         positions = torch.cumsum(valid, dim=-1)
-    index = positions.reshape(-1).clamp(0, size - 1)
-    tokens = torch.zeros(size, dtype=torch.float64, device=clip_mask.device)
+    lookup = _bucket_of_position(tuple(edges), clip_mask.device)
+    index = lookup.index_select(0, positions.reshape(-1).clamp(0, edges[-1]))
+    tokens = torch.zeros(len(edges) + 1, dtype=torch.float64, device=clip_mask.device)
     clipped = torch.zeros_like(tokens)
     tokens.index_add_(0, index, valid.reshape(-1).to(torch.float64))
     clipped.index_add_(0, index, clip_mask.reshape(-1).to(torch.float64))
-    return clipped, tokens
-
-
-def bucket_sums(per_position: torch.Tensor, bucket_edges: Sequence[int]) -> torch.Tensor:
-    """[..., P] per-position counts (`position_counts`) -> [..., K] per bucket: bucket k sums
-    positions [edges[k], edges[k+1]), the last one [edges[-1], P); positions below edges[0]
-    are left out."""
-    edges = check_bucket_edges(bucket_edges)
-    size = per_position.shape[-1]
-    cum = torch.nn.functional.pad(per_position.cumsum(-1), (1, 0))  # cum[..., n] = sum of [0, n)
-    starts = torch.tensor([min(e, size) for e in edges], device=per_position.device)
-    stops = torch.tensor([min(e, size) for e in edges[1:]] + [size], device=per_position.device)
-    return cum[..., stops] - cum[..., starts]
+    return clipped[:-1], tokens[:-1]
 
 
 def clip_rate_by_position(clip_mask: torch.Tensor, response_mask: torch.Tensor, *,
@@ -97,17 +94,16 @@ def clip_rate_by_position(clip_mask: torch.Tensor, response_mask: torch.Tensor, 
     response_mask: [B, S] binary — only valid tokens are counted (clip_mask & mask).
     bucket_edges: increasing ints >= 1; bucket k = [edges[k], edges[k+1]), last one open.
         Default: `position_bucket_edges(S)` (powers of two).
-    positions: [B, S] — token position to bucket by (see `position_counts`). Under context
-        parallelism pass the global n_t of the local shard.
+    positions: [B, S] — token position to bucket by; default the 1-indexed generated-token
+        position n_t = cumsum(mask) (tool output does not advance it, as in the LA scale).
+        Under context parallelism pass the global n_t of the local shard.
     Returns (clipped [K] int64, tokens [K] int64), K = len(bucket_edges), on the input device.
     """
     if bucket_edges is None:
         bucket_edges = position_bucket_edges(max(clip_mask.shape[-1], 1))
-    edges = check_bucket_edges(bucket_edges)
-    counts = torch.stack(position_counts(clip_mask & (response_mask > 0), response_mask, size=edges[-1] + 1,
-                                         positions=positions))
-    clipped, tokens = bucket_sums(counts, edges).round().to(torch.int64)
-    return clipped, tokens
+    clipped, tokens = position_counts(clip_mask & (response_mask > 0), response_mask, bucket_edges=bucket_edges,
+                                      positions=positions)
+    return clipped.round().to(torch.int64), tokens.round().to(torch.int64)
 
 
 def position_clip_metrics(clipped: torch.Tensor, tokens: torch.Tensor, bucket_edges: Sequence[int],

@@ -20,7 +20,7 @@ import torch
 
 from ctpo_megatron.algo import histogram
 from ctpo_megatron.algo.config import PolicyLossConfig
-from ctpo_megatron.algo.metrics import (RATIO_QUANTILES, bucket_sums, check_bucket_edges, position_bucket_edges,
+from ctpo_megatron.algo.metrics import (RATIO_QUANTILES, check_bucket_edges, position_bucket_edges,
                                         position_clip_metrics, position_counts)
 from ctpo_megatron.algo.terms import TokenTerms
 
@@ -48,9 +48,8 @@ class LossSums:
 
     Scalars are 0-d; `clip` is [4] (high, low, dual, any); `ratio_hist`, `la_scale_hist`
     [histogram.NUM_BINS] token counts per bin; `la_clip_ratios` [3] token sums of
-    exp(la_clip_{high,low,c} g_t); `position_clipped`, `position_tokens` [P] per
-    generated-token position (P = bucket_edges[-1] + 1, the last slot holding every later
-    position; `metrics` sums them into the buckets).
+    exp(la_clip_{high,low,c} g_t); `position_clipped`, `position_tokens` [K] per
+    position bucket.
     """
 
     loss: torch.Tensor
@@ -115,8 +114,7 @@ class LossSums:
             # they are summed as they are; ratio is only meaningful at valid tokens, so weighted.
             clip_any = terms.clip_any
             flags = (terms.clip_high, terms.clip_low, terms.clip_dual, clip_any)
-            pos_clipped, pos_tokens = position_counts(clip_any, response_mask, size=edges[-1] + 1,
-                                                      positions=positions)
+            pos_clipped, pos_tokens = position_counts(clip_any, response_mask, bucket_edges=edges, positions=positions)
             ratio_max, ratio_neg_min = _extremes(ratio, weight, valid)
             return cls(
                 loss=loss.detach().to(torch.float64) / dp_size, tokens=mask.sum(),
@@ -193,8 +191,8 @@ class LossSums:
             out["la_scale_p50"] = histogram.histogram_quantiles(v["la_scale_hist"], [0.5], lo=lo, hi=hi)[0]
             for i, key in enumerate(("high", "low", "c")):
                 out[f"la_clip_{key}_ratio_mean"] = rate(v["la_clip_ratios"][i])
-        counts = bucket_sums(torch.stack([v["position_clipped"], v["position_tokens"]]), bucket_edges)
-        out.update(position_clip_metrics(*counts.round().long(), bucket_edges))
+        out.update(position_clip_metrics(v["position_clipped"].round().long(), v["position_tokens"].round().long(),
+                                         bucket_edges))
         return out
 
     def _stacked_to_host(self) -> list[torch.Tensor]:
