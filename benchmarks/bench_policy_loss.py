@@ -90,7 +90,8 @@ def main() -> None:
     for line in backend_report():
         print(f"  {line}")
     cfg = PolicyLossConfig()
-    print(f"loss: ctpo {cfg.variant}, adaptive_clip={cfg.adaptive_clip}, token-mean; fwd+bwd; median of {args.reps}")
+    print(f"loss: ctpo {cfg.variant}, adaptive_clip={cfg.adaptive_clip}, token-mean; fwd+bwd; "
+          f"median of {args.reps}")
     print(f"{'shape':>12} {'torch ms':>9} {'policy ms':>10} {'no-metrics ms':>14} {'torch/policy':>13} "
           f"{'metrics share':>14}")
     for B, S in shapes:

@@ -37,7 +37,8 @@ def test_histogram_quantiles_match_torch_quantile_within_a_bin():
             assert abs(e - x) <= 2 ** -histogram.SUB_BITS * x + 1e-12, (name, q)  # ~0.1% relative
         assert est[0] == float(values.min()) and est[-1] == float(values.max())
     # equal values come back exactly (clamped to the exact min and max)
-    assert histogram.histogram_quantiles(histogram.histogram(torch.ones(10), torch.ones(10)), [0.5], lo=1.0, hi=1.0) == [1.0]
+    ones = histogram.histogram(torch.ones(10), torch.ones(10))
+    assert histogram.histogram_quantiles(ones, [0.5], lo=1.0, hi=1.0) == [1.0]
     # weights leave tokens out; an empty histogram gives zeros
     values = torch.tensor([1.0, 100.0, 2.0])
     assert histogram.histogram_quantiles(histogram.histogram(values, torch.tensor([1.0, 0.0, 1.0])), [1.0])[0] < 2.01
