@@ -9,6 +9,7 @@ consumes. It knows nothing about losses or optimizers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -41,6 +42,32 @@ def model_device() -> torch.device:
     if is_cpu_mode() or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def pinned_copies(device: torch.device) -> bool:
+    """Whether host-to-device copies go through pinned memory with non_blocking=True: only
+    to a CUDA device (a pageable or blocking copy there waits for the stream); never on CPU,
+    where nothing is copied."""
+    return device.type == "cuda"
+
+
+def micro_batch_to(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    """`mb` with every tensor (and every `fields` entry) on `device`: pinned, then copied with
+    non_blocking=True when `pinned_copies(device)`; `mb` itself when nothing is elsewhere (CPU
+    mode). The pinned host tensors stay alive until their copies ran (torch's pinned-memory
+    allocator records the copy's stream)."""
+    pinned = pinned_copies(device)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device:
+            return t
+        return (t.pin_memory() if pinned and t.device.type == "cpu" else t).to(device, non_blocking=pinned)
+
+    tensors = {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb) if torch.is_tensor(getattr(mb, f.name))}
+    if all(t.device == device for t in [*tensors.values(), *mb.fields.values()]):
+        return mb
+    return dataclasses.replace(mb, **{k: move(t) for k, t in tensors.items()},
+                               fields={k: move(t) for k, t in mb.fields.items()})
 
 
 @functools.lru_cache(maxsize=8)
@@ -134,6 +161,8 @@ def run_schedule(model_chunks: list, micro_batches: list[MicroBatch], *, pgs,
     Micro-batches may differ in shape under PP only with the model config's
     variable_seq_lengths (the actor sets it with a token budget); seq_length/micro_batch_size
     handed to megatron are then unused for the p2p exchange.
+    The micro-batches are copied to the device first (`micro_batch_to`), so mb's tensors are
+    on the device inside the schedule and nothing there waits for a copy or the host.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -146,6 +175,10 @@ def run_schedule(model_chunks: list, micro_batches: list[MicroBatch], *, pgs,
         # The 1F1B schedule wants the communicator too when process groups are passed.
         extra["p2p_communicator"] = P2PCommunicator(pgs.pp, get_model_config(model_chunks[0]))
     step = functools.partial(_forward_step, settings=settings, tp_group=pgs.tp, consume=consume)
+    # Every micro-batch goes to the device before the schedule (asynchronously on CUDA), so
+    # that no micro-batch waits for a host-to-device copy inside it.
+    device = model_device()
+    micro_batches = [micro_batch_to(mb, device) for mb in micro_batches]
     first = micro_batches[0]
     return forward_backward(
         forward_step_func=step, data_iterator=iter(micro_batches), model=model_chunks,

@@ -7,8 +7,9 @@
 Files: config (PolicyLossConfig), cumulative (the masked prefix sum, via `ops`), ctpo
 (cumulative-token terms: pure torch, and the fused kernel from `ops`), baselines (grpo, gspo, seq), registry
 (LOSSES), aggregate (agg modes), loss (policy_loss), advantages (GRPO), correction (rollout
-IS weights), metrics (clip fractions, quantiles, clip rate by position), stats (LossSums:
-the loss's statistics as additive sums, reduced once per step), layout (packed THD -> padded).
+IS weights), metrics (clip rate by position, quantile names), histogram (fixed-bin
+histograms for quantiles), stats (LossSums: the loss's statistics as additive sums, reduced
+once per step; policy_metrics), layout (packed THD -> padded).
 """
 
 from ctpo_megatron.algo.advantages import grpo_advantages
@@ -18,10 +19,9 @@ from ctpo_megatron.algo.correction import RolloutCorrectionConfig, rollout_corre
 from ctpo_megatron.algo.ctpo import ctpo_log_ratio, ctpo_token_terms, fused_ctpo_token_terms
 from ctpo_megatron.algo.cumulative import masked_cumsum
 from ctpo_megatron.algo.loss import policy_loss
-from ctpo_megatron.algo.metrics import (clip_rate_by_position, policy_metrics, position_bucket_edges,
-                                        position_clip_metrics)
+from ctpo_megatron.algo.metrics import clip_rate_by_position, position_bucket_edges, position_clip_metrics
 from ctpo_megatron.algo.registry import LOSSES
-from ctpo_megatron.algo.stats import LossSums
+from ctpo_megatron.algo.stats import LossSums, policy_metrics
 from ctpo_megatron.algo.terms import TokenTerms
 
 __all__ = [

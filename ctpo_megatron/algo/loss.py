@@ -9,8 +9,8 @@ import torch
 from ctpo_megatron.algo.aggregate import aggregate_loss
 from ctpo_megatron.algo.config import PolicyLossConfig
 from ctpo_megatron.algo.layout import packed_to_padded
-from ctpo_megatron.algo.metrics import policy_metrics
 from ctpo_megatron.algo.registry import FIXED_AGG_MODE, LOSSES
+from ctpo_megatron.algo.stats import policy_metrics
 from ctpo_megatron.logging_utils import warn_once
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,10 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
         The loss is computed on the zero-padded [N, S_max] view; gradients flow back packed.
     return_terms: also return the per-token `TokenTerms` the loss was built from (e.g. for
         clip rates by position), so callers need not compute them a second time.
-    with_metrics: False skips `policy_metrics` (and its host syncs); metrics is then {} (the
-        trainer sums `algo.stats.LossSums` from the terms instead).
+    with_metrics: False skips `policy_metrics` (and its one device-to-host copy); metrics is
+        then {} (the trainer sums `algo.stats.LossSums` from the terms over the step instead).
     Returns (loss: 0-d tensor in the compute dtype with autograd to log_probs; metrics: dict of
-    floats, see `algo.metrics.policy_metrics`), plus the TokenTerms ([B, S], padded layout)
+    floats, see `algo.stats.policy_metrics`), plus the TokenTerms ([B, S], padded layout)
     when `return_terms`.
     """
     if cu_seqlens is not None:

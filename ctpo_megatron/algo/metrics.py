@@ -1,84 +1,20 @@
-"""Diagnostics of a policy-loss step: clip fractions, ratio quantiles, LA scale, clip-by-position.
+"""Diagnostics of a policy-loss step: names of the ratio quantiles, clip rate by position.
 
-`policy_metrics` gives the reference's metrics under flat names (the trainer adds a prefix):
-
-    clipfrac_{high,low,dual,total}    clip/{high,low,dual,total}/rate: count / valid tokens
-    clip_count_{high,low,dual,total}  clip/*/count (sum these over micro-batches and ranks)
-    valid_tokens, neg_adv_tokens      clip/valid_token_count, clip/neg_adv_token_count
-    pg_clipfrac                       actor/pg_clipfrac: masked mean of l2 > l1
-    pg_clipfrac_lower                 actor/pg_clipfrac_lower: masked mean of the dual clip
-    ppo_kl                            actor/ppo_kl: masked mean of -d_t
-    is_ratio_{mean,min,max,p99,p95,p90,p75,p50,p25}   is_ratio/*: r_t over valid tokens
-    la_scale_{mean,min,max,p50}, la_clip_{high,low,c}_ratio_mean   (adaptive clipping only)
-
-All values are 0.0 when there is no valid token.
+The loss's statistics themselves are `algo.stats.LossSums` (summed on the device per
+micro-batch, turned into floats once); `algo.stats.policy_metrics` gives them for one
+micro-batch. This module holds the pieces they share: the quantile names, the per-position
+clip counters and their power-of-two buckets, and the one-copy float conversion.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from ctpo_megatron.algo.config import PolicyLossConfig
-from ctpo_megatron.algo.terms import TokenTerms
-
 RATIO_QUANTILES = (("p99", 0.99), ("p95", 0.95), ("p90", 0.90), ("p75", 0.75), ("p50", 0.50),
                    ("p25", 0.25))
-
-
-def quantiles(values: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
-    """Linear-interpolation quantiles of a non-empty 1-D tensor (torch.quantile's default
-    method, without its 2**24-element limit). Returns [len(qs)] in values' dtype."""
-    sorted_values = values.sort().values
-    n = sorted_values.numel()
-    pos = torch.tensor(list(qs), dtype=torch.float64) * (n - 1)
-    lo, hi = pos.floor().long(), pos.ceil().long()
-    frac = (pos - lo).to(values.dtype).to(values.device)
-    lo, hi = lo.to(values.device), hi.to(values.device)
-    return torch.lerp(sorted_values[lo], sorted_values[hi], frac)
-
-
-def policy_metrics(terms: TokenTerms, response_mask: torch.Tensor, advantages: torch.Tensor,
-                   cfg: PolicyLossConfig) -> dict[str, float]:
-    """Metrics of one micro-batch (see the module docstring for names and meanings).
-
-    terms: the loss's `TokenTerms` ([B, S]); response_mask, advantages: [B, S] as given to the
-    loss. Costs two host syncs (valid-token count, then every value at once).
-    """
-    valid = response_mask > 0
-    mask = valid.to(terms.ratio.dtype)
-    n_valid = int(valid.sum())
-    out: dict[str, torch.Tensor | float] = {}
-    counts = {"high": terms.clip_high, "low": terms.clip_low, "dual": terms.clip_dual,
-              "total": terms.clip_any}
-    denom_eps = mask.sum() + 1e-8  # the reference's masked_mean denominator
-    out["pg_clipfrac"] = (terms.clipped.to(mask.dtype) * mask).sum() / denom_eps
-    out["pg_clipfrac_lower"] = (terms.clip_dual.to(mask.dtype) * mask).sum() / denom_eps
-    out["ppo_kl"] = (-terms.log_ratio_clamped * mask).sum() / denom_eps
-    for key, flags in counts.items():
-        count = (flags & valid).sum().to(mask.dtype)
-        out[f"clip_count_{key}"] = count
-        out[f"clipfrac_{key}"] = count / n_valid if n_valid else 0.0
-    out["valid_tokens"] = float(n_valid)
-    out["neg_adv_tokens"] = ((advantages < 0) & valid).sum().to(mask.dtype)
-
-    names = ["is_ratio_mean", "is_ratio_min", "is_ratio_max"] + [f"is_ratio_{k}" for k, _ in RATIO_QUANTILES]
-    if n_valid:
-        ratio = terms.ratio[valid]
-        stats = torch.cat([torch.stack([ratio.mean(), ratio.min(), ratio.max()]),
-                           quantiles(ratio, [q for _, q in RATIO_QUANTILES])])
-        out.update(zip(names, stats))
-    else:
-        out.update((name, 0.0) for name in names)
-    if terms.la_scale is not None and n_valid:
-        scale = terms.la_scale[valid]
-        out["la_scale_mean"], out["la_scale_min"], out["la_scale_max"] = scale.mean(), scale.min(), scale.max()
-        out["la_scale_p50"] = quantiles(scale, [0.5])[0]
-        out["la_clip_high_ratio_mean"] = torch.exp(cfg.la_clip_high * scale).mean()
-        out["la_clip_low_ratio_mean"] = torch.exp(-cfg.la_clip_low * scale).mean()
-        out["la_clip_c_ratio_mean"] = torch.exp(cfg.la_clip_c * scale).mean()
-    return to_floats(out)
 
 
 def to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
@@ -104,6 +40,50 @@ def position_bucket_edges(max_position: int, max_buckets: int | None = None) -> 
     return edges
 
 
+def check_bucket_edges(bucket_edges: Sequence[int]) -> list[int]:
+    """The edges as a list; ValueError unless strictly increasing integers >= 1."""
+    edges = list(bucket_edges)
+    if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"clip_rate_by_position: bucket_edges={edges} must be strictly "
+                         "increasing integers >= 1")
+    return edges
+
+
+@functools.lru_cache(maxsize=16)
+def _bucket_of_position(edges: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[edges[-1] + 1] int64 on `device`: the bucket of each position 0..edges[-1], K for
+    positions below edges[0] (left out). Built and copied once per edges and device."""
+    bucket = torch.searchsorted(torch.tensor(edges), torch.arange(edges[-1] + 1), right=True) - 1
+    return torch.where(bucket < 0, len(edges), bucket).to(device)
+
+
+def position_counts(clip_mask: torch.Tensor, response_mask: torch.Tensor, *, bucket_edges: Sequence[int],
+                    positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped-token and token counts per position bucket, float64 (no host sync).
+
+    clip_mask: [B, S] bool, False at invalid tokens (as `TokenTerms`' flags are);
+    response_mask: [B, S] binary (only valid tokens count); bucket_edges: see
+    `clip_rate_by_position`; positions: [B, S] — the position n_t of each token; default the
+    1-indexed generated-token position cumsum(mask) (tool output does not advance it).
+    Returns (clipped [K], tokens [K]) on the input device; sum them over micro-batches and
+    ranks. A bucket lookup table (one gather) replaces a search per token.
+    """
+    if clip_mask.shape != response_mask.shape:
+        raise ValueError(f"clip_rate_by_position: clip_mask {tuple(clip_mask.shape)} and "
+                         f"response_mask {tuple(response_mask.shape)} differ in shape")
+    edges = check_bucket_edges(bucket_edges)
+    valid = response_mask > 0
+    if positions is None:
+        positions = torch.cumsum(valid, dim=-1)
+    lookup = _bucket_of_position(tuple(edges), clip_mask.device)
+    index = lookup.index_select(0, positions.reshape(-1).clamp(0, edges[-1]))
+    tokens = torch.zeros(len(edges) + 1, dtype=torch.float64, device=clip_mask.device)
+    clipped = torch.zeros_like(tokens)
+    tokens.index_add_(0, index, valid.reshape(-1).to(torch.float64))
+    clipped.index_add_(0, index, clip_mask.reshape(-1).to(torch.float64))
+    return clipped[:-1], tokens[:-1]
+
+
 def clip_rate_by_position(clip_mask: torch.Tensor, response_mask: torch.Tensor, *,
                           bucket_edges: Sequence[int] | None = None,
                           positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +91,7 @@ def clip_rate_by_position(clip_mask: torch.Tensor, response_mask: torch.Tensor, 
     divide: rate_k = clipped[k] / max(tokens[k], 1)).
 
     clip_mask: [B, S] bool — e.g. `terms.clip_any` or `terms.clip_high`.
-    response_mask: [B, S] binary — only valid tokens are counted.
+    response_mask: [B, S] binary — only valid tokens are counted (clip_mask & mask).
     bucket_edges: increasing ints >= 1; bucket k = [edges[k], edges[k+1]), last one open.
         Default: `position_bucket_edges(S)` (powers of two).
     positions: [B, S] — token position to bucket by; default the 1-indexed generated-token
@@ -119,27 +99,11 @@ def clip_rate_by_position(clip_mask: torch.Tensor, response_mask: torch.Tensor, 
         Under context parallelism pass the global n_t of the local shard.
     Returns (clipped [K] int64, tokens [K] int64), K = len(bucket_edges), on the input device.
     """
-    if clip_mask.shape != response_mask.shape:
-        raise ValueError(f"clip_rate_by_position: clip_mask {tuple(clip_mask.shape)} and "
-                         f"response_mask {tuple(response_mask.shape)} differ in shape")
-    valid = response_mask > 0
-    if positions is None:
-        positions = torch.cumsum(valid.to(torch.int64), dim=-1)
     if bucket_edges is None:
         bucket_edges = position_bucket_edges(max(clip_mask.shape[-1], 1))
-    edges = list(bucket_edges)
-    if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
-        raise ValueError(f"clip_rate_by_position: bucket_edges={edges} must be strictly "
-                         "increasing integers >= 1")
-    edge_tensor = torch.tensor(edges, dtype=positions.dtype, device=positions.device)
-    bucket = torch.searchsorted(edge_tensor, positions.contiguous(), right=True) - 1
-    counted = valid & (bucket >= 0)
-    index = bucket.clamp(min=0).flatten()
-    tokens = torch.zeros(len(edges), dtype=torch.int64, device=clip_mask.device)
-    clipped = torch.zeros_like(tokens)
-    tokens.index_add_(0, index, counted.flatten().to(torch.int64))
-    clipped.index_add_(0, index, (counted & clip_mask).flatten().to(torch.int64))
-    return clipped, tokens
+    clipped, tokens = position_counts(clip_mask & (response_mask > 0), response_mask, bucket_edges=bucket_edges,
+                                      positions=positions)
+    return clipped.round().to(torch.int64), tokens.round().to(torch.int64)
 
 
 def position_clip_metrics(clipped: torch.Tensor, tokens: torch.Tensor, bucket_edges: Sequence[int],

@@ -2,21 +2,63 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from ctpo_megatron.algo import (PolicyLossConfig, clip_rate_by_position, ctpo_token_terms, policy_loss,
                                 position_bucket_edges, position_clip_metrics)
-from ctpo_megatron.algo.metrics import quantiles
+from ctpo_megatron.algo import histogram
 
 
-def test_quantiles_match_torch_quantile():
+def _bin_width(value: float) -> float:
+    edges = histogram.bin_edges()
+    k = int(torch.searchsorted(edges, torch.tensor([value], dtype=torch.float64), right=True)) - 1
+    return float(edges[k + 1] - edges[k])
+
+
+def test_histogram_quantiles_match_torch_quantile_within_a_bin():
     g = torch.Generator().manual_seed(0)
-    for n in (1, 2, 7, 1000):
-        values = torch.randn(n, generator=g, dtype=torch.float64)
-        qs = [0.0, 0.25, 0.5, 0.9, 0.99, 1.0]
-        torch.testing.assert_close(quantiles(values, qs), torch.quantile(values, torch.tensor(qs, dtype=torch.float64)),
-                                   rtol=1e-14, atol=1e-14)
+    qs = [0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 1.0]
+    samples = {n: torch.exp(0.05 * torch.randn(n, generator=g, dtype=torch.float64)) for n in (1, 2, 7, 1000)}
+    samples["wide"] = torch.exp(3.0 * torch.randn(5000, generator=g, dtype=torch.float64))  # 1e-6 .. 1e5
+    samples["ties"] = torch.tensor([1.0] * 50 + [1.5] * 50, dtype=torch.float64)
+    for name, values in samples.items():
+        counts = histogram.histogram(values, torch.ones_like(values))
+        assert counts.sum() == values.numel()
+        exact = torch.quantile(values, torch.tensor(qs, dtype=torch.float64))
+        est = histogram.histogram_quantiles(counts, qs, lo=float(values.min()), hi=float(values.max()))
+        ordered = values.sort().values
+        for q, e, x in zip(qs, est, exact.tolist()):
+            rank = q * (values.numel() - 1)
+            width = max(_bin_width(float(ordered[math.floor(rank)])), _bin_width(float(ordered[math.ceil(rank)])))
+            assert abs(e - x) <= width, (name, q, e, x, width)
+            assert abs(e - x) <= 2 ** -histogram.SUB_BITS * x + 1e-12, (name, q)  # ~0.1% relative
+        assert est[0] == float(values.min()) and est[-1] == float(values.max())
+    # equal values come back exactly (clamped to the exact min and max)
+    ones = histogram.histogram(torch.ones(10), torch.ones(10))
+    assert histogram.histogram_quantiles(ones, [0.5], lo=1.0, hi=1.0) == [1.0]
+    # weights leave tokens out; an empty histogram gives zeros
+    values = torch.tensor([1.0, 100.0, 2.0])
+    assert histogram.histogram_quantiles(histogram.histogram(values, torch.tensor([1.0, 0.0, 1.0])), [1.0])[0] < 2.01
+    assert histogram.histogram_quantiles(torch.zeros(histogram.NUM_BINS), [0.5]) == [0.0]
+
+
+def test_histogram_bins_are_log_spaced_and_clamp_out_of_range_values():
+    edges = histogram.bin_edges()
+    assert edges[0] == 2.0 ** histogram.LOG2_MIN and edges[-1] == 2.0 ** histogram.LOG2_MAX
+    widths = (edges[1:] - edges[:-1]) / edges[:-1]
+    assert widths.max() <= 2 ** -histogram.SUB_BITS and widths.min() >= 2 ** -(histogram.SUB_BITS + 1)
+    values = torch.tensor([0.0, 1e-30, 1.0, 1.0009, 1e30, float("inf")])
+    index = histogram.bin_index(values).tolist()
+    assert index[:2] == [0, 0] and index[-2:] == [histogram.NUM_BINS - 1] * 2
+    one = index[2]
+    assert edges[one] == 1.0 and index[3] == one  # 1.0009 < 1 + 2**-10
+    # every float32 value lands in the bin whose edges hold it
+    v = torch.exp(torch.linspace(-10, 10, 10001)).float()
+    k = histogram.bin_index(v).long()
+    assert ((edges[k] <= v.double()) & (v.double() < edges[k + 1])).all()
 
 
 def test_bucket_edges_are_powers_of_two():

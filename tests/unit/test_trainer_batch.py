@@ -138,7 +138,12 @@ def test_loss_sums_add_over_micro_batches_and_round_trip_through_vectors():
     for name in ("loss", "tokens", "clip", "pg_clipped", "kl", "ratio_sum", "position_clipped",
                  "position_tokens", "ratio_max", "ratio_neg_min", "la_scale_max"):
         torch.testing.assert_close(getattr(total, name), getattr(whole, name), rtol=1e-6, atol=1e-9)  # float32 loss
-    assert float(total.micro_batches) == 2
+    # histograms add exactly: the quantiles of the summed halves are the whole batch's
+    assert torch.equal(total.ratio_hist, whole.ratio_hist) and torch.equal(total.la_scale_hist, whole.la_scale_hist)
+    m_total = total.metrics(num_updates=1, bucket_edges=edges, adaptive_clip=True)
+    m_whole = whole.metrics(num_updates=1, bucket_edges=edges, adaptive_clip=True)
+    for key in ("is_ratio_p25", "is_ratio_p50", "is_ratio_p99", "la_scale_p50"):
+        assert m_total[key] == pytest.approx(m_whole[key], rel=1e-12), key
     sums, maxes = total.to_vectors()
     back = total.from_vectors(sums, maxes)
     assert back.metrics(num_updates=2, bucket_edges=edges, adaptive_clip=True) == \

@@ -1,0 +1,106 @@
+"""`policy_loss` with its metrics vs a plain unfused torch composition of the same loss.
+
+    python benchmarks/bench_policy_loss.py [--reps 9] [--threads 1] [--shapes 8x8192 1x131072]
+
+Three sides, forward + backward to the log-probs, on the same inputs (CTPO cumprod with
+adaptive clipping, token-mean; the paper defaults):
+  torch:      the pure-torch CTPO terms (`ctpo_token_terms` on the torch scan), the masked
+              token-mean loss and the three clip fractions (high, low, dual) as floats;
+  policy:     `algo.policy_loss` with its metrics (`policy_metrics`: every statistic of
+              `LossSums`, quantiles from histograms, turned into floats);
+  no-metrics: `algo.policy_loss(..., with_metrics=False)` (what the loss itself costs).
+Time: median of --reps runs after two warm-ups; the sides alternate within each rep so that
+they see the same background load. Printed per shape: the three medians, the ratio
+torch / policy, and the metrics' share of policy_loss's time, 1 - no-metrics / policy.
+Goal: ratio >= 3, share <= 20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_ctpo_loss import make_inputs, pure_torch_terms  # noqa: E402  (same folder)
+
+from ctpo_megatron.algo import PolicyLossConfig, policy_loss  # noqa: E402
+from ctpo_megatron.ops import backend_report  # noqa: E402
+
+SHAPES = [(8, 8192), (1, 131072)]
+
+
+def torch_side(lp, olp, adv, mask, cfg) -> list[float]:
+    terms = pure_torch_terms(lp, olp, adv, mask, cfg)
+    n = mask.sum().clamp(min=1)
+    loss = (terms.pg_losses * mask).sum() / n
+    loss.backward()
+    fractions = torch.stack([terms.clip_high.sum(), terms.clip_low.sum(), terms.clip_dual.sum()]) / n
+    return fractions.tolist()
+
+
+def policy_side(lp, olp, adv, mask, cfg, with_metrics: bool = True) -> dict[str, float]:
+    loss, metrics = policy_loss(lp, olp, adv, mask, cfg, with_metrics=with_metrics)
+    loss.backward()
+    return metrics
+
+
+SIDES = {"torch": torch_side, "policy": policy_side,
+         "no-metrics": lambda *a: policy_side(*a, with_metrics=False)}
+
+
+def time_sides(inputs, cfg, reps: int) -> dict[str, list[float]]:
+    """Seconds per fwd+bwd of each side (two warm-ups, then `reps`, alternating)."""
+    lp, olp, adv, mask = inputs
+    times: dict[str, list[float]] = {side: [] for side in SIDES}
+    for rep in range(reps + 2):
+        for side, fn in SIDES.items():
+            x = lp.detach().requires_grad_(True)
+            start = time.perf_counter()
+            fn(x, olp, adv, mask, cfg)
+            if rep >= 2:
+                times[side].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=9, help="timed repetitions per side (median)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: stable timings on a shared machine; 0 = torch's default)")
+    parser.add_argument("--shapes", nargs="+", default=[f"{B}x{S}" for B, S in SHAPES], metavar="BxS",
+                        help="batch x sequence shapes to time (default: %(default)s)")
+    args = parser.parse_args()
+    if args.reps < 1:
+        parser.error(f"--reps {args.reps}: must be >= 1")
+    try:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
+    except ValueError:
+        parser.error(f"--shapes {args.shapes}: expected BxS, e.g. 8x8192")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, cpu, float32")
+    for line in backend_report():
+        print(f"  {line}")
+    cfg = PolicyLossConfig()
+    print(f"loss: ctpo {cfg.variant}, adaptive_clip={cfg.adaptive_clip}, token-mean; fwd+bwd; "
+          f"median of {args.reps}")
+    print(f"{'shape':>12} {'torch ms':>9} {'policy ms':>10} {'no-metrics ms':>14} {'torch/policy':>13} "
+          f"{'metrics share':>14}")
+    for B, S in shapes:
+        inputs = make_inputs(B, S, torch.float32, "cpu")
+        times = time_sides(inputs, cfg, args.reps)
+        t_torch, t_policy, t_bare = (statistics.median(times[s]) for s in SIDES)
+        print(f"{f'{B}x{S}':>12} {t_torch * 1e3:9.2f} {t_policy * 1e3:10.2f} {t_bare * 1e3:14.2f} "
+              f"{t_torch / t_policy:12.2f}x {100 * (1 - t_bare / t_policy):13.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Fixed-bin histograms of positive values (importance ratios, LA clip scales): quantiles
+without sorting, additive over micro-batches and ranks.
+
+A value v > 0 lands in a bin by its float32 bit pattern: exponent and the top `SUB_BITS`
+mantissa bits. Bins are therefore log-spaced, 2**SUB_BITS per octave, each one of relative
+width 2**-SUB_BITS (about 0.1%), over [2**LOG2_MIN, 2**LOG2_MAX); values outside (0, inf and
+NaN included) are counted in the first or last bin. Building a histogram is one shift, one
+clamp and one `index_add_` on the device, with no host sync; `histogram_quantiles` turns the
+(summed) counts into torch.quantile-style quantiles on the host once per step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+SUB_BITS = 10
+"""Bins per octave = 2**SUB_BITS: relative bin width 2**-10 (~0.1%)."""
+LOG2_MIN, LOG2_MAX = -16, 16
+"""Octaves covered: [2**-16, 2**16) (ratios exp(x), x <= 10, stay below 2**15)."""
+NUM_BINS = (LOG2_MAX - LOG2_MIN) << SUB_BITS
+_MANTISSA_BITS = 23  # float32
+_FIRST = (127 + LOG2_MIN) << SUB_BITS  # biased exponent of 2**LOG2_MIN, shifted like the bins
+
+
+def bin_index(values: torch.Tensor) -> torch.Tensor:
+    """int32 bin of every value (same shape), in [0, NUM_BINS). Cast to float32 first: its bit
+    pattern is monotone in the value for positive floats, so the shift is a log2 binning."""
+    bits = values.detach().to(torch.float32).contiguous().view(torch.int32)
+    return ((bits >> (_MANTISSA_BITS - SUB_BITS)) - _FIRST).clamp_(0, NUM_BINS - 1)
+
+
+def histogram(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[NUM_BINS] float64 counts: sum of `weights` per bin of `values` (same shape; e.g. the
+    float64 response mask, so that invalid tokens count 0). On the values' device, no sync."""
+    counts = torch.zeros(NUM_BINS, dtype=torch.float64, device=values.device)
+    return counts.index_add_(0, bin_index(values).reshape(-1), weights.reshape(-1).to(torch.float64))
+
+
+@functools.lru_cache(maxsize=1)
+def bin_edges() -> torch.Tensor:
+    """[NUM_BINS + 1] float64: bin k holds values in [edges[k], edges[k+1]) (exactly, for
+    float32 values inside the covered range). Cached: do not modify it."""
+    k = torch.arange(NUM_BINS + 1, dtype=torch.float64)
+    octave, sub = torch.div(k, 1 << SUB_BITS, rounding_mode="floor"), k.remainder(1 << SUB_BITS)
+    return torch.exp2(octave + LOG2_MIN) * (1 + sub / (1 << SUB_BITS))
+
+
+def histogram_quantiles(counts: torch.Tensor, qs: Sequence[float], *, lo: float | None = None,
+                        hi: float | None = None) -> list[float]:
+    """Quantiles of the values counted in `counts` ([NUM_BINS], any device), as torch.quantile
+    computes them (linear interpolation between the order statistics at rank q (n - 1)), with
+    every order statistic estimated inside its bin (its elements spread evenly over the bin).
+    Each result is within one bin width of the exact quantile (the widest bin of the two order
+    statistics it interpolates). lo, hi: the exact minimum and maximum, if known; results are
+    clamped to them, and q = 0 and q = 1 give them exactly. Returns
+    len(qs) floats, 0.0 each when the counts are empty."""
+    counts = counts.detach().to(device="cpu", dtype=torch.float64)
+    n = float(counts.sum())
+    if n <= 0:
+        return [0.0] * len(qs)
+    cum = counts.cumsum(0)
+    edges = bin_edges()
+    rank = torch.tensor(list(qs), dtype=torch.float64) * (n - 1)
+    lower, upper = rank.floor(), rank.ceil()
+
+    def order_statistic(r: torch.Tensor) -> torch.Tensor:
+        k = torch.searchsorted(cum, r, right=True).clamp(max=NUM_BINS - 1)  # first bin with cum > r
+        inside = (r - (cum[k] - counts[k]) + 0.5) / counts[k]
+        value = edges[k] + inside * (edges[k + 1] - edges[k])
+        # The smallest and largest order statistics are the exact extremes, when known.
+        if lo is not None:
+            value = torch.where(r == 0, lo, value)
+        if hi is not None:
+            value = torch.where(r == n - 1, hi, value)
+        return value
+
+    out = torch.lerp(order_statistic(lower), order_statistic(upper), rank - lower)
+    if lo is not None or hi is not None:
+        out = out.clamp(min=lo, max=hi)
+    return out.tolist()
