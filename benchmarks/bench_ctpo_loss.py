@@ -118,6 +118,16 @@ def measure_peak(side: str, B: int, S: int, dtype: str, device: str) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
+def print_setup(device: str, dtype: str, reps: int) -> None:
+    """The benchmark's context: versions, threads, kernel backends and the loss settings."""
+    print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, device {device}, dtype {dtype}")
+    for line in backend_report():
+        print(f"  {line}")
+    cfg = PolicyLossConfig()
+    print(f"loss: ctpo {cfg.variant}, adaptive_clip={cfg.adaptive_clip}, token-mean; fwd+bwd; median of {reps}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per side (median, >= 5)")
@@ -135,13 +145,8 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, device {args.device}, dtype {args.dtype}")
-    for line in backend_report():
-        print(f"  {line}")
+    print_setup(args.device, args.dtype, args.reps)
     cfg = PolicyLossConfig()
-    print(f"loss: ctpo {cfg.variant}, adaptive_clip={cfg.adaptive_clip}, token-mean; fwd+bwd; "
-          f"median of {args.reps}")
     print("time: median (min) ms; speedup = torch/fused of the medians (of the mins)")
     print(f"{'shape':>12} {'torch ms':>15} {'fused ms':>15} {'speedup':>15} {'torch MB':>9} {'fused MB':>9} "
           f"{'mem ratio':>9}")

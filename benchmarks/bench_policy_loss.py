@@ -18,7 +18,6 @@ Goal: ratio >= 3, share <= 20%.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -28,10 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ctpo_loss import make_inputs, pure_torch_terms  # noqa: E402  (same folder)
+from bench_ctpo_loss import make_inputs, print_setup, pure_torch_terms  # noqa: E402  (same folder)
 
 from ctpo_megatron.algo import PolicyLossConfig, policy_loss  # noqa: E402
-from ctpo_megatron.ops import backend_report  # noqa: E402
 
 SHAPES = [(8, 8192), (1, 131072)]
 
@@ -85,13 +83,8 @@ def main() -> None:
         parser.error(f"--shapes {args.shapes}: expected BxS, e.g. 8x8192")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, cpu, float32")
-    for line in backend_report():
-        print(f"  {line}")
+    print_setup("cpu", "float32", args.reps)
     cfg = PolicyLossConfig()
-    print(f"loss: ctpo {cfg.variant}, adaptive_clip={cfg.adaptive_clip}, token-mean; fwd+bwd; "
-          f"median of {args.reps}")
     print(f"{'shape':>12} {'torch ms':>9} {'policy ms':>10} {'no-metrics ms':>14} {'torch/policy':>13} "
           f"{'metrics share':>14}")
     for B, S in shapes:
