@@ -19,7 +19,15 @@ start-up included): when the max_staleness=1 run already uses about all cores, t
 own CPU work (agent loop, sandbox, reward, the server's HTTP and forward) competes with the
 trainer and overlap cannot shorten the step further on this machine.
 
-    python benchmarks/bench_async.py [--steps 6] [--decode-delay 0.02] [--epochs 3] [--repeats 2] [--init DIR]
+`--trainer-ranks 1` runs the trainer as one process (`parallel=tp1`) instead of the tiny
+config's TP 2 on 2 ranks, so on a 2-core machine one core is left to the rollout side: the
+CPUs beside a real node's GPUs that run the agent loop, sandboxes, reward and HTTP. Its
+default epochs per step is 4 (3 for 2 ranks, kept for comparison with earlier figures): one
+rank trains about as fast per epoch as TP 2 on this tiny model, and 4 epochs bring T to about
+R, so the perfect-overlap bound is about 0.5-0.55.
+
+    python benchmarks/bench_async.py [--steps 6] [--decode-delay 0.02] [--epochs N] [--repeats 2]
+        [--trainer-ranks {1,2}] [--init DIR]
 """
 
 from __future__ import annotations
@@ -37,6 +45,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Trainer layout per --trainer-ranks: the tiny config's TP 2 on 2 ranks, or TP 1 on one rank.
+PARALLEL = {2: "tp2", 1: "tp1"}
+# Default trainer.epochs_per_step per --trainer-ranks: 4 makes the sync run's training time T about
+# its rollout time R at 20 ms/decode; 3 for 2 ranks is the setting of the earlier figures.
+DEFAULT_EPOCHS = {2: 3, 1: 4}
 SIM_LINE = re.compile(r"simulated decode: (\d+) steps of [\d.]+ ms, compute ([\d.]+) ms/step, (\d+) steps over")
 
 
@@ -62,8 +75,9 @@ def sim_summary(run_dir: str) -> tuple[int, float, int]:
 def run(init: str, out: str, staleness: int, args: argparse.Namespace) -> tuple[list[dict], float, tuple]:
     """One training run; (metrics records of steps >= 2, cores kept busy, sim summary)."""
     run_dir = os.path.join(out, f"k{staleness}_{time.time_ns()}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "ctpo_megatron.train", "--config-name", "tiny", f"trainer.run_dir={run_dir}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.trainer_ranks),
+           "-m", "ctpo_megatron.train", "--config-name", "tiny", f"parallel={PARALLEL[args.trainer_ranks]}",
+           f"trainer.run_dir={run_dir}",
            f"model.path={init}/model", f"data.train_files=[{init}/train.parquet]",
            f"data.val_files=[{init}/val.parquet]", f"trainer.total_steps={args.steps}",
            f"trainer.prompts_per_step={args.prompts_per_step}", "trainer.eval_every=0",
@@ -90,17 +104,24 @@ def main() -> int:
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--decode-delay", type=float, default=0.02,
                         help="seconds per decode step (simulated remote GPU; 0 = real CPU speed)")
-    parser.add_argument("--epochs", type=int, default=3,
-                        help="trainer.epochs_per_step: the default makes training about as long as the rollout")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="trainer.epochs_per_step; 0 = the default for --trainer-ranks (3 for 2 ranks, 4 for "
+                             "1), which makes training about as long as the rollout")
     parser.add_argument("--repeats", type=int, default=2,
                         help="alternating (0, 1) run pairs; medians over all their steps")
+    parser.add_argument("--trainer-ranks", type=int, choices=sorted(PARALLEL), default=2,
+                        help="trainer processes: 2 = the tiny config's TP 2 on the machine's cores; 1 = TP 1, "
+                             "leaving a core to the rollout side (the CPUs beside a real node's GPUs)")
     parser.add_argument("--init", default="", help="a tiny_setup output dir (built when empty)")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "ctpo_bench_async"))
     args = parser.parse_args()
     if args.steps < 3:
         parser.error("--steps must be >= 3")
+    if args.epochs < 0:
+        parser.error("--epochs must be >= 0 (0 = the default for --trainer-ranks)")
     if args.decode_delay < 0:
         parser.error("--decode-delay must be >= 0")
+    args.epochs = args.epochs or DEFAULT_EPOCHS[args.trainer_ranks]
     init = args.init or os.path.join(args.out, "init")
     if not os.path.exists(os.path.join(init, "model", "config.json")):
         subprocess.run([sys.executable, "-m", "ctpo_megatron.data.tiny_setup", init], cwd=ROOT, check=True,
@@ -129,7 +150,8 @@ def main() -> int:
                        compute=sum(s[0] * s[1] for s in sims[k]) / max(steps, 1),
                        over=sum(s[2] for s in sims[k]) / max(steps, 1))
     sync = rows[0]
-    print(f"tiny run, {args.prompts_per_step} prompts x 8 samples per step, {args.epochs} epoch(s) per step, "
+    print(f"tiny run, trainer {args.trainer_ranks} rank(s) (parallel={PARALLEL[args.trainer_ranks]}), "
+          f"{args.prompts_per_step} prompts x 8 samples per step, {args.epochs} epoch(s) per step, "
           f"simulated decode {args.decode_delay * 1e3:.0f} ms/step; medians over steps 2..{args.steps} "
           f"of {args.repeats} alternating run pair(s); {os.cpu_count()} cores, load average (1 min) "
           f"{min(loads):.1f}..{max(loads):.1f}")

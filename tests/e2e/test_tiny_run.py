@@ -11,6 +11,7 @@ launcher's last line is `held-out accuracy: a -> b` with the logged values. Fixe
 throughout. Every wait has a deadline inside the test's timeout; a failure shows the logs.
 """
 
+import glob
 import json
 import os
 import re
@@ -266,15 +267,23 @@ def test_bench_step_smoke(tiny_init, tmp_path):
     assert re.search(r"^CTPO loss overhead vs GRPO: -?[\d.]+% of the step time", stdout, re.M), logs
 
 
-def test_bench_async_smoke(tiny_init, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_bench_async_smoke(tiny_init, tmp_path, ranks):
     """benchmarks/bench_async.py at a tiny size (3 steps of 8 prompts, one epoch, one pair of
-    runs, 1 ms simulated decode) prints the sync run's R and T, the server's simulated-decode
-    figures, both runs' rows and the step-time ratio."""
+    runs, 1 ms simulated decode), with the trainer on 2 TP ranks (default) and on one rank
+    (`--trainer-ranks 1`), prints its layout, the sync run's R and T, the server's
+    simulated-decode figures, both runs' rows and the step-time ratio; both runs trained with
+    that many ranks."""
     out = str(tmp_path / "bench")
     stdout, logs = _bench_stdout("bench_async.py", ["--steps", "3", "--prompts-per-step", "8", "--repeats", "1",
                                                     "--epochs", "1", "--decode-delay", "0.001", "--init", tiny_init,
-                                                    "--out", out],
+                                                    "--trainer-ranks", str(ranks), "--out", out],
                                  out, str(tmp_path / "bench_async"))
+    assert re.search(rf"^tiny run, trainer {ranks} rank\(s\) \(parallel=tp{ranks}\), ", stdout, re.M), logs
+    train_logs = sorted(glob.glob(os.path.join(out, "k[01]_*", "train.log")))
+    assert len(train_logs) == 2, train_logs
+    for path in train_logs:
+        assert f"world size {ranks} = tp {ranks} x pp 1 x cp 1 x dp 1" in open(path).read(), path
     assert re.search(r"^sync run: rollout R [\d.]+ s, training T [\d.]+ s ", stdout, re.M), logs
     # The server logged its simulated-decode summary (read back from its log): real steps ran.
     compute = re.search(r"^server decode compute ([\d.]+) ms/step \(sync\)", stdout, re.M)
