@@ -10,6 +10,8 @@ bash scripts/setup_nvcc.sh >/dev/null  # nvcc for the compile check of csrc/cuda
 # Kernel and CUDA-compile tests fail (instead of skipping) when the csrc extension or nvcc is
 # missing: see tests/conftest.py.
 export CTPO_REQUIRE_EXT="${CTPO_REQUIRE_EXT:-1}"
+# setup_system.sh ran: a missing Slurm or iproute2 is a failure, not a skip (tests/_require.py).
+export CTPO_REQUIRE_SYSTEM="${CTPO_REQUIRE_SYSTEM:-1}"
 # A shuffled test order (modules, then tests within each), so tests that depend on what ran
 # before them fail: a fixed seed by default, so CI's order is one that was seen passing;
 # CTPO_TEST_SHUFFLE=random draws a new one (printed last), CTPO_TEST_SHUFFLE= keeps file order.

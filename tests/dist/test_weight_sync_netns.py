@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._require import missing_system
 from tests.unit.test_embedded_server import build_tiny_model
 
 pytestmark = pytest.mark.dist
@@ -36,7 +37,7 @@ def _teardown():
 @pytest.fixture(scope="module")
 def netns():
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2")
+        missing_system("network namespaces need root and iproute2 (scripts/setup_system.sh)")
     _teardown()
     try:
         _ip("link", "add", BRIDGE, "type", "bridge")

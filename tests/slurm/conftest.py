@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tests._require import missing_system
 from tests.slurm.local_slurm import LocalSlurm, missing_binaries
 
 NODES = 4  # 2 training nodes + 2 rollout nodes
@@ -20,7 +21,7 @@ def slurm_cluster(tmp_path_factory):
     """
     missing = missing_binaries()
     if missing:
-        pytest.skip(f"Slurm binaries missing: {', '.join(missing)} (run scripts/setup_system.sh as root)")
+        missing_system(f"Slurm binaries missing: {', '.join(missing)} (run scripts/setup_system.sh as root)")
     if os.geteuid() != 0:
         pytest.fail("the local Slurm cluster runs its daemons as root (SlurmUser=root); run as root")
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=NODES, cpus=2, gpus=2)
