@@ -81,6 +81,17 @@ class Launch:
                 pytest.fail(f"launcher still running at its deadline:\n{self.logs()}")
             time.sleep(0.5)
 
+    def complete(self) -> str:
+        """Waits for it to exit within the test's budget (always cleaned up after) and checks it
+        succeeded; its logs."""
+        try:
+            self.wait(time.monotonic() + BUDGET_S)
+        finally:
+            self.kill()
+        text = self.logs()
+        assert self.proc.returncode == 0, text
+        return text
+
     def kill(self) -> None:
         """SIGKILL the launcher's session (no handler runs) and the rollout server's own session."""
         try:
@@ -229,12 +240,7 @@ def test_pp2_grpo_with_rollout_log_probs(tiny_init, tmp_path):
         "rollout.weight_sync.transport=disk", "trainer.total_steps=2", "trainer.eval_every=0",
         "actor.micro_batch_tokens=256"],
         run, str(tmp_path / "launch"))
-    try:
-        launch.wait(time.monotonic() + BUDGET_S)
-    finally:
-        launch.kill()
-    logs = launch.logs()
-    assert launch.proc.returncode == 0, logs
+    logs = launch.complete()
     records = _records(run)
     assert [r["step"] for r in records] == [1, 2], logs
     assert not any(k.startswith("mismatch/rollout_is") for k in records[-1])
@@ -247,12 +253,7 @@ def test_pp2_grpo_with_rollout_log_probs(tiny_init, tmp_path):
 def _bench_stdout(script: str, args: list[str], run: str, logs: str) -> tuple[str, str]:
     """Runs benchmarks/`script` to completion (within the test's budget); (stdout, logs)."""
     bench = Launch(args, run, logs, command=[sys.executable, f"benchmarks/{script}"])
-    try:
-        bench.wait(time.monotonic() + BUDGET_S)
-    finally:
-        bench.kill()
-    text = bench.logs()
-    assert bench.proc.returncode == 0, text
+    text = bench.complete()
     return open(bench.out_path).read(), text
 
 
