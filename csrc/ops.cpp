@@ -54,4 +54,15 @@ TORCH_LIBRARY(ctpo_megatron, m) {
       "Tensor? cu_seqlens, Tensor? cum, Tensor? count, bool geomean, bool adaptive, float clip_low, "
       "float clip_high, float clip_c, float power) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The additive statistics of a micro-batch's policy-loss terms (algo.stats.LossSums) in one
+  // pass over its valid tokens: float64 scalars (slots in csrc/include/ctpo/loss_stats.h, then
+  // one sum of exp(c * la_scale) per exp_coeffs entry), the log-bin histograms of ratio and
+  // la_scale (bins by float32 bits >> hist_shift - hist_first, clamped to [0, hist_bins)), and
+  // [2, num_buckets] clipped / token counts per position bucket (bucket_of_position[clamp(n_t)];
+  // n_t = positions, or the running count of valid tokens along the last dimension).
+  m.def(
+      "loss_stats(Tensor valid, Tensor advantages, Tensor ratio, Tensor log_ratio, Tensor? la_scale, "
+      "Tensor clip_high, Tensor clip_low, Tensor clip_dual, Tensor clipped, Tensor? positions, "
+      "Tensor bucket_of_position, int num_buckets, float[] exp_coeffs, int hist_shift, int hist_first, "
+      "int hist_bins) -> (Tensor, Tensor, Tensor, Tensor)");
 }

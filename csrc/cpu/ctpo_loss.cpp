@@ -49,7 +49,7 @@ void dispatch_flags(const CtpoParams& p, const Fn& fn) {
 // compile-time constants and restrict pointers, so the compiler vectorizes it (float). Not
 // inlined: inlined into the scan its restrict parameters stop counting and it stays scalar.
 template <bool kAdaptive, bool kGeomean, bool kDualIsHigh, typename scalar_t, typename T, typename Exp>
-__attribute__((noinline)) void eval_tile(int64_t n, const T* __restrict__ cum, const T* __restrict__ count, const T* __restrict__ scale,
+CTPO_CPU_CLONES __attribute__((noinline)) void eval_tile(int64_t n, const T* __restrict__ cum, const T* __restrict__ count, const T* __restrict__ scale,
                const scalar_t* __restrict__ lp, const scalar_t* __restrict__ adv, const scalar_t* __restrict__ m,
                T* __restrict__ loss, T* __restrict__ grad, T* __restrict__ ratio, bool* __restrict__ high,
                bool* __restrict__ low, bool* __restrict__ dual, bool* __restrict__ clipped, const CtpoParams& params) {

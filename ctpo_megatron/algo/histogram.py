@@ -23,6 +23,8 @@ LOG2_MIN, LOG2_MAX = -16, 16
 NUM_BINS = (LOG2_MAX - LOG2_MIN) << SUB_BITS
 _MANTISSA_BITS = 23  # float32
 _FIRST = (127 + LOG2_MIN) << SUB_BITS  # biased exponent of 2**LOG2_MIN, shifted like the bins
+KERNEL_LAYOUT = {"hist_shift": _MANTISSA_BITS - SUB_BITS, "hist_first": _FIRST, "hist_bins": NUM_BINS}
+"""The bin layout as `ops.loss_stats` takes it (the kernel bins exactly like `bin_index`)."""
 
 
 def bin_index(values: torch.Tensor) -> torch.Tensor:

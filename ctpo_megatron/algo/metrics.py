@@ -50,7 +50,7 @@ def check_bucket_edges(bucket_edges: Sequence[int]) -> list[int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _bucket_of_position(edges: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def bucket_of_position(edges: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """[edges[-1] + 1] int64 on `device`: the bucket of each position 0..edges[-1], K for
     positions below edges[0] (left out). Built and copied once per edges and device."""
     bucket = torch.searchsorted(torch.tensor(edges), torch.arange(edges[-1] + 1), right=True) - 1
@@ -75,7 +75,7 @@ def position_counts(clip_mask: torch.Tensor, response_mask: torch.Tensor, *, buc
     valid = response_mask > 0
     if positions is None:
         positions = torch.cumsum(valid, dim=-1)
-    lookup = _bucket_of_position(tuple(edges), clip_mask.device)
+    lookup = bucket_of_position(tuple(edges), clip_mask.device)
     index = lookup.index_select(0, positions.reshape(-1).clamp(0, edges[-1]))
     tokens = torch.zeros(len(edges) + 1, dtype=torch.float64, device=clip_mask.device)
     clipped = torch.zeros_like(tokens)

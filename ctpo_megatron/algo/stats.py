@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ctpo_megatron import ops
 from ctpo_megatron.algo import histogram
 from ctpo_megatron.algo.config import PolicyLossConfig
-from ctpo_megatron.algo.metrics import (RATIO_QUANTILES, check_bucket_edges, position_bucket_edges,
-                                        position_clip_metrics, position_counts)
+from ctpo_megatron.algo.metrics import (RATIO_QUANTILES, bucket_of_position, check_bucket_edges,
+                                        position_bucket_edges, position_clip_metrics, position_counts)
 from ctpo_megatron.algo.terms import TokenTerms
 
 _MAX_FIELDS = ("ratio_max", "ratio_neg_min", "la_scale_max", "la_scale_neg_min")
@@ -94,37 +95,14 @@ class LossSums:
         a fixed-shape reduction on the inputs' device."""
         edges = check_bucket_edges(bucket_edges)
         with torch.no_grad():
-            f64 = dict(dtype=torch.float64, device=response_mask.device)
             valid = response_mask > 0
-            mask = valid.to(torch.float64)  # histogram weights
-            weight = valid.to(terms.ratio.dtype)  # sums in the compute dtype, accumulated in float64
             if advantages.shape != valid.shape:
                 advantages = advantages.reshape(advantages.shape[0], -1).expand(valid.shape)
-            ratio = terms.ratio
-            la = dict(la_scale_sum=torch.zeros((), **f64), la_scale_max=torch.zeros((), **f64),
-                      la_scale_neg_min=torch.full((), -torch.inf, **f64),
-                      la_scale_hist=torch.zeros(histogram.NUM_BINS, **f64), la_clip_ratios=torch.zeros(3, **f64))
-            if terms.la_scale is not None:
-                g = terms.la_scale
-                la_max, la_neg_min = _extremes(g, weight, valid)
-                la = dict(la_scale_sum=(g * weight).sum().to(torch.float64), la_scale_max=la_max,
-                          la_scale_neg_min=la_neg_min, la_scale_hist=histogram.histogram(g, mask),
-                          la_clip_ratios=_exp_sums(g, weight, (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c)))
-            # TokenTerms' flags are False and log_ratio_clamped 0 at invalid tokens (its contract):
-            # they are summed as they are; ratio is only meaningful at valid tokens, so weighted.
-            clip_any = terms.clip_any
-            flags = (terms.clip_high, terms.clip_low, terms.clip_dual, clip_any)
-            pos_clipped, pos_tokens = position_counts(clip_any, response_mask, bucket_edges=edges, positions=positions)
-            ratio_max, ratio_neg_min = _extremes(ratio, weight, valid)
-            return cls(
-                loss=loss.detach().to(torch.float64) / dp_size, tokens=mask.sum(),
-                neg_adv_tokens=((advantages < 0) & valid).sum().to(torch.float64),
-                clip=torch.stack([f.sum() for f in flags]).to(torch.float64),  # full reductions: no copies
-                pg_clipped=terms.clipped.sum().to(torch.float64),
-                kl=-terms.log_ratio_clamped.sum().to(torch.float64),
-                ratio_sum=(ratio * weight).sum().to(torch.float64),
-                ratio_max=ratio_max, ratio_neg_min=ratio_neg_min, ratio_hist=histogram.histogram(ratio, mask),
-                position_clipped=pos_clipped, position_tokens=pos_tokens, **la)
+            loss_sum = loss.detach().to(torch.float64) / dp_size
+            coefficients = (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c)
+            if terms.ratio.dtype in (torch.float32, torch.float64) and ops.loss_stats_kernel_for(valid.device):
+                return _kernel_sums(terms, valid, advantages, loss_sum, edges, positions, coefficients)
+            return _torch_sums(terms, valid, advantages, loss_sum, edges, positions, coefficients)
 
     def __add__(self, other: LossSums) -> LossSums:
         out = {}
@@ -196,10 +174,69 @@ class LossSums:
         return out
 
     def _stacked_to_host(self) -> list[torch.Tensor]:
-        """Every field on the host, with one device-to-host copy (fields in order)."""
-        tensors = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        """Every field on the host (fields in order): as they are when already there, else with
+        one device-to-host copy."""
+        tensors = [getattr(self, f.name).detach() for f in dataclasses.fields(self)]
+        if all(t.device.type == "cpu" for t in tensors):
+            return tensors  # a concatenation would only copy the histograms once more
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
         return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+def _torch_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor, loss_sum: torch.Tensor,
+                edges: list[int], positions: torch.Tensor | None, coefficients: tuple[float, float, float]) -> LossSums:
+    """`LossSums.from_terms` in torch reductions (the definition; devices without kernels)."""
+    f64 = dict(dtype=torch.float64, device=valid.device)
+    mask = valid.to(torch.float64)  # histogram weights
+    weight = valid.to(terms.ratio.dtype)  # sums in the compute dtype, accumulated in float64
+    ratio = terms.ratio
+    la = dict(la_scale_sum=torch.zeros((), **f64), la_scale_max=torch.zeros((), **f64),
+              la_scale_neg_min=torch.full((), -torch.inf, **f64),
+              la_scale_hist=torch.zeros(histogram.NUM_BINS, **f64), la_clip_ratios=torch.zeros(3, **f64))
+    if terms.la_scale is not None:
+        g = terms.la_scale
+        la_max, la_neg_min = _extremes(g, weight, valid)
+        la = dict(la_scale_sum=(g * weight).sum().to(torch.float64), la_scale_max=la_max,
+                  la_scale_neg_min=la_neg_min, la_scale_hist=histogram.histogram(g, mask),
+                  la_clip_ratios=_exp_sums(g, weight, coefficients))
+    # TokenTerms' flags are False and log_ratio_clamped 0 at invalid tokens (its contract):
+    # they are summed as they are; ratio is only meaningful at valid tokens, so weighted.
+    clip_any = terms.clip_any
+    flags = (terms.clip_high, terms.clip_low, terms.clip_dual, clip_any)
+    pos_clipped, pos_tokens = position_counts(clip_any, valid, bucket_edges=edges, positions=positions)
+    ratio_max, ratio_neg_min = _extremes(ratio, weight, valid)
+    return LossSums(
+        loss=loss_sum, tokens=mask.sum(),
+        neg_adv_tokens=((advantages < 0) & valid).sum().to(torch.float64),
+        clip=torch.stack([f.sum() for f in flags]).to(torch.float64),  # full reductions: no copies
+        pg_clipped=terms.clipped.sum().to(torch.float64),
+        kl=-terms.log_ratio_clamped.sum().to(torch.float64),
+        ratio_sum=(ratio * weight).sum().to(torch.float64),
+        ratio_max=ratio_max, ratio_neg_min=ratio_neg_min, ratio_hist=histogram.histogram(ratio, mask),
+        position_clipped=pos_clipped, position_tokens=pos_tokens, **la)
+
+
+def _kernel_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor, loss_sum: torch.Tensor,
+                 edges: list[int], positions: torch.Tensor | None, coefficients: tuple[float, float, float]) -> LossSums:
+    """`LossSums.from_terms` from the one-pass `ops.loss_stats` kernel (same fields; sums are
+    accumulated in float64 instead of the compute dtype, so they agree to rounding)."""
+    unique = tuple(dict.fromkeys(coefficients))
+    out = ops.loss_stats(valid, advantages, terms.ratio, terms.log_ratio_clamped, terms.la_scale,
+                         (terms.clip_high, terms.clip_low, terms.clip_dual, terms.clipped), positions=positions,
+                         bucket_of_position=bucket_of_position(tuple(edges), valid.device), num_buckets=len(edges),
+                         exp_coeffs=unique if terms.la_scale is not None else (), **histogram.KERNEL_LAYOUT)
+    v = dict(zip(ops.LOSS_STATS_SLOTS, out.scalars))
+    has_la = terms.la_scale is not None
+    exp_sums = out.scalars[len(ops.LOSS_STATS_SLOTS):]
+    la_clip_ratios = (exp_sums[[unique.index(c) for c in coefficients]] if has_la
+                      else torch.zeros(3, dtype=torch.float64, device=valid.device))
+    return LossSums(
+        loss=loss_sum, tokens=v["tokens"], neg_adv_tokens=v["neg_adv_tokens"],
+        clip=out.scalars[2:6], pg_clipped=v["clipped"], kl=v["neg_log_ratio"], ratio_sum=v["ratio_sum"],
+        ratio_max=v["ratio_max"], ratio_neg_min=-v["ratio_min"], ratio_hist=out.ratio_hist,
+        la_scale_sum=v["la_scale_sum"], la_scale_max=v["la_scale_max"],
+        la_scale_neg_min=-v["la_scale_min"] if has_la else torch.full_like(v["la_scale_min"], -torch.inf),
+        la_scale_hist=out.la_scale_hist, la_clip_ratios=la_clip_ratios,
+        position_clipped=out.positions[0], position_tokens=out.positions[1])
 
 
 def policy_metrics(terms: TokenTerms, response_mask: torch.Tensor, advantages: torch.Tensor,

@@ -90,11 +90,12 @@ CTPO_HD TokenTerms<T> ctpo_token(T cum, T count, T log_prob, T adv, T scale, con
   if (p.adaptive) {
     const T lo = -(T(p.clip_low) * scale);
     const T hi = T(p.clip_high) * scale;
-    // exp(clamp(x, lo, hi)) is r itself inside the bounds (same argument, same bits).
     const T exp_hi = exp_fn(hi);
     below = x < lo;
     above = x > hi;
-    rhat = below ? exp_fn(lo) : (above ? exp_hi : r);
+    // One exp of the clamped argument (the same bits as exp(lo), exp(hi) or r): an exp call
+    // inside a select arm kept AVX2 / AVX-512 builds of the CPU loop from if-converting it.
+    rhat = exp_fn(below ? lo : (above ? hi : x));
     drhat = (below | above) ? T(0) : r;
     dual = p.dual_is_high ? exp_hi : exp_fn(T(p.clip_c) * scale);
   } else {

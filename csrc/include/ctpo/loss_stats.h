@@ -1,0 +1,115 @@
+// ctpo_megatron::loss_stats (CPU and CUDA): the additive statistics of one micro-batch's policy
+// loss terms in one pass, for algo.stats.LossSums. Shared here: the slots of the scalar output,
+// the histogram bin of a value and the input checks / output allocation.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "ctpo/ctpo_math.h"
+
+namespace ctpo {
+
+// Scalar output slots (float64); kExpSums.. holds one sum of exp(c * la_scale) per coefficient.
+enum StatSlot : int {
+  kTokens = 0,     // valid tokens
+  kNegAdv,         // valid tokens with A < 0
+  kClipHigh,       // clip flags summed over valid tokens
+  kClipLow,
+  kClipDual,
+  kClipAny,        // high | low | dual
+  kClipped,        // l2 > l1 (pg_clipfrac)
+  kNegLogRatio,    // sum of -d_t
+  kRatioSum,
+  kRatioMax,       // max over valid r_t and 0
+  kRatioMin,       // min over valid r_t, +inf if none
+  kScaleSum,       // LA scale g_t (0 / +inf without la_scale)
+  kScaleMax,
+  kScaleMin,
+  kExpSums,
+};
+
+constexpr int64_t kMaxExpCoeffs = 4;
+constexpr int64_t kMaxPositionBuckets = 64;
+
+struct HistSpec {
+  int64_t shift;  // float32 mantissa bits below the kept ones
+  int64_t first;  // (biased exponent of the smallest binned octave) << kept mantissa bits
+  int64_t bins;
+};
+
+// Bin of a value by its float32 bit pattern (algo.histogram.bin_index): log-spaced bins,
+// out-of-range values (and NaN, negatives) clamped into the first or last bin.
+CTPO_HD int64_t hist_bin(float value, const HistSpec& h) {
+  int32_t bits;
+#ifdef __CUDACC__
+  bits = __float_as_int(value);
+#else
+  std::memcpy(&bits, &value, sizeof(bits));
+#endif
+  int64_t bin = static_cast<int64_t>(bits >> h.shift) - h.first;
+  return bin < 0 ? 0 : (bin >= h.bins ? h.bins - 1 : bin);
+}
+
+struct StatsOutputs {
+  at::Tensor scalars, ratio_hist, scale_hist, positions;  // float64: [kExpSums + C], [bins], [bins], [2, K]
+};
+
+// valid: bool [..., S]; advantages/ratio/log_ratio/la_scale: one float dtype, shape of valid;
+// flags: bool; positions: int64 (optional); bucket_of_position: int64 [E + 1], values in [0, K].
+inline void check_stats_inputs(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
+                               const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
+                               const std::vector<at::Tensor>& flags, const c10::optional<at::Tensor>& positions,
+                               const at::Tensor& bucket_of_position, int64_t num_buckets,
+                               const std::vector<double>& exp_coeffs, const HistSpec& hist) {
+  constexpr const char* what = "ctpo_megatron::loss_stats";
+  TORCH_CHECK(valid.scalar_type() == at::kBool, what, ": valid must be bool, got ", valid.scalar_type());
+  TORCH_CHECK(valid.dim() >= 1, what, ": valid must have a token dimension, got a 0-d tensor");
+  TORCH_CHECK(ratio.scalar_type() == at::kFloat || ratio.scalar_type() == at::kDouble, what,
+              ": ratio must be float32 or float64, got ", ratio.scalar_type());
+  auto like = [&](const at::Tensor& t, at::ScalarType dtype, const char* name) {
+    TORCH_CHECK(t.sizes() == valid.sizes(), what, ": ", name, " must have the shape of valid ", valid.sizes(),
+                ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == dtype, what, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK(t.device() == valid.device(), what, ": ", name, " must be on ", valid.device(), ", got ",
+                t.device());
+    TORCH_CHECK(t.is_contiguous(), what, ": ", name, " must be contiguous");
+  };
+  like(valid, at::kBool, "valid");
+  like(advantages, ratio.scalar_type(), "advantages");
+  like(ratio, ratio.scalar_type(), "ratio");
+  like(log_ratio, ratio.scalar_type(), "log_ratio");
+  if (la_scale.has_value()) like(*la_scale, ratio.scalar_type(), "la_scale");
+  const char* names[] = {"clip_high", "clip_low", "clip_dual", "clipped"};
+  for (size_t k = 0; k < flags.size(); ++k) like(flags[k], at::kBool, names[k]);
+  if (positions.has_value()) like(*positions, at::kLong, "positions");
+  TORCH_CHECK(bucket_of_position.dim() == 1 && bucket_of_position.numel() >= 1 &&
+                  bucket_of_position.scalar_type() == at::kLong && bucket_of_position.is_contiguous() &&
+                  bucket_of_position.device() == valid.device(),
+              what, ": bucket_of_position must be a contiguous int64 [E + 1] on ", valid.device());
+  TORCH_CHECK(num_buckets >= 1 && num_buckets <= kMaxPositionBuckets, what, ": num_buckets=", num_buckets,
+              " must be in [1, ", kMaxPositionBuckets, "]");
+  TORCH_CHECK(static_cast<int64_t>(exp_coeffs.size()) <= kMaxExpCoeffs, what, ": at most ", kMaxExpCoeffs,
+              " exp_coeffs, got ", exp_coeffs.size());
+  TORCH_CHECK(hist.bins >= 1 && hist.shift >= 0 && hist.shift < 32, what, ": bad histogram spec (bins ", hist.bins,
+              ", shift ", hist.shift, ")");
+}
+
+inline StatsOutputs make_stats_outputs(const at::Tensor& valid, int64_t num_exp, int64_t bins, int64_t num_buckets) {
+  const auto f64 = valid.options().dtype(at::kDouble);
+  StatsOutputs out;
+  out.scalars = at::zeros({kExpSums + num_exp}, f64);
+  out.ratio_hist = at::zeros({bins}, f64);
+  out.scale_hist = at::zeros({bins}, f64);
+  out.positions = at::zeros({2, num_buckets}, f64);
+  return out;
+}
+
+using StatsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+}  // namespace ctpo

@@ -1,0 +1,80 @@
+"""`loss_stats`: the additive statistics of one micro-batch's policy-loss terms in one kernel
+pass (the raw op behind `algo.stats.LossSums.from_terms`).
+
+One pass over the valid tokens sums the counts (tokens, negative advantages, the four clip
+flags, l2 > l1), -d_t, r_t and the LA scale g_t, keeps their extremes, counts r_t and g_t in
+the log-bin histograms of `algo.histogram`, sums exp(c g_t) per coefficient and counts tokens
+and clipped tokens per position bucket: what ~25 separate torch reductions (each a full pass
+plus a temporary) computed before. The pure-torch definition, and the path on devices without
+kernels, is `LossSums.from_terms` itself. `ops` never imports `algo`: the histogram layout
+comes in as arguments.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ctpo_megatron.ops._backend import extension_backends, use_extension
+
+_OP = "ctpo_megatron::loss_stats"
+
+# Slots of `LossStatsOut.scalars` (csrc/include/ctpo/loss_stats.h, StatSlot).
+SLOTS = ("tokens", "neg_adv_tokens", "clip_high", "clip_low", "clip_dual", "clip_any", "clipped",
+         "neg_log_ratio", "ratio_sum", "ratio_max", "ratio_min", "la_scale_sum", "la_scale_max",
+         "la_scale_min")
+
+
+class LossStatsOut(NamedTuple):
+    """float64 results on the inputs' device."""
+
+    scalars: torch.Tensor
+    """[len(SLOTS) + len(exp_coeffs)]: the sums named in SLOTS (ratio_min / la_scale_min: +inf
+    without valid tokens; the la_scale slots 0 without la_scale), then sum exp(c g_t) per c."""
+    ratio_hist: torch.Tensor
+    """[hist_bins] valid-token counts per bin of r_t."""
+    la_scale_hist: torch.Tensor
+    """[hist_bins] valid-token counts per bin of g_t (zeros without la_scale)."""
+    positions: torch.Tensor
+    """[2, num_buckets]: clipped (high, low or dual) and valid tokens per position bucket."""
+
+
+def loss_stats_kernel_for(device: torch.device) -> bool:
+    """Whether the op has a kernel for `device`: the CPU build of the extension. On CUDA the
+    caller's torch reductions run instead (no host sync either; a CUDA kernel is not written)."""
+    return device.type == "cpu" and use_extension(device)
+
+
+def loss_stats(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tensor, log_ratio: torch.Tensor,
+               la_scale: torch.Tensor | None, flags: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+               *, positions: torch.Tensor | None, bucket_of_position: torch.Tensor, num_buckets: int,
+               exp_coeffs: tuple[float, ...], hist_shift: int, hist_first: int, hist_bins: int) -> LossStatsOut:
+    """Runs the op (call only where `loss_stats_kernel_for(device)`).
+
+    valid: [..., S] bool, the token mask; advantages, ratio, log_ratio, la_scale (optional):
+    like valid, one float dtype (float32 or float64); flags: (clip_high, clip_low, clip_dual,
+    clipped) bool like valid; positions: optional int64 like valid, the position n_t of each
+    token (default: the running count of valid tokens along the last dimension); bucket_of_position: int64 [E + 1], the bucket of
+    positions 0..E (positions are clamped to [0, E]; a bucket >= num_buckets is left out);
+    exp_coeffs: the c of each exp(c g_t) sum; hist_*: the bin layout of `algo.histogram`.
+    """
+    dtype = ratio.dtype
+    return LossStatsOut(*torch.ops.ctpo_megatron.loss_stats(
+        valid.contiguous(), advantages.to(dtype).contiguous(), ratio.contiguous(), log_ratio.to(dtype).contiguous(),
+        None if la_scale is None else la_scale.to(dtype).contiguous(), *(f.contiguous() for f in flags),
+        None if positions is None else positions.to(torch.int64).contiguous(), bucket_of_position,
+        int(num_buckets), [float(c) for c in exp_coeffs], int(hist_shift), int(hist_first), int(hist_bins)))
+
+
+def _register() -> None:
+    @torch.library.register_fake(_OP)
+    def _fake(valid, advantages, ratio, log_ratio, la_scale, clip_high, clip_low, clip_dual, clipped, positions,
+              bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins):
+        f64 = dict(dtype=torch.float64, device=valid.device)
+        return (valid.new_empty((len(SLOTS) + len(exp_coeffs),), **f64), valid.new_empty((hist_bins,), **f64),
+                valid.new_empty((hist_bins,), **f64), valid.new_empty((2, num_buckets), **f64))
+
+
+if extension_backends():
+    _register()

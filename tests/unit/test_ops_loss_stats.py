@@ -1,0 +1,151 @@
+"""The one-pass `loss_stats` kernel against `LossSums`' torch reductions (its definition): every
+field, for every loss and clip mode, float32 / float64, given and running positions, several
+threads, empty batches; its input errors and opcheck."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ctpo_megatron import ops
+from ctpo_megatron.algo import PolicyLossConfig, policy_loss
+from ctpo_megatron.algo import histogram, stats
+from ctpo_megatron.algo.metrics import bucket_of_position, position_bucket_edges
+from tests.unit.test_ops_ctpo_loss import batch
+
+pytestmark = pytest.mark.csrc  # tests/conftest.py: a failure in CI without the extension, a skip elsewhere
+
+CONFIGS = {
+    "ctpo-la": PolicyLossConfig(),
+    "ctpo-la-dual-c": PolicyLossConfig(la_clip_c=0.2),
+    "ctpo-plain": PolicyLossConfig(adaptive_clip=False),
+    "grpo": PolicyLossConfig(name="grpo", adaptive_clip=False),
+}
+COUNT_FIELDS = ("tokens", "neg_adv_tokens", "clip", "pg_clipped", "ratio_max", "ratio_neg_min", "ratio_hist",
+                "la_scale_max", "la_scale_neg_min", "la_scale_hist", "position_clipped", "position_tokens", "loss")
+
+
+def both_paths(terms, mask, adv, cfg, *, positions=None, edges=None):
+    """(torch LossSums, kernel LossSums) of the same terms."""
+    valid = mask > 0
+    adv = adv.reshape(adv.shape[0], -1).expand(valid.shape)
+    edges = edges or position_bucket_edges(mask.shape[-1])
+    args = (terms, valid, adv, torch.zeros((), dtype=torch.float64), edges, positions,
+            (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c))
+    return stats._torch_sums(*args), stats._kernel_sums(*args)
+
+
+def assert_same(reference, kernel, rtol):
+    for f in dataclasses.fields(reference):
+        a, b = getattr(reference, f.name), getattr(kernel, f.name)
+        assert a.shape == b.shape and b.dtype == torch.float64, f.name
+        if f.name in COUNT_FIELDS:  # counts, maxima and histograms: exact
+            assert torch.equal(a, b), f"{f.name}: {a} vs {b}"
+        else:  # sums: the kernel accumulates in float64, torch in the compute dtype
+            torch.testing.assert_close(b, a, rtol=rtol, atol=rtol, msg=f.name)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_kernel_sums_equal_torch_sums(name, dtype, rtol):
+    cfg = CONFIGS[name]
+    lp, olp, adv, mask = batch(dtype, spread=0.2)
+    _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    reference, kernel = both_paths(terms, mask, adv, cfg)
+    assert float(reference.tokens) > 0 and float(reference.clip[3]) > 0  # the batch clips something
+    assert (terms.la_scale is not None) == (float(kernel.la_scale_sum) > 0)
+    assert_same(reference, kernel, rtol)
+
+
+def test_given_positions_out_of_range_and_odd_edges():
+    """Context parallelism passes the global n_t: positions past the last edge land in the open
+    last bucket, positions below the first edge (and negative ones) are left out."""
+    cfg = CONFIGS["ctpo-la"]
+    lp, olp, adv, mask = batch(torch.float32, spread=0.2)
+    _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    g = torch.Generator().manual_seed(3)
+    positions = torch.randint(-5, 2000, mask.shape, generator=g)
+    reference, kernel = both_paths(terms, mask, adv, cfg, positions=positions, edges=[3, 10, 64, 100])
+    assert float(reference.position_tokens.sum()) < float(reference.tokens)  # some were left out
+    assert_same(reference, kernel, 2e-5)
+
+
+def test_threads_split_rows_and_merge_exactly():
+    """Enough tokens for the kernel to split rows over threads: the merged result is the
+    one-thread result (counts, extremes and histograms exactly)."""
+    cfg = CONFIGS["ctpo-la"]
+    lp, olp, adv, mask = batch(torch.float32, B=16, S=8192, spread=0.2)
+    _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, single = both_paths(terms, mask, adv, cfg)
+        torch.set_num_threads(4)
+        reference, split = both_paths(terms, mask, adv, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(single, split, 1e-12)
+    assert_same(reference, split, 2e-5)
+
+
+def test_no_valid_token_gives_neutral_extremes():
+    cfg = CONFIGS["ctpo-la"]
+    lp, olp, adv, mask = batch(torch.float32)
+    mask = torch.zeros_like(mask)
+    _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    reference, kernel = both_paths(terms, mask, adv, cfg)
+    assert float(kernel.tokens) == 0 and float(kernel.ratio_neg_min) == float("-inf")
+    assert_same(reference, kernel, 1e-12)
+    assert kernel.metrics(num_updates=1, bucket_edges=position_bucket_edges(8), adaptive_clip=True)["is_ratio_max"] == 0
+
+
+def test_policy_loss_metrics_come_from_the_kernel(monkeypatch):
+    """policy_loss's metrics on CPU are computed by the kernel, and equal the torch path's."""
+    cfg = CONFIGS["ctpo-la"]
+    lp, olp, adv, mask = batch(torch.float32, spread=0.2)
+    calls = []
+    kernel_sums = stats._kernel_sums
+    monkeypatch.setattr(stats, "_kernel_sums", lambda *a: calls.append(1) or kernel_sums(*a))
+    _, metrics = policy_loss(lp, olp, adv, mask, cfg)
+    assert calls == [1]
+    monkeypatch.setattr(ops, "loss_stats_kernel_for", lambda device: False)
+    _, torch_metrics = policy_loss(lp, olp, adv, mask, cfg)
+    assert calls == [1] and metrics.keys() == torch_metrics.keys()
+    for key, value in metrics.items():
+        assert value == pytest.approx(torch_metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def raw_args(B=2, S=16, dtype=torch.float32):
+    valid = torch.ones(B, S, dtype=torch.bool)
+    values = torch.rand(B, S, dtype=dtype)
+    flags = torch.zeros(B, S, dtype=torch.bool)
+    lookup = bucket_of_position((1, 2, 4, 8), valid.device)
+    return [valid, values, values, values, values, flags, flags, flags, flags, None, lookup, 4, [0.1],
+            histogram.KERNEL_LAYOUT["hist_shift"], histogram.KERNEL_LAYOUT["hist_first"],
+            histogram.KERNEL_LAYOUT["hist_bins"]]
+
+
+@pytest.mark.parametrize("index,bad,message", [
+    (0, torch.ones(2, 16), "valid must be bool"),
+    (2, torch.rand(2, 15), "ratio must have the shape of valid"),
+    (3, torch.rand(2, 16, dtype=torch.float64), "log_ratio must be Float"),
+    (5, torch.zeros(2, 16), "clip_high must be Bool"),
+    (9, torch.zeros(2, 16, dtype=torch.int32), "positions must be Long"),
+    (11, 65, "num_buckets=65"),
+    (12, [0.1] * 5, "at most 4 exp_coeffs"),
+])
+def test_bad_inputs_name_the_argument(index, bad, message):
+    args = raw_args()
+    args[index] = bad
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ctpo_megatron.loss_stats(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    args = raw_args(dtype=dtype)
+    args[9] = torch.arange(16).expand(2, 16).contiguous()
+    torch.library.opcheck(torch.ops.ctpo_megatron.loss_stats.default, tuple(args),
+                          test_utils=("test_schema", "test_faketensor"))
