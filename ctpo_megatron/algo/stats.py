@@ -83,7 +83,8 @@ class LossSums:
     def from_terms(cls, terms: TokenTerms, response_mask: torch.Tensor, advantages: torch.Tensor,
                    cfg: PolicyLossConfig, *, loss: torch.Tensor, dp_size: int,
                    bucket_edges: Sequence[int], positions: torch.Tensor | None = None) -> LossSums:
-        """The sums of one micro-batch. terms, response_mask, advantages: [B, S] as given to
+        """The sums of one micro-batch. terms, response_mask (binary, or bool: the valid tokens),
+        advantages: [B, S] as given to
         `policy_loss` (advantages may be [B] or [B, 1]); loss: its 0-d result; bucket_edges,
         positions: see `algo.metrics.clip_rate_by_position` (positions [B, S]: the
         generated-token index n_t of each column; default the cumulative mask count, which is
@@ -95,7 +96,7 @@ class LossSums:
         a fixed-shape reduction on the inputs' device."""
         edges = check_bucket_edges(bucket_edges)
         with torch.no_grad():
-            valid = response_mask > 0
+            valid = response_mask if response_mask.dtype == torch.bool else response_mask > 0
             if advantages.shape != valid.shape:
                 advantages = advantages.reshape(advantages.shape[0], -1).expand(valid.shape)
             loss_sum = loss.detach().to(torch.float64) / dp_size
@@ -147,7 +148,9 @@ class LossSums:
             is_ratio_{mean,min,max,p99,p95,p90,p75,p50,p25}   is_ratio/*: r_t over valid tokens
             la_scale_{mean,min,max,p50}, la_clip_{high,low,c}_ratio_mean   (adaptive_clip only)
         """
-        v = {f.name: t for f, t in zip(dataclasses.fields(self), self._stacked_to_host())}
+        host = {f.name: t for f, t in zip(dataclasses.fields(self), self._stacked_to_host())}
+        # Python numbers once (a float() per 0-d tensor costs more than the arithmetic below).
+        v = {name: t if name.endswith("_hist") else t.tolist() for name, t in host.items()}
         n = float(v["tokens"])
         per = 1.0 / max(num_updates, 1)
         rate = (lambda x: float(x) / n) if n else (lambda x: 0.0)  # noqa: E731
@@ -169,8 +172,8 @@ class LossSums:
             out["la_scale_p50"] = histogram.histogram_quantiles(v["la_scale_hist"], [0.5], lo=lo, hi=hi)[0]
             for i, key in enumerate(("high", "low", "c")):
                 out[f"la_clip_{key}_ratio_mean"] = rate(v["la_clip_ratios"][i])
-        out.update(position_clip_metrics(v["position_clipped"].round().long(), v["position_tokens"].round().long(),
-                                         bucket_edges))
+        out.update(position_clip_metrics(host["position_clipped"].round().long(),
+                                         host["position_tokens"].round().long(), bucket_edges))
         return out
 
     def _stacked_to_host(self) -> list[torch.Tensor]:
