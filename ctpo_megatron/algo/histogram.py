@@ -60,23 +60,36 @@ def histogram_quantiles(counts: torch.Tensor, qs: Sequence[float], *, lo: float 
     statistics it interpolates). lo, hi: the exact minimum and maximum, if known; results are
     clamped to them, and q = 0 and q = 1 give them exactly. Returns
     len(qs) floats, 0.0 each when the counts are empty."""
-    counts = counts.detach().to(device="cpu", dtype=torch.float64)
+    counts_np = counts.detach().to(device="cpu", dtype=torch.float64).numpy()
+    edges_np = _bin_edges_np()
     if lo is not None and hi is not None and lo <= hi:
         # Only the bins between the extremes hold counts: the cumulative sum needs no more
-        # (ratios cover a few hundred of the 32768 bins).
-        first, last = bin_index(torch.tensor([lo, hi], dtype=torch.float64)).tolist()
-        window = counts[first:last + 1]
-        if float(window.sum()) == float(counts.sum()):
-            return _quantiles(window, bin_edges()[first:last + 2], qs, lo, hi)
-    return _quantiles(counts, bin_edges(), qs, lo, hi)
+        # (ratios cover a few hundred of the 32768 bins). NaN or out-of-range values would
+        # sit outside: then the sums differ and all bins are used.
+        first, last = _bin_of(lo), _bin_of(hi)
+        window = counts_np[first:last + 1]
+        if window.sum() == counts_np.sum():
+            return _quantiles(window, edges_np[first:last + 2], qs, lo, hi)
+    return _quantiles(counts_np, edges_np, qs, lo, hi)
 
 
-def _quantiles(counts: torch.Tensor, edges: torch.Tensor, qs: Sequence[float], lo: float | None,
+def _bin_of(value: float) -> int:
+    """`bin_index` of one Python float, without building a tensor."""
+    with np.errstate(over="ignore"):  # beyond float32: inf, the last bin, as bin_index does
+        bits = int(np.array(value, dtype=np.float32).view(np.int32))
+    return min(max((bits >> (_MANTISSA_BITS - SUB_BITS)) - _FIRST, 0), NUM_BINS - 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _bin_edges_np() -> np.ndarray:
+    return bin_edges().numpy()
+
+
+def _quantiles(counts_np: np.ndarray, edges_np: np.ndarray, qs: Sequence[float], lo: float | None,
                hi: float | None) -> list[float]:
-    """`histogram_quantiles` over a run of consecutive bins: counts [K], edges [K + 1] (host
-    tensors). In numpy: a handful of small array operations, where torch's per-call overhead
-    would cost more than the work."""
-    counts_np, edges_np = counts.numpy(), edges.numpy()
+    """`histogram_quantiles` over a run of consecutive bins: counts [K], edges [K + 1]. In
+    numpy: a handful of small array operations, where torch's per-call overhead would cost
+    more than the work."""
     n = float(counts_np.sum())
     if n <= 0:
         return [0.0] * len(qs)
@@ -95,8 +108,9 @@ def _quantiles(counts: torch.Tensor, edges: torch.Tensor, qs: Sequence[float], l
             value = np.where(r == n - 1, hi, value)
         return value
 
-    low_value = order_statistic(lower)
-    out = low_value + (rank - lower) * (order_statistic(upper) - low_value)
+    both = order_statistic(np.concatenate([lower, upper]))
+    low_value, high_value = both[:len(qs)], both[len(qs):]
+    out = low_value + (rank - lower) * (high_value - low_value)
     if lo is not None or hi is not None:
         out = np.clip(out, lo, hi)
     return out.tolist()

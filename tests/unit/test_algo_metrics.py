@@ -119,3 +119,10 @@ def test_loss_metrics_are_floats_with_reference_relations():
     assert m["ppo_kl"] == pytest.approx(((olp - lp) * mask).sum().item() / n, rel=1e-5)
     _, m_plain = policy_loss(lp, olp, adv, mask, PolicyLossConfig(adaptive_clip=False))
     assert "la_scale_mean" not in m_plain and "clipfrac_high" in m_plain
+
+
+def test_bin_of_one_float_matches_bin_index():
+    """The host-side bin of the extremes (`histogram_quantiles`' window) is `bin_index`'s."""
+    values = [0.0, -1.0, 1e-30, 2.0 ** -16, 0.5, 1.0, 1.0001, 3.7, 65535.0, 1e30, 1e39, float("inf"), float("nan")]
+    expected = histogram.bin_index(torch.tensor(values, dtype=torch.float64)).tolist()
+    assert [histogram._bin_of(v) for v in values] == expected
