@@ -152,17 +152,17 @@ CTPO_CPU_CLONES void tile_bins(const T* __restrict__ values, int64_t n, HistSpec
 // one's store.
 struct Runs {
   int64_t bucket = -1, scale_bin = -1;
-  double bucket_tokens = 0, bucket_clipped = 0, scale_count = 0;
+  int64_t bucket_tokens = 0, bucket_clipped = 0, scale_count = 0;  // integer adds: 1-cycle chains
 
   void flush_bucket(const StatsAcc& acc, int64_t num_buckets) {
     if (bucket >= 0 && bucket < num_buckets) {
-      acc.pos_tokens[bucket] += bucket_tokens;
-      acc.pos_clipped[bucket] += bucket_clipped;
+      acc.pos_tokens[bucket] += static_cast<double>(bucket_tokens);
+      acc.pos_clipped[bucket] += static_cast<double>(bucket_clipped);
     }
     bucket_tokens = bucket_clipped = 0;
   }
   void flush_scale(const StatsAcc& acc) {
-    if (scale_bin >= 0) acc.scale_hist[scale_bin] += scale_count;
+    if (scale_bin >= 0) acc.scale_hist[scale_bin] += static_cast<double>(scale_count);
     scale_count = 0;
   }
   int64_t num_buckets = 0;
@@ -191,7 +191,7 @@ void scatter_tile(const StatsArgs<T>& a, int64_t i0, int64_t n, int64_t& count, 
         runs.flush_scale(acc);
         runs.scale_bin = scale_bins[k];
       }
-      runs.scale_count += w;
+      runs.scale_count += valid;
     }
     int64_t pos = a.positions != nullptr ? a.positions[i] : count;
     pos = pos < 0 ? 0 : (pos > a.max_position ? a.max_position : pos);
@@ -200,8 +200,8 @@ void scatter_tile(const StatsArgs<T>& a, int64_t i0, int64_t n, int64_t& count, 
       runs.flush_bucket(acc, a.num_buckets);
       runs.bucket = bucket;
     }
-    runs.bucket_tokens += w;
-    runs.bucket_clipped += (valid & (a.high[i] | a.low[i] | a.dual[i])) ? 1.0 : 0.0;
+    runs.bucket_tokens += valid;
+    runs.bucket_clipped += valid & (a.high[i] | a.low[i] | a.dual[i]);
   }
 }
 
