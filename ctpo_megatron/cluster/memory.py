@@ -33,6 +33,8 @@ min(pp - i, micro-batches) micro-batches in flight.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 from ctpo_megatron.cluster.model_dims import ModelDims
@@ -216,6 +218,24 @@ def check_memory(estimate: MemoryEstimate, *, what: str = "the policy") -> None:
         raise ValueError(f"{what} needs an estimated {estimate.total / GIB:.1f} GiB per GPU, more than "
                          f"{estimate.gpu_memory / GIB:.0f} GiB; raise parallel.tp/pp/cp, enable full "
                          f"recompute or chunk the logits:\n{estimate.format()}")
+
+
+def check_colocated_memory(estimate: MemoryEstimate, mem_fraction: float) -> None:
+    """Raises ValueError when servers colocated with the trainer (`rollout.placement=colocated`)
+    cannot resume beside it: while they generate, the trainer keeps its weights, gradient
+    buffers and optimizer state (and the fixed allowance) on the GPU, and each server takes
+    `mem_fraction` (--mem-fraction-static) of it. During the update the servers have released
+    their share (SGLang's memory saver), so the peak of `estimate` is checked by `check_memory`."""
+    resident = estimate.weights + estimate.grads + estimate.optimizer + estimate.overhead
+    servers = int(mem_fraction * estimate.gpu_memory)
+    if resident + servers > estimate.gpu_memory:
+        most = max(0.0, math.floor(100 * (1.0 - resident / estimate.gpu_memory)) / 100)  # a share that fits
+        raise ValueError(
+            f"rollout.placement=colocated: while the servers generate, the trainer keeps {resident / GIB:.1f} GiB "
+            f"per GPU (weights, gradient buffers, optimizer state, allowance) and the servers take "
+            f"--mem-fraction-static {mem_fraction:g} x {estimate.gpu_memory / GIB:.0f} GiB = {servers / GIB:.1f} GiB: "
+            f"more than the GPU's {estimate.gpu_memory / GIB:.0f} GiB; set rollout.server_mem_fraction_static "
+            f"<= {most:.2f}, or raise parallel.tp/pp or use the distributed optimizer")
 
 
 @dataclass(frozen=True)

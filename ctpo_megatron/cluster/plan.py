@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from ctpo_megatron.cluster.config import REPO_ROOT, ClusterConfig
-from ctpo_megatron.cluster.memory import estimate_rollout_memory
+from ctpo_megatron.cluster.memory import check_colocated_memory, estimate_rollout_memory
 from ctpo_megatron.cluster.model_dims import model_dims_of
-from ctpo_megatron.cluster.train_memory import estimate_for_train_config, memory_what_ifs
+from ctpo_megatron.cluster.train_memory import colocated_mem_fraction, estimate_for_train_config, memory_what_ifs
 from ctpo_megatron.parallel.dims import ParallelDims
-from ctpo_megatron.rollout.serving.launcher import (COLOCATED_MEM_FRACTION, LaunchConfig, embedded_server_command,
+from ctpo_megatron.rollout.serving.launcher import (LaunchConfig, embedded_server_command,
                                             router_command, sglang_server_command)
 
 if TYPE_CHECKING:  # the trainer's config pulls in torch; only the annotations need it here
@@ -242,7 +242,7 @@ def _colocated_mem_fraction(cluster: ClusterConfig, train_cfg: "TrainConfig") ->
         raise ValueError(f"rollout.placement=colocated runs on one node, servers beside the trainer: got "
                          f"cluster.nodes={cluster.nodes}, cluster.rollout_nodes={cluster.rollout_nodes} "
                          "(pass --nodes 1 --rollout-nodes 0)")
-    return train_cfg.rollout.server_mem_fraction_static or COLOCATED_MEM_FRACTION
+    return colocated_mem_fraction(train_cfg)
 
 
 def _dedupe(generated: list[str], user: list[str]) -> list[str]:
@@ -308,6 +308,8 @@ def build_plan(train_cfg: "TrainConfig", user_overrides: list[str], *,
                   "--max-restarts", "0", "-m", cluster.train_module, *config_args, *overrides]
 
     estimate = estimate_for_train_config(train_cfg, dims)  # the trainer's start-up check computes the same
+    if colocated:
+        check_colocated_memory(estimate, colocated)
     sync_info, warnings = weight_sync_info(cluster, train_cfg, servers)
     if placeholder and not model_path:
         warnings.append("model.path is unset: pass model.path=<HF checkpoint dir> to submit")

@@ -79,3 +79,13 @@ def memory_what_ifs(cfg: "TrainConfig", dims: ParallelDims) -> dict[str, float]:
         out["with none of these"] = total(cp1, logits_chunk_tokens=0, recompute="none",
                                           distributed_optimizer=False, sequence_parallel=False)
     return {name: value / GIB for name, value in out.items()}
+
+
+def colocated_mem_fraction(cfg: "TrainConfig") -> float:
+    """The --mem-fraction-static of servers colocated with the trainer
+    (`rollout.placement=colocated`: `rollout.server_mem_fraction_static`, or the launcher's
+    default for that placement); 0.0 when the servers run on other GPUs."""
+    if cfg.rollout.placement != "colocated":
+        return 0.0
+    from ctpo_megatron.rollout.serving.launcher import COLOCATED_MEM_FRACTION
+    return cfg.rollout.server_mem_fraction_static or COLOCATED_MEM_FRACTION

@@ -51,12 +51,15 @@ def check_policy_memory(cfg: TrainConfig, dims, *, gpu_memory_gib: float):
     """Estimates the policy's memory per GPU for `cfg` at the resolved `dims`, as the launcher's
     plan does (`cluster.train_memory.estimate_for_train_config`), against this GPU's
     `gpu_memory_gib`; raises ValueError with the breakdown when it cannot fit, so an oversized
-    layout fails at start-up instead of out of memory mid-step."""
-    from ctpo_megatron.cluster.memory import check_memory
-    from ctpo_megatron.cluster.train_memory import estimate_for_train_config
+    layout fails at start-up instead of out of memory mid-step. With colocated servers, also
+    that their share fits beside what the trainer keeps resident while they generate."""
+    from ctpo_megatron.cluster.memory import check_colocated_memory, check_memory
+    from ctpo_megatron.cluster.train_memory import colocated_mem_fraction, estimate_for_train_config
 
     estimate = estimate_for_train_config(cfg, dims, gpu_memory_gib=gpu_memory_gib)
     check_memory(estimate)
+    if colocated_mem_fraction(cfg):
+        check_colocated_memory(estimate, colocated_mem_fraction(cfg))
     return estimate
 
 

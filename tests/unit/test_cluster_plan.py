@@ -323,6 +323,9 @@ def test_colocated_plan_puts_the_servers_on_the_training_node(monkeypatch):
     assert role.visible_gpus_for(role.server_for_this_task(plan, 3)) == "3"
     argv = launch("qwen3_4b", one_node, coloc + ["rollout.server_mem_fraction_static=0.35"], hosts=["g0"]).servers[0].argv
     assert argv[argv.index("--mem-fraction-static") + 1] == "0.35"
+    # The plan (and --dry-run) refuses a share that cannot resume beside the resident trainer.
+    with pytest.raises(ValueError, match=r"trainer keeps .* GiB per GPU .* set rollout.server_mem_fraction_static <="):
+        launch("qwen3_4b", one_node, coloc + ["rollout.server_mem_fraction_static=0.99"], hosts=["g0"])
     with pytest.raises(ValueError, match=r"colocated runs on one node.*cluster.nodes=2, cluster.rollout_nodes=1"):
         launch("qwen3_4b", (), coloc, hosts=["g0", "g1"])
     separate = launch("qwen3_4b", hosts=["g0", "g1"])

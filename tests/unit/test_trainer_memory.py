@@ -38,3 +38,20 @@ def test_oversized_layout_fails_at_start_up_with_the_breakdown():
     dims = cfg.validate(8)  # 32B parameters on one GPU per replica cannot fit 80 GB
     with pytest.raises(ValueError, match=r"GiB per GPU, more than 80 GiB; raise parallel"):
         check_policy_memory(cfg, dims, gpu_memory_gib=80.0)
+
+
+def test_colocated_servers_must_fit_beside_the_resident_trainer():
+    """rollout.placement=colocated: while the servers generate, the trainer's weights, gradient
+    buffers and optimizer state stay on the GPU (17.2 GiB + the 4 GiB allowance for the paper
+    layout), so the servers' --mem-fraction-static must leave room for them."""
+    cfg = load_config(["rollout.placement=colocated", "rollout.weight_sync.transport=tensor"])
+    dims = cfg.validate(64)
+    estimate = check_policy_memory(cfg, dims, gpu_memory_gib=80.0)  # the default share, 0.5, fits
+    resident = (estimate.weights + estimate.grads + estimate.optimizer + estimate.overhead) / GIB
+    assert 21.0 < resident < 21.5
+    greedy = load_config(["rollout.placement=colocated", "rollout.weight_sync.transport=tensor",
+                          "rollout.server_mem_fraction_static=0.85"])
+    with pytest.raises(ValueError, match=r"set rollout.server_mem_fraction_static <= 0\.73"):
+        check_policy_memory(greedy, dims, gpu_memory_gib=80.0)
+    alone = load_config(["rollout.server_mem_fraction_static=0.85"])  # servers on other GPUs
+    assert check_policy_memory(alone, dims, gpu_memory_gib=80.0).fits
