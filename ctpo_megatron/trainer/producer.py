@@ -144,7 +144,10 @@ class RolloutProducer:
         if msg.prompt_uids != [p.uid for p in prompts]:
             raise RuntimeError(f"rollout producer drew other prompts than the trainer at step {step}")
         if step + self.spec.max_staleness <= self.spec.last_step:
-            self._permits.send(step + self.spec.max_staleness)  # that step may start now
+            try:
+                self._permits.send(step + self.spec.max_staleness)  # that step may start now
+            except OSError:  # the child is gone: the next take() reports how it ended
+                pass
         msg.waited_s = time.monotonic() - start
         return msg
 
