@@ -47,7 +47,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,15 @@ class ProducerError:
     traceback: str
 
 
-def rollout_generator(spec: ProducerSpec) -> Any:
+class StepGenerator(Protocol):
+    """What the child generates with (`RolloutGenerator`, or a stand-in in tests)."""
+
+    def generate_step(self, step: int, prompts: list, sampler: Any) -> Any: ...
+    def take_stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+
+
+def rollout_generator(spec: ProducerSpec) -> StepGenerator:
     """The child's generator: a `RolloutGenerator` on the trainer's servers."""
     from ctpo_megatron.trainer.rollout_driver import RolloutGenerator
 
@@ -106,10 +114,9 @@ class RolloutProducer:
     """Generation of future steps' trajectories in a child process (rank 0 only)."""
 
     def __init__(self, spec: ProducerSpec, *,
-                 build: Callable[[ProducerSpec], Any] = rollout_generator) -> None:
-        """Starts the child. `build(spec)`, called in the child, returns the generator (an
-        object with `generate_step(step, prompts, sampler)`, `take_stats()` and `close()`); it
-        must be importable by name (spawn pickles it by reference)."""
+                 build: Callable[[ProducerSpec], StepGenerator] = rollout_generator) -> None:
+        """Starts the child. `build(spec)`, called in the child, returns its `StepGenerator`;
+        it must be importable by name (spawn pickles it by reference)."""
         if spec.max_staleness < 1:
             raise ValueError(f"RolloutProducer: max_staleness={spec.max_staleness} must be >= 1")
         self.spec = spec
@@ -128,14 +135,12 @@ class RolloutProducer:
         start = time.monotonic()
         while not self._results.poll(POLL_S):
             if not self.process.is_alive() and not self._results.poll(0):
-                raise RuntimeError(f"rollout producer process (pid {self.process.pid}) exited with code "
-                                   f"{self.process.exitcode} while the trainer waited for step {step}")
+                raise self._died(step)
         try:
             msg = self._results.recv()
         except EOFError:
             self.process.join(timeout=5.0)
-            raise RuntimeError(f"rollout producer process (pid {self.process.pid}) exited with code "
-                               f"{self.process.exitcode} while the trainer waited for step {step}") from None
+            raise self._died(step) from None
         if isinstance(msg, ProducerError):
             raise RuntimeError(f"rollout producer failed while generating step {step}; in the producer "
                                f"process:\n{msg.traceback}")
@@ -151,6 +156,10 @@ class RolloutProducer:
         msg.waited_s = time.monotonic() - start
         return msg
 
+    def _died(self, step: int) -> RuntimeError:
+        return RuntimeError(f"rollout producer process (pid {self.process.pid}) exited with code "
+                            f"{self.process.exitcode} while the trainer waited for step {step}")
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Stops the child: closing the permit pipe ends a child waiting for a permit; one still
         generating after `timeout_s` (its rollouts are not needed) is killed."""
@@ -163,7 +172,7 @@ class RolloutProducer:
 
 
 # ------------------------------------------------------------------ the child process
-def _child_main(spec: ProducerSpec, build: Callable[[ProducerSpec], Any],
+def _child_main(spec: ProducerSpec, build: Callable[[ProducerSpec], StepGenerator],
                 permits: multiprocessing.connection.Connection,
                 results: multiprocessing.connection.Connection) -> None:
     """The producer process: generates steps first_step..last_step, each after its permit."""
