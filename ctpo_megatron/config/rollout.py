@@ -66,11 +66,12 @@ class RolloutConfig:
     `trainer.sampling`). Costs extra rollouts; metrics `sampling/*` count them."""
     max_staleness: int = 0
     """Asynchronous rollouts: generate the rollouts of up to this many future steps while a
-    step trains (see `trainer.producer`). 0: the synchronous step (rollouts of step s use the
-    weights of step s - 1). k >= 1: tokens are at most k weight versions old; a weight update
-    reaches the servers mid-generation (partial rollouts), each token keeping its behaviour
-    log-prob and weight version. Works with `filter_zero_variance_groups` (the producer
-    over-samples ahead). Also the bound of `stale_policy`."""
+    step trains, in a child process of rank 0 (see `trainer.producer`). 0: the synchronous
+    step (rollouts of step s use the weights of step s - 1). k >= 1: tokens are at most k
+    weight versions old; a weight update reaches the servers mid-generation (partial
+    rollouts), each token keeping its behaviour log-prob and weight version. Works with
+    `filter_zero_variance_groups` (the producer over-samples ahead). Also the bound of
+    `stale_policy`."""
     stale_policy: str = "mask"
     """Generated tokens more than `max_staleness` weight versions behind the weights being
     trained: `mask` takes those tokens out of the loss (the trajectory's newer tokens stay),

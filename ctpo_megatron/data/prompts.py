@@ -114,6 +114,14 @@ def load_prompts(paths: list[str], *, prompt_key: str = "prompt",
     return prompts
 
 
+def train_sampler(data: Any, seed: int) -> PromptSampler:
+    """A `PromptSampler` at the start of `data.train_files` (`data`: the run's `DataConfig`),
+    seeded `seed` (`trainer.seed`): the trainer's, and the rollout producer's own copy."""
+    prompts = load_prompts(data.train_files, prompt_key=data.prompt_key, ground_truth_key=data.ground_truth_key,
+                           data_source_key=data.data_source_key)
+    return PromptSampler(prompts, seed=seed, shuffle=data.shuffle)
+
+
 def write_rows(rows: list[dict], path: str) -> str:
     """Writes rows to `path` as parquet or jsonl (by extension); returns `path`."""
     if path.endswith(".parquet"):

@@ -18,7 +18,6 @@ position, RNG, step); metrics logged after that checkpoint by the killed run are
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from ctpo_megatron.algo import position_bucket_edges
 from ctpo_megatron.config.schema import TrainConfig
 from ctpo_megatron.config.store import save_config
-from ctpo_megatron.data.prompts import PromptSampler, load_prompts
+from ctpo_megatron.data.prompts import load_prompts, train_sampler
 from ctpo_megatron.parallel.cpu_mode import is_cpu_mode
 from ctpo_megatron.trainer import checkpoint as ckpt
 from ctpo_megatron.trainer.batch import StepBatch, mask_stale_tokens, rollout_metrics, shard, version_metrics
@@ -106,8 +105,7 @@ class Trainer:
         data = cfg.data
         keys = dict(prompt_key=data.prompt_key, ground_truth_key=data.ground_truth_key,
                     data_source_key=data.data_source_key)
-        self.sampler = PromptSampler(load_prompts(data.train_files, **keys), seed=cfg.trainer.seed,
-                                     shuffle=data.shuffle)
+        self.sampler = train_sampler(data, cfg.trainer.seed)
         val = load_prompts(data.val_files, **keys) if data.val_files else []
         self.val_prompts = val[:data.max_val_prompts] if data.max_val_prompts >= 0 else val
         self.edges = position_bucket_edges(cfg.rollout.max_response_len, cfg.trainer.clip_position_bins)
@@ -141,13 +139,12 @@ class Trainer:
             self._sync_weights()  # the servers started from the base model
         self.producer = None
         if self.rank == 0 and cfg.rollout.max_staleness > 0:
-            from ctpo_megatron.trainer.producer import RolloutProducer
+            from ctpo_megatron.trainer.producer import ProducerSpec, RolloutProducer
 
-            ahead = PromptSampler(self.sampler.prompts, seed=self.sampler.seed, shuffle=self.sampler.shuffle)
-            ahead.load_state_dict(self.sampler.state_dict())
-            self.producer = RolloutProducer(self._collect, ahead, prompts_per_step=cfg.trainer.prompts_per_step,
-                                            first_step=self.step + 1, last_step=cfg.trainer.total_steps,
-                                            max_staleness=cfg.rollout.max_staleness)
+            self.producer = RolloutProducer(ProducerSpec(
+                config=cfg, server_urls=list(self.rollout.urls), router_url=self.rollout.router_url,
+                first_step=self.step + 1, last_step=cfg.trainer.total_steps,
+                data_position=self.sampler.state_dict(), max_staleness=cfg.rollout.max_staleness))
 
     # ---------------------------------------------------------------- set-up
     def _check_model_config(self) -> None:
@@ -250,31 +247,12 @@ class Trainer:
         """Rank 0: the step's scored trajectories (n per prompt, prompt-major), every trajectory
         generated (for the rollout metrics), and the dynamic-sampling metrics."""
         if self.producer is None:
-            return self._collect(self.step, prompts, self.sampler)
+            return self.rollout.generate_step(self.step, prompts, self.sampler)
         ready = self.producer.take(self.step, prompts)  # generated while earlier steps trained
         # The producer may have drawn more prompts (dynamic sampling): its position is the step's.
         self.sampler.load_state_dict(ready.data_position)
+        self.rollout.client.stats.update(ready.client_stats)  # reported with the weight sync
         return ready.result
-
-    def _collect(self, step: int, prompts: list, sampler: PromptSampler) -> tuple[list, list, dict[str, float]]:
-        """Rank 0: step `step`'s rollouts of `prompts`, and with dynamic sampling of more prompts
-        drawn from `sampler` (the trainer's, or the producer's own when generating ahead)."""
-        cfg, tc = self.cfg, self.cfg.trainer
-        if not cfg.rollout.filter_zero_variance_groups:
-            trajs = self._generate(step, prompts)
-            return trajs, trajs, {}
-        from ctpo_megatron.trainer.sampling import fill_informative_groups
-
-        return fill_informative_groups(
-            lambda batch, round_index: self._generate(step, batch, round_index), sampler,
-            prompts, target=tc.prompts_per_step, max_rounds=cfg.rollout.max_sampling_rounds)
-
-    def _generate(self, step: int, prompts: list, round_index: int = 0) -> list:
-        """Rank 0: n scored trajectories per prompt with the sampling seed of `step` (round 0;
-        dynamic sampling's later rounds use others)."""
-        tc = self.cfg.trainer
-        seed = tc.seed * 1_000_003 + step + 100_003 * round_index
-        return self.rollout.generate(prompts, self.cfg.rollout.n_samples, seed=seed)
 
     def _share_data_position(self) -> None:
         """Every rank takes rank 0's data position (epoch, offset): one small broadcast."""
@@ -304,9 +282,9 @@ class Trainer:
         if self.rank != 0:
             return {}
         tc = self.cfg.trainer
-        with self.producer.lock if self.producer is not None else contextlib.nullcontext():
-            trajs = self.rollout.generate(self.val_prompts, tc.eval_samples, seed=tc.seed + EVAL_SEED_OFFSET,
-                                          temperature=tc.eval_temperature)
+        # With a producer, its requests for the next steps run on the same servers meanwhile.
+        trajs = self.rollout.generate(self.val_prompts, tc.eval_samples, seed=tc.seed + EVAL_SEED_OFFSET,
+                                      temperature=tc.eval_temperature)
         metrics = rollout_metrics(trajs, prefix="eval/")
         from ctpo_megatron.evaluate import eval_metrics  # mean@k / best@k / maj@k, overall and per source
         metrics.update(eval_metrics([t.to_dict() for t in trajs], tc.eval_samples))  # it reads dicts

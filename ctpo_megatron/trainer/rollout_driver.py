@@ -2,7 +2,8 @@
 
 With `rollout.server_urls` set the trainer uses those servers (started by the Slurm launcher);
 otherwise it starts `rollout.num_servers` servers itself (embedded CPU server, or SGLang) and
-stops them at exit. Generation runs on one persistent asyncio loop owned by this object.
+stops them at exit. Generation (`RolloutGenerator`) runs on one persistent asyncio loop owned by
+this object.
 
 With `rollout.placement=colocated` the servers share the training GPUs: `release_memory()`
 frees their memory before the trainer trains, and `update_weights` resumes the weights,
@@ -13,7 +14,6 @@ servers' weights, their KV cache and the trainer's step all hold memory at once.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -52,10 +52,15 @@ def server_launch_config(cfg: TrainConfig, run_dir: str, *, gpus: int | None = N
                         enable_memory_saver=colocated, mem_fraction_static=mem_fraction)
 
 
-class RolloutDriver:
-    """Generates scored trajectories for prompts and pushes new weights to the servers."""
+class RolloutGenerator:
+    """Scored trajectories from running servers: the agent loop (HTTP client, chat template,
+    sandboxed tools, reward) on one persistent asyncio loop owned by this object.
 
-    def __init__(self, cfg: TrainConfig, *, run_dir: str) -> None:
+    Built in the trainer (inside `RolloutDriver`) and, with `rollout.max_staleness` >= 1, a
+    second one from the same config in the rollout producer's process (`trainer.producer`).
+    """
+
+    def __init__(self, cfg: TrainConfig, urls: Sequence[str], *, router_url: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         from ctpo_megatron.rollout.agent.config import AgentConfig
@@ -64,6 +69,71 @@ class RolloutDriver:
 
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
+        self.client = SGLangClient(list(urls), timeout_s=cfg.rollout.request_timeout_s, router_url=router_url)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+        self.agent_cfg = AgentConfig.from_rollout_config(cfg.rollout)
+        self.sandbox = SandboxPool(max_workers=self.agent_cfg.sandbox_workers, config=self.agent_cfg.sandbox,
+                                   default_timeout=self.agent_cfg.tool_timeout_s)
+
+    def generate(self, prompts: Sequence[Prompt], n_samples: int, *, seed: int,
+                 temperature: float | None = None) -> list[Any]:
+        """`n_samples` scored trajectories per prompt (prompt-major order), sampled with `seed`."""
+        from ctpo_megatron.rollout.agent.loop import run_agent_batch
+
+        overrides: dict[str, Any] = {"seed": seed}
+        if temperature is not None:
+            overrides["temperature"] = temperature
+        agent_cfg = dataclasses.replace(self.agent_cfg, **overrides)
+        return self.loop.run_until_complete(run_agent_batch(
+            self.client, [p.messages for p in prompts], agent_cfg, tokenizer=self.tokenizer,
+            n_samples=n_samples, ground_truths=[p.ground_truth for p in prompts],
+            metadata=[{"uid": p.uid, "data_source": p.data_source} for p in prompts],
+            sandbox=self.sandbox))
+
+    def generate_step(self, step: int, prompts: list[Prompt], sampler: Any) -> tuple[list, list, dict[str, float]]:
+        """Training step `step`'s rollouts of `prompts`: (the scored trajectories, n per prompt,
+        prompt-major; every trajectory generated, for the rollout metrics; the dynamic-sampling
+        metrics). With `rollout.filter_zero_variance_groups` more prompts are drawn from
+        `sampler` (the trainer's, or the producer's own when generating ahead)."""
+        cfg, tc = self.cfg, self.cfg.trainer
+        if not cfg.rollout.filter_zero_variance_groups:
+            trajs = self.generate(prompts, cfg.rollout.n_samples, seed=step_seed(tc.seed, step))
+            return trajs, trajs, {}
+        from ctpo_megatron.trainer.sampling import fill_informative_groups
+
+        return fill_informative_groups(
+            lambda batch, round_index: self.generate(batch, cfg.rollout.n_samples,
+                                                     seed=step_seed(tc.seed, step, round_index)),
+            sampler, prompts, target=tc.prompts_per_step, max_rounds=cfg.rollout.max_sampling_rounds)
+
+    def take_stats(self) -> dict[str, int]:
+        """The client's request counts (requests, retried, failed) since the last call."""
+        return self.client.take_stats()
+
+    def _run(self, make_coro: Callable[[], Any]) -> Any:
+        """Runs `make_coro()` on this object's event loop."""
+        return self.loop.run_until_complete(make_coro())
+
+    def close(self) -> None:
+        """Closes the client and the sandboxes (not the servers)."""
+        try:
+            self.loop.run_until_complete(self.client.close())
+            self.sandbox.close()
+        finally:
+            self.loop.close()
+
+
+def step_seed(seed: int, step: int, round_index: int = 0) -> int:
+    """The sampling seed of training step `step` (round 0; dynamic sampling's later rounds use
+    others): the same whether the step is generated in time or ahead."""
+    return seed * 1_000_003 + step + 100_003 * round_index
+
+
+class RolloutDriver(RolloutGenerator):
+    """Starts (or finds) the servers, generates scored trajectories for prompts and pushes new
+    weights to the servers."""
+
+    def __init__(self, cfg: TrainConfig, *, run_dir: str) -> None:
         self.servers = None
         rc = cfg.rollout
         router_url = rc.router_url or None
@@ -80,12 +150,14 @@ class RolloutDriver:
             router_url = self.servers.router_url
         self.urls = urls
         self.worker_urls = urls
+        self.router_url = router_url
         self.run_dir = run_dir
-        self.client = SGLangClient(urls, timeout_s=rc.request_timeout_s, router_url=router_url)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-        self.agent_cfg = AgentConfig.from_rollout_config(rc)
-        self.sandbox = SandboxPool(max_workers=self.agent_cfg.sandbox_workers, config=self.agent_cfg.sandbox,
-                                   default_timeout=self.agent_cfg.tool_timeout_s)
+        try:
+            super().__init__(cfg, urls, router_url=router_url)
+        except BaseException:
+            if self.servers is not None:
+                self.servers.stop()
+            raise
         self.weight_sync = None
         self.colocated = rc.placement == "colocated"
         self.released = False
@@ -102,21 +174,6 @@ class RolloutDriver:
 
     def _resume(self, tags: list[str]) -> None:
         self._run(lambda: self.client.resume_memory_occupation(tags))
-
-    def generate(self, prompts: Sequence[Prompt], n_samples: int, *, seed: int,
-                 temperature: float | None = None) -> list[Any]:
-        """`n_samples` scored trajectories per prompt (prompt-major order), sampled with `seed`."""
-        from ctpo_megatron.rollout.agent.loop import run_agent_batch
-
-        overrides: dict[str, Any] = {"seed": seed}
-        if temperature is not None:
-            overrides["temperature"] = temperature
-        agent_cfg = dataclasses.replace(self.agent_cfg, **overrides)
-        return self.loop.run_until_complete(run_agent_batch(
-            self.client, [p.messages for p in prompts], agent_cfg, tokenizer=self.tokenizer,
-            n_samples=n_samples, ground_truths=[p.ground_truth for p in prompts],
-            metadata=[{"uid": p.uid, "data_source": p.data_source} for p in prompts],
-            sandbox=self.sandbox))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> dict[str, float]:
         """Pushes `(hf_name, full tensor)` pairs to every healthy server as weight `version`;
@@ -179,37 +236,12 @@ class RolloutDriver:
         health = self._run(self.client.health)
         return [u for u in self.client.urls if health.get(u)]
 
-    def _run(self, make_coro: Callable[[], Any]) -> Any:
-        """Runs `make_coro()` on the driver's event loop from this thread, also while another
-        thread (the rollout producer of `rollout.max_staleness` > 0) is inside `generate` on it:
-        then the coroutine is handed to that running loop instead."""
-        while True:
-            if not self.loop.is_running():
-                try:
-                    return self.loop.run_until_complete(make_coro())
-                except RuntimeError as e:  # the producer started generating in between
-                    if "already running" not in str(e):
-                        raise
-                    continue
-            future = asyncio.run_coroutine_threadsafe(make_coro(), self.loop)
-            while True:
-                try:
-                    return future.result(timeout=1.0)
-                except concurrent.futures.TimeoutError:
-                    if not self.loop.is_running():  # it stopped before running ours: run it here
-                        future.cancel()
-                        break
-
     def close(self) -> None:
         """Stops the servers this driver started and closes the client and sandboxes."""
         try:
             if self.weight_sync is not None:
                 self.weight_sync.close()
-            self.loop.run_until_complete(self.client.close())
-            self.sandbox.close()
+            super().close()
         finally:
             if self.servers is not None:
                 self.servers.stop()
-            self.loop.close()
-
-
