@@ -18,6 +18,7 @@ from ctpo_megatron.rollout.serving.launcher import (LaunchConfig, ServerDiedErro
                                             ServerStartError, embedded_server_command,
                                             router_command, sglang_server_command)
 from ctpo_megatron.rollout.weight_sync import WeightSyncConfig, make_weight_updater
+from tests._process import wait_until
 from tests.unit.test_embedded_server import build_tiny_model
 
 
@@ -143,7 +144,6 @@ time.sleep(600)
 def test_servers_die_with_a_killed_parent(tmp_path):
     """The launching process is SIGKILLed (no cleanup runs): its server must not outlive it."""
     import subprocess
-    import time
 
     model = build_tiny_model(tmp_path / "model")
     server_pid = None
@@ -155,10 +155,7 @@ def test_servers_die_with_a_killed_parent(tmp_path):
         assert _group_alive(server_pid)
         parent.kill()
         parent.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while _group_alive(server_pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _group_alive(server_pid)
+        assert wait_until(lambda: not _group_alive(server_pid), 30, interval_s=0.2)
     finally:
         parent.kill()
         if server_pid is not None and _group_alive(server_pid):

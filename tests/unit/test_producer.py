@@ -4,6 +4,7 @@ trainer, a dead child detected, and no child left behind when the trainer is SIG
 child runs light generators (`tests/unit/_producer_generators.py`) in place of the agent loop,
 which the e2e runs (`tests/e2e/test_tiny_run.py`, max_staleness=1) cover against real servers."""
 
+import contextlib
 import os
 import pickle
 import signal
@@ -16,6 +17,7 @@ import pytest
 from ctpo_megatron.config.store import load_config
 from ctpo_megatron.data.prompts import train_sampler, write_rows
 from ctpo_megatron.trainer.producer import ProducerSpec, RolloutProducer
+from tests._process import wait_until
 from tests.unit import _producer_generators as gens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,6 +45,17 @@ def _wait_started(run, n: int, timeout_s: float = 120.0) -> list[int]:
         assert time.monotonic() < deadline, f"the producer started only steps {_started(run)}"
         time.sleep(0.05)
     return _started(run)
+
+
+@contextlib.contextmanager
+def _producer(tmp_path, build, *, k: int = 1, last: int = 3):
+    """A started producer and the trainer's lockstep sampler; the producer is closed after."""
+    spec = _spec(tmp_path, k=k, last=last)
+    producer = RolloutProducer(spec, build=build)
+    try:
+        yield producer, train_sampler(spec.config.data, spec.config.trainer.seed)
+    finally:
+        producer.close()
 
 
 def _running(pid: int) -> bool:
@@ -108,31 +121,21 @@ def test_producer_process_hands_over_the_data_position_with_dynamic_sampling(tmp
 
 
 def test_producer_error_reaches_the_trainer_with_the_childs_traceback(tmp_path):
-    spec = _spec(tmp_path, k=1, last=3)
-    lockstep = train_sampler(spec.config.data, spec.config.trainer.seed)
-    producer = RolloutProducer(spec, build=gens.fails_at_step_2)
-    try:
+    with _producer(tmp_path, gens.fails_at_step_2) as (producer, lockstep):
         producer.take(1, lockstep.next_batch(3))
         with pytest.raises(RuntimeError, match="rollout producer failed while generating step 2") as err:
             producer.take(2, lockstep.next_batch(3))
         text = str(err.value)
         assert "OSError: server gone" in text and "_producer_generators.py" in text and "generate_step" in text
-    finally:
-        producer.close()
 
 
 def test_dead_producer_process_is_detected(tmp_path):
-    spec = _spec(tmp_path, k=1, last=3)
-    lockstep = train_sampler(spec.config.data, spec.config.trainer.seed)
-    producer = RolloutProducer(spec, build=gens.dies_at_step_2)
-    try:
+    with _producer(tmp_path, gens.dies_at_step_2) as (producer, lockstep):
         producer.take(1, lockstep.next_batch(3))
         start = time.monotonic()
         with pytest.raises(RuntimeError, match=r"exited with code 3 while the trainer waited for step 2"):
             producer.take(2, lockstep.next_batch(3))
         assert time.monotonic() - start < 60
-    finally:
-        producer.close()
 
 
 def test_close_ends_a_producer_that_is_generating(tmp_path):
@@ -163,10 +166,7 @@ def test_no_producer_process_is_left_after_the_trainer_is_sigkilled(tmp_path):
         assert _running(child)
         trainer.kill()
         trainer.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while _running(child) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _running(child), "the producer process outlived the SIGKILLed trainer"
+        assert wait_until(lambda: not _running(child), 30), "the producer process outlived the SIGKILLed trainer"
     finally:
         trainer.kill()
         if child is not None and _running(child):
