@@ -54,7 +54,6 @@ struct StatsAcc {
 // per tile; then a scalar loop over the valid tokens for what scatters (histograms, position
 // buckets). A float64 accumulator per token would chain its 4-cycle add latency through the
 // whole row, and a branch per token on a random mask mispredicts.
-template <typename T>
 struct TileSums {
   double tokens = 0, neg_adv = 0, high = 0, low = 0, dual = 0, any = 0, clipped = 0;
   double neg_log_ratio = 0, ratio_sum = 0, scale_sum = 0;
@@ -62,7 +61,7 @@ struct TileSums {
 };
 
 template <typename T>
-CTPO_CPU_CLONES void tile_sums(const StatsArgs<T>& a, int64_t i0, int64_t n, TileSums<T>& acc) {
+CTPO_CPU_CLONES void tile_sums(const StatsArgs<T>& a, int64_t i0, int64_t n, TileSums& acc) {
   constexpr T inf = std::numeric_limits<T>::infinity();
   // Flags read as bytes: loads of `bool` kept the count loop scalar (7x slower with AVX2).
   auto bytes = [&](const bool* p) { return reinterpret_cast<const uint8_t*>(p + i0); };
@@ -151,10 +150,11 @@ CTPO_CPU_CLONES void tile_bins(const T* __restrict__ values, int64_t n, HistSpec
 // the target changes: a memory increment per token would chain each add through the previous
 // one's store.
 struct Runs {
+  const int64_t num_buckets;  // buckets >= this are left out (positions below the first edge)
   int64_t bucket = -1, scale_bin = -1;
   int64_t bucket_tokens = 0, bucket_clipped = 0, scale_count = 0;  // integer adds: 1-cycle chains
 
-  void flush_bucket(const StatsAcc& acc, int64_t num_buckets) {
+  void flush_bucket(const StatsAcc& acc) {
     if (bucket >= 0 && bucket < num_buckets) {
       acc.pos_tokens[bucket] += static_cast<double>(bucket_tokens);
       acc.pos_clipped[bucket] += static_cast<double>(bucket_clipped);
@@ -165,9 +165,8 @@ struct Runs {
     if (scale_bin >= 0) acc.scale_hist[scale_bin] += static_cast<double>(scale_count);
     scale_count = 0;
   }
-  int64_t num_buckets = 0;
   void flush(const StatsAcc& acc) {
-    flush_bucket(acc, num_buckets);
+    flush_bucket(acc);
     flush_scale(acc);
   }
 };
@@ -179,7 +178,6 @@ void scatter_tile(const StatsArgs<T>& a, int64_t i0, int64_t n, int64_t& count, 
   int32_t ratio_bins[kStatsTile], scale_bins[kStatsTile];
   tile_bins(a.ratio + i0, n, a.hist, ratio_bins);
   if (a.scale != nullptr) tile_bins(a.scale + i0, n, a.hist, scale_bins);
-  runs.num_buckets = a.num_buckets;
   for (int64_t k = 0; k < n; ++k) {
     const int64_t i = i0 + k;
     const bool valid = a.valid[i];
@@ -197,7 +195,7 @@ void scatter_tile(const StatsArgs<T>& a, int64_t i0, int64_t n, int64_t& count, 
     pos = pos < 0 ? 0 : (pos > a.max_position ? a.max_position : pos);
     const int64_t bucket = a.bucket_of_position[pos];
     if (bucket != runs.bucket) {
-      runs.flush_bucket(acc, a.num_buckets);
+      runs.flush_bucket(acc);
       runs.bucket = bucket;
     }
     runs.bucket_tokens += valid;
@@ -208,12 +206,12 @@ void scatter_tile(const StatsArgs<T>& a, int64_t i0, int64_t n, int64_t& count, 
 template <typename T>
 void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const StatsAcc& acc) {
   double* s = acc.scalars;
-  TileSums<T> sums;
+  TileSums sums;
   sums.ratio_max = s[kRatioMax];
   sums.ratio_min = s[kRatioMin];
   sums.scale_max = s[kScaleMax];
   sums.scale_min = s[kScaleMin];
-  Runs runs;
+  Runs runs{a.num_buckets};
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t base = row * a.row_len;
     int64_t count = 0;

@@ -234,7 +234,7 @@ def _kernel_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tenso
                       else torch.zeros(3, dtype=torch.float64, device=valid.device))
     return LossSums(
         loss=loss_sum, tokens=v["tokens"], neg_adv_tokens=v["neg_adv_tokens"],
-        clip=out.scalars[2:6], pg_clipped=v["clipped"], kl=v["neg_log_ratio"], ratio_sum=v["ratio_sum"],
+        clip=torch.stack([v[name] for name in ("clip_high", "clip_low", "clip_dual", "clip_any")]), pg_clipped=v["clipped"], kl=v["neg_log_ratio"], ratio_sum=v["ratio_sum"],
         ratio_max=v["ratio_max"], ratio_neg_min=-v["ratio_min"], ratio_hist=out.ratio_hist,
         la_scale_sum=v["la_scale_sum"], la_scale_max=v["la_scale_max"],
         la_scale_neg_min=-v["la_scale_min"] if has_la else torch.full_like(v["la_scale_min"], -torch.inf),
