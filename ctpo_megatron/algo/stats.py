@@ -185,6 +185,7 @@ class LossSums:
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
         return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
+
 def _torch_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor, loss_sum: torch.Tensor,
                 edges: list[int], positions: torch.Tensor | None, coefficients: tuple[float, float, float]) -> LossSums:
     """`LossSums.from_terms` in torch reductions (the definition; devices without kernels)."""
@@ -234,7 +235,8 @@ def _kernel_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tenso
                       else torch.zeros(3, dtype=torch.float64, device=valid.device))
     return LossSums(
         loss=loss_sum, tokens=v["tokens"], neg_adv_tokens=v["neg_adv_tokens"],
-        clip=torch.stack([v[name] for name in ("clip_high", "clip_low", "clip_dual", "clip_any")]), pg_clipped=v["clipped"], kl=v["neg_log_ratio"], ratio_sum=v["ratio_sum"],
+        clip=torch.stack([v[name] for name in ("clip_high", "clip_low", "clip_dual", "clip_any")]),
+        pg_clipped=v["clipped"], kl=v["neg_log_ratio"], ratio_sum=v["ratio_sum"],
         ratio_max=v["ratio_max"], ratio_neg_min=-v["ratio_min"], ratio_hist=out.ratio_hist,
         la_scale_sum=v["la_scale_sum"], la_scale_max=v["la_scale_max"],
         la_scale_neg_min=-v["la_scale_min"] if has_la else torch.full_like(v["la_scale_min"], -torch.inf),
@@ -249,8 +251,8 @@ def policy_metrics(terms: TokenTerms, response_mask: torch.Tensor, advantages: t
     clip rate by position (default powers of two up to S). One device-to-host copy."""
     if bucket_edges is None:
         bucket_edges = position_bucket_edges(max(response_mask.shape[-1], 1))
-    sums = LossSums.from_terms(terms, response_mask, advantages, cfg, loss=torch.zeros((), device=response_mask.device),
-                               dp_size=1,
+    sums = LossSums.from_terms(terms, response_mask, advantages, cfg,
+                               loss=torch.zeros((), device=response_mask.device), dp_size=1,
                                bucket_edges=bucket_edges)
     out = sums.metrics(num_updates=1, bucket_edges=bucket_edges, adaptive_clip=terms.la_scale is not None)
     del out["loss"]

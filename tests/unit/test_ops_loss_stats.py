@@ -72,6 +72,25 @@ def test_given_positions_out_of_range_and_odd_edges():
     assert_same(reference, kernel, 2e-5)
 
 
+@pytest.mark.parametrize("given", [False, True], ids=["running-count", "given-positions"])
+def test_long_rows_take_whole_tiles_into_position_buckets(given):
+    """Rows of many 256-token tiles: a tile whose tokens share a position bucket is counted at
+    once, one that crosses an edge token by token; an odd row length, a fully masked span of
+    tiles, and (given) positions offset as a later context-parallel chunk's global n_t are, or
+    below the first edge."""
+    cfg = CONFIGS["ctpo-la"]
+    lp, olp, adv, mask = batch(torch.float32, B=3, S=2999, spread=0.2)
+    mask[:, 512:1100] = 0  # whole tiles without a valid token
+    _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    positions = None
+    if given:
+        positions = torch.cumsum(mask > 0, dim=-1) + torch.tensor([[0], [700], [-300]])
+    edges = [1, 64, 700, 1500, 2048] if given else None
+    reference, kernel = both_paths(terms, mask, adv, cfg, positions=positions, edges=edges)
+    assert (reference.position_tokens > 0).sum() >= 3
+    assert_same(reference, kernel, 2e-5)
+
+
 def test_threads_split_rows_and_merge_exactly():
     """Enough tokens for the kernel to split rows over threads: the merged result is the
     one-thread result (counts, extremes and histograms exactly)."""
