@@ -16,19 +16,26 @@ all-reduce) to the global-batch mean, whatever the micro-batching.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """sum(values * mask), with values at mask == 0 replaced by 0 first (NaN/inf safe)."""
+    """sum(values * mask), with values at mask == 0 replaced by 0 first (NaN/inf safe). A bool
+    mask only selects: the same sum as its 0/1 float, without the multiplication."""
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    masked = torch.where(mask.bool(), values, zero) * mask
+    if mask.dtype == torch.bool:
+        masked = torch.where(mask, values, zero)
+    else:
+        masked = torch.where(mask.bool(), values, zero) * mask
     return masked.sum() if dim is None else masked.sum(dim)
 
 
-def _denominator(total: int | float | torch.Tensor | None, default: torch.Tensor):
+def _denominator(total: int | float | torch.Tensor | None, default: Callable[[], torch.Tensor]):
+    """`total` clamped to >= 1; `default()` (only computed then) when total is None."""
     if total is None:
-        total = default
+        total = default()
     if torch.is_tensor(total):
         return total.clamp(min=1)
     return max(total, 1)
@@ -41,23 +48,25 @@ def aggregate_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mod
     """Scalar loss from per-token losses (see the module docstring for each mode's weights).
 
     loss_mat: [B, S] float — per-token losses (IS weights already applied).
-    loss_mask: [B, S] float, binary — 1 generated token, 0 padding or tool output.
+    loss_mask: [B, S] float, binary — 1 generated token, 0 padding or tool output; or bool,
+        True at those tokens (saves a pass per sum).
     dp_size: data-parallel size (the gradient all-reduce averages over it).
     batch_num_tokens: valid tokens in the global batch (token-mean); None = this micro-batch's.
     global_batch_size: non-empty sequences in the global batch (seq-mean-*); None = local.
     loss_scale_factor: divisor for seq-mean-token-sum-norm; None = S (loss_mat.shape[-1]).
     """
-    loss_mask = loss_mask.to(loss_mat.dtype)
+    if loss_mask.dtype != torch.bool:
+        loss_mask = loss_mask.to(loss_mat.dtype)
     if loss_agg_mode == "token-mean":
-        denom = _denominator(batch_num_tokens, loss_mask.sum())
+        denom = _denominator(batch_num_tokens, lambda: loss_mask.sum().to(loss_mat.dtype))
         return masked_sum(loss_mat, loss_mask) / denom * dp_size
     if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
         seq_losses = masked_sum(loss_mat, loss_mask, dim=-1)
-        seq_tokens = loss_mask.sum(-1)
+        seq_tokens = loss_mask.sum(-1).to(loss_mat.dtype)
         if loss_agg_mode == "seq-mean-token-mean":
             seq_losses = seq_losses / (seq_tokens + 1e-8)
         seq_mask = (seq_tokens > 0).to(loss_mat.dtype)  # fully masked rows do not count
-        denom = _denominator(global_batch_size, seq_mask.sum())
+        denom = _denominator(global_batch_size, seq_mask.sum)
         return masked_sum(seq_losses, seq_mask) / denom * dp_size
     if loss_agg_mode == "seq-mean-token-sum-norm":
         if loss_scale_factor is None:

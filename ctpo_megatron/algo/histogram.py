@@ -52,25 +52,27 @@ def bin_edges() -> torch.Tensor:
 
 
 def histogram_quantiles(counts: torch.Tensor, qs: Sequence[float], *, lo: float | None = None,
-                        hi: float | None = None) -> list[float]:
+                        hi: float | None = None, total: float | None = None) -> list[float]:
     """Quantiles of the values counted in `counts` ([NUM_BINS], any device), as torch.quantile
     computes them (linear interpolation between the order statistics at rank q (n - 1)), with
     every order statistic estimated inside its bin (its elements spread evenly over the bin).
     Each result is within one bin width of the exact quantile (the widest bin of the two order
     statistics it interpolates). lo, hi: the exact minimum and maximum, if known; results are
-    clamped to them, and q = 0 and q = 1 give them exactly. Returns
-    len(qs) floats, 0.0 each when the counts are empty."""
+    clamped to them, and q = 0 and q = 1 give them exactly. total: the sum of `counts`, if
+    known (saves a pass over all bins). Returns len(qs) floats, 0.0 each when the counts are
+    empty."""
     counts_np = counts.detach().to(device="cpu", dtype=torch.float64).numpy()
     edges_np = _bin_edges_np()
     if lo is not None and hi is not None and lo <= hi:
         # Only the bins between the extremes hold counts: the cumulative sum needs no more
-        # (ratios cover a few hundred of the 32768 bins). NaN or out-of-range values would
+        # (ratios cover a few thousand of the 32768 bins). NaN or out-of-range values would
         # sit outside: then the sums differ and all bins are used.
         first, last = _bin_of(lo), _bin_of(hi)
         window = counts_np[first:last + 1]
-        if window.sum() == counts_np.sum():
-            return _quantiles(window, edges_np[first:last + 2], qs, lo, hi)
-    return _quantiles(counts_np, edges_np, qs, lo, hi)
+        cum = np.cumsum(window)
+        if cum[-1] == (counts_np.sum() if total is None else total):
+            return _quantiles(window, cum, edges_np[first:last + 2], qs, lo, hi)
+    return _quantiles(counts_np, np.cumsum(counts_np), edges_np, qs, lo, hi)
 
 
 def _bin_of(value: float) -> int:
@@ -85,15 +87,14 @@ def _bin_edges_np() -> np.ndarray:
     return bin_edges().numpy()
 
 
-def _quantiles(counts_np: np.ndarray, edges_np: np.ndarray, qs: Sequence[float], lo: float | None,
-               hi: float | None) -> list[float]:
-    """`histogram_quantiles` over a run of consecutive bins: counts [K], edges [K + 1]. In
-    numpy: a handful of small array operations, where torch's per-call overhead would cost
-    more than the work."""
-    n = float(counts_np.sum())
+def _quantiles(counts_np: np.ndarray, cum: np.ndarray, edges_np: np.ndarray, qs: Sequence[float],
+               lo: float | None, hi: float | None) -> list[float]:
+    """`histogram_quantiles` over a run of consecutive bins: counts [K], their cumulative sum
+    [K], edges [K + 1]. In numpy: a handful of small array operations, where torch's per-call
+    overhead would cost more than the work."""
+    n = float(cum[-1])
     if n <= 0:
         return [0.0] * len(qs)
-    cum = np.cumsum(counts_np)
     rank = np.asarray(qs, dtype=np.float64) * (n - 1)
     lower, upper = np.floor(rank), np.ceil(rank)
 

@@ -94,9 +94,8 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     if agg_mode != cfg.loss_agg_mode:
         warn_once(logger, f"{cfg.name} loss aggregates with {agg_mode}; "
                           f"loss_agg_mode={cfg.loss_agg_mode!r} is ignored")
-    valid = response_mask > 0
-    mask = valid.to(pg_losses.dtype)
-    loss = aggregate_loss(pg_losses, mask, agg_mode, dp_size=dp_size,
+    valid = response_mask if response_mask.dtype == torch.bool else response_mask > 0
+    loss = aggregate_loss(pg_losses, valid, agg_mode, dp_size=dp_size,
                           batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                           loss_scale_factor=loss_scale_factor)
     metrics = {}

@@ -164,12 +164,12 @@ class LossSums:
             out[f"clipfrac_{key}"] = rate(v["clip"][i])
         lo, hi = (-float(v["ratio_neg_min"]), float(v["ratio_max"])) if n else (0.0, 0.0)
         out["is_ratio_mean"], out["is_ratio_min"], out["is_ratio_max"] = rate(v["ratio_sum"]), lo, hi
-        qs = histogram.histogram_quantiles(v["ratio_hist"], [q for _, q in RATIO_QUANTILES], lo=lo, hi=hi)
+        qs = histogram.histogram_quantiles(v["ratio_hist"], [q for _, q in RATIO_QUANTILES], lo=lo, hi=hi, total=n)
         out.update((f"is_ratio_{name}", q) for (name, _), q in zip(RATIO_QUANTILES, qs))
         if adaptive_clip and n:
             lo, hi = -float(v["la_scale_neg_min"]), float(v["la_scale_max"])
             out["la_scale_mean"], out["la_scale_min"], out["la_scale_max"] = rate(v["la_scale_sum"]), lo, hi
-            out["la_scale_p50"] = histogram.histogram_quantiles(v["la_scale_hist"], [0.5], lo=lo, hi=hi)[0]
+            out["la_scale_p50"] = histogram.histogram_quantiles(v["la_scale_hist"], [0.5], lo=lo, hi=hi, total=n)[0]
             for i, key in enumerate(("high", "low", "c")):
                 out[f"la_clip_{key}_ratio_mean"] = rate(v["la_clip_ratios"][i])
         out.update(position_clip_metrics(host["position_clipped"].round().long(),

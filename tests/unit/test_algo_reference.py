@@ -286,6 +286,23 @@ def test_gradcheck_grpo_and_aggregation():
         assert torch.autograd.gradcheck(lambda v: aggregate_loss(v, mask, mode, dp_size=2), (x,))
 
 
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_a_bool_mask_aggregates_like_its_float_mask(mode):
+    """policy_loss passes the bool valid mask: every mode's loss and gradient are bit for bit
+    those of the 0/1 float mask, and inf/NaN at masked tokens stay out of both."""
+    lp, olp, adv, mask = ragged_batch(7, B=5, S=8)
+    values = torch.where(mask > 0, lp - olp, torch.tensor(float("nan"), dtype=lp.dtype))
+    values[0, -1] = float("inf") if mask[0, -1] == 0 else values[0, -1]
+    grads = []
+    for m in (mask, mask > 0):
+        x = values.clone().requires_grad_(True)
+        loss = aggregate_loss(x, m, mode, dp_size=2)
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads.append((loss.detach(), x.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 def test_precomputed_prefix_sums_equal_row_scan():
     lp, olp, adv, mask = ragged_batch(2)
     cfg = PolicyLossConfig()
