@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import selectors
@@ -84,12 +85,34 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
+# Run as `python -I -S -c`: the start-up path, then what `site` adds to it in a normal
+# `python -I` start (site-packages, .pth path lines) and the prefixes it sets (a venv's).
+_SITE_QUERY = ("import json, sys; base = list(sys.path); import site; site.main(); "
+               "print(json.dumps([sys.prefix, sys.exec_prefix, [p for p in sys.path if p not in base]]))")
+
+
+def _site_settings(python: str) -> tuple[str, str, list[str]]:
+    """(sys.prefix, sys.exec_prefix, sys.path entries added by `site`) of `python -I` on the
+    host: what the sandbox's bootstrap gives the code, whose interpreter starts without `site`
+    (see `_launcher.BOOTSTRAP`). Runs the interpreter once, so its .pth files run here."""
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", _SITE_QUERY], capture_output=True, text=True,
+                             env={}, timeout=60, check=True).stdout
+        prefix, exec_prefix, added = json.loads(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        detail = getattr(e, "stderr", None) or e
+        raise SandboxSetupError(f"sandbox: cannot read the site-packages of SandboxConfig.python "
+                                f"({python}): {detail}") from e
+    return prefix, exec_prefix, added
+
+
 _ROOT_PLAN: dict[tuple, dict] = {}
 
 
 def _root_plan(cfg: SandboxConfig, uid: int | None) -> dict:
     """What the launcher puts into the sandbox's root (cached per interpreter and paths):
-    read-only binds [(host real path, path inside)], symlinks [(path, target)], /etc texts."""
+    read-only binds [(host real path, path inside)], symlinks [(path, target)], /etc texts,
+    and the interpreter's site settings (`_site_settings`)."""
     key = (cfg.python, cfg.extra_ro_paths)
     plan = _ROOT_PLAN.get(key)
     if plan is None:
@@ -112,7 +135,9 @@ def _root_plan(cfg: SandboxConfig, uid: int | None) -> dict:
             if not any(_under(path, c) for c in covered):
                 binds.append((os.path.realpath(path), os.path.abspath(path)))
                 covered.append(path)
-        plan = {"binds": binds, "symlinks": links + [("/var/tmp", "../tmp")]}
+        prefix, exec_prefix, site_path = _site_settings(cfg.python)
+        plan = {"binds": binds, "symlinks": links + [("/var/tmp", "../tmp")], "site_prefix": prefix,
+                "site_exec_prefix": exec_prefix, "site_path": site_path}
         _ROOT_PLAN[key] = plan
     name = "sandbox" if uid is not None else "root"
     passwd = f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
