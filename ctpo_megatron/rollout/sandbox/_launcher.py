@@ -350,7 +350,7 @@ BOOTSTRAP = """\
 import sys
 sys.prefix, sys.exec_prefix = sys.argv[2], sys.argv[3]
 import os, site
-sys.path.extend(p for p in sys.argv[4:] if os.path.isdir(p))
+sys.path.extend(p for p in sys.argv[4:] if os.path.exists(p))
 sys.argv[:] = sys.argv[1:2]
 site.setquit(); site.setcopyright(); site.sethelper()
 __file__, __cached__ = os.path.abspath(sys.argv[0]), None
