@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -18,7 +19,8 @@ import psutil
 import pytest
 
 from ctpo_megatron.rollout.sandbox import SandboxConfig, SandboxPool, SandboxResult, SandboxSetupError, run_code
-from ctpo_megatron.rollout.sandbox.runner import _UIDS
+from ctpo_megatron.rollout.sandbox import _launcher
+from ctpo_megatron.rollout.sandbox.runner import LAUNCHER_COMMAND, _UIDS
 
 IS_ROOT = os.geteuid() == 0
 
@@ -124,6 +126,15 @@ def test_code_runs_as_main_py_with_its_own_tracebacks():
     # Source of the code's own functions (inspect reads main.py through __loader__/linecache).
     src = _run("import inspect\ndef f():\n    return 1\nprint(inspect.getsource(f), end='')")
     assert src.stdout == "def f():\n    return 1\n", src.stderr
+
+
+def test_launcher_starts_from_its_cached_bytecode():
+    # Run as a script, the launcher was compiled from source at every run (~6 ms of CPU); the
+    # command imports it, so it loads the bytecode the package's own import cached.
+    res = subprocess.run([LAUNCHER_COMMAND[0], "-v", *LAUNCHER_COMMAND[1:]], input=b"", capture_output=True,
+                         env={}, timeout=30)
+    cache = importlib.util.cache_from_source(_launcher.__file__)
+    assert f"# code object from '{cache}'" in res.stderr.decode(), res.stderr.decode()[-2000:]
 
 
 def test_infinite_loop_times_out():

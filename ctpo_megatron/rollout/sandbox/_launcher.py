@@ -1,4 +1,6 @@
-"""Sandbox launcher: a standalone script, run as `python -I -S _launcher.py`.
+"""Sandbox launcher: a standalone module, run as `python -I -S -c "import _launcher;
+_launcher.main()"` with its directory on sys.path (`runner.LAUNCHER_COMMAND`: the import
+loads its cached bytecode) or as `python -I -S _launcher.py`.
 
 It must not import the package (it runs without site-packages, for speed and so that nothing
 of the trainer's environment is loaded), and it imports only modules that load fast (no json,
