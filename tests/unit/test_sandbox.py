@@ -123,6 +123,9 @@ def test_code_runs_as_main_py_with_its_own_tracebacks():
     assert syntax.stderr.startswith('  File "/tmp/work/main.py", line 2\n'), syntax.stderr
     assert "Traceback" not in syntax.stderr
     assert [_run(code).exit_code for code in ("exit(4)", "quit()", "raise SystemExit(5)")] == [4, 0, 5]
+    # The code's globals are its own until the end: an exit handler still sees them.
+    handler = _run("import atexit\ne = 'kept'\natexit.register(lambda: print(e))\nraise ValueError(1)")
+    assert (handler.stdout, handler.exit_code) == ("kept\n", 1), handler.stderr
     # Source of the code's own functions (inspect reads main.py through __loader__/linecache).
     src = _run("import inspect\ndef f():\n    return 1\nprint(inspect.getsource(f), end='')")
     assert src.stdout == "def f():\n    return 1\n", src.stderr

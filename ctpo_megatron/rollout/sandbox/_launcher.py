@@ -360,8 +360,8 @@ __loader__ = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main_
 del os, site, sys
 try:
     exec(compile(__loader__.get_data(__file__), __file__, "exec", dont_inherit=True))
-except BaseException as e:
-    e.__traceback__ = e.__traceback__.tb_next
+except BaseException:  # binds no name: the code's globals stay as it left them (atexit)
+    __import__("sys").exc_info()[1].with_traceback(__import__("sys").exc_info()[2].tb_next)
     raise
 """
 
