@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -17,8 +18,9 @@ import time
 import psutil
 import pytest
 
-from ctpo_megatron.rollout.sandbox import SandboxConfig, SandboxPool, SandboxResult, run_code
-from ctpo_megatron.rollout.sandbox.runner import _UIDS
+from ctpo_megatron.rollout.sandbox import SandboxConfig, SandboxPool, SandboxResult, SandboxSetupError, run_code
+from ctpo_megatron.rollout.sandbox import _launcher
+from ctpo_megatron.rollout.sandbox.runner import LAUNCHER_COMMAND, _UIDS
 
 IS_ROOT = os.geteuid() == 0
 
@@ -65,6 +67,77 @@ def test_scientific_stack_works_in_the_allowlisted_root():
         """, timeout=60.0)
     assert res.exit_code == 0, res.stderr
     assert res.stdout == "1.0 (x - 1)*(x + 1) GMT UTF-8 /tmp\n"
+
+
+def _host_python_state(flags: list[str], expr: str, setup: str = "") -> list:
+    """`expr` as the interpreter with `flags` sees it on the host (clean environment), taken
+    before anything else is imported."""
+    out = subprocess.run([sys.executable, *flags, "-c", f"import sys\n{setup}\nstate = {expr}\nimport json\n"
+                          f"print(json.dumps(state))"], capture_output=True, text=True, env={}, check=True).stdout
+    return json.loads(out)
+
+
+def test_code_sees_the_site_packages_without_the_start_up_hooks():
+    # The code's interpreter starts without `site` (its .pth files are most of the start-up
+    # CPU); the bootstrap gives it what `python -I` has: the same sys.path and prefixes, so
+    # site-packages imports work, but nothing a .pth file imports is loaded.
+    path, prefix = _host_python_state(["-I"], "[sys.path, sys.prefix]")
+    pth_modules = (set(_host_python_state(["-I"], "list(sys.modules)"))
+                   - set(_host_python_state(["-I", "-S"], "list(sys.modules)", setup="import os, site")))
+    # The project's venv (an editable install, setuptools) has .pth hooks that import modules.
+    assert any(m.startswith("__editable__") for m in pth_modules), sorted(pth_modules)
+    res = _run("""
+        import sys
+        modules = list(sys.modules)
+        import json, numpy
+        print(json.dumps([sys.path, sys.prefix, sys.flags.no_site, modules, numpy.__file__]))
+        """, timeout=30.0)
+    assert res.exit_code == 0, res.stderr
+    inner_path, inner_prefix, no_site, inner_modules, numpy_file = json.loads(res.stdout)
+    assert (inner_path, inner_prefix, no_site) == (path, prefix, 1)
+    assert numpy_file.startswith(path[-1] + "/"), numpy_file  # from the venv's site-packages
+    assert sorted(pth_modules & set(inner_modules)) == []
+
+
+def test_code_runs_as_main_py_with_its_own_tracebacks():
+    # As `python -I -u main.py` would: __name__, argv, __file__, clean globals, exit()/quit(),
+    # and tracebacks that start in main.py with its line numbers (no bootstrap frame).
+    res = _run("""
+        import sys
+        print(__name__, sys.argv, __file__, sorted(globals()))
+
+        def fail():
+            raise ValueError("boom")
+        fail()
+        """)
+    assert res.exit_code == 1
+    assert res.stdout == ("__main__ ['main.py'] /tmp/work/main.py ['__annotations__', '__builtins__', "
+                          "'__cached__', '__doc__', '__file__', '__loader__', '__name__', '__package__', "
+                          "'__spec__', 'sys']\n")
+    assert res.stderr == ('Traceback (most recent call last):\n'
+                          '  File "/tmp/work/main.py", line 7, in <module>\n    fail()\n'
+                          '  File "/tmp/work/main.py", line 6, in fail\n    raise ValueError("boom")\n'
+                          'ValueError: boom\n')
+    syntax = _run("x = 1\ny = (\n")
+    assert syntax.exit_code == 1
+    assert syntax.stderr.startswith('  File "/tmp/work/main.py", line 2\n'), syntax.stderr
+    assert "Traceback" not in syntax.stderr
+    assert [_run(code).exit_code for code in ("exit(4)", "quit()", "raise SystemExit(5)")] == [4, 0, 5]
+    # The code's globals are its own until the end: an exit handler still sees them.
+    handler = _run("import atexit\ne = 'kept'\natexit.register(lambda: print(e))\nraise ValueError(1)")
+    assert (handler.stdout, handler.exit_code) == ("kept\n", 1), handler.stderr
+    # Source of the code's own functions (inspect reads main.py through __loader__/linecache).
+    src = _run("import inspect\ndef f():\n    return 1\nprint(inspect.getsource(f), end='')")
+    assert src.stdout == "def f():\n    return 1\n", src.stderr
+
+
+def test_launcher_starts_from_its_cached_bytecode():
+    # Run as a script, the launcher was compiled from source at every run (~6 ms of CPU); the
+    # command imports it, so it loads the bytecode the package's own import cached.
+    res = subprocess.run([LAUNCHER_COMMAND[0], "-v", *LAUNCHER_COMMAND[1:]], input=b"", capture_output=True,
+                         env={}, timeout=30)
+    cache = importlib.util.cache_from_source(_launcher.__file__)
+    assert f"# code object from '{cache}'" in res.stderr.decode(), res.stderr.decode()[-2000:]
 
 
 def test_infinite_loop_times_out():
@@ -229,6 +302,9 @@ def test_bad_arguments_raise():
         SandboxConfig(memory_bytes=0)
     with pytest.raises(ValueError, match="max_workers"):
         SandboxPool(max_workers=0)
+    # An interpreter that cannot report its site-packages is a host problem naming the setting.
+    with pytest.raises(SandboxSetupError, match=r"SandboxConfig.python \(/bin/false\)"):
+        run_code("pass", config=SandboxConfig(python="/bin/false"))
 
 
 _UNPRIVILEGED_PROBE = r"""

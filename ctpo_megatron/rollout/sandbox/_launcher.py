@@ -1,4 +1,6 @@
-"""Sandbox launcher: a standalone script, run as `python -I -S _launcher.py`.
+"""Sandbox launcher: a standalone module, run as `python -I -S -c "import _launcher;
+_launcher.main()"` with its directory on sys.path (`runner.LAUNCHER_COMMAND`: the import
+loads its cached bytecode) or as `python -I -S _launcher.py`.
 
 It must not import the package (it runs without site-packages, for speed and so that nothing
 of the trainer's environment is loaded), and it imports only modules that load fast (no json,
@@ -7,8 +9,8 @@ re, enum: `_signal` instead of `signal`, `marshal` for the protocol). Process tr
     launcher (trainer's uid, own session)          waits with the wall-clock timeout
       └─ init (pid 1 of new pid/net/mount/ipc/uts ns) joins the run's cgroup, builds the root,
            │                                          reaps; reports status
-           └─ code (unprivileged uid or no caps,    exec python -I -u main.py
-                    rlimits, seccomp filter)
+           └─ code (unprivileged uid or no caps,    exec python -I -S -u -c BOOTSTRAP main.py
+                    rlimits, seccomp filter)             (runs main.py as `python -I -u main.py` would)
 
 The root the code sees is built from nothing: an empty tmpfs into which only an allowlist of
 host paths is bind-mounted read-only (the system directories, the interpreter's prefixes, a
@@ -337,6 +339,39 @@ def _write_code(workdir, uid, code):
 # Processes.
 # ---------------------------------------------------------------------------------------------
 
+# The code's interpreter starts with -S: `site` executing the environment's .pth files (an
+# editable install's import finder, setuptools' distutils shim) is most of a bare start-up's
+# CPU time and of no use inside the sandbox. This bootstrap then does what the code can see of
+# `site`: the prefixes and sys.path entries of `python -I` on the host (computed once by the
+# caller, argv[2:]; those the root does not hold are left out, as `site` would) and
+# exit/quit/help/copyright/credits/license. It runs main.py in __main__ as `python -I -u
+# main.py` would (same sys.argv, __file__, globals, exit status, SyntaxError report) and drops
+# its own frame from tracebacks, so they start in main.py. Start-up hooks (.pth imports,
+# sitecustomize) do not run.
+BOOTSTRAP = """\
+import sys
+sys.prefix, sys.exec_prefix = sys.argv[2], sys.argv[3]
+import os, site
+sys.path.extend(p for p in sys.argv[4:] if os.path.exists(p))
+sys.argv[:] = sys.argv[1:2]
+site.setquit(); site.setcopyright(); site.sethelper()
+__file__, __cached__ = os.path.abspath(sys.argv[0]), None
+__loader__ = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", __file__)
+del os, site, sys
+try:
+    exec(compile(__loader__.get_data(__file__), __file__, "exec", dont_inherit=True))
+except BaseException:  # binds no name: the code's globals stay as it left them (atexit)
+    __import__("sys").exc_info()[1].with_traceback(__import__("sys").exc_info()[2].tb_next)
+    raise
+"""
+
+
+def code_argv(cfg):
+    """The code process's argv: main.py (in the cwd) run by BOOTSTRAP."""
+    return [cfg["python"], "-I", "-S", "-u", "-c", BOOTSTRAP, "main.py", cfg["site_prefix"],
+            cfg["site_exec_prefix"], *cfg["site_path"]]
+
+
 def _exec_code(cfg, status_fd, workdir, seccomp):
     """In the code process: rlimits, privileges, seccomp, clean fds, exec. Never returns."""
     try:
@@ -371,7 +406,7 @@ def _exec_code(cfg, status_fd, workdir, seccomp):
         env = dict(cfg["env"], HOME=workdir)
         if seccomp is not None:
             _install_seccomp(seccomp)  # last: everything above may use the denied calls
-        os.execve(cfg["python"], [cfg["python"], "-I", "-u", "main.py"], env)
+        os.execve(cfg["python"], code_argv(cfg), env)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, then exit
         _status(status_fd, error=f"code process setup failed: {e!r}")
     os._exit(127)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import selectors
@@ -13,14 +14,20 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 from ctpo_megatron.rollout.sandbox._launcher import read_records, record
 from ctpo_megatron.rollout.sandbox.cgroup import RunCgroup
 from ctpo_megatron.rollout.sandbox.cgroup import detect as detect_cgroups
 from ctpo_megatron.rollout.sandbox.config import SandboxConfig, SandboxResult, SandboxSetupError
 
-_LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
+# The launcher is imported as a top-level module (its directory last on sys.path, after the
+# standard library it imports), not run as a script: an import loads the bytecode cached in
+# __pycache__ (written when this package imported it), where a script is compiled from source
+# at every start (~6 ms of CPU, a sixth of a run's).
+LAUNCHER_COMMAND = (sys.executable, "-I", "-S", "-c",
+                    f"import sys; sys.path.append({os.path.dirname(os.path.abspath(__file__))!r}); import _launcher; "
+                    "_launcher.main()")
+
 # Extra wall time the parent grants the launcher beyond the code's timeout before it kills
 # the launcher's whole process group itself (the launcher normally enforces the timeout).
 _PARENT_GRACE_S = 5.0
@@ -84,12 +91,34 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
+# Run as `python -I -S -c`: the start-up path, then what `site` adds to it in a normal
+# `python -I` start (site-packages, .pth path lines) and the prefixes it sets (a venv's).
+_SITE_QUERY = ("import json, sys; base = list(sys.path); import site; site.main(); "
+               "print(json.dumps([sys.prefix, sys.exec_prefix, [p for p in sys.path if p not in base]]))")
+
+
+def _site_settings(python: str) -> tuple[str, str, list[str]]:
+    """(sys.prefix, sys.exec_prefix, sys.path entries added by `site`) of `python -I` on the
+    host: what the sandbox's bootstrap gives the code, whose interpreter starts without `site`
+    (see `_launcher.BOOTSTRAP`). Runs the interpreter once, so its .pth files run here."""
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", _SITE_QUERY], capture_output=True, text=True,
+                             env={}, timeout=60, check=True).stdout
+        prefix, exec_prefix, added = json.loads(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        detail = getattr(e, "stderr", None) or e
+        raise SandboxSetupError(f"sandbox: cannot read the site-packages of SandboxConfig.python "
+                                f"({python}): {detail}") from e
+    return prefix, exec_prefix, added
+
+
 _ROOT_PLAN: dict[tuple, dict] = {}
 
 
 def _root_plan(cfg: SandboxConfig, uid: int | None) -> dict:
     """What the launcher puts into the sandbox's root (cached per interpreter and paths):
-    read-only binds [(host real path, path inside)], symlinks [(path, target)], /etc texts."""
+    read-only binds [(host real path, path inside)], symlinks [(path, target)], /etc texts,
+    and the interpreter's site settings (`_site_settings`)."""
     key = (cfg.python, cfg.extra_ro_paths)
     plan = _ROOT_PLAN.get(key)
     if plan is None:
@@ -112,7 +141,9 @@ def _root_plan(cfg: SandboxConfig, uid: int | None) -> dict:
             if not any(_under(path, c) for c in covered):
                 binds.append((os.path.realpath(path), os.path.abspath(path)))
                 covered.append(path)
-        plan = {"binds": binds, "symlinks": links + [("/var/tmp", "../tmp")]}
+        prefix, exec_prefix, site_path = _site_settings(cfg.python)
+        plan = {"binds": binds, "symlinks": links + [("/var/tmp", "../tmp")], "site_prefix": prefix,
+                "site_exec_prefix": exec_prefix, "site_path": site_path}
         _ROOT_PLAN[key] = plan
     name = "sandbox" if uid is not None else "root"
     passwd = f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
@@ -289,7 +320,7 @@ def run_code(code: str, timeout: float = 10.0, config: SandboxConfig | None = No
         err_r, err_w = os.pipe()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", _LAUNCHER],
+                LAUNCHER_COMMAND,
                 stdin=subprocess.PIPE, stdout=out_w, stderr=err_w, pass_fds=(status_w,),
                 start_new_session=True, env={}, close_fds=True)
         except BaseException:
