@@ -10,7 +10,8 @@ adaptive clipping, token-mean; the paper defaults):
               `LossSums`, quantiles from histograms, turned into floats);
   no-metrics: `algo.policy_loss(..., with_metrics=False)` (what the loss itself costs).
 Time: median of --reps runs after two warm-ups; the sides alternate within each rep so that
-they see the same background load. Printed per shape: the three medians, the ratio
+they see the same background load, in each of their six orders in turn (the side after the
+torch one starts with evicted caches). Printed per shape: the three medians, the ratio
 torch / policy, and the metrics' share of policy_loss's time, 1 - no-metrics / policy.
 Goal: ratio >= 3, share <= 20%.
 """
@@ -18,6 +19,7 @@ Goal: ratio >= 3, share <= 20%.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -57,8 +59,13 @@ def time_sides(inputs, cfg, reps: int) -> dict[str, list[float]]:
     """Seconds per fwd+bwd of each side (two warm-ups, then `reps`, alternating)."""
     lp, olp, adv, mask = inputs
     times: dict[str, list[float]] = {side: [] for side in SIDES}
+    # Each rep runs the sides in another order: a side run right after the torch side (whose
+    # many temporaries evict the caches) is slower, and a fixed order would always slow the same
+    # one. All orders in turn give every side each predecessor equally often.
+    orders = list(itertools.permutations(SIDES))
     for rep in range(reps + 2):
-        for side, fn in SIDES.items():
+        for side in orders[rep % len(orders)]:
+            fn = SIDES[side]
             x = lp.detach().requires_grad_(True)
             start = time.perf_counter()
             fn(x, olp, adv, mask, cfg)
