@@ -146,7 +146,7 @@ def _root_plan(cfg: SandboxConfig, uid: int | None) -> dict:
                 "site_exec_prefix": exec_prefix, "site_path": site_path}
         _ROOT_PLAN[key] = plan
     name = "sandbox" if uid is not None else "root"
-    passwd = f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
+    passwd = "root:x:0:0:root:/root:/usr/sbin/nologin\n"
     group = "root:x:0:\n"
     if uid is not None:
         passwd += f"{name}:x:{uid}:{uid}:{name}:/tmp/work:/usr/sbin/nologin\n"
