@@ -33,6 +33,7 @@ COVERAGE = {
     "bash scripts/test.sh": "excluded: it is this test suite (running it here would recurse)",
     DRY_RUN: "run as written: test_dry_run_prints_a_plan",
     COLOCATED: "run as written: test_colocated_dry_run_plans_one_shared_node",
+    "source .venv/bin/activate": "test_the_environment_to_activate_is_the_one_the_tests_run_in",
     "python -m ctpo_megatron.export runs/tiny runs/tiny/hf":
         "tests/e2e/test_tiny_run.py runs it on the tiny run's directory (runs/tiny -> that directory)",
     "torchrun --nproc-per-node 8 -m ctpo_megatron.export RUN_DIR /ckpt/ctpo-qwen3-32b --step 200 "
@@ -192,3 +193,11 @@ def test_undocumented_options_are_found():
     parser.add_argument("--bare")
     parser.add_argument("--a-long-option-name-without-any-help", action="store_true")
     assert undocumented_options(parser.format_help()) == ["--bare BARE", "--a-long-option-name-without-any-help"]
+
+
+def test_the_environment_to_activate_is_the_one_the_tests_run_in():
+    """README's later commands (`python -m ...`) need the venv the two commands install:
+    scripts/test.sh runs the tests with its interpreter, and its activate script exists."""
+    venv = os.path.join(ROOT, ".venv")
+    assert os.path.isfile(os.path.join(venv, "bin", "activate"))
+    assert os.path.samefile(os.path.join(venv, "bin", "python"), os.path.join(sys.prefix, "bin", "python"))
