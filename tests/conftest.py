@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # would silently test nothing, so: CTPO_REQUIRE_EXT=1 (set by scripts/test.sh, i.e. CI) turns a
 # missing or broken `ctpo_megatron._C` into a failure of each such test; otherwise they are
 # skipped and the reason (why the extension did not load) is printed in the summary (-rs).
-REQUIRE_EXT_ENV = "CTPO_REQUIRE_EXT"
+from tests._require import REQUIRE_EXT_ENV  # noqa: E402  (after the environment defaults above)
 
 
 def extension_problem() -> str | None:

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from tests._require import missing_build_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WHEEL_NVCC = os.path.join(ROOT, ".cache", "cuda_nvcc", "nvidia", "cu13", "bin", "nvcc")
 
@@ -31,10 +33,7 @@ def find_nvcc() -> str | None:
 def test_cuda_sources_compile():
     nvcc = find_nvcc()
     if nvcc is None:
-        msg = "no nvcc: run scripts/setup_nvcc.sh (or set NVCC) to compile-check csrc/cuda"
-        if os.environ.get("CTPO_REQUIRE_EXT") == "1":
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        missing_build_tool("no nvcc: run scripts/setup_nvcc.sh (or set NVCC) to compile-check csrc/cuda")
     env = {**os.environ, "NVCC": nvcc, "PYTHON": sys.executable}
     out = subprocess.run(["bash", "csrc/check_cuda_compile.sh"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
