@@ -1,9 +1,11 @@
 """Fused CTPO loss (csrc kernel) vs the unfused pure-torch composition: time and peak memory.
 
     python benchmarks/bench_ctpo_loss.py [--reps 7] [--threads N] [--dtype float32] [--device cpu]
+                                         [--clip la|plain]
 
-Both sides compute the per-token CTPO terms (cumprod, adaptive clipping: the paper defaults),
-the token-mean loss and its backward to the log-probs, on the same inputs:
+Both sides compute the per-token CTPO terms (cumprod; adaptive clipping, the paper default, or
+with --clip plain the ratio-space clip), the token-mean loss and its backward to the log-probs,
+on the same inputs:
   baseline: `algo.ctpo_token_terms` with its prefix sum on `torch.cumsum` (pure torch, the
             oracle the fused kernel is tested against);
   fused:    `algo.fused_ctpo_token_terms` (one kernel pass forward, one multiply backward).
@@ -89,9 +91,14 @@ def _vm_hwm_kb() -> int:
     raise RuntimeError("VmHWM not in /proc/self/status")
 
 
-def child_peak(side: str, B: int, S: int, dtype: str, device: str) -> int:
+def loss_config(clip: str) -> PolicyLossConfig:
+    """CTPO cumprod with LA clipping ("la", the paper default) or the ratio-space clip ("plain")."""
+    return PolicyLossConfig(adaptive_clip=clip == "la")
+
+
+def child_peak(side: str, B: int, S: int, dtype: str, device: str, clip: str) -> int:
     """Run in a fresh process: bytes of peak memory one fwd+bwd needs above its inputs."""
-    cfg = PolicyLossConfig()
+    cfg = loss_config(clip)
     inputs = make_inputs(B, S, getattr(torch, dtype), device)
     step(side, *inputs, cfg)  # warm-up: first-touch code pages and allocator caches are not tensors
     if device == "cuda":
@@ -108,23 +115,23 @@ def child_peak(side: str, B: int, S: int, dtype: str, device: str) -> int:
     return (_vm_hwm_kb() - base) * 1024
 
 
-def measure_peak(side: str, B: int, S: int, dtype: str, device: str) -> int:
+def measure_peak(side: str, B: int, S: int, dtype: str, device: str, clip: str) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
            # Fixed mmap threshold: freed tensors go back to the OS, so the resident set tracks
            # live allocations instead of glibc's cached heap.
            "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, __file__, "--child", side, str(B), str(S), dtype, device],
+    out = subprocess.run([sys.executable, __file__, "--child", side, str(B), str(S), dtype, device, clip],
                          capture_output=True, text=True, env=env, check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
-def print_setup(device: str, dtype: str, reps: int) -> None:
+def print_setup(device: str, dtype: str, reps: int, cfg: PolicyLossConfig | None = None) -> None:
     """The benchmark's context: versions, threads, kernel backends and the loss settings."""
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, device {device}, dtype {dtype}")
     for line in backend_report():
         print(f"  {line}")
-    cfg = PolicyLossConfig()
+    cfg = cfg or PolicyLossConfig()
     print(f"loss: ctpo {cfg.variant}, adaptive_clip={cfg.adaptive_clip}, token-mean; fwd+bwd; median of {reps}")
 
 
@@ -137,16 +144,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shapes", nargs="+", default=[f"{B}x{S}" for B, S in SHAPES], metavar="BxS",
                         help="batch x sequence shapes to time (default: %(default)s)")
-    parser.add_argument("--child", nargs=5, metavar=("SIDE", "B", "S", "DTYPE", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument("--clip", default="la", choices=["la", "plain"],
+                        help="la: adaptive clipping (paper default); plain: the ratio-space clip")
+    parser.add_argument("--child", nargs=6, metavar=("SIDE", "B", "S", "DTYPE", "DEVICE", "CLIP"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        side, B, S, dtype, device = args.child
-        print(json.dumps({"peak_bytes": child_peak(side, int(B), int(S), dtype, device)}))
+        side, B, S, dtype, device, clip = args.child
+        print(json.dumps({"peak_bytes": child_peak(side, int(B), int(S), dtype, device, clip)}))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    print_setup(args.device, args.dtype, args.reps)
-    cfg = PolicyLossConfig()
+    cfg = loss_config(args.clip)
+    print_setup(args.device, args.dtype, args.reps, cfg)
     print("time: median (min) ms; speedup = torch/fused of the medians (of the mins)")
     print(f"{'shape':>12} {'torch ms':>15} {'fused ms':>15} {'speedup':>15} {'torch MB':>9} {'fused MB':>9} "
           f"{'mem ratio':>9}")
@@ -159,8 +169,8 @@ def main() -> None:
         times = time_sides(inputs, cfg, args.reps, args.device)
         t_base, t_fused = (statistics.median(times[s]) for s in ("baseline", "fused"))
         b_min, f_min = (min(times[s]) for s in ("baseline", "fused"))
-        m_base = measure_peak("baseline", B, S, args.dtype, args.device)
-        m_fused = measure_peak("fused", B, S, args.dtype, args.device)
+        m_base = measure_peak("baseline", B, S, args.dtype, args.device, args.clip)
+        m_fused = measure_peak("fused", B, S, args.dtype, args.device, args.clip)
         print(f"{f'{B}x{S}':>12} {f'{t_base * 1e3:.2f} ({b_min * 1e3:.2f})':>15} "
               f"{f'{t_fused * 1e3:.2f} ({f_min * 1e3:.2f})':>15} "
               f"{f'{t_base / t_fused:.2f}x ({b_min / f_min:.2f}x)':>15} "
