@@ -59,9 +59,11 @@ TORCH_LIBRARY(ctpo_megatron, m) {
   // one sum of exp(c * la_scale) per exp_coeffs entry), the log-bin histograms of ratio and
   // la_scale (bins by float32 bits >> hist_shift - hist_first, clamped to [0, hist_bins)), and
   // [2, num_buckets] clipped / token counts per position bucket (bucket_of_position[clamp(n_t)];
-  // n_t = positions, or the running count of valid tokens along the last dimension).
+  // n_t = positions, or the running count of valid tokens along the last dimension). The LA
+  // scale statistics come from la_scale per token, or with la_power from g_t =
+  // max(n_t, 1)^la_power (what the loss computed, when n_t is its count), per position.
   m.def(
-      "loss_stats(Tensor valid, Tensor advantages, Tensor ratio, Tensor log_ratio, Tensor? la_scale, "
+      "loss_stats(Tensor valid, Tensor advantages, Tensor ratio, Tensor log_ratio, Tensor? la_scale, float? la_power, "
       "Tensor clip_high, Tensor clip_low, Tensor clip_dual, Tensor clipped, Tensor? positions, "
       "Tensor bucket_of_position, int num_buckets, float[] exp_coeffs, int hist_shift, int hist_first, "
       "int hist_bins) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -1,6 +1,8 @@
 // CPU kernel of ctpo_megatron::loss_stats: one pass over the valid tokens of a micro-batch's
 // loss terms accumulates the counts, sums, extremes, the two log-bin histograms and the token
-// and clip counts per position bucket (float64), in parallel over chunks of rows.
+// and clip counts per position bucket (float64), in parallel over chunks of rows. With
+// la_power, the LA scale's statistics are taken per position instead of per token (see
+// PositionWeights).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,7 +28,7 @@ struct StatsArgs {
   const T* adv;
   const T* ratio;
   const T* log_ratio;
-  const T* scale;  // nullptr without LA
+  const T* scale;  // per-token LA scales; nullptr without LA or with la_power
   const bool* high;
   const bool* low;
   const bool* dual;
@@ -38,6 +40,8 @@ struct StatsArgs {
   std::vector<double> exp_coeffs;
   HistSpec hist;
   int64_t row_len;
+  bool la_from_positions;  // LA statistics of g = la_scale(n_t, la_power), per position
+  double la_power;
 };
 
 // One chunk's accumulators; the first chunk writes straight into the outputs.
@@ -167,6 +171,10 @@ class BinCounts {
   explicit BinCounts(std::vector<int32_t>& buffer, int64_t bins) : counts_(buffer) {
     if (static_cast<int64_t>(counts_.size()) < bins) counts_.assign(bins, 0);
   }
+  // Counts not flushed (an error left the chunk) are dropped: the next call starts from zeros.
+  ~BinCounts() {
+    for (int32_t b = lo_; b <= hi_; ++b) counts_[b] = 0;
+  }
   // Adds valid[k] to the bin of each of n tokens (n even, or the last token alone).
   void add(const int32_t* bins, const uint8_t* valid, int64_t n) {
     int32_t* counts = counts_.data();
@@ -272,7 +280,183 @@ void add_positions(const StatsArgs<T>& a, int64_t i0, int64_t n, int64_t count, 
   }
 }
 
+// Largest position among a tile's valid tokens, negative ones counted as 0 (-1 if none).
+CTPO_CPU_CLONES int64_t max_valid_position(const uint8_t* __restrict__ v, const int64_t* __restrict__ pos,
+                                           int64_t n) {
+  int64_t hi = -1;
+  for (int64_t k = 0; k < n; ++k) hi = std::max(hi, v[k] ? std::max<int64_t>(pos[k], 0) : int64_t{-1});
+  return hi;
+}
+
+// Positions above this are refused: the per-position weights would need that many entries.
+constexpr int64_t kMaxLaPosition = int64_t{1} << 30;
+
+// The LA scale g_t = la_scale(n_t) depends on the position n_t alone, so its statistics are
+// those of the distinct positions, each weighted by its number of valid tokens: B rows of S
+// tokens need S evaluations instead of B * S, and the la_scale tensor is not read at all.
+// Running positions need no table: a row of c valid tokens holds positions 1..c once each, so
+// position p has weight #{rows with c >= p}, read off the sorted row counts. Given positions
+// are counted one by one into a per-thread table that stays zero between calls.
+class PositionWeights {
+ public:
+  explicit PositionWeights(std::vector<int64_t>& table) : table_(table) {}
+  ~PositionWeights() { clear(); }  // leaves the table zero, also when an error left the chunk
+
+  void add_row(int64_t count) {
+    TORCH_CHECK(count <= kMaxLaPosition, "ctpo_megatron::loss_stats: a row of ", count, " valid tokens is above ",
+                kMaxLaPosition, "; pass la_scale instead of la_power");
+    row_counts_.push_back(count);
+    max_ = std::max(max_, count);
+  }
+  void add_tile(const uint8_t* v, const int64_t* pos, int64_t n) {
+    const int64_t hi = max_valid_position(v, pos, n);
+    if (hi < 0) return;
+    TORCH_CHECK(hi <= kMaxLaPosition, "ctpo_megatron::loss_stats: position ", hi, " is above ", kMaxLaPosition,
+                "; pass la_scale instead of la_power");
+    if (hi >= static_cast<int64_t>(table_.size())) table_.resize(hi + 1, 0);
+    max_ = std::max(max_, hi);
+    int64_t* w = table_.data();
+    for (int64_t k = 0; k < n; ++k) w[v[k] ? std::max<int64_t>(pos[k], 0) : 0] += v[k];
+  }
+  int64_t end() const { return max_ + 1; }  // positions with tokens are below this
+  // The weights of positions p0 .. p0 + n - 1; calls come with increasing p0.
+  void fill(int64_t p0, int64_t n, double* w) {
+    if (row_counts_.empty()) {
+      for (int64_t k = 0; k < n; ++k) w[k] = static_cast<double>(table_[p0 + k]);
+      return;
+    }
+    if (!sorted_) {
+      std::sort(row_counts_.begin(), row_counts_.end());
+      sorted_ = true;
+    }
+    const int64_t rows = static_cast<int64_t>(row_counts_.size());
+    int64_t k = 0;
+    if (p0 == 0) w[k++] = 0.0;  // running positions start at 1
+    while (k < n) {
+      const int64_t p = p0 + k;
+      while (shorter_ < rows && row_counts_[shorter_] < p) ++shorter_;
+      // The weight stays until the next row ends.
+      const int64_t until = shorter_ < rows ? std::min(row_counts_[shorter_] - p0 + 1, n) : n;
+      std::fill(w + k, w + until, static_cast<double>(rows - shorter_));
+      k = until;
+    }
+  }
+  void clear() {
+    if (row_counts_.empty() && max_ >= 0) std::fill(table_.begin(), table_.begin() + (max_ + 1), int64_t{0});
+    row_counts_.clear();
+    max_ = -1;
+    sorted_ = false;
+    shorter_ = 0;
+  }
+
+ private:
+  std::vector<int64_t>& table_;
+  std::vector<int64_t> row_counts_;
+  int64_t max_ = -1;
+  bool sorted_ = false;
+  int64_t shorter_ = 0;  // rows with fewer valid tokens than the position being filled
+};
+
+// Sum (weighted), max and min of x over the entries with weight > 0 (as masked_sum_max_min).
+// The weighted sum in float64: products of integer weights and T values are exact there, so the
+// sum does not depend on how rows were split over threads beyond float64 rounding.
+template <typename T>
+CTPO_CPU_CLONES void weighted_sum_max_min(const double* __restrict__ w, const T* __restrict__ x, int64_t n,
+                                          double& sum, double& top, double& bottom) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  T zero_masked[kStatsTile], inf_masked[kStatsTile];
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += w[k] * static_cast<double>(x[k]);
+  for (int64_t k = 0; k < n; ++k) {
+    const bool ok = w[k] > 0;
+    zero_masked[k] = ok ? x[k] : T(0);
+    inf_masked[k] = ok ? x[k] : inf;
+  }
+  T hi = 0, lo = inf;
+#pragma omp simd reduction(max : hi) reduction(min : lo)
+  for (int64_t k = 0; k < n; ++k) {
+    hi = std::max(hi, zero_masked[k]);
+    lo = std::min(lo, inf_masked[k]);
+  }
+  sum += s;
+  top = std::max<double>(top, hi);
+  bottom = std::min<double>(bottom, lo);
+}
+
+// sum of w * exp(c * g) over a tile, in float64 like weighted_sum_max_min; positions without
+// tokens add 0 even where exp(c g) overflows.
+template <typename T>
+CTPO_CPU_CLONES double weighted_exp_sum(const double* __restrict__ w, const T* __restrict__ g, int64_t n, double c) {
+  using Exp = std::conditional_t<std::is_same_v<T, float>, FastExp, StdExp>;
+  const Exp exp_fn;
+  const T coeff = static_cast<T>(c);
+  T buf[kStatsTile];
+  for (int64_t k = 0; k < n; ++k) buf[k] = exp_fn(coeff * g[k]);
+  double total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t k = 0; k < n; ++k) total += w[k] > 0 ? w[k] * static_cast<double>(buf[k]) : 0.0;
+  return total;
+}
+
+// g = la_scale(p) for positions p0 .. p0 + n - 1 (below kMaxLaPosition), rounded to T like the
+// loss kernel's n_t. The powers la_scale special-cases get loops of their own (a constant
+// power folds its branches away): with the branches in the loop, it ran scalar.
+template <typename T>
+CTPO_CPU_CLONES void tile_la_scales(int64_t p0, int64_t n, double power, T* __restrict__ g) {
+  const int32_t first = static_cast<int32_t>(p0);
+  auto fill = [&](double constant_power) {
+    for (int32_t k = 0; k < static_cast<int32_t>(n); ++k) g[k] = la_scale(static_cast<T>(first + k), constant_power);
+  };
+  if (power == 0.5) {
+    fill(0.5);
+  } else if (power == -0.5) {
+    fill(-0.5);
+  } else if (power == 1.0) {
+    fill(1.0);
+  } else {
+    fill(power);  // other powers, 0 included: the branches stay in the loop
+  }
+}
+
+// The LA statistics of a chunk from its per-position weights: sums, extremes, exp sums and the
+// histogram, per tile of positions.
+template <typename T>
+void la_position_stats(const StatsArgs<T>& a, PositionWeights& weights, TileSums& sums, const StatsAcc& acc) {
+  double w[kStatsTile];
+  T g[kStatsTile];
+  int32_t bins[kStatsTile];
+  const int64_t positions = weights.end();
+  for (int64_t p0 = 0; p0 < positions; p0 += kStatsTile) {
+    const int64_t n = std::min(kStatsTile, positions - p0);
+    weights.fill(p0, n, w);
+    if (std::all_of(w, w + n, [](double x) { return x == 0; })) continue;  // e.g. the gap between CP chunks
+    tile_la_scales(p0, n, a.la_power, g);
+    weighted_sum_max_min(w, g, n, sums.scale_sum, sums.scale_max, sums.scale_min);
+    for (size_t c = 0; c < a.exp_coeffs.size(); ++c) {
+      acc.scalars[kExpSums + c] += weighted_exp_sum(w, g, n, a.exp_coeffs[c]);
+    }
+    // Neighbouring positions mostly share a bin (g changes slowly): one add per run of them,
+    // not a float64 add per position chained through the previous one's store. The run is
+    // counted in int64 (the weights are whole numbers): a float64 running sum chained its
+    // 4-cycle add through every position (a quarter of the kernel at 1 x 131072).
+    tile_bins(g, n, a.hist, bins);
+    int32_t bin = bins[0];
+    int64_t run = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      if (bins[k] != bin) {
+        acc.scale_hist[bin] += static_cast<double>(run);
+        bin = bins[k];
+        run = 0;
+      }
+      run += static_cast<int64_t>(w[k]);
+    }
+    acc.scale_hist[bin] += static_cast<double>(run);
+  }
+}
+
 thread_local std::vector<int32_t> ratio_counts_buffer, scale_counts_buffer;
+thread_local std::vector<int64_t> position_weights_buffer;
 
 template <typename T>
 void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const StatsAcc& acc) {
@@ -284,6 +468,7 @@ void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const
   sums.scale_min = s[kScaleMin];
   BucketRun run{a.num_buckets};
   BinCounts ratio_counts(ratio_counts_buffer, a.hist.bins), scale_counts(scale_counts_buffer, a.hist.bins);
+  PositionWeights la_weights(position_weights_buffer);
   int64_t unflushed = 0;
   int32_t bins[kStatsTile];
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -302,6 +487,8 @@ void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const
         }
         tile_bins(a.scale + i0, n, a.hist, bins);
         scale_counts.add(bins, valid, n);
+      } else if (a.la_from_positions && a.positions != nullptr) {
+        la_weights.add_tile(valid, a.positions + i0, n);
       }
       add_positions(a, i0, n, count, tile, run, acc);
       count += tile.tokens;
@@ -312,7 +499,9 @@ void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const
         unflushed = 0;
       }
     }
+    if (a.la_from_positions && a.positions == nullptr) la_weights.add_row(count);
   }
+  if (a.la_from_positions) la_position_stats(a, la_weights, sums, acc);
   ratio_counts.flush(acc.ratio_hist);
   scale_counts.flush(acc.scale_hist);
   run.flush(acc);
@@ -340,18 +529,20 @@ void init_extremes(double* scalars, bool has_scale) {
 
 StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
                            const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
-                           const at::Tensor& clip_high, const at::Tensor& clip_low, const at::Tensor& clip_dual,
-                           const at::Tensor& clipped, const c10::optional<at::Tensor>& positions,
+                           c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
+                           const at::Tensor& clip_dual, const at::Tensor& clipped,
+                           const c10::optional<at::Tensor>& positions,
                            const at::Tensor& bucket_of_position, int64_t num_buckets,
                            at::ArrayRef<double> exp_coeffs, int64_t hist_shift, int64_t hist_first,
                            int64_t hist_bins) {
   const HistSpec hist{hist_shift, hist_first, hist_bins};
   const std::vector<double> coeffs(exp_coeffs.begin(), exp_coeffs.end());
-  check_stats_inputs(valid, advantages, ratio, log_ratio, la_scale, {clip_high, clip_low, clip_dual, clipped},
-                     positions, bucket_of_position, num_buckets, coeffs, hist);
+  check_stats_inputs(valid, advantages, ratio, log_ratio, la_scale, la_power,
+                     {clip_high, clip_low, clip_dual, clipped}, positions, bucket_of_position, num_buckets, coeffs,
+                     hist);
   const int64_t num_exp = static_cast<int64_t>(coeffs.size());
   StatsOutputs out = make_stats_outputs(valid, num_exp, hist_bins, num_buckets);
-  const bool has_scale = la_scale.has_value();
+  const bool has_scale = la_scale.has_value() || la_power.has_value();  // the LA slots are filled
   const int64_t row_len = valid.size(-1);
   const int64_t rows = row_len > 0 ? valid.numel() / row_len : 0;
   const int64_t chunks =
@@ -359,11 +550,11 @@ StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages
   const int64_t slots = kExpSums + num_exp;
   AT_DISPATCH_FLOATING_TYPES(ratio.scalar_type(), "loss_stats_cpu", [&] {
     StatsArgs<scalar_t> a{valid.data_ptr<bool>(), advantages.data_ptr<scalar_t>(), ratio.data_ptr<scalar_t>(),
-                          log_ratio.data_ptr<scalar_t>(), has_scale ? la_scale->data_ptr<scalar_t>() : nullptr,
+                          log_ratio.data_ptr<scalar_t>(), la_scale ? la_scale->data_ptr<scalar_t>() : nullptr,
                           clip_high.data_ptr<bool>(), clip_low.data_ptr<bool>(), clip_dual.data_ptr<bool>(),
                           clipped.data_ptr<bool>(), positions.has_value() ? positions->data_ptr<int64_t>() : nullptr,
                           bucket_of_position.data_ptr<int64_t>(), bucket_of_position.numel() - 1, num_buckets,
-                          coeffs, hist, row_len};
+                          coeffs, hist, row_len, la_power.has_value(), la_power.value_or(0.0)};
     double* pos = out.positions.data_ptr<double>();
     StatsAcc first{out.scalars.data_ptr<double>(), out.ratio_hist.data_ptr<double>(),
                    out.scale_hist.data_ptr<double>(), pos, pos + num_buckets};

@@ -101,5 +101,7 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     metrics = {}
     if with_metrics:
         with torch.no_grad():
-            metrics = policy_metrics(terms, valid, advantages, cfg)
+            # Given prefix counts are the n_t of the terms (e.g. global under context parallelism).
+            positions = None if cum_count is None else cum_count.detach().round().to(torch.int64)
+            metrics = policy_metrics(terms, valid, advantages, cfg, positions=positions)
     return (loss, metrics, terms) if return_terms else (loss, metrics)

@@ -89,7 +89,9 @@ class LossSums:
         positions: see `algo.metrics.clip_rate_by_position` (positions [B, S]: the
         generated-token index n_t of each column; default the cumulative mask count, which is
         right only when the columns are whole responses in order: under context parallelism
-        pass the global n_t).
+        pass the global n_t). They must be the n_t the loss used (its `cum_count`): the CPU
+        kernel takes the LA scale statistics from g_t = max(n_t, 1)^la_power per position,
+        which is what CTPO's loss computes, instead of reading `terms.la_scale` per token.
 
         Every sum and histogram is over valid tokens, so a rank holding a piece of each
         sequence (context parallelism) adds exactly its tokens. No host sync: every field is
@@ -102,7 +104,12 @@ class LossSums:
             loss_sum = loss.detach().to(torch.float64) / dp_size
             coefficients = (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c)
             if terms.ratio.dtype in (torch.float32, torch.float64) and ops.loss_stats_kernel_for(valid.device):
-                return _kernel_sums(terms, valid, advantages, loss_sum, edges, positions, coefficients)
+                # Per position where rows share positions; one row has as many positions as
+                # tokens, and given positions then cost a table on top (measured: 1.5 vs 1.1 ms
+                # at 1 x 131072), so its scales are read per token.
+                shared = valid.dim() > 1 and valid.numel() > valid.shape[-1]
+                la_power = cfg.la_power if terms.la_scale is not None and shared else None
+                return _kernel_sums(terms, valid, advantages, loss_sum, edges, positions, coefficients, la_power)
             return _torch_sums(terms, valid, advantages, loss_sum, edges, positions, coefficients)
 
     def __add__(self, other: LossSums) -> LossSums:
@@ -220,16 +227,23 @@ def _torch_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor
 
 
 def _kernel_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor, loss_sum: torch.Tensor,
-                 edges: list[int], positions: torch.Tensor | None, coefficients: tuple[float, float, float]) -> LossSums:
+                 edges: list[int], positions: torch.Tensor | None, coefficients: tuple[float, float, float],
+                 la_power: float | None = None) -> LossSums:
     """`LossSums.from_terms` from the one-pass `ops.loss_stats` kernel (same fields; sums are
-    accumulated in float64 instead of the compute dtype, so they agree to rounding)."""
+    accumulated in float64 instead of the compute dtype, so they agree to rounding). la_power:
+    with LA, the scales' statistics are those of max(n_t, 1)^la_power at the positions, per
+    position (equal to `terms.la_scale`'s when the positions are the loss's n_t); None reads
+    `terms.la_scale` per token."""
     unique = tuple(dict.fromkeys(coefficients))
-    out = ops.loss_stats(valid, advantages, terms.ratio, terms.log_ratio_clamped, terms.la_scale,
+    has_la = terms.la_scale is not None
+    by_position = has_la and la_power is not None
+    out = ops.loss_stats(valid, advantages, terms.ratio, terms.log_ratio_clamped,
+                         None if by_position else terms.la_scale,
                          (terms.clip_high, terms.clip_low, terms.clip_dual, terms.clipped), positions=positions,
                          bucket_of_position=bucket_of_position(tuple(edges), valid.device), num_buckets=len(edges),
-                         exp_coeffs=unique if terms.la_scale is not None else (), **histogram.KERNEL_LAYOUT)
+                         exp_coeffs=unique if has_la else (), la_power=la_power if by_position else None,
+                         **histogram.KERNEL_LAYOUT)
     v = dict(zip(ops.LOSS_STATS_SLOTS, out.scalars))
-    has_la = terms.la_scale is not None
     exp_sums = out.scalars[len(ops.LOSS_STATS_SLOTS):]
     la_clip_ratios = (exp_sums[[unique.index(c) for c in coefficients]] if has_la
                       else torch.zeros(3, dtype=torch.float64, device=valid.device))
@@ -245,15 +259,18 @@ def _kernel_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tenso
 
 
 def policy_metrics(terms: TokenTerms, response_mask: torch.Tensor, advantages: torch.Tensor,
-                   cfg: PolicyLossConfig, *, bucket_edges: Sequence[int] | None = None) -> dict[str, float]:
+                   cfg: PolicyLossConfig, *, bucket_edges: Sequence[int] | None = None,
+                   positions: torch.Tensor | None = None) -> dict[str, float]:
     """The metrics of one micro-batch (`LossSums.metrics` of its `LossSums`, without `loss`):
     terms, response_mask, advantages: [B, S] as given to `policy_loss`; bucket_edges: of the
-    clip rate by position (default powers of two up to S). One device-to-host copy."""
+    clip rate by position (default powers of two up to S); positions: [B, S] the n_t of each
+    token when they are not the running count (see `LossSums.from_terms`). One device-to-host
+    copy."""
     if bucket_edges is None:
         bucket_edges = position_bucket_edges(max(response_mask.shape[-1], 1))
     sums = LossSums.from_terms(terms, response_mask, advantages, cfg,
                                loss=torch.zeros((), device=response_mask.device), dp_size=1,
-                               bucket_edges=bucket_edges)
+                               bucket_edges=bucket_edges, positions=positions)
     out = sums.metrics(num_updates=1, bucket_edges=bucket_edges, adaptive_clip=terms.la_scale is not None)
     del out["loss"]
     return out

@@ -31,11 +31,11 @@ class LossStatsOut(NamedTuple):
 
     scalars: torch.Tensor
     """[len(SLOTS) + len(exp_coeffs)]: the sums named in SLOTS (ratio_min / la_scale_min: +inf
-    without valid tokens; the la_scale slots 0 without la_scale), then sum exp(c g_t) per c."""
+    without valid tokens; the la_scale slots 0 without la_scale or la_power), then sum exp(c g_t) per c."""
     ratio_hist: torch.Tensor
     """[hist_bins] valid-token counts per bin of r_t."""
     la_scale_hist: torch.Tensor
-    """[hist_bins] valid-token counts per bin of g_t (zeros without la_scale)."""
+    """[hist_bins] valid-token counts per bin of g_t (zeros without la_scale or la_power)."""
     positions: torch.Tensor
     """[2, num_buckets]: clipped (high, low or dual) and valid tokens per position bucket."""
 
@@ -49,7 +49,8 @@ def loss_stats_kernel_for(device: torch.device) -> bool:
 def loss_stats(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tensor, log_ratio: torch.Tensor,
                la_scale: torch.Tensor | None, flags: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                *, positions: torch.Tensor | None, bucket_of_position: torch.Tensor, num_buckets: int,
-               exp_coeffs: tuple[float, ...], hist_shift: int, hist_first: int, hist_bins: int) -> LossStatsOut:
+               exp_coeffs: tuple[float, ...], hist_shift: int, hist_first: int, hist_bins: int,
+               la_power: float | None = None) -> LossStatsOut:
     """Runs the op (call only where `loss_stats_kernel_for(device)`).
 
     valid: [..., S] bool, the token mask; advantages, ratio, log_ratio, la_scale (optional):
@@ -58,19 +59,25 @@ def loss_stats(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tenso
     token (default: the running count of valid tokens along the last dimension); bucket_of_position: int64 [E + 1], the bucket of
     positions 0..E (positions are clamped to [0, E]; a bucket >= num_buckets is left out);
     exp_coeffs: the c of each exp(c g_t) sum; hist_*: the bin layout of `algo.histogram`.
+    la_power: instead of la_scale (pass one or neither), the LA scale of every valid token is
+    g_t = max(n_t, 1)^la_power with n_t its position as above: what the CTPO loss computed
+    when the positions are its own n_t. Its statistics are then taken per distinct position,
+    each weighted by its tokens: B rows of S tokens cost S evaluations, and no [B, S] scale
+    tensor is read.
     """
     dtype = ratio.dtype
     return LossStatsOut(*torch.ops.ctpo_megatron.loss_stats(
         valid.contiguous(), advantages.to(dtype).contiguous(), ratio.contiguous(), log_ratio.to(dtype).contiguous(),
-        None if la_scale is None else la_scale.to(dtype).contiguous(), *(f.contiguous() for f in flags),
+        None if la_scale is None else la_scale.to(dtype).contiguous(), None if la_power is None else float(la_power),
+        *(f.contiguous() for f in flags),
         None if positions is None else positions.to(torch.int64).contiguous(), bucket_of_position,
         int(num_buckets), [float(c) for c in exp_coeffs], int(hist_shift), int(hist_first), int(hist_bins)))
 
 
 def _register() -> None:
     @torch.library.register_fake(_OP)
-    def _fake(valid, advantages, ratio, log_ratio, la_scale, clip_high, clip_low, clip_dual, clipped, positions,
-              bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins):
+    def _fake(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual, clipped,
+              positions, bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins):
         f64 = dict(dtype=torch.float64, device=valid.device)
         return (valid.new_empty((len(SLOTS) + len(exp_coeffs),), **f64), valid.new_empty((hist_bins,), **f64),
                 valid.new_empty((hist_bins,), **f64), valid.new_empty((2, num_buckets), **f64))

@@ -60,6 +60,11 @@ def make_loss_fn(cfg: PolicyLossConfig, edges: Sequence[int]
         mask = inputs["response_mask"]
         loss, _, terms, positions = context_parallel_policy_loss(log_probs, inputs, cfg, return_terms=True,
                                                                 with_metrics=False)
+        cp_group = inputs.get("cp_group")
+        if cp_group is None or cp_group.size() == 1:
+            # Whole responses in order: n_t is the running count, which the statistics count
+            # themselves (on CPU per position, without reading an int64 [b, R] tensor).
+            positions = None
         return loss, LossSums.from_terms(terms, mask, inputs["advantages"], cfg, loss=loss,
                                          dp_size=inputs["dp_size"], bucket_edges=edges,
                                          positions=positions)

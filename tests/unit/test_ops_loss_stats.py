@@ -27,14 +27,25 @@ COUNT_FIELDS = ("tokens", "neg_adv_tokens", "clip", "pg_clipped", "ratio_max", "
                 "la_scale_max", "la_scale_neg_min", "la_scale_hist", "position_clipped", "position_tokens", "loss")
 
 
-def both_paths(terms, mask, adv, cfg, *, positions=None, edges=None):
-    """(torch LossSums, kernel LossSums) of the same terms."""
+def both_paths(terms, mask, adv, cfg, *, positions=None, edges=None, by_position=True):
+    """(torch LossSums, kernel LossSums) of the same terms; by_position: the kernel takes the LA
+    scales from the positions and cfg.la_power (what `LossSums.from_terms` asks for), else it
+    reads terms.la_scale per token."""
     valid = mask > 0
     adv = adv.reshape(adv.shape[0], -1).expand(valid.shape)
     edges = edges or position_bucket_edges(mask.shape[-1])
     args = (terms, valid, adv, torch.zeros((), dtype=torch.float64), edges, positions,
             (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c))
-    return stats._torch_sums(*args), stats._kernel_sums(*args)
+    return stats._torch_sums(*args), stats._kernel_sums(*args, cfg.la_power if by_position else None)
+
+
+def terms_at_positions(cfg, lp, olp, adv, mask, positions):
+    """The loss's terms with n_t = positions (as under context parallelism, where the prefix
+    counts come from other ranks too), so that their LA scales are g(positions)."""
+    log_ratio = ((lp - olp) * (mask > 0)).nan_to_num()
+    _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True,
+                              cum_log_ratio=torch.cumsum(log_ratio, dim=-1), cum_count=positions.to(lp.dtype))
+    return terms
 
 
 def assert_same(reference, kernel, rtol):
@@ -47,16 +58,53 @@ def assert_same(reference, kernel, rtol):
             torch.testing.assert_close(b, a, rtol=rtol, atol=rtol, msg=f.name)
 
 
+@pytest.mark.parametrize("by_position", [True, False], ids=["la-by-position", "la-per-token"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_kernel_sums_equal_torch_sums(name, dtype, rtol):
+def test_kernel_sums_equal_torch_sums(name, dtype, rtol, by_position):
     cfg = CONFIGS[name]
     lp, olp, adv, mask = batch(dtype, spread=0.2)
     _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
-    reference, kernel = both_paths(terms, mask, adv, cfg)
+    reference, kernel = both_paths(terms, mask, adv, cfg, by_position=by_position)
     assert float(reference.tokens) > 0 and float(reference.clip[3]) > 0  # the batch clips something
     assert (terms.la_scale is not None) == (float(kernel.la_scale_sum) > 0)
     assert_same(reference, kernel, rtol)
+
+
+@pytest.mark.parametrize("power", [0.0, 0.3, 1.0, -0.5, 0.75])
+@pytest.mark.parametrize("given", [False, True], ids=["running-count", "given-positions"])
+def test_la_statistics_by_position_equal_per_token(power, given):
+    """The LA scale statistics counted per position equal those of the loss's per-token scales
+    (histogram and extremes exactly), for powers with and without a special case, with running
+    and with given positions (offset, with repeats across rows and a row of several tiles)."""
+    cfg = PolicyLossConfig(la_power=power)  # exp(la_clip_c g) stays finite up to g = 1600
+    lp, olp, adv, mask = batch(torch.float32, B=5, S=700, spread=0.2)
+    positions = None
+    if given:
+        positions = torch.cumsum(mask > 0, dim=-1) + torch.tensor([[0], [3], [900], [-200], [41]])
+        terms = terms_at_positions(cfg, lp, olp, adv, mask, positions)
+    else:
+        _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    reference, kernel = both_paths(terms, mask, adv, cfg, positions=positions)
+    _, per_token = both_paths(terms, mask, adv, cfg, positions=positions, by_position=False)
+    assert float(reference.la_scale_hist.sum()) == float(reference.tokens) > 0
+    assert_same(reference, kernel, 2e-5)
+    assert_same(per_token, kernel, 2e-5)
+
+
+def test_la_by_position_is_not_per_token_when_positions_are_not_the_losss():
+    """The per-position statistics are those of g(positions): positions that are not the n_t
+    the loss used give other LA statistics (what LossSums.from_terms's contract rules out), and
+    the per-token path keeps reading the terms."""
+    cfg = CONFIGS["ctpo-la"]
+    lp, olp, adv, mask = batch(torch.float32, spread=0.2)
+    _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    shifted = torch.cumsum(mask > 0, dim=-1) + 100
+    reference, kernel = both_paths(terms, mask, adv, cfg, positions=shifted)
+    _, per_token = both_paths(terms, mask, adv, cfg, positions=shifted, by_position=False)
+    assert_same(reference, per_token, 2e-5)
+    assert float(kernel.la_scale_sum) > float(reference.la_scale_sum)
+    assert float(-kernel.la_scale_neg_min) == pytest.approx(101 ** cfg.la_power)
 
 
 def test_given_positions_out_of_range_and_odd_edges():
@@ -67,6 +115,7 @@ def test_given_positions_out_of_range_and_odd_edges():
     _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
     g = torch.Generator().manual_seed(3)
     positions = torch.randint(-5, 2000, mask.shape, generator=g)
+    terms = terms_at_positions(cfg, lp, olp, adv, mask, positions)
     reference, kernel = both_paths(terms, mask, adv, cfg, positions=positions, edges=[3, 10, 64, 100])
     assert float(reference.position_tokens.sum()) < float(reference.tokens)  # some were left out
     assert_same(reference, kernel, 2e-5)
@@ -85,6 +134,7 @@ def test_long_rows_take_whole_tiles_into_position_buckets(given):
     positions = None
     if given:
         positions = torch.cumsum(mask > 0, dim=-1) + torch.tensor([[0], [700], [-300]])
+        terms = terms_at_positions(cfg, lp, olp, adv, mask, positions)
     edges = [1, 64, 700, 1500, 2048] if given else None
     reference, kernel = both_paths(terms, mask, adv, cfg, positions=positions, edges=edges)
     assert (reference.position_tokens > 0).sum() >= 3
@@ -141,7 +191,7 @@ def raw_args(B=2, S=16, dtype=torch.float32):
     values = torch.rand(B, S, dtype=dtype)
     flags = torch.zeros(B, S, dtype=torch.bool)
     lookup = bucket_of_position((1, 2, 4, 8), valid.device)
-    return [valid, values, values, values, values, flags, flags, flags, flags, None, lookup, 4, [0.1],
+    return [valid, values, values, values, values, None, flags, flags, flags, flags, None, lookup, 4, [0.1],
             histogram.KERNEL_LAYOUT["hist_shift"], histogram.KERNEL_LAYOUT["hist_first"],
             histogram.KERNEL_LAYOUT["hist_bins"]]
 
@@ -150,10 +200,11 @@ def raw_args(B=2, S=16, dtype=torch.float32):
     (0, torch.ones(2, 16), "valid must be bool"),
     (2, torch.rand(2, 15), "ratio must have the shape of valid"),
     (3, torch.rand(2, 16, dtype=torch.float64), "log_ratio must be Float"),
-    (5, torch.zeros(2, 16), "clip_high must be Bool"),
-    (9, torch.zeros(2, 16, dtype=torch.int32), "positions must be Long"),
-    (11, 65, "num_buckets=65"),
-    (12, [0.1] * 5, "at most 4 exp_coeffs"),
+    (5, 0.5, "pass la_scale .* or la_power .*, not both"),
+    (6, torch.zeros(2, 16), "clip_high must be Bool"),
+    (10, torch.zeros(2, 16, dtype=torch.int32), "positions must be Long"),
+    (12, 65, "num_buckets=65"),
+    (13, [0.1] * 5, "at most 4 exp_coeffs"),
 ])
 def test_bad_inputs_name_the_argument(index, bad, message):
     args = raw_args()
@@ -162,9 +213,64 @@ def test_bad_inputs_name_the_argument(index, bad, message):
         torch.ops.ctpo_megatron.loss_stats(*args)
 
 
+def test_la_power_must_be_finite_and_positions_bounded():
+    args = raw_args()
+    args[4], args[5] = None, float("nan")
+    with pytest.raises(RuntimeError, match="la_power must be finite"):
+        torch.ops.ctpo_megatron.loss_stats(*args)
+    args[5] = 0.5
+    args[10] = torch.full((2, 16), (1 << 30) + 1, dtype=torch.int64)  # a per-position table of 8 GiB
+    with pytest.raises(RuntimeError, match="position 1073741825 is above 1073741824"):
+        torch.ops.ctpo_megatron.loss_stats(*args)
+    # The error left no counts behind in the kernel's per-thread buffers.
+    args[10] = torch.arange(1, 17).expand(2, 16).contiguous()
+    out = torch.ops.ctpo_megatron.loss_stats(*args)
+    assert float(out[1].sum()) == float(out[2].sum()) == 32  # ratio and LA-scale histograms
+
+
+def test_policy_loss_metrics_use_the_given_prefix_counts():
+    """policy_loss with given prefix sums (context parallelism): its metrics take n_t from
+    cum_count, so the kernel's LA statistics (from the positions) equal the torch path's (from
+    the terms) and the clip rates by position are by the global n_t."""
+    cfg = CONFIGS["ctpo-la"]
+    lp, olp, adv, mask = batch(torch.float32, spread=0.2)
+    count = torch.cumsum(mask > 0, dim=-1).float() + 500
+    cum = torch.cumsum(((lp - olp) * (mask > 0)).nan_to_num(), dim=-1)
+    _, metrics = policy_loss(lp, olp, adv, mask, cfg, cum_log_ratio=cum, cum_count=count)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "loss_stats_kernel_for", lambda device: False)
+        _, torch_metrics = policy_loss(lp, olp, adv, mask, cfg, cum_log_ratio=cum, cum_count=count)
+    assert metrics["la_scale_min"] == pytest.approx(501 ** 0.5)
+    assert not any(key.startswith("clip_rate_by_pos/1-") for key in metrics)  # all tokens are past 500
+    assert metrics.keys() == torch_metrics.keys()
+    for key, value in metrics.items():
+        assert value == pytest.approx(torch_metrics[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("la_power", [None, 0.5], ids=["la-per-token", "la-by-position"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(dtype):
+def test_opcheck(dtype, la_power):
     args = raw_args(dtype=dtype)
-    args[9] = torch.arange(16).expand(2, 16).contiguous()
+    if la_power is not None:
+        args[4], args[5] = None, la_power
+    args[10] = torch.arange(16).expand(2, 16).contiguous()
     torch.library.opcheck(torch.ops.ctpo_megatron.loss_stats.default, tuple(args),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("shape,by_position", [((4, 300), True), ((1, 300), False)], ids=["rows", "one-row"])
+def test_from_terms_counts_la_per_position_where_rows_share_positions(monkeypatch, shape, by_position):
+    """`LossSums.from_terms` asks the kernel for per-position LA statistics when several rows
+    share positions, and reads the per-token scales for one row (as many positions as tokens);
+    both give the torch path's statistics."""
+    cfg = CONFIGS["ctpo-la"]
+    lp, olp, adv, mask = batch(torch.float32, B=shape[0], S=shape[1], spread=0.2)
+    _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    calls = []
+    raw = ops.loss_stats
+    monkeypatch.setattr(ops, "loss_stats", lambda *a, **k: calls.append((a[4], k["la_power"])) or raw(*a, **k))
+    kw = dict(loss=torch.zeros(()), dp_size=1, bucket_edges=position_bucket_edges(shape[1]))
+    kernel = stats.LossSums.from_terms(terms, mask > 0, adv, cfg, **kw)
+    assert calls == [(None, cfg.la_power)] if by_position else calls == [(terms.la_scale, None)]
+    monkeypatch.setattr(ops, "loss_stats_kernel_for", lambda device: False)
+    assert_same(stats.LossSums.from_terms(terms, mask > 0, adv, cfg, **kw), kernel, 2e-5)

@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -61,10 +62,12 @@ struct StatsOutputs {
 };
 
 // valid: bool [..., S]; advantages/ratio/log_ratio/la_scale: one float dtype, shape of valid;
+// la_power: instead of la_scale, the LA scales are la_scale(n_t, la_power);
 // flags: bool; positions: int64 (optional); bucket_of_position: int64 [E + 1], values in [0, K].
 inline void check_stats_inputs(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
                                const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
-                               const std::vector<at::Tensor>& flags, const c10::optional<at::Tensor>& positions,
+                               const c10::optional<double>& la_power, const std::vector<at::Tensor>& flags,
+                               const c10::optional<at::Tensor>& positions,
                                const at::Tensor& bucket_of_position, int64_t num_buckets,
                                const std::vector<double>& exp_coeffs, const HistSpec& hist) {
   constexpr const char* what = "ctpo_megatron::loss_stats";
@@ -85,6 +88,10 @@ inline void check_stats_inputs(const at::Tensor& valid, const at::Tensor& advant
   like(ratio, ratio.scalar_type(), "ratio");
   like(log_ratio, ratio.scalar_type(), "log_ratio");
   if (la_scale.has_value()) like(*la_scale, ratio.scalar_type(), "la_scale");
+  TORCH_CHECK(!(la_scale.has_value() && la_power.has_value()), what,
+              ": pass la_scale (per-token LA scales) or la_power (scales from the positions), not both");
+  TORCH_CHECK(!la_power.has_value() || std::isfinite(*la_power), what, ": la_power must be finite, got ",
+              la_power.value_or(0.0));
   const char* names[] = {"clip_high", "clip_low", "clip_dual", "clipped"};
   for (size_t k = 0; k < flags.size(); ++k) like(flags[k], at::kBool, names[k]);
   if (positions.has_value()) like(*positions, at::kLong, "positions");
