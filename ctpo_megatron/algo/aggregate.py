@@ -21,15 +21,29 @@ from collections.abc import Callable
 import torch
 
 
-def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, *,
+               zero_at_invalid: bool = False) -> torch.Tensor:
     """sum(values * mask), with values at mask == 0 replaced by 0 first (NaN/inf safe). A bool
-    mask only selects: the same sum as its 0/1 float, without the multiplication."""
+    mask only selects: the same sum as its 0/1 float, without the multiplication; with
+    zero_at_invalid (values are already 0 where a bool mask is False) not even that: the
+    select and its backward cost ~0.13 ms of a 0.85 ms loss at 8 x 8192 tokens (CPU)."""
+    if mask.dtype == torch.bool and zero_at_invalid:
+        return values.sum() if dim is None else values.sum(dim)
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     if mask.dtype == torch.bool:
         masked = torch.where(mask, values, zero)
     else:
         masked = torch.where(mask.bool(), values, zero) * mask
     return masked.sum() if dim is None else masked.sum(dim)
+
+
+def _count(mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Entries of a mask that count (over `dim`, or all): a bool mask's True ones with
+    count_nonzero (a bool sum first copies the mask to int64: 1 MB and 0.3 ms for 131072
+    tokens on CPU), else its sum."""
+    if mask.dtype == torch.bool:
+        return torch.count_nonzero(mask, dim=dim)
+    return mask.sum() if dim is None else mask.sum(dim)
 
 
 def _denominator(total: int | float | torch.Tensor | None, default: Callable[[], torch.Tensor]):
@@ -44,7 +58,7 @@ def _denominator(total: int | float | torch.Tensor | None, default: Callable[[],
 def aggregate_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, *,
                    dp_size: int = 1, batch_num_tokens: int | torch.Tensor | None = None,
                    global_batch_size: int | torch.Tensor | None = None,
-                   loss_scale_factor: float | None = None) -> torch.Tensor:
+                   loss_scale_factor: float | None = None, zero_at_invalid: bool = False) -> torch.Tensor:
     """Scalar loss from per-token losses (see the module docstring for each mode's weights).
 
     loss_mat: [B, S] float — per-token losses (IS weights already applied).
@@ -54,15 +68,17 @@ def aggregate_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mod
     batch_num_tokens: valid tokens in the global batch (token-mean); None = this micro-batch's.
     global_batch_size: non-empty sequences in the global batch (seq-mean-*); None = local.
     loss_scale_factor: divisor for seq-mean-token-sum-norm; None = S (loss_mat.shape[-1]).
+    zero_at_invalid: loss_mat is exactly 0 where a bool loss_mask is False (e.g. the fused
+        kernel's pg_losses): the token sums skip their select.
     """
     if loss_mask.dtype != torch.bool:
         loss_mask = loss_mask.to(loss_mat.dtype)
     if loss_agg_mode == "token-mean":
-        denom = _denominator(batch_num_tokens, lambda: loss_mask.sum().to(loss_mat.dtype))
-        return masked_sum(loss_mat, loss_mask) / denom * dp_size
+        denom = _denominator(batch_num_tokens, lambda: _count(loss_mask).to(loss_mat.dtype))
+        return masked_sum(loss_mat, loss_mask, zero_at_invalid=zero_at_invalid) / denom * dp_size
     if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        seq_losses = masked_sum(loss_mat, loss_mask, dim=-1)
-        seq_tokens = loss_mask.sum(-1).to(loss_mat.dtype)
+        seq_losses = masked_sum(loss_mat, loss_mask, dim=-1, zero_at_invalid=zero_at_invalid)
+        seq_tokens = _count(loss_mask, dim=-1).to(loss_mat.dtype)
         if loss_agg_mode == "seq-mean-token-mean":
             seq_losses = seq_losses / (seq_tokens + 1e-8)
         seq_mask = (seq_tokens > 0).to(loss_mat.dtype)  # fully masked rows do not count
@@ -71,5 +87,5 @@ def aggregate_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mod
     if loss_agg_mode == "seq-mean-token-sum-norm":
         if loss_scale_factor is None:
             loss_scale_factor = loss_mask.shape[-1]
-        return masked_sum(loss_mat, loss_mask, dim=-1).sum() / loss_scale_factor
+        return masked_sum(loss_mat, loss_mask, dim=-1, zero_at_invalid=zero_at_invalid).sum() / loss_scale_factor
     raise ValueError(f"aggregate_loss: unknown loss_agg_mode={loss_agg_mode!r}")

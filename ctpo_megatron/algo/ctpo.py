@@ -153,4 +153,4 @@ def fused_ctpo_token_terms(log_probs: torch.Tensor, old_log_probs: torch.Tensor,
     return TokenTerms(pg_losses=out.pg_losses, ratio=out.ratio.detach(),
                       log_ratio_clamped=out.log_ratio.detach(), clip_high=out.clip_high,
                       clip_low=out.clip_low, clip_dual=out.clip_dual, clipped=out.clipped,
-                      la_scale=out.la_scale.detach() if adaptive else None)
+                      la_scale=out.la_scale.detach() if adaptive else None, zero_at_invalid=True)

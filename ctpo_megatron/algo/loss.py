@@ -95,9 +95,11 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
         warn_once(logger, f"{cfg.name} loss aggregates with {agg_mode}; "
                           f"loss_agg_mode={cfg.loss_agg_mode!r} is ignored")
     valid = response_mask if response_mask.dtype == torch.bool else response_mask > 0
+    # IS weights may be anything at invalid tokens (0 * inf): then the sums select.
+    zero_at_invalid = terms.zero_at_invalid and rollout_is_weights is None
     loss = aggregate_loss(pg_losses, valid, agg_mode, dp_size=dp_size,
                           batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                          loss_scale_factor=loss_scale_factor)
+                          loss_scale_factor=loss_scale_factor, zero_at_invalid=zero_at_invalid)
     metrics = {}
     if with_metrics:
         with torch.no_grad():

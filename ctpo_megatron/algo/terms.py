@@ -45,6 +45,9 @@ class TokenTerms:
     """[B, S] bool — the clipped branch is larger, l2 > l1 (the reference's pg_clipfrac)."""
     la_scale: torch.Tensor | None = None
     """[B, S] float, detached — adaptive clip scale g_t = max(n_t, 1)**p (None: no LA clip)."""
+    zero_at_invalid: bool = False
+    """pg_losses is exactly 0 at invalid positions (the fused kernel writes it so, and its
+    gradient there is 0): the aggregation's sums then need no select."""
 
     @property
     def clip_any(self) -> torch.Tensor:

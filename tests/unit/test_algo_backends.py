@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ctpo_megatron.algo import PolicyLossConfig, ctpo_token_terms, fused_ctpo_token_terms, masked_cumsum, policy_loss
 from ctpo_megatron.ops import _backend, extension_backends, reference
@@ -144,3 +145,50 @@ def test_return_terms_gives_the_terms_the_loss_was_built_from():
     ref = LOSSES[cfg.name](lp.detach(), olp, adv[:, None].expand(3, 7), mask, cfg)
     assert torch.equal(terms.clip_any, ref.clip_any)
     assert torch.allclose(terms.pg_losses.detach(), ref.pg_losses, atol=1e-12)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops run below autograd (forward and backward) on tensors of `shape`."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+            name = func.overloadpacket.__name__
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return out
+
+
+@pytest.mark.csrc
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                                  "seq-mean-token-sum-norm"])
+def test_fused_pg_losses_aggregate_without_a_select(mode):
+    """The fused kernel's pg_losses are exactly 0 at invalid tokens, so policy_loss sums them
+    without a torch.where (forward or backward); with IS weights (anything at invalid tokens)
+    it selects. Both give the same loss and gradient. (Per-sequence modes still select among
+    the [B] sequence sums.)"""
+    cfg = PolicyLossConfig(loss_agg_mode=mode)
+    lp, olp, adv, mask = batch(torch.float32)
+    results = []
+    for weights in (None, torch.ones_like(lp)):
+        x = lp.clone().requires_grad_(True)
+        with _CountOps(lp.shape) as ops_run:
+            loss, _, terms = policy_loss(x, olp, adv, mask, cfg, rollout_is_weights=weights, with_metrics=False,
+                                         return_terms=True)
+            loss.backward()
+        assert terms.zero_at_invalid
+        assert (ops_run.counts.get("where", 0) == 0) == (weights is None), ops_run.counts
+        results.append((loss.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_torch_terms_are_not_taken_as_zero_at_invalid_tokens(monkeypatch):
+    """The torch path gives no such guarantee: its terms keep the select."""
+    without_extension(monkeypatch)
+    lp, olp, adv, mask = batch()
+    _, _, terms = policy_loss(lp, olp, adv, mask, PolicyLossConfig(), with_metrics=False, return_terms=True)
+    assert not terms.zero_at_invalid

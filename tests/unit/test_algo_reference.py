@@ -303,6 +303,21 @@ def test_a_bool_mask_aggregates_like_its_float_mask(mode):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_values_zero_at_invalid_tokens_sum_without_the_select(mode):
+    """zero_at_invalid (values already 0 where the bool mask is False, as the fused kernel
+    writes pg_losses): the same loss and gradient, bit for bit, as the select."""
+    lp, olp, adv, mask = ragged_batch(7, B=5, S=8)
+    values = torch.where(mask > 0, lp - olp, torch.zeros((), dtype=lp.dtype))
+    grads = []
+    for zero_at_invalid in (False, True):
+        x = values.clone().requires_grad_(True)
+        loss = aggregate_loss(x, mask > 0, mode, dp_size=2, zero_at_invalid=zero_at_invalid)
+        loss.backward()
+        grads.append((loss.detach(), x.grad * (mask > 0)))  # the kernel's gradient is 0 there
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 def test_precomputed_prefix_sums_equal_row_scan():
     lp, olp, adv, mask = ragged_batch(2)
     cfg = PolicyLossConfig()
