@@ -12,6 +12,7 @@ clamp and one `index_add_` on the device, with no host sync; `histogram_quantile
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -76,9 +77,11 @@ def histogram_quantiles(counts: torch.Tensor, qs: Sequence[float], *, lo: float 
 
 
 def _bin_of(value: float) -> int:
-    """`bin_index` of one Python float, without building a tensor."""
-    with np.errstate(over="ignore"):  # beyond float32: inf, the last bin, as bin_index does
-        bits = int(np.array(value, dtype=np.float32).view(np.int32))
+    """`bin_index` of one Python float, without building a tensor or an array."""
+    try:
+        (bits,) = struct.unpack("<i", struct.pack("<f", value))
+    except OverflowError:  # beyond float32: inf, the last bin, as bin_index does
+        return NUM_BINS - 1 if value > 0 else 0
     return min(max((bits >> (_MANTISSA_BITS - SUB_BITS)) - _FIRST, 0), NUM_BINS - 1)
 
 

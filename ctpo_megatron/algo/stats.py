@@ -27,6 +27,9 @@ from ctpo_megatron.algo.terms import TokenTerms
 
 _MAX_FIELDS = ("ratio_max", "ratio_neg_min", "la_scale_max", "la_scale_neg_min")
 """Fields reduced with max (minima are stored negated)."""
+_CLIP_SLOTS = slice(ops.LOSS_STATS_SLOTS.index("clip_high"), ops.LOSS_STATS_SLOTS.index("clip_any") + 1)
+"""`LossSums.clip` (high, low, dual, any): consecutive slots of the kernel's scalar output."""
+assert ops.LOSS_STATS_SLOTS[_CLIP_SLOTS] == ("clip_high", "clip_low", "clip_dual", "clip_any")
 
 
 def _extremes(values: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,13 +246,18 @@ def _kernel_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tenso
                          bucket_of_position=bucket_of_position(tuple(edges), valid.device), num_buckets=len(edges),
                          exp_coeffs=unique if has_la else (), la_power=la_power if by_position else None,
                          **histogram.KERNEL_LAYOUT)
-    v = dict(zip(ops.LOSS_STATS_SLOTS, out.scalars))
+    # Views of the one scalar output (a few µs each as separate tensor ops: this is per call).
+    v = dict(zip(ops.LOSS_STATS_SLOTS, out.scalars.unbind()))
     exp_sums = out.scalars[len(ops.LOSS_STATS_SLOTS):]
-    la_clip_ratios = (exp_sums[[unique.index(c) for c in coefficients]] if has_la
-                      else torch.zeros(3, dtype=torch.float64, device=valid.device))
+    if not has_la:
+        la_clip_ratios = torch.zeros(3, dtype=torch.float64, device=valid.device)
+    elif unique == coefficients:
+        la_clip_ratios = exp_sums
+    else:
+        la_clip_ratios = exp_sums[[unique.index(c) for c in coefficients]]
     return LossSums(
         loss=loss_sum, tokens=v["tokens"], neg_adv_tokens=v["neg_adv_tokens"],
-        clip=torch.stack([v[name] for name in ("clip_high", "clip_low", "clip_dual", "clip_any")]),
+        clip=out.scalars[_CLIP_SLOTS],
         pg_clipped=v["clipped"], kl=v["neg_log_ratio"], ratio_sum=v["ratio_sum"],
         ratio_max=v["ratio_max"], ratio_neg_min=-v["ratio_min"], ratio_hist=out.ratio_hist,
         la_scale_sum=v["la_scale_sum"], la_scale_max=v["la_scale_max"],

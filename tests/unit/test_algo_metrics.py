@@ -123,6 +123,7 @@ def test_loss_metrics_are_floats_with_reference_relations():
 
 def test_bin_of_one_float_matches_bin_index():
     """The host-side bin of the extremes (`histogram_quantiles`' window) is `bin_index`'s."""
-    values = [0.0, -1.0, 1e-30, 2.0 ** -16, 0.5, 1.0, 1.0001, 3.7, 65535.0, 1e30, 1e39, float("inf"), float("nan")]
+    values = [0.0, -1.0, 1e-30, 2.0 ** -16, 0.5, 1.0, 1.0001, 3.7, 65535.0, 1e30, 1e39, -1e39, float("inf"),
+              float("nan")]
     expected = histogram.bin_index(torch.tensor(values, dtype=torch.float64)).tolist()
     assert [histogram._bin_of(v) for v in values] == expected
