@@ -359,7 +359,9 @@ class PositionWeights {
 
 // Sum (weighted), max and min of x over the entries with weight > 0 (as masked_sum_max_min).
 // The weighted sum in float64: products of integer weights and T values are exact there, so the
-// sum does not depend on how rows were split over threads beyond float64 rounding.
+// sum does not depend on how rows were split over threads beyond float64 rounding. The max/min
+// reduction is written out again rather than shared with masked_sum_max_min: moved into a
+// helper of its own (inlined or cloned), GCC left it scalar in both callers.
 template <typename T>
 CTPO_CPU_CLONES void weighted_sum_max_min(const double* __restrict__ w, const T* __restrict__ x, int64_t n,
                                           double& sum, double& top, double& bottom) {
