@@ -294,46 +294,61 @@ def test_bench_async_smoke(tiny_init, tmp_path):
     assert re.search(r"^step time ratio \(max_staleness=1 / 0\): [\d.]+$", stdout, re.M), logs
 
 
-REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sync_step_reference.jsonl")
-# Recorded with the synchronous trainer as it was before the typed step batch (commit 0aaa5d4:
-# trajectories broadcast as dicts, samples sharded twice), same command, OMP_NUM_THREADS=1.
+# The synchronous run that the other layouts and the asynchronous run are compared with. It is
+# recorded on this machine, not kept in the repo: the rollouts sample from a model warm-started by
+# 400 SFT steps, so every sampled token depends on the CPU's float kernels, and a recording
+# from one machine type fails on another.
 REFERENCE_ARGS = ["parallel=tp1", "trainer.total_steps=3", "trainer.prompts_per_step=4",
                   "trainer.mini_batch_prompts=2", "trainer.eval_every=3", "trainer.eval_samples=2",
                   "data.max_val_prompts=8", "trainer.save_every=0", "trainer.tensorboard=false",
                   "rollout.n_samples=4", "actor.micro_batch_size=2"]
-# Loss statistics are now ratios of step-wide sums (they were means of per-micro-batch rates),
-# so only the actor/* values with unchanged definitions are compared.
-SAME_TRAINING = ("actor/loss", "actor/grad_norm", "actor/lr")
+ROLLOUT_KEYS = ("reward/", "eval/", "accuracy", "response_length/", "generated_tokens/", "tool/", "boxed_rate",
+                "data/", "sampling/")
+"""Values that depend only on the rollouts (and so on the weights the servers hold)."""
 
 
-def test_step_batch_reproduces_the_recorded_synchronous_run(tiny_init, tmp_path):
-    """The same run (DP 2: each replica gets its shard; 2 updates x 2 micro-batches per step)
-    through the typed step batch gives the old path's rollouts, rewards, held-out accuracy,
-    data position, losses and gradient norms. Rollout-derived values must match exactly; the
-    trainer's values to 1e-4 (the embedded server's log-probs vary by ~1e-7 between runs with
-    how requests happen to be batched, which moves the IS weights by as much)."""
+def _rollout_values(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k.startswith(ROLLOUT_KEYS)}
+
+
+@pytest.fixture(scope="module")
+def sync_reference(tiny_init, tmp_path_factory) -> list[dict]:
+    """The records of the synchronous run of REFERENCE_ARGS: TP 1 x DP 2 on 2 ranks, 3 steps of
+    2 updates x 2 micro-batches, held-out evaluation at steps 0 and 3."""
+    run = str(tmp_path_factory.mktemp("sync") / "run")
+    done = run_trainer(run, f"{tiny_init}/model", f"{tiny_init}/train.parquet", f"{tiny_init}/val.parquet",
+                       REFERENCE_ARGS)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    records = _records(run)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    return records
+
+
+def test_tp2_run_equals_the_dp2_run(tiny_init, sync_reference, tmp_path):
+    """The same run at TP 2 x DP 1 (one replica gets the whole step batch) and at TP 1 x DP 2
+    (each replica gets its shard of it) gives the same rollouts, rewards, held-out results and
+    data position at every step, and the same loss statistics, losses and gradient norms to
+    1e-4 (the layouts sum in different orders, and the embedded server's log-probs vary by
+    ~1e-7 with how requests happen to be batched, which moves the IS weights by as much). A
+    replica that trained on the wrong shard, or twice on one, changes the loss and grad norm."""
     run = str(tmp_path / "run")
     done = run_trainer(run, f"{tiny_init}/model", f"{tiny_init}/train.parquet", f"{tiny_init}/val.parquet",
-                       [*REFERENCE_ARGS])
+                       [a for a in REFERENCE_ARGS if not a.startswith("parallel=")] + ["parallel=tp2"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    with open(REFERENCE) as f:
-        reference = [json.loads(line) for line in f]
     records = _records(run)
-    assert [r["step"] for r in records] == [r["step"] for r in reference] == [0, 1, 2, 3]
-    for ref, new in zip(reference, records):
-        exact = [k for k in ref if not k.startswith(("actor/", "mismatch/", "clip_rate_by_pos/"))]
-        for key in exact:
-            assert new[key] == ref[key], (ref["step"], key)
-        for key in SAME_TRAINING:
-            if key in ref:
-                assert new[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (ref["step"], key)
-        for key in (k for k in ref if k.startswith("clip_rate_by_pos/")):
-            assert new[key] == pytest.approx(ref[key], abs=1e-9), (ref["step"], key)
+    assert "world size 2 = tp 2 x pp 1 x cp 1 x dp 1" in open(os.path.join(run, "train.log")).read()
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for ref, new in zip(sync_reference, records):
+        assert _rollout_values(new) == _rollout_values(ref), ref["step"]
+        actor = [k for k in ref if k.startswith("actor/")]
+        assert actor or not ref["step"]
+        for key in actor:
+            assert new[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ref["step"], key)
         if ref["step"]:
             assert new["staleness/0"] == 1.0 and new["staleness/max"] == 0.0  # synchronous
 
 
-def test_rollouts_run_one_step_ahead(tiny_init, tmp_path):
+def test_rollouts_run_one_step_ahead(tiny_init, sync_reference, tmp_path):
     """rollout.max_staleness=1: step s+1's rollouts are generated while step s trains. Step 1
     matches the synchronous run (same weights, same seed); later steps train on tokens at most
     one version old; the data position advances exactly as in the synchronous run."""
@@ -341,14 +356,11 @@ def test_rollouts_run_one_step_ahead(tiny_init, tmp_path):
     done = run_trainer(run, f"{tiny_init}/model", f"{tiny_init}/train.parquet", f"{tiny_init}/val.parquet",
                        [*REFERENCE_ARGS, "rollout.max_staleness=1"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    with open(REFERENCE) as f:
-        reference = [json.loads(line) for line in f]
     records = _records(run)
     assert [r["step"] for r in records] == [0, 1, 2, 3]
-    for key in ("reward/mean", "response_length/mean", "tool/use_rate"):
-        assert records[1][key] == reference[1][key], key
-    assert records[1]["actor/loss"] == pytest.approx(reference[1]["actor/loss"], rel=1e-4)
-    for r, ref in zip(records[1:], reference[1:]):
+    assert _rollout_values(records[1]) == _rollout_values(sync_reference[1])
+    assert records[1]["actor/loss"] == pytest.approx(sync_reference[1]["actor/loss"], rel=1e-4)
+    for r, ref in zip(records[1:], sync_reference[1:]):
         assert r["data/offset"] == ref["data/offset"]
         assert r["staleness/max"] <= 1.0 and "rollout/partial" in r and 0 <= r["perf/trainer_idle_frac"] <= 1
     assert records[1]["staleness/0"] == 1.0  # generated with the initial weights for step 1
