@@ -27,15 +27,27 @@ sys.exit(0 if any(os.path.exists(os.path.join(p, 'c10/cuda/impl/cuda_cmake_macro
   printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$OUT/stub/c10/cuda/impl/cuda_cmake_macros.h"
   STUB=("-I$OUT/stub")
 fi
-status=0
-for src in csrc/cuda/*.cu; do
+# One nvcc per source, all at once: each is single-threaded and takes about a minute.
+compile_one() {
+  local src="$1"
   if "$NVCC" -c "$src" -o "$OUT/$(basename "$src").o" -std=c++17 -O3 --expt-relaxed-constexpr \
       -DCTPO_WITH_CUDA -D_GLIBCXX_USE_CXX11_ABI="$ABI" -DTORCH_EXTENSION_NAME=_C \
-      -Icsrc/include "${INCLUDES[@]/#/-I}" "${STUB[@]}" -Xcompiler -fPIC "$@"; then
+      -Icsrc/include "${INCLUDES[@]/#/-I}" "${STUB[@]}" -Xcompiler -fPIC "${EXTRA[@]}" >"$OUT/$(basename "$src").log" 2>&1; then
     echo "ok: $src"
   else
+    cat "$OUT/$(basename "$src").log" >&2
     echo "FAILED: $src" >&2
-    status=1
+    return 1
   fi
+}
+EXTRA=("$@")
+pids=()
+for src in csrc/cuda/*.cu; do
+  compile_one "$src" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=1
 done
 exit $status
