@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -21,6 +23,8 @@ namespace {
 
 constexpr int64_t kStatsTile = 256;
 constexpr int64_t kTokensPerChunk = 32768;  // below this, waking a thread costs more than it saves
+
+struct RunningTables;
 
 template <typename T>
 struct StatsArgs {
@@ -42,6 +46,7 @@ struct StatsArgs {
   int64_t row_len;
   bool la_from_positions;  // LA statistics of g = la_scale(n_t, la_power), per position
   double la_power;
+  const RunningTables* running = nullptr;  // running positions: per-row statistics from tables
 };
 
 // One chunk's accumulators; the first chunk writes straight into the outputs.
@@ -319,6 +324,7 @@ class PositionWeights {
     for (int64_t k = 0; k < n; ++k) w[v[k] ? std::max<int64_t>(pos[k], 0) : 0] += v[k];
   }
   int64_t end() const { return max_ + 1; }  // positions with tokens are below this
+  std::vector<int64_t>& row_counts() { return row_counts_; }  // running positions: valid tokens per row
   // The weights of positions p0 .. p0 + n - 1; calls come with increasing p0.
   void fill(int64_t p0, int64_t n, double* w) {
     if (row_counts_.empty()) {
@@ -457,6 +463,124 @@ void la_position_stats(const StatsArgs<T>& a, PositionWeights& weights, TileSums
   }
 }
 
+// Running positions at most this long use RunningTables (at most 8 * (3 + kMaxExpCoeffs) bytes
+// per position); longer rows are evaluated per position.
+constexpr int64_t kMaxTablePositions = int64_t{1} << 20;
+
+// With running positions, a row of c valid tokens holds positions 1..c once each, so its LA
+// statistics are functions of c alone: prefix sums (float64), prefix extremes and the runs of
+// equal histogram bins of g = la_scale(p), p = 1..P, built once per power, coefficients and bin
+// layout and shared by every later call. A chunk's LA statistics then cost O(rows + runs) (the
+// runs are at most the bins g spans: ~8.7k for sqrt over 131072 positions) instead of five
+// SIMD loops over every position.
+struct RunningTables {
+  double power;
+  std::vector<double> coeffs;
+  HistSpec hist;
+  bool is_float;
+  int64_t positions;            // P: tables cover rows of up to P valid tokens
+  std::vector<double> g_sum;    // [P + 1]: sum of g over positions 1..c (g_sum[0] = 0)
+  std::vector<std::vector<double>> exp_sum;  // per coefficient, [P + 1]: sum of exp(coeff g)
+  std::vector<double> g_max, g_min;          // [P + 1]: extremes of g over 1..c (c >= 1)
+  std::vector<int64_t> run_start;            // first position of each run of equal bins, then P + 1
+  std::vector<int32_t> run_bin;
+
+  bool covers(double p, const std::vector<double>& c, HistSpec h, bool f, int64_t needed) const {
+    return power == p && coeffs == c && hist.shift == h.shift && hist.first == h.first && hist.bins == h.bins &&
+           is_float == f && positions >= needed;
+  }
+};
+
+template <typename T>
+std::shared_ptr<const RunningTables> build_running_tables(double power, const std::vector<double>& coeffs,
+                                                          HistSpec hist, int64_t positions) {
+  using Exp = std::conditional_t<std::is_same_v<T, float>, FastExp, StdExp>;
+  const Exp exp_fn;
+  auto t = std::make_shared<RunningTables>();
+  t->power = power;
+  t->coeffs = coeffs;
+  t->hist = hist;
+  t->is_float = std::is_same_v<T, float>;
+  t->positions = positions;
+  t->g_sum.assign(positions + 1, 0.0);
+  t->exp_sum.assign(coeffs.size(), std::vector<double>(positions + 1, 0.0));
+  t->g_max.assign(positions + 1, 0.0);
+  t->g_min.assign(positions + 1, std::numeric_limits<double>::infinity());
+  std::vector<T> g(kStatsTile);
+  for (int64_t p0 = 1; p0 <= positions; p0 += kStatsTile) {
+    const int64_t n = std::min(kStatsTile, positions + 1 - p0);
+    tile_la_scales(p0, n, power, g.data());  // the values la_position_stats evaluates
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t p = p0 + k;
+      const double value = static_cast<double>(g[k]);
+      t->g_sum[p] = t->g_sum[p - 1] + value;
+      t->g_max[p] = std::max(t->g_max[p - 1], value);
+      t->g_min[p] = std::min(t->g_min[p - 1], value);
+      for (size_t c = 0; c < coeffs.size(); ++c) {
+        t->exp_sum[c][p] = t->exp_sum[c][p - 1] + static_cast<double>(exp_fn(static_cast<T>(coeffs[c]) * g[k]));
+      }
+      const int32_t bin = static_cast<int32_t>(hist_bin(static_cast<float>(g[k]), hist));
+      if (t->run_bin.empty() || t->run_bin.back() != bin) {
+        t->run_start.push_back(p);
+        t->run_bin.push_back(bin);
+      }
+    }
+  }
+  t->run_start.push_back(positions + 1);
+  return t;
+}
+
+// The tables for rows of up to `row_len` valid tokens: the cached ones when they fit, else new
+// ones (at least twice the old length, so a growing row length rebuilds O(log) times). Callers
+// keep their pointer: a rebuild for another call never changes tables in use.
+template <typename T>
+std::shared_ptr<const RunningTables> running_tables(double power, const std::vector<double>& coeffs, HistSpec hist,
+                                                    int64_t row_len) {
+  static std::mutex mutex;
+  static std::shared_ptr<const RunningTables> cached;
+  constexpr bool is_float = std::is_same_v<T, float>;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cached && cached->covers(power, coeffs, hist, is_float, row_len)) return cached;
+  int64_t positions = 1024;
+  while (positions < row_len) positions *= 2;
+  if (cached && cached->covers(power, coeffs, hist, is_float, 0)) {
+    positions = std::max(positions, std::min(2 * cached->positions, kMaxTablePositions));
+  }
+  cached = build_running_tables<T>(power, coeffs, hist, std::min(positions, kMaxTablePositions));
+  return cached;
+}
+
+// The LA statistics of a chunk's rows with running positions, from the tables: sums, extremes
+// and exp sums per row, the histogram per run of equal bins (tokens at positions s..e-1 over
+// all rows: T(e-1) - T(s-1) with T(x) = sum over rows of min(c_r, x), walked along the sorted
+// row counts). Integer token counts, float64 sums: equal to la_position_stats to rounding.
+void la_running_stats(const RunningTables& t, std::vector<int64_t>& row_counts, double* scalars, TileSums& sums,
+                      double* scale_hist) {
+  std::sort(row_counts.begin(), row_counts.end());
+  const auto first_row = std::upper_bound(row_counts.begin(), row_counts.end(), int64_t{0});
+  if (first_row == row_counts.end()) return;  // no valid token
+  for (auto it = first_row; it != row_counts.end(); ++it) {
+    const int64_t c = *it;
+    sums.scale_sum += t.g_sum[c];
+    for (size_t k = 0; k < t.coeffs.size(); ++k) scalars[kExpSums + k] += t.exp_sum[k][c];
+  }
+  const int64_t longest = row_counts.back();
+  sums.scale_max = std::max(sums.scale_max, t.g_max[longest]);  // prefix extremes: the longest row has them all
+  sums.scale_min = std::min(sums.scale_min, t.g_min[longest]);
+  const int64_t rows = static_cast<int64_t>(row_counts.size());
+  int64_t ended = first_row - row_counts.begin(), ended_tokens = 0;  // rows with c_r <= x, and their tokens
+  auto tokens_up_to = [&](int64_t x) {
+    while (ended < rows && row_counts[ended] <= x) ended_tokens += row_counts[ended++];
+    return ended_tokens + x * (rows - ended);
+  };
+  int64_t before = 0;  // T(s - 1) of the current run
+  for (size_t k = 0; k + 1 < t.run_start.size() && t.run_start[k] <= longest; ++k) {
+    const int64_t through = tokens_up_to(t.run_start[k + 1] - 1);
+    if (through > before) scale_hist[t.run_bin[k]] += static_cast<double>(through - before);
+    before = through;
+  }
+}
+
 thread_local std::vector<int32_t> ratio_counts_buffer, scale_counts_buffer;
 thread_local std::vector<int64_t> position_weights_buffer;
 
@@ -503,7 +627,11 @@ void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const
     }
     if (a.la_from_positions && a.positions == nullptr) la_weights.add_row(count);
   }
-  if (a.la_from_positions) la_position_stats(a, la_weights, sums, acc);
+  if (a.running != nullptr) {
+    la_running_stats(*a.running, la_weights.row_counts(), acc.scalars, sums, acc.scale_hist);
+  } else if (a.la_from_positions) {
+    la_position_stats(a, la_weights, sums, acc);
+  }
   ratio_counts.flush(acc.ratio_hist);
   scale_counts.flush(acc.scale_hist);
   run.flush(acc);
@@ -557,6 +685,12 @@ StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages
                           clipped.data_ptr<bool>(), positions.has_value() ? positions->data_ptr<int64_t>() : nullptr,
                           bucket_of_position.data_ptr<int64_t>(), bucket_of_position.numel() - 1, num_buckets,
                           coeffs, hist, row_len, la_power.has_value(), la_power.value_or(0.0)};
+    // Running positions within the tables' reach: the LA statistics per row (la_running_stats).
+    std::shared_ptr<const RunningTables> running;
+    if (la_power.has_value() && !positions.has_value() && row_len <= kMaxTablePositions) {
+      running = running_tables<scalar_t>(*la_power, coeffs, hist, row_len);
+      a.running = running.get();
+    }
     double* pos = out.positions.data_ptr<double>();
     StatsAcc first{out.scalars.data_ptr<double>(), out.ratio_hist.data_ptr<double>(),
                    out.scale_hist.data_ptr<double>(), pos, pos + num_buckets};

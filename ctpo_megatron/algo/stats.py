@@ -107,11 +107,13 @@ class LossSums:
             loss_sum = loss.detach().to(torch.float64) / dp_size
             coefficients = (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c)
             if terms.ratio.dtype in (torch.float32, torch.float64) and ops.loss_stats_kernel_for(valid.device):
-                # Per position where rows share positions; one row has as many positions as
-                # tokens, and given positions then cost a table on top (measured: 1.5 vs 1.1 ms
-                # at 1 x 131072), so its scales are read per token.
+                # From the positions: running ones read tables of per-position sums (cost per
+                # row, not per token); given ones where rows share positions. One row of given
+                # positions has as many positions as tokens, and their table costs more than
+                # reading the scales (measured: 1.5 vs 1.1 ms at 1 x 131072).
                 shared = valid.dim() > 1 and valid.numel() > valid.shape[-1]
-                la_power = cfg.la_power if terms.la_scale is not None and shared else None
+                by_position = positions is None or shared
+                la_power = cfg.la_power if terms.la_scale is not None and by_position else None
                 return _kernel_sums(terms, valid, advantages, loss_sum, edges, positions, coefficients, la_power)
             return _torch_sums(terms, valid, advantages, loss_sum, edges, positions, coefficients)
 

@@ -92,6 +92,42 @@ def test_la_statistics_by_position_equal_per_token(power, given):
     assert_same(per_token, kernel, 2e-5)
 
 
+def test_la_tables_follow_each_calls_power_coefficients_dtype_and_length():
+    """With running positions the LA statistics come from per-position tables built once and
+    kept for later calls. Calls that change the row length (beyond the tables and back), the
+    power, the exp coefficients or the dtype in turn each get their own statistics: equal to the
+    per-token ones of the same terms."""
+    # Each call changes one thing: the length (up, back down), the coefficients, the dtype, the power.
+    calls = [(100, 0.5, torch.float32, 0.2), (5000, 0.5, torch.float32, 0.2), (100, 0.5, torch.float32, 0.2),
+             (300, 0.5, torch.float32, 0.4), (300, 0.5, torch.float64, 0.4), (3000, 0.3, torch.float64, 0.4)]
+    for S, power, dtype, la_clip_c in calls:
+        cfg = PolicyLossConfig(la_power=power, la_clip_c=la_clip_c)
+        lp, olp, adv, mask = batch(dtype, B=3, S=S, spread=0.2)
+        _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+        reference, kernel = both_paths(terms, mask, adv, cfg)
+        _, per_token = both_paths(terms, mask, adv, cfg, by_position=False)
+        assert float(kernel.la_scale_hist.sum()) == float(kernel.tokens) > 0
+        assert_same(per_token, kernel, 1e-10 if dtype == torch.float64 else 2e-5)
+        assert_same(reference, kernel, 1e-10 if dtype == torch.float64 else 2e-5)
+
+
+def test_la_rows_longer_than_the_tables_are_evaluated_per_position():
+    """A row of more valid tokens than the tables hold (2^20) takes the per-position loop: its
+    statistics equal the per-token ones too."""
+    cfg = PolicyLossConfig()
+    S = (1 << 20) + 300
+    lp, olp, adv, mask = batch(torch.float32, B=1, S=S, spread=0.2)
+    mask = torch.ones_like(mask)  # every token valid: the running count reaches S
+    lp = lp.nan_to_num(neginf=-1.0)
+    _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    valid = mask > 0
+    args = (terms, valid, adv.reshape(1, -1).expand(valid.shape), torch.zeros((), dtype=torch.float64),
+            position_bucket_edges(S), None, (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c))
+    kernel, per_token = stats._kernel_sums(*args, cfg.la_power), stats._kernel_sums(*args, None)
+    assert float(kernel.la_scale_max) == pytest.approx(S ** 0.5)
+    assert_same(per_token, kernel, 2e-5)  # per token, exp sums add up in float32 per tile
+
+
 def test_la_by_position_is_not_per_token_when_positions_are_not_the_losss():
     """The per-position statistics are those of g(positions): positions that are not the n_t
     the loss used give other LA statistics (what LossSums.from_terms's contract rules out), and
@@ -258,18 +294,26 @@ def test_opcheck(dtype, la_power):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("shape,by_position", [((4, 300), True), ((1, 300), False)], ids=["rows", "one-row"])
-def test_from_terms_counts_la_per_position_where_rows_share_positions(monkeypatch, shape, by_position):
-    """`LossSums.from_terms` asks the kernel for per-position LA statistics when several rows
-    share positions, and reads the per-token scales for one row (as many positions as tokens);
-    both give the torch path's statistics."""
+@pytest.mark.parametrize("shape,given,by_position", [((4, 300), False, True), ((1, 300), False, True),
+                                                     ((4, 300), True, True), ((1, 300), True, False)],
+                         ids=["rows", "one-row", "rows-given", "one-row-given"])
+def test_from_terms_counts_la_per_position_unless_one_row_has_given_positions(monkeypatch, shape, given,
+                                                                             by_position):
+    """`LossSums.from_terms` asks the kernel for per-position LA statistics with running
+    positions (its tables), and with given positions where several rows share them; one row of
+    given positions (as many positions as tokens) reads the per-token scales. All give the torch
+    path's statistics."""
     cfg = CONFIGS["ctpo-la"]
     lp, olp, adv, mask = batch(torch.float32, B=shape[0], S=shape[1], spread=0.2)
-    _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    positions = torch.cumsum(mask > 0, dim=-1) + 7 if given else None
+    if given:
+        terms = terms_at_positions(cfg, lp, olp, adv, mask, positions)
+    else:
+        _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
     calls = []
     raw = ops.loss_stats
     monkeypatch.setattr(ops, "loss_stats", lambda *a, **k: calls.append((a[4], k["la_power"])) or raw(*a, **k))
-    kw = dict(loss=torch.zeros(()), dp_size=1, bucket_edges=position_bucket_edges(shape[1]))
+    kw = dict(loss=torch.zeros(()), dp_size=1, bucket_edges=position_bucket_edges(shape[1]), positions=positions)
     kernel = stats.LossSums.from_terms(terms, mask > 0, adv, cfg, **kw)
     assert calls == [(None, cfg.la_power)] if by_position else calls == [(terms.la_scale, None)]
     monkeypatch.setattr(ops, "loss_stats_kernel_for", lambda device: False)
