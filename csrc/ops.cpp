@@ -67,4 +67,12 @@ TORCH_LIBRARY(ctpo_megatron, m) {
       "Tensor clip_high, Tensor clip_low, Tensor clip_dual, Tensor clipped, Tensor? positions, "
       "Tensor bucket_of_position, int num_buckets, float[] exp_coeffs, int hist_shift, int hist_first, "
       "int hist_bins) -> (Tensor, Tensor, Tensor, Tensor)");
+  // torch.quantile-style quantiles (float64 [len(qs)]) of the values counted in a float64
+  // log-bin histogram laid out as loss_stats' (bin b holds [float(b + hist_first << hist_shift),
+  // float(b + 1 + hist_first << hist_shift))), each order statistic spread evenly over its
+  // bin; lo/hi: the exact extremes, if known (results are clamped to them); total: the sum of
+  // counts, if known. CPU only: the histograms are on the host by then.
+  m.def(
+      "histogram_quantiles(Tensor counts, float[] qs, float? lo, float? hi, float? total, int hist_shift, "
+      "int hist_first) -> Tensor");
 }

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ctpo_megatron import ops
+
 SUB_BITS = 10
 """Bins per octave = 2**SUB_BITS: relative bin width 2**-10 (~0.1%)."""
 LOG2_MIN, LOG2_MAX = -16, 16
@@ -62,7 +64,16 @@ def histogram_quantiles(counts: torch.Tensor, qs: Sequence[float], *, lo: float 
     clamped to them, and q = 0 and q = 1 give them exactly. total: the sum of `counts`, if
     known (saves a pass over all bins). Returns len(qs) floats, 0.0 each when the counts are
     empty."""
-    counts_np = counts.detach().to(device="cpu", dtype=torch.float64).numpy()
+    counts = counts.detach().to(device="cpu", dtype=torch.float64)
+    if ops.histogram_quantiles_kernel_for(counts.device):
+        return ops.histogram_quantiles(counts, qs, lo=lo, hi=hi, total=total, hist_shift=KERNEL_LAYOUT["hist_shift"],
+                                       hist_first=KERNEL_LAYOUT["hist_first"])
+    return _numpy_quantiles(counts.numpy(), qs, lo=lo, hi=hi, total=total)
+
+
+def _numpy_quantiles(counts_np: np.ndarray, qs: Sequence[float], *, lo: float | None, hi: float | None,
+                     total: float | None) -> list[float]:
+    """`histogram_quantiles` in numpy (its definition; the kernel computes the same in C++)."""
     edges_np = _bin_edges_np()
     if lo is not None and hi is not None and lo <= hi:
         # Only the bins between the extremes hold counts: the cumulative sum needs no more

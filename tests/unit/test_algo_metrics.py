@@ -18,7 +18,18 @@ def _bin_width(value: float) -> float:
     return float(edges[k + 1] - edges[k])
 
 
-def test_histogram_quantiles_match_torch_quantile_within_a_bin():
+@pytest.fixture(params=[pytest.param("kernel", marks=pytest.mark.csrc), "numpy"])
+def quantile_path(request, monkeypatch):
+    """histogram_quantiles through the extension's op (`csrc`: see tests/conftest.py) or its
+    numpy definition."""
+    from ctpo_megatron import ops
+
+    if request.param == "numpy":
+        monkeypatch.setattr(ops, "histogram_quantiles_kernel_for", lambda device: False)
+    return request.param
+
+
+def test_histogram_quantiles_match_torch_quantile_within_a_bin(quantile_path):
     g = torch.Generator().manual_seed(0)
     qs = [0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 1.0]
     samples = {n: torch.exp(0.05 * torch.randn(n, generator=g, dtype=torch.float64)) for n in (1, 2, 7, 1000)}

@@ -1,0 +1,143 @@
+// CPU kernel of ctpo_megatron::histogram_quantiles: torch.quantile-style quantiles of the values
+// counted in a log-bin histogram (algo.histogram), each order statistic spread evenly over its
+// bin. The same arithmetic as algo.histogram's numpy path, in the same order, so the results
+// are equal; what it saves is numpy's cumulative sum over the ~10^4 bins between the extremes
+// (a chain of dependent adds) and a dozen small array calls: the bins are summed in blocks
+// (independent adds, SIMD) and only the blocks holding an order statistic are walked bin by bin.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "ctpo/loss_stats.h"
+
+namespace ctpo {
+namespace {
+
+constexpr int64_t kBlock = 64;
+
+// Lower edge of bin b: the float32 whose bits are (b + first) << shift (exact in float64).
+double bin_lower_edge(int64_t b, const HistSpec& h) {
+  const int32_t bits = static_cast<int32_t>((b + h.first) << h.shift);
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return static_cast<double>(value);
+}
+
+double block_sum(const double* __restrict__ c, int64_t n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += c[k];  // whole counts: exact in any order
+  return s;
+}
+
+// Order statistics at the ascending `ranks` within bins [begin, end) of counts: the first bin
+// whose inclusive cumulative count exceeds the rank (the last bin if none), and its value.
+std::vector<double> order_statistics(const double* counts, int64_t begin, int64_t end, const std::vector<double>& ranks,
+                                     const HistSpec& h) {
+  std::vector<double> values(ranks.size());
+  int64_t block = begin;
+  double before_block = 0;  // counts of the bins before `block`
+  for (size_t j = 0; j < ranks.size(); ++j) {
+    const double r = ranks[j];
+    int64_t k = -1;
+    double before = 0;
+    while (block < end) {
+      const int64_t n = std::min(kBlock, end - block);
+      const double sum = block_sum(counts + block, n);
+      if (before_block + sum > r) {
+        double cum = before_block;
+        for (int64_t i = block; i < block + n; ++i) {
+          cum += counts[i];
+          if (cum > r) {
+            k = i;
+            before = cum - counts[i];
+            break;
+          }
+        }
+        break;
+      }
+      before_block += sum;
+      block += n;
+    }
+    if (k < 0) {  // past the last count (not for ranks below the total): the last bin
+      k = end - 1;
+      before = before_block - counts[k];
+    }
+    const double lower = bin_lower_edge(k, h), upper = bin_lower_edge(k + 1, h);
+    const double inside = (r - before + 0.5) / counts[k];
+    values[j] = lower + inside * (upper - lower);
+  }
+  return values;
+}
+
+at::Tensor histogram_quantiles_cpu(const at::Tensor& counts, at::ArrayRef<double> qs, c10::optional<double> lo,
+                                   c10::optional<double> hi, c10::optional<double> total, int64_t hist_shift,
+                                   int64_t hist_first) {
+  constexpr const char* what = "ctpo_megatron::histogram_quantiles";
+  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kDouble, what,
+              ": counts must be a 1-d float64 tensor, got ", counts.scalar_type(), " of shape ", counts.sizes());
+  for (double q : qs) TORCH_CHECK(q >= 0.0 && q <= 1.0, what, ": quantile ", q, " is outside [0, 1]");
+  const HistSpec h{hist_shift, hist_first, counts.numel()};
+  const at::Tensor contiguous = counts.contiguous();
+  const double* c = contiguous.data_ptr<double>();
+  const int64_t bins = counts.numel();
+  auto out = at::zeros({static_cast<int64_t>(qs.size())}, counts.options());
+  if (bins == 0) return out;
+  // Only the bins between the extremes hold counts, unless NaN or out-of-range values sit
+  // outside: then their sum falls short of the total and every bin is used.
+  int64_t begin = 0, end = bins;
+  double n = -1;
+  if (lo && hi && *lo <= *hi) {
+    const int64_t first = hist_bin(static_cast<float>(*lo), h), last = hist_bin(static_cast<float>(*hi), h);
+    const double window = block_sum(c + first, last + 1 - first);
+    if (window == (total ? *total : block_sum(c, bins))) {
+      begin = first;
+      end = last + 1;
+      n = window;
+    }
+  }
+  if (n < 0) n = block_sum(c, bins);
+  if (n <= 0) return out;
+  // Both order statistics of every quantile, ascending, each visited once.
+  const size_t m = qs.size();
+  std::vector<double> rank(m), ranks(2 * m);
+  for (size_t j = 0; j < m; ++j) {
+    rank[j] = qs[j] * (n - 1);
+    ranks[j] = std::floor(rank[j]);
+    ranks[m + j] = std::ceil(rank[j]);
+  }
+  std::vector<size_t> order(2 * m);
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ranks[a] < ranks[b]; });
+  std::vector<double> sorted(2 * m);
+  for (size_t i = 0; i < order.size(); ++i) sorted[i] = ranks[order[i]];
+  const std::vector<double> found = order_statistics(c, begin, end, sorted, h);
+  std::vector<double> value(2 * m);
+  for (size_t i = 0; i < order.size(); ++i) {
+    double v = found[i];
+    // The smallest and largest order statistics are the exact extremes, when known.
+    if (lo && sorted[i] == 0) v = *lo;
+    if (hi && sorted[i] == n - 1) v = *hi;
+    value[order[i]] = v;
+  }
+  double* result = out.data_ptr<double>();
+  for (size_t j = 0; j < m; ++j) {
+    double q = value[j] + (rank[j] - ranks[j]) * (value[m + j] - value[j]);
+    if (lo) q = std::max(q, *lo);
+    if (hi) q = std::min(q, *hi);
+    result[j] = q;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace ctpo
+
+TORCH_LIBRARY_IMPL(ctpo_megatron, CPU, m) {
+  m.impl("histogram_quantiles", &ctpo::histogram_quantiles_cpu);
+}
