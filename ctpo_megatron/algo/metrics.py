@@ -106,12 +106,14 @@ def clip_rate_by_position(clip_mask: torch.Tensor, response_mask: torch.Tensor, 
     return clipped.round().to(torch.int64), tokens.round().to(torch.int64)
 
 
-def position_clip_metrics(clipped: torch.Tensor, tokens: torch.Tensor, bucket_edges: Sequence[int],
-                          prefix: str = "clip_rate_by_pos") -> dict[str, float]:
+def position_clip_metrics(clipped: torch.Tensor | Sequence[float], tokens: torch.Tensor | Sequence[float],
+                          bucket_edges: Sequence[int], prefix: str = "clip_rate_by_pos") -> dict[str, float]:
     """Rates per bucket as metrics, keyed f"{prefix}/{lo}-{hi}" (last: f"{prefix}/{lo}+");
-    buckets without tokens are left out (no sample, no point in the plot)."""
+    buckets without tokens are left out (no sample, no point in the plot). clipped, tokens:
+    [K] counts per bucket, tensors or sequences of numbers."""
     edges = list(bucket_edges)
-    clipped_list, tokens_list = clipped.tolist(), tokens.tolist()
+    clipped_list = clipped.tolist() if torch.is_tensor(clipped) else list(clipped)
+    tokens_list = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
     out = {}
     for k, lo in enumerate(edges):
         if tokens_list[k] == 0:

@@ -184,8 +184,8 @@ class LossSums:
             out["la_scale_p50"] = histogram.histogram_quantiles(v["la_scale_hist"], [0.5], lo=lo, hi=hi, total=n)[0]
             for i, key in enumerate(("high", "low", "c")):
                 out[f"la_clip_{key}_ratio_mean"] = rate(v["la_clip_ratios"][i])
-        out.update(position_clip_metrics(host["position_clipped"].round().long(),
-                                         host["position_tokens"].round().long(), bucket_edges))
+        # Whole numbers as floats: the same rates as from integers, without four tensor ops.
+        out.update(position_clip_metrics(v["position_clipped"], v["position_tokens"], bucket_edges))
         return out
 
     def _stacked_to_host(self) -> list[torch.Tensor]:
