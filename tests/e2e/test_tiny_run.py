@@ -343,7 +343,9 @@ def test_tp2_run_equals_the_dp2_run(tiny_init, sync_reference, tmp_path):
         actor = [k for k in ref if k.startswith(("actor/", "clip_rate_by_pos/"))]
         assert actor or not ref["step"]
         for key in actor:
-            assert new[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ref["step"], key)
+            # A ratio within ~1e-7 of a histogram bin edge may land in the next bin (2^-10 wide).
+            rel = 3e-3 if key.startswith(("actor/is_ratio_p", "actor/la_scale_p")) else 1e-4
+            assert new[key] == pytest.approx(ref[key], rel=rel, abs=1e-6), (ref["step"], key)
         if ref["step"]:
             assert new["staleness/0"] == 1.0 and new["staleness/max"] == 0.0  # synchronous
 
