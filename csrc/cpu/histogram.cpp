@@ -3,7 +3,8 @@
 // bin. The same arithmetic as algo.histogram's numpy path, in the same order, so the results
 // are equal; what it saves is numpy's cumulative sum over the ~10^4 bins between the extremes
 // (a chain of dependent adds) and a dozen small array calls: the bins are summed in blocks
-// (independent adds, SIMD) and only the blocks holding an order statistic are walked bin by bin.
+// (independent adds, SIMD), once, and only the blocks holding an order statistic are walked
+// bin by bin.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -28,30 +29,38 @@ double bin_lower_edge(int64_t b, const HistSpec& h) {
   return static_cast<double>(value);
 }
 
-double block_sum(const double* __restrict__ c, int64_t n) {
-  double s = 0;
+// Sums of the consecutive blocks of kBlock bins of [begin, end): independent adds, SIMD within
+// a block. Whole counts, so exact in any order.
+std::vector<double> block_sums(const double* __restrict__ c, int64_t begin, int64_t end) {
+  std::vector<double> sums;
+  sums.reserve((end - begin + kBlock - 1) / kBlock);
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = std::min(kBlock, end - b);
+    double s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += c[k];  // whole counts: exact in any order
-  return s;
+    for (int64_t k = 0; k < n; ++k) s += c[b + k];
+    sums.push_back(s);
+  }
+  return sums;
 }
 
-// Order statistics at the ascending `ranks` within bins [begin, end) of counts: the first bin
-// whose inclusive cumulative count exceeds the rank (the last bin if none), and its value.
-std::vector<double> order_statistics(const double* counts, int64_t begin, int64_t end, const std::vector<double>& ranks,
-                                     const HistSpec& h) {
+// Order statistics at the ascending `ranks` within bins [begin, end) of counts (`sums`: their
+// block sums): the first bin whose inclusive cumulative count exceeds the rank (the last bin if
+// none), and its value. Only the blocks holding a rank are walked bin by bin.
+std::vector<double> order_statistics(const double* counts, int64_t begin, int64_t end, const std::vector<double>& sums,
+                                     const std::vector<double>& ranks, const HistSpec& h) {
   std::vector<double> values(ranks.size());
-  int64_t block = begin;
+  size_t block = 0;
   double before_block = 0;  // counts of the bins before `block`
   for (size_t j = 0; j < ranks.size(); ++j) {
     const double r = ranks[j];
     int64_t k = -1;
     double before = 0;
-    while (block < end) {
-      const int64_t n = std::min(kBlock, end - block);
-      const double sum = block_sum(counts + block, n);
-      if (before_block + sum > r) {
+    while (block < sums.size()) {
+      if (before_block + sums[block] > r) {
+        const int64_t first = begin + static_cast<int64_t>(block) * kBlock;
         double cum = before_block;
-        for (int64_t i = block; i < block + n; ++i) {
+        for (int64_t i = first; i < std::min(first + kBlock, end); ++i) {
           cum += counts[i];
           if (cum > r) {
             k = i;
@@ -61,8 +70,8 @@ std::vector<double> order_statistics(const double* counts, int64_t begin, int64_
         }
         break;
       }
-      before_block += sum;
-      block += n;
+      before_block += sums[block];
+      ++block;
     }
     if (k < 0) {  // past the last count (not for ranks below the total): the last bin
       k = end - 1;
@@ -89,19 +98,23 @@ at::Tensor histogram_quantiles_cpu(const at::Tensor& counts, at::ArrayRef<double
   auto out = at::zeros({static_cast<int64_t>(qs.size())}, counts.options());
   if (bins == 0) return out;
   // Only the bins between the extremes hold counts, unless NaN or out-of-range values sit
-  // outside: then their sum falls short of the total and every bin is used.
+  // outside: then their sum falls short of the total and every bin is used. Each block is
+  // summed once, for the check and for the walk.
   int64_t begin = 0, end = bins;
-  double n = -1;
+  std::vector<double> sums;  // block sums of [begin, end)
+  auto total_of = [](const std::vector<double>& s) { return std::accumulate(s.begin(), s.end(), 0.0); };
   if (lo && hi && *lo <= *hi) {
     const int64_t first = hist_bin(static_cast<float>(*lo), h), last = hist_bin(static_cast<float>(*hi), h);
-    const double window = block_sum(c + first, last + 1 - first);
-    if (window == (total ? *total : block_sum(c, bins))) {
+    std::vector<double> window = block_sums(c, first, last + 1);
+    if (!total) sums = block_sums(c, 0, bins);
+    if (total_of(window) == (total ? *total : total_of(sums))) {
       begin = first;
       end = last + 1;
-      n = window;
+      sums = std::move(window);
     }
   }
-  if (n < 0) n = block_sum(c, bins);
+  if (sums.empty()) sums = block_sums(c, 0, bins);  // the window was not taken, total given
+  const double n = total_of(sums);
   if (n <= 0) return out;
   // Both order statistics of every quantile, ascending, each visited once.
   const size_t m = qs.size();
@@ -116,7 +129,7 @@ at::Tensor histogram_quantiles_cpu(const at::Tensor& counts, at::ArrayRef<double
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ranks[a] < ranks[b]; });
   std::vector<double> sorted(2 * m);
   for (size_t i = 0; i < order.size(); ++i) sorted[i] = ranks[order[i]];
-  const std::vector<double> found = order_statistics(c, begin, end, sorted, h);
+  const std::vector<double> found = order_statistics(c, begin, end, sums, sorted, h);
   std::vector<double> value(2 * m);
   for (size_t i = 0; i < order.size(); ++i) {
     double v = found[i];

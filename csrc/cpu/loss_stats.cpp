@@ -469,15 +469,14 @@ constexpr int64_t kMaxTablePositions = int64_t{1} << 20;
 
 // With running positions, a row of c valid tokens holds positions 1..c once each, so its LA
 // statistics are functions of c alone: prefix sums (float64), prefix extremes and the runs of
-// equal histogram bins of g = la_scale(p), p = 1..P, built once per power, coefficients and bin
-// layout and shared by every later call. A chunk's LA statistics then cost O(rows + runs) (the
+// equal histogram bins of g = la_scale(p), p = 1..P, built once per dtype (a cache each),
+// power, coefficients and bin layout and shared by every later call. A chunk's LA statistics then cost O(rows + runs) (the
 // runs are at most the bins g spans: ~8.7k for sqrt over 131072 positions) instead of five
 // SIMD loops over every position.
 struct RunningTables {
   double power;
   std::vector<double> coeffs;
   HistSpec hist;
-  bool is_float;
   int64_t positions;            // P: tables cover rows of up to P valid tokens
   std::vector<double> g_sum;    // [P + 1]: sum of g over positions 1..c (g_sum[0] = 0)
   std::vector<std::vector<double>> exp_sum;  // per coefficient, [P + 1]: sum of exp(coeff g)
@@ -485,9 +484,9 @@ struct RunningTables {
   std::vector<int64_t> run_start;            // first position of each run of equal bins, then P + 1
   std::vector<int32_t> run_bin;
 
-  bool covers(double p, const std::vector<double>& c, HistSpec h, bool f, int64_t needed) const {
+  bool covers(double p, const std::vector<double>& c, HistSpec h, int64_t needed) const {
     return power == p && coeffs == c && hist.shift == h.shift && hist.first == h.first && hist.bins == h.bins &&
-           is_float == f && positions >= needed;
+           positions >= needed;
   }
 };
 
@@ -500,7 +499,6 @@ std::shared_ptr<const RunningTables> build_running_tables(double power, const st
   t->power = power;
   t->coeffs = coeffs;
   t->hist = hist;
-  t->is_float = std::is_same_v<T, float>;
   t->positions = positions;
   t->g_sum.assign(positions + 1, 0.0);
   t->exp_sum.assign(coeffs.size(), std::vector<double>(positions + 1, 0.0));
@@ -537,13 +535,12 @@ template <typename T>
 std::shared_ptr<const RunningTables> running_tables(double power, const std::vector<double>& coeffs, HistSpec hist,
                                                     int64_t row_len) {
   static std::mutex mutex;
-  static std::shared_ptr<const RunningTables> cached;
-  constexpr bool is_float = std::is_same_v<T, float>;
+  static std::shared_ptr<const RunningTables> cached;  // one per T: the values are rounded to T
   std::lock_guard<std::mutex> lock(mutex);
-  if (cached && cached->covers(power, coeffs, hist, is_float, row_len)) return cached;
+  if (cached && cached->covers(power, coeffs, hist, row_len)) return cached;
   int64_t positions = 1024;
   while (positions < row_len) positions *= 2;
-  if (cached && cached->covers(power, coeffs, hist, is_float, 0)) {
+  if (cached && cached->covers(power, coeffs, hist, 0)) {
     positions = std::max(positions, std::min(2 * cached->positions, kMaxTablePositions));
   }
   cached = build_running_tables<T>(power, coeffs, hist, std::min(positions, kMaxTablePositions));

@@ -77,3 +77,9 @@ def backend_report() -> list[str]:
     else:
         lines.append(f"cuda: pure torch — CUDA kernels not built: {reason or 'unknown reason'}")
     return lines
+
+
+def cpu_kernel_for(device: torch.device) -> bool:
+    """True for `device` on the CPU with the extension's CPU kernels: the ops written for the
+    host only (the loss statistics, the histogram quantiles)."""
+    return device.type == "cpu" and use_extension(device)

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 
 import torch
 
-from ctpo_megatron.ops._backend import extension_backends, use_extension
+from ctpo_megatron.ops._backend import cpu_kernel_for, extension_backends
 
 
 def histogram_quantiles_kernel_for(device: torch.device) -> bool:
     """Whether the op has a kernel for counts on `device`: the CPU build of the extension."""
-    return device.type == "cpu" and use_extension(device)
+    return cpu_kernel_for(device)
 
 
 def histogram_quantiles(counts: torch.Tensor, qs: Sequence[float], *, lo: float | None, hi: float | None,

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from ctpo_megatron.ops._backend import extension_backends, use_extension
+from ctpo_megatron.ops._backend import cpu_kernel_for, extension_backends
 
 _OP = "ctpo_megatron::loss_stats"
 
@@ -43,7 +43,7 @@ class LossStatsOut(NamedTuple):
 def loss_stats_kernel_for(device: torch.device) -> bool:
     """Whether the op has a kernel for `device`: the CPU build of the extension. On CUDA the
     caller's torch reductions run instead (no host sync either; a CUDA kernel is not written)."""
-    return device.type == "cpu" and use_extension(device)
+    return cpu_kernel_for(device)
 
 
 def loss_stats(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tensor, log_ratio: torch.Tensor,
