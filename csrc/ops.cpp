@@ -55,18 +55,19 @@ TORCH_LIBRARY(ctpo_megatron, m) {
       "float clip_high, float clip_c, float power) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The additive statistics of a micro-batch's policy-loss terms (algo.stats.LossSums) in one
-  // pass over its valid tokens: float64 scalars (slots in csrc/include/ctpo/loss_stats.h, then
-  // one sum of exp(c * la_scale) per exp_coeffs entry), the log-bin histograms of ratio and
-  // la_scale (bins by float32 bits >> hist_shift - hist_first, clamped to [0, hist_bins)), and
-  // [2, num_buckets] clipped / token counts per position bucket (bucket_of_position[clamp(n_t)];
-  // n_t = positions, or the running count of valid tokens along the last dimension). The LA
-  // scale statistics come from la_scale per token, or with la_power from g_t =
+  // pass over its valid tokens, as two float64 vectors. sums: the counts and sums (SumSlot in
+  // csrc/include/ctpo/loss_stats.h), one sum of exp(c * la_scale) per exp_coeffs entry, the
+  // log-bin histograms of ratio and la_scale (bins by float32 bits >> hist_shift - hist_first,
+  // clamped to [0, hist_bins)), then clipped and valid tokens per position bucket
+  // (bucket_of_position[clamp(n_t)]; n_t = positions, or the running count of valid tokens along
+  // the last dimension), num_buckets each. maxima: max and -min of ratio and la_scale (MaxSlot).
+  // The LA scale statistics come from la_scale per token, or with la_power from g_t =
   // max(n_t, 1)^la_power (what the loss computed, when n_t is its count), per position.
   m.def(
       "loss_stats(Tensor valid, Tensor advantages, Tensor ratio, Tensor log_ratio, Tensor? la_scale, float? la_power, "
       "Tensor clip_high, Tensor clip_low, Tensor clip_dual, Tensor clipped, Tensor? positions, "
       "Tensor bucket_of_position, int num_buckets, float[] exp_coeffs, int hist_shift, int hist_first, "
-      "int hist_bins) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int hist_bins) -> (Tensor, Tensor)");
   // torch.quantile-style quantiles (float64 [len(qs)]) of the values counted in a float64
   // log-bin histogram laid out as loss_stats' (bin b holds [float(b + hist_first << hist_shift),
   // float(b + 1 + hist_first << hist_shift))), each order statistic spread evenly over its

@@ -22,6 +22,8 @@ namespace ctpo {
 namespace {
 
 constexpr int64_t kStatsTile = 256;
+constexpr int64_t kByteLanes = 64;
+static_assert(kStatsTile / kByteLanes <= 255, "a byte lane must not overflow");
 constexpr int64_t kTokensPerChunk = 32768;  // below this, waking a thread costs more than it saves
 
 struct RunningTables;
@@ -41,7 +43,7 @@ struct StatsArgs {
   const int64_t* bucket_of_position;
   int64_t max_position;  // bucket_of_position has max_position + 1 entries
   int64_t num_buckets;
-  std::vector<double> exp_coeffs;
+  std::vector<double> exp_coeffs;  // distinct coefficients: sums of exp(c g) go to kExpSums + their index
   HistSpec hist;
   int64_t row_len;
   bool la_from_positions;  // LA statistics of g = la_scale(n_t, la_power), per position
@@ -49,13 +51,23 @@ struct StatsArgs {
   const RunningTables* running = nullptr;  // running positions: per-row statistics from tables
 };
 
-// One chunk's accumulators; the first chunk writes straight into the outputs.
+// One chunk's accumulators (sections of a sums vector in StatsLayout, and the maxima); the first
+// chunk writes straight into the outputs.
 struct StatsAcc {
   double* scalars;
   double* ratio_hist;
   double* scale_hist;
   double* pos_clipped;
   double* pos_tokens;
+  double* maxima;
+
+  StatsAcc(double* sums, double* max_slots, const StatsLayout& l)
+      : scalars(sums),
+        ratio_hist(sums + l.ratio_hist),
+        scale_hist(sums + l.scale_hist),
+        pos_clipped(sums + l.pos_clipped),
+        pos_tokens(sums + l.pos_tokens),
+        maxima(max_slots) {}
 };
 
 // Per tile of kStatsTile tokens: the sums, counts and extremes in SIMD loops (reduction in T:
@@ -110,19 +122,43 @@ CTPO_CPU_CLONES TileCounts tile_sums(const StatsArgs<T>& a, int64_t i0, int64_t 
   const uint8_t* __restrict__ lo = bytes(a.low);
   const uint8_t* __restrict__ du = bytes(a.dual);
   const uint8_t* __restrict__ cl = bytes(a.clipped);
-  // Counts in int32 (an integer reduction vectorizes as written), float sums in their own
-  // SIMD loop: one loop with all the reductions stayed scalar.
+  // The flags are counted in byte lanes, each summing at most kStatsTile / kByteLanes flags:
+  // an int32 count per flag widened every byte to 32 bits in the loop (most of the tile's
+  // time); here the loop adds bytes and only the lanes are widened, once per tile. Float
+  // sums have their own SIMD loop: one loop with all the reductions stayed scalar.
+  uint8_t lane_tokens[kByteLanes] = {}, lane_high[kByteLanes] = {}, lane_low[kByteLanes] = {},
+          lane_dual[kByteLanes] = {}, lane_any[kByteLanes] = {}, lane_clipped[kByteLanes] = {};
+  int64_t k0 = 0;
+  for (; k0 + kByteLanes <= n; k0 += kByteLanes) {
+    for (int64_t j = 0; j < kByteLanes; ++j) {
+      const uint8_t valid = v[k0 + j];
+      lane_tokens[j] += valid;
+      lane_high[j] += valid & hi[k0 + j];
+      lane_low[j] += valid & lo[k0 + j];
+      lane_dual[j] += valid & du[k0 + j];
+      lane_any[j] += valid & (hi[k0 + j] | lo[k0 + j] | du[k0 + j]);
+      lane_clipped[j] += valid & cl[k0 + j];
+    }
+  }
   int32_t tokens = 0, neg_adv = 0, high = 0, low = 0, dual = 0, any = 0, clipped = 0;
-  for (int64_t k = 0; k < n; ++k) {
+  for (int64_t j = 0; j < kByteLanes; ++j) {
+    tokens += lane_tokens[j];
+    high += lane_high[j];
+    low += lane_low[j];
+    dual += lane_dual[j];
+    any += lane_any[j];
+    clipped += lane_clipped[j];
+  }
+  for (int64_t k = k0; k < n; ++k) {
     const int32_t valid = v[k];
     tokens += valid;
-    neg_adv += valid & static_cast<int32_t>(adv[k] < T(0));
     high += valid & hi[k];
     low += valid & lo[k];
     dual += valid & du[k];
     any += valid & (hi[k] | lo[k] | du[k]);
     clipped += valid & cl[k];
   }
+  for (int64_t k = 0; k < n; ++k) neg_adv += static_cast<int32_t>(v[k]) & static_cast<int32_t>(adv[k] < T(0));
   T masked_lr[kStatsTile];
   for (int64_t k = 0; k < n; ++k) {
     const T value = lr[k];
@@ -166,6 +202,19 @@ CTPO_CPU_CLONES void tile_bins(const T* __restrict__ values, int64_t n, HistSpec
   for (int64_t k = 0; k < n; ++k) bins[k] = static_cast<int32_t>(hist_bin(static_cast<float>(values[k]), h));
 }
 
+// Smallest and largest bin of the valid tokens (SIMD; lo > hi when there is none).
+CTPO_CPU_CLONES void valid_bin_range(const int32_t* __restrict__ bins, const uint8_t* __restrict__ valid, int64_t n,
+                                     int32_t& lo, int32_t& hi) {
+  int32_t smallest = std::numeric_limits<int32_t>::max(), largest = -1;
+  for (int64_t k = 0; k < n; ++k) {
+    const int32_t keep = -static_cast<int32_t>(valid[k]);  // all ones or zero: no select in the loop
+    smallest = std::min(smallest, (bins[k] & keep) | (std::numeric_limits<int32_t>::max() & ~keep));
+    largest = std::max(largest, (bins[k] & keep) | (-1 & ~keep));
+  }
+  lo = std::min(lo, smallest);
+  hi = std::max(hi, largest);
+}
+
 // A histogram's counts in int32, one buffer per thread that stays zero between calls: only the
 // bins a chunk touched are added to the float64 output and cleared again. A float64 increment
 // in memory per token chains its add through the previous one's store when neighbours share a
@@ -180,8 +229,11 @@ class BinCounts {
   ~BinCounts() {
     for (int32_t b = lo_; b <= hi_; ++b) counts_[b] = 0;
   }
-  // Adds valid[k] to the bin of each of n tokens (n even, or the last token alone).
+  // Adds valid[k] to the bin of each of n tokens (n even, or the last token alone). Only the
+  // valid tokens' bins can change, so only they widen the range that flush walks (invalid
+  // ones, ratio 0, would stretch it down to bin 0).
   void add(const int32_t* bins, const uint8_t* valid, int64_t n) {
+    valid_bin_range(bins, valid, n, lo_, hi_);
     int32_t* counts = counts_.data();
     int64_t k = 0;
     for (; k + 1 < n; k += 2) {
@@ -189,14 +241,8 @@ class BinCounts {
       const bool same = b0 == b1;
       counts[b0] += v0 + (same ? v1 : 0);
       counts[b1] += same ? 0 : v1;
-      lo_ = std::min(lo_, std::min(b0, b1));
-      hi_ = std::max(hi_, std::max(b0, b1));
     }
-    if (k < n) {
-      counts[bins[k]] += valid[k];
-      lo_ = std::min(lo_, bins[k]);
-      hi_ = std::max(hi_, bins[k]);
-    }
+    if (k < n) counts[bins[k]] += valid[k];
   }
   // Adds the counts into out and zeroes them.
   void flush(double* out) {
@@ -276,12 +322,17 @@ void add_positions(const StatsArgs<T>& a, int64_t i0, int64_t n, int64_t count, 
     run.add(bucket, tile.tokens, tile.clipped_any, acc);
     return;
   }
+  // Without a branch on the (random) mask: an invalid token adds 0 to the current bucket.
+  const uint8_t* v = reinterpret_cast<const uint8_t*>(a.valid + i0);
+  const uint8_t* high = reinterpret_cast<const uint8_t*>(a.high + i0);
+  const uint8_t* low = reinterpret_cast<const uint8_t*>(a.low + i0);
+  const uint8_t* dual = reinterpret_cast<const uint8_t*>(a.dual + i0);
   for (int64_t k = 0; k < n; ++k) {
-    const int64_t i = i0 + k;
-    if (!a.valid[i]) continue;
-    int64_t pos = a.positions != nullptr ? a.positions[i] : ++count;
-    pos = std::clamp<int64_t>(pos, 0, a.max_position);
-    run.add(a.bucket_of_position[pos], 1, a.high[i] | a.low[i] | a.dual[i], acc);
+    const int64_t valid = v[k];
+    count += valid;
+    const int64_t pos = std::clamp<int64_t>(a.positions != nullptr ? a.positions[i0 + k] : count, 0, a.max_position);
+    const int64_t bucket = valid ? a.bucket_of_position[pos] : run.bucket;
+    run.add(bucket, valid, valid & (high[k] | low[k] | dual[k]), acc);
   }
 }
 
@@ -584,11 +635,12 @@ thread_local std::vector<int64_t> position_weights_buffer;
 template <typename T>
 void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const StatsAcc& acc) {
   double* s = acc.scalars;
+  double* m = acc.maxima;
   TileSums sums;
-  sums.ratio_max = s[kRatioMax];
-  sums.ratio_min = s[kRatioMin];
-  sums.scale_max = s[kScaleMax];
-  sums.scale_min = s[kScaleMin];
+  sums.ratio_max = m[kRatioMax];
+  sums.ratio_min = -m[kRatioNegMin];
+  sums.scale_max = m[kScaleMax];
+  sums.scale_min = -m[kScaleNegMin];
   BucketRun run{a.num_buckets};
   BinCounts ratio_counts(ratio_counts_buffer, a.hist.bins), scale_counts(scale_counts_buffer, a.hist.bins);
   PositionWeights la_weights(position_weights_buffer);
@@ -642,16 +694,10 @@ void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const
   s[kNegLogRatio] += sums.neg_log_ratio;
   s[kRatioSum] += sums.ratio_sum;
   s[kScaleSum] += sums.scale_sum;
-  s[kRatioMax] = sums.ratio_max;
-  s[kRatioMin] = sums.ratio_min;
-  s[kScaleMax] = sums.scale_max;
-  s[kScaleMin] = sums.scale_min;
-}
-
-void init_extremes(double* scalars, bool has_scale) {
-  constexpr double inf = std::numeric_limits<double>::infinity();
-  scalars[kRatioMin] = inf;
-  if (has_scale) scalars[kScaleMin] = inf;  // else stays 0 like the other LA slots
+  m[kRatioMax] = sums.ratio_max;
+  m[kRatioNegMin] = -sums.ratio_min;
+  m[kScaleMax] = sums.scale_max;
+  m[kScaleNegMin] = -sums.scale_min;
 }
 
 StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
@@ -667,70 +713,60 @@ StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages
   check_stats_inputs(valid, advantages, ratio, log_ratio, la_scale, la_power,
                      {clip_high, clip_low, clip_dual, clipped}, positions, bucket_of_position, num_buckets, coeffs,
                      hist);
-  const int64_t num_exp = static_cast<int64_t>(coeffs.size());
-  StatsOutputs out = make_stats_outputs(valid, num_exp, hist_bins, num_buckets);
-  const bool has_scale = la_scale.has_value() || la_power.has_value();  // the LA slots are filled
+  // Equal coefficients (la_clip_c = la_clip_high by default) are summed once.
+  std::vector<double> distinct;
+  std::vector<size_t> distinct_index;
+  for (double c : coeffs) {
+    const auto it = std::find(distinct.begin(), distinct.end(), c);
+    distinct_index.push_back(static_cast<size_t>(it - distinct.begin()));
+    if (it == distinct.end()) distinct.push_back(c);
+  }
+  const StatsLayout layout = stats_layout(static_cast<int64_t>(coeffs.size()), hist_bins, num_buckets);
+  const auto f64 = valid.options().dtype(at::kDouble);
+  at::Tensor sums_out = at::zeros({layout.size}, f64);
+  at::Tensor maxima_out = at::empty({kNumMaxSlots}, f64);
+  init_maxima(maxima_out.data_ptr<double>());
   const int64_t row_len = valid.size(-1);
   const int64_t rows = row_len > 0 ? valid.numel() / row_len : 0;
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), rows, valid.numel() / kTokensPerChunk}));
-  const int64_t slots = kExpSums + num_exp;
+  const StatsAcc first(sums_out.data_ptr<double>(), maxima_out.data_ptr<double>(), layout);
   AT_DISPATCH_FLOATING_TYPES(ratio.scalar_type(), "loss_stats_cpu", [&] {
     StatsArgs<scalar_t> a{valid.data_ptr<bool>(), advantages.data_ptr<scalar_t>(), ratio.data_ptr<scalar_t>(),
                           log_ratio.data_ptr<scalar_t>(), la_scale ? la_scale->data_ptr<scalar_t>() : nullptr,
                           clip_high.data_ptr<bool>(), clip_low.data_ptr<bool>(), clip_dual.data_ptr<bool>(),
                           clipped.data_ptr<bool>(), positions.has_value() ? positions->data_ptr<int64_t>() : nullptr,
                           bucket_of_position.data_ptr<int64_t>(), bucket_of_position.numel() - 1, num_buckets,
-                          coeffs, hist, row_len, la_power.has_value(), la_power.value_or(0.0)};
+                          distinct, hist, row_len, la_power.has_value(), la_power.value_or(0.0)};
     // Running positions within the tables' reach: the LA statistics per row (la_running_stats).
     std::shared_ptr<const RunningTables> running;
     if (la_power.has_value() && !positions.has_value() && row_len <= kMaxTablePositions) {
-      running = running_tables<scalar_t>(*la_power, coeffs, hist, row_len);
+      running = running_tables<scalar_t>(*la_power, distinct, hist, row_len);
       a.running = running.get();
     }
-    double* pos = out.positions.data_ptr<double>();
-    StatsAcc first{out.scalars.data_ptr<double>(), out.ratio_hist.data_ptr<double>(),
-                   out.scale_hist.data_ptr<double>(), pos, pos + num_buckets};
-    init_extremes(first.scalars, has_scale);
     if (chunks == 1) {
       stats_rows(a, 0, rows, first);
       return;
     }
-    // Chunks other than the first accumulate into buffers of their own, merged below.
-    std::vector<std::vector<double>> buffers(chunks - 1,
-                                             std::vector<double>(slots + 2 * hist_bins + 2 * num_buckets, 0.0));
+    // Chunks other than the first accumulate into buffers of their own (sums, then maxima), merged below.
+    std::vector<std::vector<double>> buffers(chunks - 1, std::vector<double>(layout.size + kNumMaxSlots, 0.0));
     std::vector<StatsAcc> accs{first};
     for (auto& buf : buffers) {
-      double* p = buf.data();
-      accs.push_back({p, p + slots, p + slots + hist_bins, p + slots + 2 * hist_bins,
-                      p + slots + 2 * hist_bins + num_buckets});
-      init_extremes(p, has_scale);
+      accs.emplace_back(buf.data(), buf.data() + layout.size, layout);
+      init_maxima(accs.back().maxima);
     }
     at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) stats_rows(a, rows * c / chunks, rows * (c + 1) / chunks, accs[c]);
     });
     for (int64_t c = 1; c < chunks; ++c) {
-      const StatsAcc& src = accs[c];
-      for (int64_t k = 0; k < slots; ++k) {
-        if (k == kRatioMax || k == kScaleMax) {
-          first.scalars[k] = std::max(first.scalars[k], src.scalars[k]);
-        } else if (k == kRatioMin || k == kScaleMin) {
-          first.scalars[k] = std::min(first.scalars[k], src.scalars[k]);
-        } else {
-          first.scalars[k] += src.scalars[k];
-        }
-      }
-      for (int64_t k = 0; k < hist_bins; ++k) first.ratio_hist[k] += src.ratio_hist[k];
-      if (has_scale) {
-        for (int64_t k = 0; k < hist_bins; ++k) first.scale_hist[k] += src.scale_hist[k];
-      }
-      for (int64_t k = 0; k < num_buckets; ++k) {
-        first.pos_clipped[k] += src.pos_clipped[k];
-        first.pos_tokens[k] += src.pos_tokens[k];
-      }
+      for (int64_t k = 0; k < layout.size; ++k) first.scalars[k] += accs[c].scalars[k];
+      for (int64_t k = 0; k < kNumMaxSlots; ++k) first.maxima[k] = std::max(first.maxima[k], accs[c].maxima[k]);
     }
   });
-  return {out.scalars, out.ratio_hist, out.scale_hist, out.positions};
+  // The distinct sums sit at kExpSums + their index; every coefficient gets its own (in place:
+  // a coefficient's distinct index is never above its own slot).
+  for (size_t e = coeffs.size(); e-- > 0;) first.scalars[kExpSums + e] = first.scalars[kExpSums + distinct_index[e]];
+  return {sums_out, maxima_out};
 }
 
 }  // namespace

@@ -12,7 +12,7 @@ so they are quantiles of the whole step's tokens, within one bin (~0.1%) of the 
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,11 +25,34 @@ from ctpo_megatron.algo.metrics import (RATIO_QUANTILES, bucket_of_position, che
                                         position_bucket_edges, position_clip_metrics, position_counts)
 from ctpo_megatron.algo.terms import TokenTerms
 
-_MAX_FIELDS = ("ratio_max", "ratio_neg_min", "la_scale_max", "la_scale_neg_min")
-"""Fields reduced with max (minima are stored negated)."""
-_CLIP_SLOTS = slice(ops.LOSS_STATS_SLOTS.index("clip_high"), ops.LOSS_STATS_SLOTS.index("clip_any") + 1)
-"""`LossSums.clip` (high, low, dual, any): consecutive slots of the kernel's scalar output."""
-assert ops.LOSS_STATS_SLOTS[_CLIP_SLOTS] == ("clip_high", "clip_low", "clip_dual", "clip_any")
+_NUM_EXP = 3
+"""exp(c g) sums per token: c = la_clip_high, -la_clip_low, la_clip_c (`LossSums.la_clip_ratios`)."""
+_NAMED_SLOTS = dict(zip(ops.LOSS_STATS_SUM_SLOTS, ops.LOSS_STATS_SUM_SLOTS)) | {"pg_clipped": "clipped",
+                                                                               "kl": "neg_log_ratio"}
+"""Scalar fields of `LossSums` and the op's slot that holds each."""
+_SCALAR_INDEX = {name: ops.LOSS_STATS_SUM_SLOTS.index(slot) for name, slot in _NAMED_SLOTS.items()}
+_MAX_INDEX = {name: i for i, name in enumerate(ops.LOSS_STATS_MAX_SLOTS)}
+_CLIP_SLOTS = slice(ops.LOSS_STATS_SUM_SLOTS.index("clip_high"), ops.LOSS_STATS_SUM_SLOTS.index("clip_any") + 1)
+assert ops.LOSS_STATS_SUM_SLOTS[_CLIP_SLOTS] == ("clip_high", "clip_low", "clip_dual", "clip_any")
+_VECTORS = {"clip": "clip", "la_clip_ratios": "exp_sums", "ratio_hist": "ratio_hist",
+            "la_scale_hist": "la_scale_hist", "position_clipped": "position_clipped",
+            "position_tokens": "position_tokens"}
+"""Vector fields of `LossSums` and the section of the op's sums vector that holds each."""
+FIELDS = ("loss", "tokens", "neg_adv_tokens", "clip", "pg_clipped", "kl", "ratio_sum", "ratio_max", "ratio_neg_min",
+          "ratio_hist", "la_scale_sum", "la_scale_max", "la_scale_neg_min", "la_scale_hist", "la_clip_ratios",
+          "position_clipped", "position_tokens")
+"""The named statistics of `LossSums` (each a view of its vectors)."""
+
+
+@functools.lru_cache(maxsize=8)
+def _sections(size: int) -> dict[str, slice]:
+    """`ops.loss_stats_sections` of a sums vector of `size` entries (its bucket count from its size)."""
+    fixed = ops.loss_stats_sections(_NUM_EXP, histogram.NUM_BINS, 0)["size"].stop
+    if size < fixed or (size - fixed) % 2:
+        raise ValueError(f"LossSums: a sums vector of {size} entries is not a loss_stats layout "
+                         f"({fixed} + 2 x buckets)")
+    sections = ops.loss_stats_sections(_NUM_EXP, histogram.NUM_BINS, (size - fixed) // 2)
+    return {"clip": _CLIP_SLOTS, **sections}
 
 
 def _extremes(values: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,39 +71,54 @@ def _exp_sums(g: torch.Tensor, weight: torch.Tensor, coefficients: Sequence[floa
 
 @dataclass
 class LossSums:
-    """Sums over a set of micro-batches (all float64 tensors on one device).
+    """Sums over a set of micro-batches: three float64 tensors on one device, laid out as the
+    `ops.loss_stats` kernel writes them, so that adding two is three tensor ops and the rank
+    reduction two all-reduces. The named statistics (FIELDS) are views of them:
 
-    Scalars are 0-d; `clip` is [4] (high, low, dual, any); `ratio_hist`, `la_scale_hist`
-    [histogram.NUM_BINS] token counts per bin; `la_clip_ratios` [3] token sums of
-    exp(la_clip_{high,low,c} g_t); `position_clipped`, `position_tokens` [K] per
-    position bucket.
+        scalars (0-d): tokens, neg_adv_tokens, pg_clipped, kl, ratio_sum, la_scale_sum,
+            ratio_max, ratio_neg_min, la_scale_max, la_scale_neg_min (minima stored negated);
+        clip [4] (high, low, dual, any); la_clip_ratios [3]: token sums of
+            exp(la_clip_{high,low,c} g_t); ratio_hist, la_scale_hist [histogram.NUM_BINS] token
+            counts per bin; position_clipped, position_tokens [K] per position bucket.
     """
 
     loss: torch.Tensor
-    """Sum of the back-propagated loss / dp_size: per optimizer update, the mini-batch loss."""
-    tokens: torch.Tensor
-    """Valid (generated) tokens."""
-    neg_adv_tokens: torch.Tensor
-    """Valid tokens with a negative advantage."""
-    clip: torch.Tensor
-    """[4] tokens clipped high, low, dual, any."""
-    pg_clipped: torch.Tensor
-    """Tokens whose clipped branch is larger (the reference's pg_clipfrac numerator)."""
-    kl: torch.Tensor
-    """Sum of -d_t (the reference's ppo_kl numerator)."""
-    ratio_sum: torch.Tensor
-    """Sum of r_t."""
-    ratio_max: torch.Tensor
-    ratio_neg_min: torch.Tensor
-    ratio_hist: torch.Tensor
-    """Histogram of r_t (the quantiles)."""
-    la_scale_sum: torch.Tensor
-    la_scale_max: torch.Tensor
-    la_scale_neg_min: torch.Tensor
-    la_scale_hist: torch.Tensor
-    la_clip_ratios: torch.Tensor
-    position_clipped: torch.Tensor
-    position_tokens: torch.Tensor
+    """0-d: sum of the back-propagated loss / dp_size (per optimizer update, the mini-batch loss)."""
+    sums: torch.Tensor
+    """[ops.loss_stats_sections(3, NUM_BINS, K)["size"]]: everything reduced with a sum."""
+    maxima: torch.Tensor
+    """[4]: ratio_max, ratio_neg_min, la_scale_max, la_scale_neg_min, reduced with a max."""
+
+    def field(self, name: str) -> torch.Tensor:
+        """The named statistic (one of FIELDS): a view of loss, sums or maxima."""
+        if name == "loss":
+            return self.loss
+        if name in _MAX_INDEX:
+            return self.maxima[_MAX_INDEX[name]]
+        if name in _SCALAR_INDEX:
+            return self.sums[_SCALAR_INDEX[name]]
+        if name in _VECTORS:
+            return self.sums[_sections(self.sums.numel())[_VECTORS[name]]]
+        raise AttributeError(f"LossSums has no statistic {name!r}; it has {', '.join(FIELDS)}")
+
+    tokens = property(lambda self: self.field("tokens"), doc="Valid (generated) tokens.")
+    neg_adv_tokens = property(lambda self: self.field("neg_adv_tokens"),
+                              doc="Valid tokens with a negative advantage.")
+    clip = property(lambda self: self.field("clip"), doc="[4] tokens clipped high, low, dual, any.")
+    pg_clipped = property(lambda self: self.field("pg_clipped"),
+                          doc="Tokens whose clipped branch is larger (the reference's pg_clipfrac numerator).")
+    kl = property(lambda self: self.field("kl"), doc="Sum of -d_t (the reference's ppo_kl numerator).")
+    ratio_sum = property(lambda self: self.field("ratio_sum"), doc="Sum of r_t.")
+    ratio_max = property(lambda self: self.field("ratio_max"))
+    ratio_neg_min = property(lambda self: self.field("ratio_neg_min"))
+    ratio_hist = property(lambda self: self.field("ratio_hist"), doc="Histogram of r_t (the quantiles).")
+    la_scale_sum = property(lambda self: self.field("la_scale_sum"))
+    la_scale_max = property(lambda self: self.field("la_scale_max"))
+    la_scale_neg_min = property(lambda self: self.field("la_scale_neg_min"))
+    la_scale_hist = property(lambda self: self.field("la_scale_hist"))
+    la_clip_ratios = property(lambda self: self.field("la_clip_ratios"))
+    position_clipped = property(lambda self: self.field("position_clipped"))
+    position_tokens = property(lambda self: self.field("position_tokens"))
 
     @classmethod
     def from_terms(cls, terms: TokenTerms, response_mask: torch.Tensor, advantages: torch.Tensor,
@@ -104,7 +142,9 @@ class LossSums:
             valid = response_mask if response_mask.dtype == torch.bool else response_mask > 0
             if advantages.shape != valid.shape:
                 advantages = advantages.reshape(advantages.shape[0], -1).expand(valid.shape)
-            loss_sum = loss.detach().to(torch.float64) / dp_size
+            loss_sum = loss.detach().to(torch.float64)
+            if dp_size != 1:
+                loss_sum = loss_sum / dp_size
             coefficients = (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c)
             if terms.ratio.dtype in (torch.float32, torch.float64) and ops.loss_stats_kernel_for(valid.device):
                 # From the positions: running ones read tables of per-position sums (cost per
@@ -118,31 +158,22 @@ class LossSums:
             return _torch_sums(terms, valid, advantages, loss_sum, edges, positions, coefficients)
 
     def __add__(self, other: LossSums) -> LossSums:
-        out = {}
-        for f in dataclasses.fields(self):
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            out[f.name] = torch.maximum(a, b) if f.name in _MAX_FIELDS else a + b
-        return LossSums(**out)
+        if self.sums.shape != other.sums.shape:
+            raise ValueError(f"LossSums: cannot add sums of {self.sums.numel()} and {other.sums.numel()} "
+                             "entries (other position buckets)")
+        return LossSums(self.loss + other.loss, self.sums + other.sums, torch.maximum(self.maxima, other.maxima))
 
     def to_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sums [K1], maxima [K2]) float64: all-reduce the first with SUM, the second with MAX."""
-        sums = [getattr(self, f.name).reshape(-1) for f in dataclasses.fields(self) if f.name not in _MAX_FIELDS]
-        maxes = [getattr(self, name).reshape(-1) for name in _MAX_FIELDS]
-        return torch.cat(sums), torch.cat(maxes)
+        """(sums [1 + len(self.sums)]: loss then sums, maxima [4]) float64: all-reduce the first
+        with SUM, the second with MAX."""
+        return torch.cat([self.loss.reshape(1).to(self.sums.dtype), self.sums]), self.maxima
 
     def from_vectors(self, sums: torch.Tensor, maxes: torch.Tensor) -> LossSums:
-        """The inverse of `to_vectors`, with this object's field shapes."""
-        out, offset = {}, 0
-        for f in dataclasses.fields(self):
-            if f.name in _MAX_FIELDS:
-                continue
-            shape = getattr(self, f.name).shape
-            k = getattr(self, f.name).numel()
-            out[f.name] = sums[offset:offset + k].reshape(shape)
-            offset += k
-        for i, name in enumerate(_MAX_FIELDS):
-            out[name] = maxes[i].reshape(())
-        return LossSums(**out)
+        """The inverse of `to_vectors`."""
+        if sums.shape != (1 + self.sums.numel(),) or maxes.shape != self.maxima.shape:
+            raise ValueError(f"LossSums.from_vectors: got [{sums.numel()}] and [{maxes.numel()}], expected "
+                             f"[{1 + self.sums.numel()}] and [{self.maxima.numel()}]")
+        return LossSums(sums[0], sums[1:], maxes)
 
     def metrics(self, *, num_updates: int, bucket_edges: Sequence[int],
                 adaptive_clip: bool) -> dict[str, float]:
@@ -160,42 +191,49 @@ class LossSums:
             is_ratio_{mean,min,max,p99,p95,p90,p75,p50,p25}   is_ratio/*: r_t over valid tokens
             la_scale_{mean,min,max,p50}, la_clip_{high,low,c}_ratio_mean   (adaptive_clip only)
         """
-        host = {f.name: t for f, t in zip(dataclasses.fields(self), self._stacked_to_host())}
+        host = self._to_host()
+        sections = _sections(host.sums.numel())
         # Python numbers once (a float() per 0-d tensor costs more than the arithmetic below).
-        v = {name: t if name.endswith("_hist") else t.tolist() for name, t in host.items()}
-        n = float(v["tokens"])
+        scalars = host.sums[:sections["exp_sums"].stop].tolist()
+        v = {name: scalars[i] for name, i in _SCALAR_INDEX.items()}
+        v.update(zip(ops.LOSS_STATS_MAX_SLOTS, host.maxima.tolist()))
+        clip, la_clip_ratios = scalars[_CLIP_SLOTS], scalars[sections["exp_sums"]]
+        n = v["tokens"]
         per = 1.0 / max(num_updates, 1)
-        rate = (lambda x: float(x) / n) if n else (lambda x: 0.0)  # noqa: E731
-        out = {"loss": float(v["loss"]) * per, "valid_tokens": n * per,
-               "neg_adv_tokens": float(v["neg_adv_tokens"]) * per,
-               "pg_clipfrac": float(v["pg_clipped"]) / (n + 1e-8),
-               "pg_clipfrac_lower": float(v["clip"][2]) / (n + 1e-8),
-               "ppo_kl": float(v["kl"]) / (n + 1e-8)}
+        rate = (lambda x: x / n) if n else (lambda x: 0.0)  # noqa: E731
+        out = {"loss": float(host.loss) * per, "valid_tokens": n * per,
+               "neg_adv_tokens": v["neg_adv_tokens"] * per,
+               "pg_clipfrac": v["pg_clipped"] / (n + 1e-8),
+               "pg_clipfrac_lower": clip[2] / (n + 1e-8),
+               "ppo_kl": v["kl"] / (n + 1e-8)}
         for i, key in enumerate(("high", "low", "dual", "total")):
-            out[f"clip_count_{key}"] = float(v["clip"][i]) * per
-            out[f"clipfrac_{key}"] = rate(v["clip"][i])
-        lo, hi = (-float(v["ratio_neg_min"]), float(v["ratio_max"])) if n else (0.0, 0.0)
+            out[f"clip_count_{key}"] = clip[i] * per
+            out[f"clipfrac_{key}"] = rate(clip[i])
+        lo, hi = (-v["ratio_neg_min"], v["ratio_max"]) if n else (0.0, 0.0)
         out["is_ratio_mean"], out["is_ratio_min"], out["is_ratio_max"] = rate(v["ratio_sum"]), lo, hi
-        qs = histogram.histogram_quantiles(v["ratio_hist"], [q for _, q in RATIO_QUANTILES], lo=lo, hi=hi, total=n)
+        qs = histogram.histogram_quantiles(host.sums[sections["ratio_hist"]], [q for _, q in RATIO_QUANTILES],
+                                           lo=lo, hi=hi, total=n)
         out.update((f"is_ratio_{name}", q) for (name, _), q in zip(RATIO_QUANTILES, qs))
         if adaptive_clip and n:
-            lo, hi = -float(v["la_scale_neg_min"]), float(v["la_scale_max"])
+            lo, hi = -v["la_scale_neg_min"], v["la_scale_max"]
             out["la_scale_mean"], out["la_scale_min"], out["la_scale_max"] = rate(v["la_scale_sum"]), lo, hi
-            out["la_scale_p50"] = histogram.histogram_quantiles(v["la_scale_hist"], [0.5], lo=lo, hi=hi, total=n)[0]
+            out["la_scale_p50"] = histogram.histogram_quantiles(host.sums[sections["la_scale_hist"]], [0.5],
+                                                                lo=lo, hi=hi, total=n)[0]
             for i, key in enumerate(("high", "low", "c")):
-                out[f"la_clip_{key}_ratio_mean"] = rate(v["la_clip_ratios"][i])
-        # Whole numbers as floats: the same rates as from integers, without four tensor ops.
-        out.update(position_clip_metrics(v["position_clipped"], v["position_tokens"], bucket_edges))
+                out[f"la_clip_{key}_ratio_mean"] = rate(la_clip_ratios[i])
+        buckets = host.sums[sections["position_clipped"].start:].tolist()
+        k = len(buckets) // 2
+        out.update(position_clip_metrics(buckets[:k], buckets[k:], bucket_edges))
         return out
 
-    def _stacked_to_host(self) -> list[torch.Tensor]:
-        """Every field on the host (fields in order): as they are when already there, else with
-        one device-to-host copy."""
-        tensors = [getattr(self, f.name).detach() for f in dataclasses.fields(self)]
-        if all(t.device.type == "cpu" for t in tensors):
-            return tensors  # a concatenation would only copy the histograms once more
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
-        return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    def _to_host(self) -> LossSums:
+        """These sums on the host: as they are when already there, else with one
+        device-to-host copy."""
+        if self.sums.device.type == "cpu" and self.loss.device.type == "cpu" and self.maxima.device.type == "cpu":
+            return LossSums(self.loss.detach(), self.sums.detach(), self.maxima.detach())
+        sums, maxima = self.to_vectors()
+        flat = torch.cat([sums.detach(), maxima.detach()]).cpu()
+        return self.from_vectors(flat[:sums.numel()], flat[sums.numel():])
 
 
 def _torch_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor, loss_sum: torch.Tensor,
@@ -205,67 +243,44 @@ def _torch_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor
     mask = valid.to(torch.float64)  # histogram weights
     weight = valid.to(terms.ratio.dtype)  # sums in the compute dtype, accumulated in float64
     ratio = terms.ratio
-    la = dict(la_scale_sum=torch.zeros((), **f64), la_scale_max=torch.zeros((), **f64),
-              la_scale_neg_min=torch.full((), -torch.inf, **f64),
-              la_scale_hist=torch.zeros(histogram.NUM_BINS, **f64), la_clip_ratios=torch.zeros(3, **f64))
+    zero = torch.zeros((), **f64)
+    la_sum, la_max, la_neg_min = zero, zero, torch.full((), -torch.inf, **f64)
+    la_hist, la_clip_ratios = torch.zeros(histogram.NUM_BINS, **f64), torch.zeros(_NUM_EXP, **f64)
     if terms.la_scale is not None:
         g = terms.la_scale
         la_max, la_neg_min = _extremes(g, weight, valid)
-        la = dict(la_scale_sum=(g * weight).sum().to(torch.float64), la_scale_max=la_max,
-                  la_scale_neg_min=la_neg_min, la_scale_hist=histogram.histogram(g, mask),
-                  la_clip_ratios=_exp_sums(g, weight, coefficients))
+        la_sum, la_hist = (g * weight).sum().to(torch.float64), histogram.histogram(g, mask)
+        la_clip_ratios = _exp_sums(g, weight, coefficients)
     # TokenTerms' flags are False and log_ratio_clamped 0 at invalid tokens (its contract):
     # they are summed as they are; ratio is only meaningful at valid tokens, so weighted.
-    clip_any = terms.clip_any
-    flags = (terms.clip_high, terms.clip_low, terms.clip_dual, clip_any)
-    pos_clipped, pos_tokens = position_counts(clip_any, valid, bucket_edges=edges, positions=positions)
+    flags = (terms.clip_high, terms.clip_low, terms.clip_dual, terms.clip_any)
+    pos_clipped, pos_tokens = position_counts(terms.clip_any, valid, bucket_edges=edges, positions=positions)
     ratio_max, ratio_neg_min = _extremes(ratio, weight, valid)
-    return LossSums(
-        loss=loss_sum, tokens=mask.sum(),
-        neg_adv_tokens=((advantages < 0) & valid).sum().to(torch.float64),
-        clip=torch.stack([f.sum() for f in flags]).to(torch.float64),  # full reductions: no copies
-        pg_clipped=terms.clipped.sum().to(torch.float64),
-        kl=-terms.log_ratio_clamped.sum().to(torch.float64),
-        ratio_sum=(ratio * weight).sum().to(torch.float64),
-        ratio_max=ratio_max, ratio_neg_min=ratio_neg_min, ratio_hist=histogram.histogram(ratio, mask),
-        position_clipped=pos_clipped, position_tokens=pos_tokens, **la)
+    named = {"tokens": mask.sum(), "neg_adv_tokens": ((advantages < 0) & valid).sum(),
+             **{slot: f.sum() for slot, f in zip(ops.LOSS_STATS_SUM_SLOTS[_CLIP_SLOTS], flags)},
+             "clipped": terms.clipped.sum(), "neg_log_ratio": -terms.log_ratio_clamped.sum(),
+             "ratio_sum": (ratio * weight).sum(), "la_scale_sum": la_sum}
+    scalars = torch.stack([named[slot].to(torch.float64) for slot in ops.LOSS_STATS_SUM_SLOTS])
+    sums = torch.cat([scalars, la_clip_ratios, histogram.histogram(ratio, mask), la_hist, pos_clipped, pos_tokens])
+    return LossSums(loss_sum, sums, torch.stack([ratio_max, ratio_neg_min, la_max, la_neg_min]))
 
 
 def _kernel_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor, loss_sum: torch.Tensor,
                  edges: list[int], positions: torch.Tensor | None, coefficients: tuple[float, float, float],
                  la_power: float | None = None) -> LossSums:
-    """`LossSums.from_terms` from the one-pass `ops.loss_stats` kernel (same fields; sums are
-    accumulated in float64 instead of the compute dtype, so they agree to rounding). la_power:
-    with LA, the scales' statistics are those of max(n_t, 1)^la_power at the positions, per
-    position (equal to `terms.la_scale`'s when the positions are the loss's n_t); None reads
-    `terms.la_scale` per token."""
-    unique = tuple(dict.fromkeys(coefficients))
-    has_la = terms.la_scale is not None
-    by_position = has_la and la_power is not None
+    """`LossSums.from_terms` from the one-pass `ops.loss_stats` kernel (the same vectors, which
+    it writes in LossSums' layout; sums are accumulated in float64 instead of the compute
+    dtype, so they agree to rounding). la_power: with LA, the scales' statistics are those of
+    max(n_t, 1)^la_power at the positions, per position (equal to `terms.la_scale`'s when the
+    positions are the loss's n_t); None reads `terms.la_scale` per token."""
+    by_position = terms.la_scale is not None and la_power is not None
     out = ops.loss_stats(valid, advantages, terms.ratio, terms.log_ratio_clamped,
                          None if by_position else terms.la_scale,
                          (terms.clip_high, terms.clip_low, terms.clip_dual, terms.clipped), positions=positions,
                          bucket_of_position=bucket_of_position(tuple(edges), valid.device), num_buckets=len(edges),
-                         exp_coeffs=unique if has_la else (), la_power=la_power if by_position else None,
+                         exp_coeffs=coefficients, la_power=la_power if by_position else None,
                          **histogram.KERNEL_LAYOUT)
-    # Views of the one scalar output (a few µs each as separate tensor ops: this is per call).
-    v = dict(zip(ops.LOSS_STATS_SLOTS, out.scalars.unbind()))
-    exp_sums = out.scalars[len(ops.LOSS_STATS_SLOTS):]
-    if not has_la:
-        la_clip_ratios = torch.zeros(3, dtype=torch.float64, device=valid.device)
-    elif unique == coefficients:
-        la_clip_ratios = exp_sums
-    else:
-        la_clip_ratios = exp_sums[[unique.index(c) for c in coefficients]]
-    return LossSums(
-        loss=loss_sum, tokens=v["tokens"], neg_adv_tokens=v["neg_adv_tokens"],
-        clip=out.scalars[_CLIP_SLOTS],
-        pg_clipped=v["clipped"], kl=v["neg_log_ratio"], ratio_sum=v["ratio_sum"],
-        ratio_max=v["ratio_max"], ratio_neg_min=-v["ratio_min"], ratio_hist=out.ratio_hist,
-        la_scale_sum=v["la_scale_sum"], la_scale_max=v["la_scale_max"],
-        la_scale_neg_min=-v["la_scale_min"] if has_la else torch.full_like(v["la_scale_min"], -torch.inf),
-        la_scale_hist=out.la_scale_hist, la_clip_ratios=la_clip_ratios,
-        position_clipped=out.positions[0], position_tokens=out.positions[1])
+    return LossSums(loss_sum, out.sums, out.maxima)
 
 
 def policy_metrics(terms: TokenTerms, response_mask: torch.Tensor, advantages: torch.Tensor,

@@ -20,24 +20,39 @@ from ctpo_megatron.ops._backend import cpu_kernel_for, extension_backends
 
 _OP = "ctpo_megatron::loss_stats"
 
-# Slots of `LossStatsOut.scalars` (csrc/include/ctpo/loss_stats.h, StatSlot).
-SLOTS = ("tokens", "neg_adv_tokens", "clip_high", "clip_low", "clip_dual", "clip_any", "clipped",
-         "neg_log_ratio", "ratio_sum", "ratio_max", "ratio_min", "la_scale_sum", "la_scale_max",
-         "la_scale_min")
+# Leading slots of `LossStatsOut.sums` and the slots of `LossStatsOut.maxima`
+# (csrc/include/ctpo/loss_stats.h: SumSlot, MaxSlot).
+SUM_SLOTS = ("tokens", "neg_adv_tokens", "clip_high", "clip_low", "clip_dual", "clip_any", "clipped",
+             "neg_log_ratio", "ratio_sum", "la_scale_sum")
+MAX_SLOTS = ("ratio_max", "ratio_neg_min", "la_scale_max", "la_scale_neg_min")
+
+
+def sum_sections(num_exp: int, hist_bins: int, num_buckets: int) -> dict[str, slice]:
+    """Where each section lies in `LossStatsOut.sums` (StatsLayout in the header): the
+    SUM_SLOTS, "exp_sums" [num_exp], "ratio_hist" and "la_scale_hist" [hist_bins] each,
+    "position_clipped" and "position_tokens" [num_buckets] each; "size": the whole length."""
+    sizes = {"scalars": len(SUM_SLOTS), "exp_sums": num_exp, "ratio_hist": hist_bins, "la_scale_hist": hist_bins,
+             "position_clipped": num_buckets, "position_tokens": num_buckets}
+    out, offset = {}, 0
+    for name, size in sizes.items():
+        out[name] = slice(offset, offset + size)
+        offset += size
+    out["size"] = slice(0, offset)
+    return out
 
 
 class LossStatsOut(NamedTuple):
-    """float64 results on the inputs' device."""
+    """float64 results on the inputs' device: two vectors, so that a step sums them with one
+    add and one max (and reduces them over ranks with two all-reduces)."""
 
-    scalars: torch.Tensor
-    """[len(SLOTS) + len(exp_coeffs)]: the sums named in SLOTS (ratio_min / la_scale_min: +inf
-    without valid tokens; the la_scale slots 0 without la_scale or la_power), then sum exp(c g_t) per c."""
-    ratio_hist: torch.Tensor
-    """[hist_bins] valid-token counts per bin of r_t."""
-    la_scale_hist: torch.Tensor
-    """[hist_bins] valid-token counts per bin of g_t (zeros without la_scale or la_power)."""
-    positions: torch.Tensor
-    """[2, num_buckets]: clipped (high, low or dual) and valid tokens per position bucket."""
+    sums: torch.Tensor
+    """[sum_sections(...)["size"]]: the sums named in SUM_SLOTS (the la_scale slot 0 without
+    la_scale or la_power), sum exp(c g_t) per exp_coeffs entry (0 without LA), the histograms
+    of r_t and g_t (valid-token counts per bin; g_t's zeros without LA), then clipped (high,
+    low or dual) and valid tokens per position bucket."""
+    maxima: torch.Tensor
+    """[len(MAX_SLOTS)]: max and -min of r_t and of g_t over the valid tokens (0 and -inf when
+    there is none, or no LA scale)."""
 
 
 def loss_stats_kernel_for(device: torch.device) -> bool:
@@ -58,7 +73,7 @@ def loss_stats(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tenso
     clipped) bool like valid; positions: optional int64 like valid, the position n_t of each
     token (default: the running count of valid tokens along the last dimension); bucket_of_position: int64 [E + 1], the bucket of
     positions 0..E (positions are clamped to [0, E]; a bucket >= num_buckets is left out);
-    exp_coeffs: the c of each exp(c g_t) sum; hist_*: the bin layout of `algo.histogram`.
+    exp_coeffs: the c of each exp(c g_t) sum (equal ones are evaluated once); hist_*: the bin layout of `algo.histogram`.
     la_power: instead of la_scale (pass one or neither), the LA scale of every valid token is
     g_t = max(n_t, 1)^la_power with n_t its position as above: what the CTPO loss computed
     when the positions are its own n_t. Its statistics are then taken per distinct position,
@@ -78,10 +93,8 @@ def _register() -> None:
     @torch.library.register_fake(_OP)
     def _fake(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual, clipped,
               positions, bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins):
-        f64 = dict(dtype=torch.float64, device=valid.device)
-        return (valid.new_empty((len(SLOTS) + len(exp_coeffs),), **f64), valid.new_empty((hist_bins,), **f64),
-                valid.new_empty((hist_bins,), **f64), valid.new_empty((2, num_buckets), **f64))
-
+        size = sum_sections(len(exp_coeffs), hist_bins, num_buckets)["size"].stop
+        return (valid.new_empty((size,), dtype=torch.float64), valid.new_empty((len(MAX_SLOTS),), dtype=torch.float64))
 
 if extension_backends():
     _register()

@@ -49,13 +49,14 @@ def terms_at_positions(cfg, lp, olp, adv, mask, positions):
 
 
 def assert_same(reference, kernel, rtol):
-    for f in dataclasses.fields(reference):
-        a, b = getattr(reference, f.name), getattr(kernel, f.name)
-        assert a.shape == b.shape and b.dtype == torch.float64, f.name
-        if f.name in COUNT_FIELDS:  # counts, maxima and histograms: exact
-            assert torch.equal(a, b), f"{f.name}: {a} vs {b}"
+    assert reference.sums.shape == kernel.sums.shape and reference.maxima.shape == kernel.maxima.shape
+    for name in stats.FIELDS:
+        a, b = reference.field(name), kernel.field(name)
+        assert a.shape == b.shape and b.dtype == torch.float64, name
+        if name in COUNT_FIELDS:  # counts, maxima and histograms: exact
+            assert torch.equal(a, b), f"{name}: {a} vs {b}"
         else:  # sums: the kernel accumulates in float64, torch in the compute dtype
-            torch.testing.assert_close(b, a, rtol=rtol, atol=rtol, msg=f.name)
+            torch.testing.assert_close(b, a, rtol=rtol, atol=rtol, msg=name)
 
 
 @pytest.mark.parametrize("by_position", [True, False], ids=["la-by-position", "la-per-token"])
@@ -177,6 +178,25 @@ def test_long_rows_take_whole_tiles_into_position_buckets(given):
     assert_same(reference, kernel, 2e-5)
 
 
+def test_random_masks_and_garbage_at_invalid_tokens_leave_no_counts_behind():
+    """A random mask (invalid tokens inside the tiles that cross bucket edges, which are counted
+    without a branch on the mask) and garbage ratios at invalid tokens (far outside the bins of
+    the valid ones: the kernel's per-thread bin counts are cleared over the valid tokens' bin
+    range only). Every field equals the torch path's, call after call."""
+    cfg = CONFIGS["ctpo-la"]
+    garbage_values = torch.tensor([0.0, 1e-30, 3.0, 1e30])
+    for seed in range(4):
+        lp, olp, adv, mask = batch(torch.float32, seed=seed, B=4, S=1500, spread=0.3)
+        g = torch.Generator().manual_seed(seed)
+        mask = mask * (torch.rand(mask.shape, generator=g) > 0.3)
+        _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+        garbage = garbage_values[torch.randint(0, len(garbage_values), mask.shape, generator=g)]
+        terms = dataclasses.replace(terms, ratio=torch.where(mask > 0, terms.ratio, garbage))
+        reference, kernel = both_paths(terms, mask, adv, cfg)
+        assert float(reference.tokens) > 100
+        assert_same(reference, kernel, 2e-5)
+
+
 def test_threads_split_rows_and_merge_exactly():
     """Enough tokens for the kernel to split rows over threads: the merged result is the
     one-thread result (counts, extremes and histograms exactly)."""
@@ -260,8 +280,9 @@ def test_la_power_must_be_finite_and_positions_bounded():
         torch.ops.ctpo_megatron.loss_stats(*args)
     # The error left no counts behind in the kernel's per-thread buffers.
     args[10] = torch.arange(1, 17).expand(2, 16).contiguous()
-    out = torch.ops.ctpo_megatron.loss_stats(*args)
-    assert float(out[1].sum()) == float(out[2].sum()) == 32  # ratio and LA-scale histograms
+    sums, _ = torch.ops.ctpo_megatron.loss_stats(*args)
+    sections = ops.loss_stats_sections(1, histogram.NUM_BINS, 4)
+    assert float(sums[sections["ratio_hist"]].sum()) == float(sums[sections["la_scale_hist"]].sum()) == 32
 
 
 def test_policy_loss_metrics_use_the_given_prefix_counts():

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -16,8 +17,9 @@
 
 namespace ctpo {
 
-// Scalar output slots (float64); kExpSums.. holds one sum of exp(c * la_scale) per coefficient.
-enum StatSlot : int {
+// Leading slots of the sums output (float64); kExpSums.. holds one sum of exp(c * g) per
+// coefficient, then come the histograms and the position buckets (StatsLayout).
+enum SumSlot : int {
   kTokens = 0,     // valid tokens
   kNegAdv,         // valid tokens with A < 0
   kClipHigh,       // clip flags summed over valid tokens
@@ -27,13 +29,13 @@ enum StatSlot : int {
   kClipped,        // l2 > l1 (pg_clipfrac)
   kNegLogRatio,    // sum of -d_t
   kRatioSum,
-  kRatioMax,       // max over valid r_t and 0
-  kRatioMin,       // min over valid r_t, +inf if none
-  kScaleSum,       // LA scale g_t (0 / +inf without la_scale)
-  kScaleMax,
-  kScaleMin,
+  kScaleSum,       // LA scale g_t (0 without la_scale or la_power)
   kExpSums,
 };
+
+// Slots of the maxima output (float64; minima stored negated, so that every slot reduces with
+// max): neutral values 0 / -inf when there is no valid token (or no LA scale).
+enum MaxSlot : int { kRatioMax = 0, kRatioNegMin, kScaleMax, kScaleNegMin, kNumMaxSlots };
 
 constexpr int64_t kMaxExpCoeffs = 4;
 constexpr int64_t kMaxPositionBuckets = 64;
@@ -57,9 +59,21 @@ CTPO_HD int64_t hist_bin(float value, const HistSpec& h) {
   return bin < 0 ? 0 : (bin >= h.bins ? h.bins - 1 : bin);
 }
 
-struct StatsOutputs {
-  at::Tensor scalars, ratio_hist, scale_hist, positions;  // float64: [kExpSums + C], [bins], [bins], [2, K]
+// Offsets of the sections of the sums output: [kExpSums + num_exp] scalars, then the ratio and
+// LA-scale histograms [bins] each, then clipped and valid tokens per position bucket [K] each.
+struct StatsLayout {
+  int64_t ratio_hist, scale_hist, pos_clipped, pos_tokens, size;
 };
+
+inline StatsLayout stats_layout(int64_t num_exp, int64_t bins, int64_t num_buckets) {
+  StatsLayout l;
+  l.ratio_hist = kExpSums + num_exp;
+  l.scale_hist = l.ratio_hist + bins;
+  l.pos_clipped = l.scale_hist + bins;
+  l.pos_tokens = l.pos_clipped + num_buckets;
+  l.size = l.pos_tokens + num_buckets;
+  return l;
+}
 
 // valid: bool [..., S]; advantages/ratio/log_ratio/la_scale: one float dtype, shape of valid;
 // la_power: instead of la_scale, the LA scales are la_scale(n_t, la_power);
@@ -107,16 +121,16 @@ inline void check_stats_inputs(const at::Tensor& valid, const at::Tensor& advant
               ", shift ", hist.shift, ")");
 }
 
-inline StatsOutputs make_stats_outputs(const at::Tensor& valid, int64_t num_exp, int64_t bins, int64_t num_buckets) {
-  const auto f64 = valid.options().dtype(at::kDouble);
-  StatsOutputs out;
-  out.scalars = at::zeros({kExpSums + num_exp}, f64);
-  out.ratio_hist = at::zeros({bins}, f64);
-  out.scale_hist = at::zeros({bins}, f64);
-  out.positions = at::zeros({2, num_buckets}, f64);
-  return out;
-}
+// (sums [layout.size] float64, maxima [kNumMaxSlots] float64): the op's outputs, zero sums and
+// neutral maxima.
+using StatsResult = std::tuple<at::Tensor, at::Tensor>;
 
-using StatsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+inline void init_maxima(double* maxima) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  maxima[kRatioMax] = 0.0;
+  maxima[kRatioNegMin] = -inf;
+  maxima[kScaleMax] = 0.0;
+  maxima[kScaleNegMin] = -inf;
+}
 
 }  // namespace ctpo
