@@ -2,17 +2,20 @@
 
     python benchmarks/bench_policy_loss.py [--reps 9] [--threads 1] [--shapes 8x8192 1x131072]
 
-Three sides, forward + backward to the log-probs, on the same inputs (CTPO cumprod with
+Four sides, forward + backward to the log-probs, on the same inputs (CTPO cumprod with
 adaptive clipping, token-mean; the paper defaults):
   torch:      the pure-torch CTPO terms (`ctpo_token_terms` on the torch scan), the masked
               token-mean loss and the three clip fractions (high, low, dual) as floats;
   policy:     `algo.policy_loss` with its metrics (`policy_metrics`: every statistic of
               `LossSums`, quantiles from histograms, turned into floats);
-  no-metrics: `algo.policy_loss(..., with_metrics=False)` (what the loss itself costs).
+  no-metrics: `algo.policy_loss(..., with_metrics=False)` (what the loss itself costs);
+  trainer:    no-metrics plus `LossSums.from_terms`, what the trainer's loss function runs per
+              micro-batch (its statistics become floats once per step, not timed here).
 Time: median of --reps runs after two warm-ups; the sides alternate within each rep so that
-they see the same background load, in each of their six orders in turn (the side after the
-torch one starts with evicted caches). Printed per shape: the three medians, the ratio
-torch / policy, and the metrics' share of policy_loss's time, 1 - no-metrics / policy.
+they see the same background load, in each of their 24 orders in turn (the side after the
+torch one starts with evicted caches). Printed per shape: the four medians, the ratio
+torch / policy, the metrics' share of policy_loss's time, 1 - no-metrics / policy, and the
+statistics' share of the trainer's, 1 - no-metrics / trainer.
 Goal: ratio >= 3, share <= 20%.
 """
 
@@ -31,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_ctpo_loss import make_inputs, print_setup, pure_torch_terms  # noqa: E402  (same folder)
 
-from ctpo_megatron.algo import PolicyLossConfig, policy_loss  # noqa: E402
+from ctpo_megatron.algo import LossSums, PolicyLossConfig, policy_loss  # noqa: E402
+from ctpo_megatron.algo.metrics import position_bucket_edges  # noqa: E402
 
 SHAPES = [(8, 8192), (1, 131072)]
 
@@ -51,8 +55,16 @@ def policy_side(lp, olp, adv, mask, cfg, with_metrics: bool = True) -> dict[str,
     return metrics
 
 
+def trainer_side(lp, olp, adv, mask, cfg) -> LossSums:
+    loss, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+    sums = LossSums.from_terms(terms, mask, adv, cfg, loss=loss, dp_size=1,
+                               bucket_edges=position_bucket_edges(mask.shape[-1]))
+    loss.backward()
+    return sums
+
+
 SIDES = {"torch": torch_side, "policy": policy_side,
-         "no-metrics": lambda *a: policy_side(*a, with_metrics=False)}
+         "no-metrics": lambda *a: policy_side(*a, with_metrics=False), "trainer": trainer_side}
 
 
 def time_sides(inputs, cfg, reps: int) -> dict[str, list[float]]:
@@ -92,14 +104,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print_setup("cpu", "float32", args.reps)
     cfg = PolicyLossConfig()
-    print(f"{'shape':>12} {'torch ms':>9} {'policy ms':>10} {'no-metrics ms':>14} {'torch/policy':>13} "
-          f"{'metrics share':>14}")
+    print(f"{'shape':>12} {'torch ms':>9} {'policy ms':>10} {'no-metrics ms':>14} {'trainer ms':>11} "
+          f"{'torch/policy':>13} {'metrics share':>14} {'trainer share':>14}")
     for B, S in shapes:
         inputs = make_inputs(B, S, torch.float32, "cpu")
         times = time_sides(inputs, cfg, args.reps)
-        t_torch, t_policy, t_bare = (statistics.median(times[s]) for s in SIDES)
+        t_torch, t_policy, t_bare, t_trainer = (statistics.median(times[s]) for s in SIDES)
         print(f"{f'{B}x{S}':>12} {t_torch * 1e3:9.2f} {t_policy * 1e3:10.2f} {t_bare * 1e3:14.2f} "
-              f"{t_torch / t_policy:12.2f}x {100 * (1 - t_bare / t_policy):13.1f}%")
+              f"{t_trainer * 1e3:11.2f} {t_torch / t_policy:12.2f}x {100 * (1 - t_bare / t_policy):13.1f}% "
+              f"{100 * (1 - t_bare / t_trainer):13.1f}%")
 
 
 if __name__ == "__main__":

@@ -111,13 +111,14 @@ def position_clip_metrics(clipped: torch.Tensor | Sequence[float], tokens: torch
     """Rates per bucket as metrics, keyed f"{prefix}/{lo}-{hi}" (last: f"{prefix}/{lo}+");
     buckets without tokens are left out (no sample, no point in the plot). clipped, tokens:
     [K] counts per bucket, tensors or sequences of numbers."""
-    edges = list(bucket_edges)
-    clipped_list = clipped.tolist() if torch.is_tensor(clipped) else list(clipped)
-    tokens_list = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
-    out = {}
-    for k, lo in enumerate(edges):
-        if tokens_list[k] == 0:
-            continue
-        label = f"{lo}-{edges[k + 1] - 1}" if k + 1 < len(edges) else f"{lo}+"
-        out[f"{prefix}/{label}"] = clipped_list[k] / tokens_list[k]
-    return out
+    clipped_list = clipped.tolist() if torch.is_tensor(clipped) else clipped
+    tokens_list = tokens.tolist() if torch.is_tensor(tokens) else tokens
+    return {key: c / n for key, c, n in zip(_bucket_keys(tuple(bucket_edges), prefix), clipped_list, tokens_list)
+            if n != 0}
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_keys(edges: tuple[int, ...], prefix: str) -> tuple[str, ...]:
+    """The metric key of each bucket (formatted once per edges: this runs per micro-batch)."""
+    return tuple(f"{prefix}/{lo}-{edges[k + 1] - 1}" if k + 1 < len(edges) else f"{prefix}/{lo}+"
+                 for k, lo in enumerate(edges))

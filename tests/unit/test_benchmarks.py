@@ -26,7 +26,7 @@ SMOKE = {  # script -> (tiny arguments, the ratio line)
     "bench_ctpo_loss.py": (["--reps", "5", "--shapes", "2x64", "--clip", "plain"],
                            rf"^\s+2x64\s.*\s{NUM}x \({NUM}x\)\s"),
     "bench_policy_loss.py": (["--reps", "1", "--shapes", "2x64"],
-                             rf"^\s+2x64(\s+{NUM}){{3}}\s+{NUM}x\s+-?{NUM}%$"),
+                             rf"^\s+2x64(\s+{NUM}){{4}}\s+{NUM}x(\s+-?{NUM}%){{2}}$"),
     "bench_logprobs.py": (["--tokens", "64", "--vocab", "512", "--tp", "2", "--reps", "1", "--chunk", "32"],
                           rf"^\s+2\s+fwd\+bwd(\s+{NUM}){{7}}$"),
     "bench_padding.py": (["--trajectories", "32", "--dp", "2", "--budget", "4096", "--forward-samples", "4",
