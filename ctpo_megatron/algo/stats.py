@@ -294,7 +294,7 @@ def policy_metrics(terms: TokenTerms, response_mask: torch.Tensor, advantages: t
     if bucket_edges is None:
         bucket_edges = position_bucket_edges(max(response_mask.shape[-1], 1))
     sums = LossSums.from_terms(terms, response_mask, advantages, cfg,
-                               loss=torch.zeros((), device=response_mask.device), dp_size=1,
+                               loss=torch.zeros((), dtype=torch.float64, device=response_mask.device), dp_size=1,
                                bucket_edges=bucket_edges, positions=positions)
     out = sums.metrics(num_updates=1, bucket_edges=bucket_edges, adaptive_clip=terms.la_scale is not None)
     del out["loss"]

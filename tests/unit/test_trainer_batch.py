@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ctpo_megatron.actor.batching import build_micro_batch
-from ctpo_megatron.algo import PolicyLossConfig, RolloutCorrectionConfig, policy_loss, position_bucket_edges
+from ctpo_megatron.algo import LossSums, PolicyLossConfig, RolloutCorrectionConfig, policy_loss, position_bucket_edges
 from ctpo_megatron.parallel.spawn import run_on_ranks
 from ctpo_megatron.rollout.agent.trajectory import Trajectory
 from ctpo_megatron.trainer import checkpoint as ckpt
@@ -148,6 +148,25 @@ def test_loss_sums_add_over_micro_batches_and_round_trip_through_vectors():
     back = total.from_vectors(sums, maxes)
     assert back.metrics(num_updates=2, bucket_edges=edges, adaptive_clip=True) == \
         total.metrics(num_updates=2, bucket_edges=edges, adaptive_clip=True)
+
+
+def test_loss_sums_refuse_other_layouts_with_a_clear_error():
+    """Sums of other position buckets do not add (no silent broadcast), vectors of another
+    length do not load, and an unknown statistic is named."""
+    cfg = PolicyLossConfig()
+    log_probs, batch = _loss_inputs()
+    _, six = make_loss_fn(cfg, position_bucket_edges(40, 16))(log_probs, batch)
+    _, three = make_loss_fn(cfg, position_bucket_edges(40, 3))(log_probs, batch)
+    assert six.position_tokens.shape == (6,) and three.position_tokens.shape == (3,)
+    with pytest.raises(ValueError, match="cannot add sums of .* entries"):
+        six + three
+    sums, maxes = three.to_vectors()
+    with pytest.raises(ValueError, match=r"from_vectors: got \[\d+\] and \[4\], expected"):
+        six.from_vectors(sums, maxes)
+    with pytest.raises(AttributeError, match="no statistic 'ratio_p50'"):
+        six.field("ratio_p50")
+    with pytest.raises(ValueError, match="not a loss_stats layout"):
+        LossSums(six.loss, six.sums[:-1], six.maxima).position_tokens
 
 
 def test_rollout_metrics():
