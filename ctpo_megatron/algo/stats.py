@@ -47,7 +47,7 @@ FIELDS = ("loss", "tokens", "neg_adv_tokens", "clip", "pg_clipped", "kl", "ratio
 @functools.lru_cache(maxsize=8)
 def _sections(size: int) -> dict[str, slice]:
     """`ops.loss_stats_sections` of a sums vector of `size` entries (its bucket count from its size)."""
-    fixed = ops.loss_stats_sections(_NUM_EXP, histogram.NUM_BINS, 0)["size"].stop
+    fixed = ops.loss_stats_sections(_NUM_EXP, histogram.NUM_BINS, 0)["position_tokens"].stop
     if size < fixed or (size - fixed) % 2:
         raise ValueError(f"LossSums: a sums vector of {size} entries is not a loss_stats layout "
                          f"({fixed} + 2 x buckets)")
@@ -85,7 +85,7 @@ class LossSums:
     loss: torch.Tensor
     """0-d: sum of the back-propagated loss / dp_size (per optimizer update, the mini-batch loss)."""
     sums: torch.Tensor
-    """[ops.loss_stats_sections(3, NUM_BINS, K)["size"]]: everything reduced with a sum."""
+    """[10 + 3 + 2 x NUM_BINS + 2 x K] (`ops.loss_stats_sections`): everything reduced with a sum."""
     maxima: torch.Tensor
     """[4]: ratio_max, ratio_neg_min, la_scale_max, la_scale_neg_min, reduced with a max."""
 
@@ -142,9 +142,7 @@ class LossSums:
             valid = response_mask if response_mask.dtype == torch.bool else response_mask > 0
             if advantages.shape != valid.shape:
                 advantages = advantages.reshape(advantages.shape[0], -1).expand(valid.shape)
-            loss_sum = loss.detach().to(torch.float64)
-            if dp_size != 1:
-                loss_sum = loss_sum / dp_size
+            loss_sum = loss.detach().to(torch.float64) / dp_size
             coefficients = (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c)
             if terms.ratio.dtype in (torch.float32, torch.float64) and ops.loss_stats_kernel_for(valid.device):
                 # From the positions: running ones read tables of per-position sums (cost per
@@ -229,7 +227,7 @@ class LossSums:
     def _to_host(self) -> LossSums:
         """These sums on the host: as they are when already there, else with one
         device-to-host copy."""
-        if self.sums.device.type == "cpu" and self.loss.device.type == "cpu" and self.maxima.device.type == "cpu":
+        if self.sums.device.type == "cpu":  # all three share one device
             return LossSums(self.loss.detach(), self.sums.detach(), self.maxima.detach())
         sums, maxima = self.to_vectors()
         flat = torch.cat([sums.detach(), maxima.detach()]).cpu()

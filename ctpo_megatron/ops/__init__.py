@@ -21,13 +21,15 @@ from ctpo_megatron.ops.ctpo_loss import ctpo_token_loss, has_kernel
 from ctpo_megatron.ops.histogram import histogram_quantiles, histogram_quantiles_kernel_for
 from ctpo_megatron.ops.loss_stats import MAX_SLOTS as LOSS_STATS_MAX_SLOTS
 from ctpo_megatron.ops.loss_stats import SUM_SLOTS as LOSS_STATS_SUM_SLOTS
-from ctpo_megatron.ops.loss_stats import LossStatsOut, loss_stats, loss_stats_kernel_for, sum_sections as loss_stats_sections
+from ctpo_megatron.ops.loss_stats import LossStatsOut, loss_stats, loss_stats_kernel_for
+from ctpo_megatron.ops.loss_stats import sum_sections as loss_stats_sections
 from ctpo_megatron.ops.scan import segmented_cumsum
 from ctpo_megatron.ops.zigzag import (zigzag_chunk_cu_seqlens, zigzag_local_cu_seqlens, zigzag_shard,
                                       zigzag_unshard)
 
 __all__ = [
-    "LOSS_STATS_MAX_SLOTS", "LOSS_STATS_SUM_SLOTS", "LossStatsOut", "backend_report", "context_parallel_cumsum", "ctpo_token_loss",
-    "extension_backends", "has_kernel", "histogram_quantiles", "histogram_quantiles_kernel_for", "loss_stats", "loss_stats_kernel_for", "loss_stats_sections", "segmented_cumsum", "zigzag_chunk_cu_seqlens", "zigzag_local_cu_seqlens", "zigzag_shard",
-    "zigzag_unshard",
+    "LOSS_STATS_MAX_SLOTS", "LOSS_STATS_SUM_SLOTS", "LossStatsOut", "backend_report", "context_parallel_cumsum",
+    "ctpo_token_loss", "extension_backends", "has_kernel", "histogram_quantiles", "histogram_quantiles_kernel_for",
+    "loss_stats", "loss_stats_kernel_for", "loss_stats_sections", "segmented_cumsum", "zigzag_chunk_cu_seqlens",
+    "zigzag_local_cu_seqlens", "zigzag_shard", "zigzag_unshard",
 ]

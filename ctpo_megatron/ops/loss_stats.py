@@ -30,14 +30,13 @@ MAX_SLOTS = ("ratio_max", "ratio_neg_min", "la_scale_max", "la_scale_neg_min")
 def sum_sections(num_exp: int, hist_bins: int, num_buckets: int) -> dict[str, slice]:
     """Where each section lies in `LossStatsOut.sums` (StatsLayout in the header): the
     SUM_SLOTS, "exp_sums" [num_exp], "ratio_hist" and "la_scale_hist" [hist_bins] each,
-    "position_clipped" and "position_tokens" [num_buckets] each; "size": the whole length."""
+    "position_clipped" and "position_tokens" [num_buckets] each (the last one ends the vector)."""
     sizes = {"scalars": len(SUM_SLOTS), "exp_sums": num_exp, "ratio_hist": hist_bins, "la_scale_hist": hist_bins,
              "position_clipped": num_buckets, "position_tokens": num_buckets}
     out, offset = {}, 0
     for name, size in sizes.items():
         out[name] = slice(offset, offset + size)
         offset += size
-    out["size"] = slice(0, offset)
     return out
 
 
@@ -46,7 +45,7 @@ class LossStatsOut(NamedTuple):
     add and one max (and reduces them over ranks with two all-reduces)."""
 
     sums: torch.Tensor
-    """[sum_sections(...)["size"]]: the sums named in SUM_SLOTS (the la_scale slot 0 without
+    """[sum_sections(...)["position_tokens"].stop]: the sums named in SUM_SLOTS (the la_scale slot 0 without
     la_scale or la_power), sum exp(c g_t) per exp_coeffs entry (0 without LA), the histograms
     of r_t and g_t (valid-token counts per bin; g_t's zeros without LA), then clipped (high,
     low or dual) and valid tokens per position bucket."""
@@ -93,8 +92,9 @@ def _register() -> None:
     @torch.library.register_fake(_OP)
     def _fake(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual, clipped,
               positions, bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins):
-        size = sum_sections(len(exp_coeffs), hist_bins, num_buckets)["size"].stop
+        size = sum_sections(len(exp_coeffs), hist_bins, num_buckets)["position_tokens"].stop
         return (valid.new_empty((size,), dtype=torch.float64), valid.new_empty((len(MAX_SLOTS),), dtype=torch.float64))
+
 
 if extension_backends():
     _register()
