@@ -76,4 +76,18 @@ TORCH_LIBRARY(ctpo_megatron, m) {
   m.def(
       "histogram_quantiles(Tensor counts, float[] qs, float? lo, float? hi, float? total, int hist_shift, "
       "int hist_first) -> Tensor");
+  // The metric values of a loss_stats result (float64 [17 + len(qs) + 4 + num_exp + num_buckets],
+  // in the order of algo.stats.METRIC_KEYS; algo.stats.LossSums.metrics defines them): loss is
+  // the summed loss, num_updates divides the per-update values; the LA values are 0 unless
+  // adaptive_clip and a valid token; a position bucket without tokens has rate NaN. CPU only.
+  m.def(
+      "loss_metrics(Tensor sums, Tensor maxima, float loss, int num_exp, int num_buckets, int num_updates, "
+      "bool adaptive_clip, float[] qs, int hist_shift, int hist_first, int hist_bins) -> Tensor");
+  // loss_stats, then loss_metrics of its result (loss 0, one update): one micro-batch's metric
+  // values in one call (algo.stats.policy_metrics). CPU only.
+  m.def(
+      "loss_stats_metrics(Tensor valid, Tensor advantages, Tensor ratio, Tensor log_ratio, Tensor? la_scale, "
+      "float? la_power, Tensor clip_high, Tensor clip_low, Tensor clip_dual, Tensor clipped, Tensor? positions, "
+      "Tensor bucket_of_position, int num_buckets, float[] exp_coeffs, int hist_shift, int hist_first, "
+      "int hist_bins, float[] qs, bool adaptive_clip) -> Tensor");
 }

@@ -14,7 +14,7 @@
 #include <numeric>
 #include <vector>
 
-#include "ctpo/loss_stats.h"
+#include "ctpo/histogram_quantiles.h"
 
 namespace ctpo {
 namespace {
@@ -84,19 +84,13 @@ std::vector<double> order_statistics(const double* counts, int64_t begin, int64_
   return values;
 }
 
-at::Tensor histogram_quantiles_cpu(const at::Tensor& counts, at::ArrayRef<double> qs, c10::optional<double> lo,
-                                   c10::optional<double> hi, c10::optional<double> total, int64_t hist_shift,
-                                   int64_t hist_first) {
-  constexpr const char* what = "ctpo_megatron::histogram_quantiles";
-  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kDouble, what,
-              ": counts must be a 1-d float64 tensor, got ", counts.scalar_type(), " of shape ", counts.sizes());
-  for (double q : qs) TORCH_CHECK(q >= 0.0 && q <= 1.0, what, ": quantile ", q, " is outside [0, 1]");
-  const HistSpec h{hist_shift, hist_first, counts.numel()};
-  const at::Tensor contiguous = counts.contiguous();
-  const double* c = contiguous.data_ptr<double>();
-  const int64_t bins = counts.numel();
-  auto out = at::zeros({static_cast<int64_t>(qs.size())}, counts.options());
-  if (bins == 0) return out;
+}  // namespace
+
+std::vector<double> histogram_quantile_values(const double* c, int64_t bins, at::ArrayRef<double> qs,
+                                              c10::optional<double> lo, c10::optional<double> hi,
+                                              c10::optional<double> total, const HistSpec& h) {
+  std::vector<double> result(qs.size(), 0.0);
+  if (bins == 0) return result;
   // Only the bins between the extremes hold counts, unless NaN or out-of-range values sit
   // outside: then their sum falls short of the total and every bin is used. Each block is
   // summed once, for the check and for the walk.
@@ -115,7 +109,7 @@ at::Tensor histogram_quantiles_cpu(const at::Tensor& counts, at::ArrayRef<double
   }
   if (sums.empty()) sums = block_sums(c, 0, bins);  // the window was not taken, total given
   const double n = total_of(sums);
-  if (n <= 0) return out;
+  if (n <= 0) return result;
   // Both order statistics of every quantile, ascending, each visited once.
   const size_t m = qs.size();
   std::vector<double> rank(m), ranks(2 * m);
@@ -138,13 +132,29 @@ at::Tensor histogram_quantiles_cpu(const at::Tensor& counts, at::ArrayRef<double
     if (hi && sorted[i] == n - 1) v = *hi;
     value[order[i]] = v;
   }
-  double* result = out.data_ptr<double>();
   for (size_t j = 0; j < m; ++j) {
     double q = value[j] + (rank[j] - ranks[j]) * (value[m + j] - value[j]);
     if (lo) q = std::max(q, *lo);
     if (hi) q = std::min(q, *hi);
     result[j] = q;
   }
+  return result;
+}
+
+namespace {
+
+at::Tensor histogram_quantiles_cpu(const at::Tensor& counts, at::ArrayRef<double> qs, c10::optional<double> lo,
+                                   c10::optional<double> hi, c10::optional<double> total, int64_t hist_shift,
+                                   int64_t hist_first) {
+  constexpr const char* what = "ctpo_megatron::histogram_quantiles";
+  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kDouble, what,
+              ": counts must be a 1-d float64 tensor, got ", counts.scalar_type(), " of shape ", counts.sizes());
+  check_quantiles(qs, what);
+  const at::Tensor contiguous = counts.contiguous();
+  const std::vector<double> values = histogram_quantile_values(
+      contiguous.data_ptr<double>(), counts.numel(), qs, lo, hi, total, HistSpec{hist_shift, hist_first, counts.numel()});
+  auto out = at::empty({static_cast<int64_t>(qs.size())}, counts.options());
+  std::copy(values.begin(), values.end(), out.data_ptr<double>());
   return out;
 }
 

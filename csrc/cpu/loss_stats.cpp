@@ -700,6 +700,8 @@ void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const
   m[kScaleNegMin] = -sums.scale_min;
 }
 
+}  // namespace
+
 StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
                            const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
                            c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
@@ -769,7 +771,6 @@ StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages
   return {sums_out, maxima_out};
 }
 
-}  // namespace
 }  // namespace ctpo
 
 TORCH_LIBRARY_IMPL(ctpo_megatron, CPU, m) {

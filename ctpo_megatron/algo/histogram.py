@@ -64,7 +64,8 @@ def histogram_quantiles(counts: torch.Tensor, qs: Sequence[float], *, lo: float 
     clamped to them, and q = 0 and q = 1 give them exactly. total: the sum of `counts`, if
     known (saves a pass over all bins). Returns len(qs) floats, 0.0 each when the counts are
     empty."""
-    counts = counts.detach().to(device="cpu", dtype=torch.float64)
+    if counts.requires_grad or counts.device.type != "cpu" or counts.dtype != torch.float64:
+        counts = counts.detach().to(device="cpu", dtype=torch.float64)  # (a no-op call costs microseconds)
     if ops.histogram_quantiles_kernel_for(counts.device):
         return ops.histogram_quantiles(counts, qs, lo=lo, hi=hi, total=total, hist_shift=KERNEL_LAYOUT["hist_shift"],
                                        hist_first=KERNEL_LAYOUT["hist_first"])

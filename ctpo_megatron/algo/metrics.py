@@ -117,6 +117,13 @@ def position_clip_metrics(clipped: torch.Tensor | Sequence[float], tokens: torch
             if n != 0}
 
 
+def position_rate_metrics(rates: Sequence[float], bucket_edges: Sequence[int],
+                          prefix: str = "clip_rate_by_pos") -> dict[str, float]:
+    """`position_clip_metrics` from the rates per bucket, NaN for a bucket without tokens (as
+    `ops.loss_metrics` gives them): those are left out."""
+    return {key: r for key, r in zip(_bucket_keys(tuple(bucket_edges), prefix), rates) if r == r}
+
+
 @functools.lru_cache(maxsize=64)
 def _bucket_keys(edges: tuple[int, ...], prefix: str) -> tuple[str, ...]:
     """The metric key of each bucket (formatted once per edges: this runs per micro-batch)."""

@@ -22,7 +22,8 @@ from ctpo_megatron import ops
 from ctpo_megatron.algo import histogram
 from ctpo_megatron.algo.config import PolicyLossConfig
 from ctpo_megatron.algo.metrics import (RATIO_QUANTILES, bucket_of_position, check_bucket_edges,
-                                        position_bucket_edges, position_clip_metrics, position_counts)
+                                        position_bucket_edges, position_clip_metrics, position_counts,
+                                        position_rate_metrics)
 from ctpo_megatron.algo.terms import TokenTerms
 
 _NUM_EXP = 3
@@ -38,6 +39,16 @@ _VECTORS = {"clip": "clip", "la_clip_ratios": "exp_sums", "ratio_hist": "ratio_h
             "la_scale_hist": "la_scale_hist", "position_clipped": "position_clipped",
             "position_tokens": "position_tokens"}
 """Vector fields of `LossSums` and the section of the op's sums vector that holds each."""
+_CLIP_KEYS = tuple((f"clip_count_{key}", f"clipfrac_{key}") for key in ("high", "low", "dual", "total"))
+_RATIO_QS = [q for _, q in RATIO_QUANTILES]
+_RATIO_QUANTILE_KEYS = tuple(f"is_ratio_{name}" for name, _ in RATIO_QUANTILES)
+_LA_CLIP_KEYS = tuple(f"la_clip_{key}_ratio_mean" for key in ("high", "low", "c"))
+METRIC_KEYS = ("loss", "valid_tokens", "neg_adv_tokens", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl",
+               *(key for pair in _CLIP_KEYS for key in pair), "is_ratio_mean", "is_ratio_min", "is_ratio_max",
+               *_RATIO_QUANTILE_KEYS)
+"""The keys `LossSums.metrics` always has, in its order (the values `ops.loss_metrics` returns first)."""
+_LA_KEYS = ("la_scale_mean", "la_scale_min", "la_scale_max", "la_scale_p50", *_LA_CLIP_KEYS)
+"""The keys it adds with adaptive clipping and a valid token (the op's next values)."""
 FIELDS = ("loss", "tokens", "neg_adv_tokens", "clip", "pg_clipped", "kl", "ratio_sum", "ratio_max", "ratio_neg_min",
           "ratio_hist", "la_scale_sum", "la_scale_max", "la_scale_neg_min", "la_scale_hist", "la_clip_ratios",
           "position_clipped", "position_tokens")
@@ -139,21 +150,12 @@ class LossSums:
         a fixed-shape reduction on the inputs' device."""
         edges = check_bucket_edges(bucket_edges)
         with torch.no_grad():
-            valid = response_mask if response_mask.dtype == torch.bool else response_mask > 0
-            if advantages.shape != valid.shape:
-                advantages = advantages.reshape(advantages.shape[0], -1).expand(valid.shape)
+            valid, advantages = _valid_and_advantages(response_mask, advantages)
             loss_sum = loss.detach().to(torch.float64) / dp_size
-            coefficients = (cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c)
-            if terms.ratio.dtype in (torch.float32, torch.float64) and ops.loss_stats_kernel_for(valid.device):
-                # From the positions: running ones read tables of per-position sums (cost per
-                # row, not per token); given ones where rows share positions. One row of given
-                # positions has as many positions as tokens, and their table costs more than
-                # reading the scales (measured: 1.5 vs 1.1 ms at 1 x 131072).
-                shared = valid.dim() > 1 and valid.numel() > valid.shape[-1]
-                by_position = positions is None or shared
-                la_power = cfg.la_power if terms.la_scale is not None and by_position else None
-                return _kernel_sums(terms, valid, advantages, loss_sum, edges, positions, coefficients, la_power)
-            return _torch_sums(terms, valid, advantages, loss_sum, edges, positions, coefficients)
+            kernel, la_power = _kernel_plan(terms, valid, cfg, positions)
+            if kernel:
+                return _kernel_sums(terms, valid, advantages, loss_sum, edges, positions, _coefficients(cfg), la_power)
+            return _torch_sums(terms, valid, advantages, loss_sum, edges, positions, _coefficients(cfg))
 
     def __add__(self, other: LossSums) -> LossSums:
         if self.sums.shape != other.sums.shape:
@@ -190,36 +192,47 @@ class LossSums:
             la_scale_{mean,min,max,p50}, la_clip_{high,low,c}_ratio_mean   (adaptive_clip only)
         """
         host = self._to_host()
-        sections = _sections(host.sums.numel())
-        # Python numbers once (a float() per 0-d tensor costs more than the arithmetic below).
-        scalars = host.sums[:sections["exp_sums"].stop].tolist()
+        if not ops.loss_stats_kernel_for(host.sums.device):
+            return host._metrics_definition(num_updates, bucket_edges, adaptive_clip)
+        buckets = host.sums.numel() - _sections(host.sums.numel())["position_clipped"].start
+        values = ops.loss_metrics(host.sums, host.maxima, loss=host.loss.item(), num_exp=_NUM_EXP,
+                                  num_buckets=buckets // 2, num_updates=num_updates, adaptive_clip=adaptive_clip,
+                                  qs=_RATIO_QS, **histogram.KERNEL_LAYOUT)
+        return _metrics_from_values(values, bucket_edges, adaptive_clip)
+
+    def _metrics_definition(self, num_updates: int, bucket_edges: Sequence[int],
+                            adaptive_clip: bool) -> dict[str, float]:
+        """`metrics` of sums on the host, in Python: its definition, and the path without the
+        extension (the `ops.loss_metrics` kernel computes the same, in the same order)."""
+        sections = _sections(self.sums.numel())
+        sums = self.sums.numpy()
+        scalars = sums[:sections["exp_sums"].stop].tolist()
         v = {name: scalars[i] for name, i in _SCALAR_INDEX.items()}
-        v.update(zip(ops.LOSS_STATS_MAX_SLOTS, host.maxima.tolist()))
+        v.update(zip(ops.LOSS_STATS_MAX_SLOTS, self.maxima.tolist()))
         clip, la_clip_ratios = scalars[_CLIP_SLOTS], scalars[sections["exp_sums"]]
         n = v["tokens"]
         per = 1.0 / max(num_updates, 1)
         rate = (lambda x: x / n) if n else (lambda x: 0.0)  # noqa: E731
-        out = {"loss": float(host.loss) * per, "valid_tokens": n * per,
+        out = {"loss": self.loss.item() * per, "valid_tokens": n * per,
                "neg_adv_tokens": v["neg_adv_tokens"] * per,
                "pg_clipfrac": v["pg_clipped"] / (n + 1e-8),
                "pg_clipfrac_lower": clip[2] / (n + 1e-8),
                "ppo_kl": v["kl"] / (n + 1e-8)}
-        for i, key in enumerate(("high", "low", "dual", "total")):
-            out[f"clip_count_{key}"] = clip[i] * per
-            out[f"clipfrac_{key}"] = rate(clip[i])
+        for (count_key, rate_key), c in zip(_CLIP_KEYS, clip):
+            out[count_key] = c * per
+            out[rate_key] = rate(c)
         lo, hi = (-v["ratio_neg_min"], v["ratio_max"]) if n else (0.0, 0.0)
         out["is_ratio_mean"], out["is_ratio_min"], out["is_ratio_max"] = rate(v["ratio_sum"]), lo, hi
-        qs = histogram.histogram_quantiles(host.sums[sections["ratio_hist"]], [q for _, q in RATIO_QUANTILES],
-                                           lo=lo, hi=hi, total=n)
-        out.update((f"is_ratio_{name}", q) for (name, _), q in zip(RATIO_QUANTILES, qs))
+        qs = histogram.histogram_quantiles(self.sums[sections["ratio_hist"]], _RATIO_QS, lo=lo, hi=hi, total=n)
+        out.update(zip(_RATIO_QUANTILE_KEYS, qs))
         if adaptive_clip and n:
             lo, hi = -v["la_scale_neg_min"], v["la_scale_max"]
             out["la_scale_mean"], out["la_scale_min"], out["la_scale_max"] = rate(v["la_scale_sum"]), lo, hi
-            out["la_scale_p50"] = histogram.histogram_quantiles(host.sums[sections["la_scale_hist"]], [0.5],
+            out["la_scale_p50"] = histogram.histogram_quantiles(self.sums[sections["la_scale_hist"]], [0.5],
                                                                 lo=lo, hi=hi, total=n)[0]
-            for i, key in enumerate(("high", "low", "c")):
-                out[f"la_clip_{key}_ratio_mean"] = rate(la_clip_ratios[i])
-        buckets = host.sums[sections["position_clipped"].start:].tolist()
+            for key, c in zip(_LA_CLIP_KEYS, la_clip_ratios):
+                out[key] = rate(c)
+        buckets = sums[sections["position_clipped"].start:].tolist()
         k = len(buckets) // 2
         out.update(position_clip_metrics(buckets[:k], buckets[k:], bucket_edges))
         return out
@@ -271,14 +284,58 @@ def _kernel_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tenso
     dtype, so they agree to rounding). la_power: with LA, the scales' statistics are those of
     max(n_t, 1)^la_power at the positions, per position (equal to `terms.la_scale`'s when the
     positions are the loss's n_t); None reads `terms.la_scale` per token."""
-    by_position = terms.la_scale is not None and la_power is not None
-    out = ops.loss_stats(valid, advantages, terms.ratio, terms.log_ratio_clamped,
-                         None if by_position else terms.la_scale,
-                         (terms.clip_high, terms.clip_low, terms.clip_dual, terms.clipped), positions=positions,
-                         bucket_of_position=bucket_of_position(tuple(edges), valid.device), num_buckets=len(edges),
-                         exp_coeffs=coefficients, la_power=la_power if by_position else None,
-                         **histogram.KERNEL_LAYOUT)
+    out = ops.loss_stats(**_kernel_args(terms, valid, advantages, edges, positions, coefficients, la_power))
     return LossSums(loss_sum, out.sums, out.maxima)
+
+
+def _kernel_args(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor, edges: list[int],
+                 positions: torch.Tensor | None, coefficients: tuple[float, float, float],
+                 la_power: float | None) -> dict:
+    """The arguments of `ops.loss_stats` (and `ops.loss_stats_metrics`) for these terms."""
+    by_position = terms.la_scale is not None and la_power is not None
+    return dict(valid=valid, advantages=advantages, ratio=terms.ratio, log_ratio=terms.log_ratio_clamped,
+                la_scale=None if by_position else terms.la_scale,
+                flags=(terms.clip_high, terms.clip_low, terms.clip_dual, terms.clipped), positions=positions,
+                bucket_of_position=bucket_of_position(tuple(edges), valid.device), num_buckets=len(edges),
+                exp_coeffs=coefficients, la_power=la_power if by_position else None, **histogram.KERNEL_LAYOUT)
+
+
+def _kernel_plan(terms: TokenTerms, valid: torch.Tensor, cfg: PolicyLossConfig,
+                 positions: torch.Tensor | None) -> tuple[bool, float | None]:
+    """(whether the `ops.loss_stats` kernel takes these terms, the la_power it takes the LA
+    statistics from, or None to read `terms.la_scale` per token)."""
+    if terms.ratio.dtype not in (torch.float32, torch.float64) or not ops.loss_stats_kernel_for(valid.device):
+        return False, None
+    # From the positions: running ones read tables of per-position sums (cost per row, not
+    # per token); given ones where rows share positions. One row of given positions has as
+    # many positions as tokens, and their table costs more than reading the scales (measured:
+    # 1.5 vs 1.1 ms at 1 x 131072).
+    shared = valid.dim() > 1 and valid.numel() > valid.shape[-1]
+    by_position = positions is None or shared
+    return True, cfg.la_power if terms.la_scale is not None and by_position else None
+
+
+def _valid_and_advantages(response_mask: torch.Tensor, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid [B, S] bool, advantages [B, S]) from a binary or bool mask and [B, S], [B] or [B, 1] advantages."""
+    valid = response_mask if response_mask.dtype == torch.bool else response_mask > 0
+    if advantages.shape != valid.shape:
+        advantages = advantages.reshape(advantages.shape[0], -1).expand(valid.shape)
+    return valid, advantages
+
+
+def _coefficients(cfg: PolicyLossConfig) -> tuple[float, float, float]:
+    """The c of the exp(c g) sums (`LossSums.la_clip_ratios`)."""
+    return cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c
+
+
+def _metrics_from_values(values: list[float], bucket_edges: Sequence[int], adaptive_clip: bool) -> dict[str, float]:
+    """`LossSums.metrics` from `ops.loss_metrics`' values (the same keys, in the same order)."""
+    out = dict(zip(METRIC_KEYS, values))
+    fixed = len(METRIC_KEYS)
+    if adaptive_clip and out["valid_tokens"]:
+        out.update(zip(_LA_KEYS, values[fixed:]))
+    out.update(position_rate_metrics(values[fixed + len(_LA_KEYS):], bucket_edges))
+    return out
 
 
 def policy_metrics(terms: TokenTerms, response_mask: torch.Tensor, advantages: torch.Tensor,
@@ -291,9 +348,19 @@ def policy_metrics(terms: TokenTerms, response_mask: torch.Tensor, advantages: t
     copy."""
     if bucket_edges is None:
         bucket_edges = position_bucket_edges(max(response_mask.shape[-1], 1))
-    sums = LossSums.from_terms(terms, response_mask, advantages, cfg,
-                               loss=torch.zeros((), dtype=torch.float64, device=response_mask.device), dp_size=1,
-                               bucket_edges=bucket_edges, positions=positions)
-    out = sums.metrics(num_updates=1, bucket_edges=bucket_edges, adaptive_clip=terms.la_scale is not None)
+    edges = check_bucket_edges(bucket_edges)
+    adaptive_clip = terms.la_scale is not None
+    with torch.no_grad():
+        valid, advantages = _valid_and_advantages(response_mask, advantages)
+        kernel, la_power = _kernel_plan(terms, valid, cfg, positions)
+        if kernel:  # one call: the statistics and their values
+            values = ops.loss_stats_metrics(**_kernel_args(terms, valid, advantages, edges, positions,
+                                                           _coefficients(cfg), la_power),
+                                            qs=_RATIO_QS, adaptive_clip=adaptive_clip)
+            out = _metrics_from_values(values, edges, adaptive_clip)
+        else:
+            zero = torch.zeros((), dtype=torch.float64, device=valid.device)
+            sums = _torch_sums(terms, valid, advantages, zero, edges, positions, _coefficients(cfg))
+            out = sums.metrics(num_updates=1, bucket_edges=edges, adaptive_clip=adaptive_clip)
     del out["loss"]
     return out

@@ -8,7 +8,7 @@ sum. A leaf package: `algo` imports `ops`, never the other way round.
 `python -m ctpo_megatron.ops` prints which backend is active and why. Files: _backend (which
 kernels), reference (the pure-torch scan), scan (segmented_cumsum + op autograd), ctpo_loss
 (the raw fused CTPO op; `algo.ctpo.fused_ctpo_token_terms` wraps it), loss_stats (the one-pass
-loss statistics; `algo.stats.LossSums.from_terms` calls it), histogram (quantiles of the
+loss statistics; `algo.stats.LossSums.from_terms` calls it; their metric values), histogram (quantiles of the
 statistics' histograms; `algo.histogram.histogram_quantiles` calls it), zigzag (Megatron CP
 sharding helpers), context_parallel (cross-rank scan).
 """
@@ -21,7 +21,9 @@ from ctpo_megatron.ops.ctpo_loss import ctpo_token_loss, has_kernel
 from ctpo_megatron.ops.histogram import histogram_quantiles, histogram_quantiles_kernel_for
 from ctpo_megatron.ops.loss_stats import MAX_SLOTS as LOSS_STATS_MAX_SLOTS
 from ctpo_megatron.ops.loss_stats import SUM_SLOTS as LOSS_STATS_SUM_SLOTS
-from ctpo_megatron.ops.loss_stats import LossStatsOut, loss_stats, loss_stats_kernel_for
+from ctpo_megatron.ops.loss_stats import (LossStatsOut, loss_metrics, loss_stats, loss_stats_kernel_for,
+                                         loss_stats_metrics)
+from ctpo_megatron.ops.loss_stats import metric_count as loss_metric_count
 from ctpo_megatron.ops.loss_stats import sum_sections as loss_stats_sections
 from ctpo_megatron.ops.scan import segmented_cumsum
 from ctpo_megatron.ops.zigzag import (zigzag_chunk_cu_seqlens, zigzag_local_cu_seqlens, zigzag_shard,
@@ -30,6 +32,7 @@ from ctpo_megatron.ops.zigzag import (zigzag_chunk_cu_seqlens, zigzag_local_cu_s
 __all__ = [
     "LOSS_STATS_MAX_SLOTS", "LOSS_STATS_SUM_SLOTS", "LossStatsOut", "backend_report", "context_parallel_cumsum",
     "ctpo_token_loss", "extension_backends", "has_kernel", "histogram_quantiles", "histogram_quantiles_kernel_for",
-    "loss_stats", "loss_stats_kernel_for", "loss_stats_sections", "segmented_cumsum", "zigzag_chunk_cu_seqlens",
+    "loss_metric_count", "loss_metrics", "loss_stats", "loss_stats_kernel_for", "loss_stats_metrics",
+    "loss_stats_sections", "segmented_cumsum", "zigzag_chunk_cu_seqlens",
     "zigzag_local_cu_seqlens", "zigzag_shard", "zigzag_unshard",
 ]

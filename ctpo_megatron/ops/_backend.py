@@ -79,6 +79,14 @@ def backend_report() -> list[str]:
     return lines
 
 
+@functools.cache
+def op_overload(name: str) -> torch._ops.OpOverload:
+    """`torch.ops.ctpo_megatron.<name>.default`, looked up once: a call through the overload
+    skips the packet's overload resolution (microseconds, for the ops called per micro-batch).
+    Call only where the extension is loaded."""
+    return getattr(torch.ops.ctpo_megatron, name).default
+
+
 def cpu_kernel_for(device: torch.device) -> bool:
     """True for `device` on the CPU with the extension's CPU kernels: the ops written for the
     host only (the loss statistics, the histogram quantiles)."""

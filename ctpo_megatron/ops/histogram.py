@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ctpo_megatron.ops._backend import cpu_kernel_for, extension_backends
+from ctpo_megatron.ops._backend import cpu_kernel_for, extension_backends, op_overload
 
 
 def histogram_quantiles_kernel_for(device: torch.device) -> bool:
@@ -24,8 +24,8 @@ def histogram_quantiles(counts: torch.Tensor, qs: Sequence[float], *, lo: float 
     >> hist_shift are b + hist_first); qs: quantiles in [0, 1]; lo, hi: the exact minimum and
     maximum, if known; total: the sum of counts, if known. Returns len(qs) floats, as
     `algo.histogram.histogram_quantiles` defines them."""
-    return torch.ops.ctpo_megatron.histogram_quantiles(
-        counts, [float(q) for q in qs], lo, hi, total, int(hist_shift), int(hist_first)).tolist()
+    return op_overload("histogram_quantiles")(counts, [float(q) for q in qs], lo, hi, total, hist_shift,
+                                              hist_first).tolist()
 
 
 def _register() -> None:

@@ -12,11 +12,12 @@ comes in as arguments.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
-from ctpo_megatron.ops._backend import cpu_kernel_for, extension_backends
+from ctpo_megatron.ops._backend import cpu_kernel_for, extension_backends, op_overload
 
 _OP = "ctpo_megatron::loss_stats"
 
@@ -79,13 +80,60 @@ def loss_stats(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tenso
     each weighted by its tokens: B rows of S tokens cost S evaluations, and no [B, S] scale
     tensor is read.
     """
+    return LossStatsOut(*op_overload("loss_stats")(*_stats_args(
+        valid, advantages, ratio, log_ratio, la_scale, flags, positions, bucket_of_position, num_buckets, exp_coeffs,
+        hist_shift, hist_first, hist_bins, la_power)))
+
+
+def loss_stats_metrics(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tensor, log_ratio: torch.Tensor,
+                       la_scale: torch.Tensor | None,
+                       flags: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], *,
+                       positions: torch.Tensor | None, bucket_of_position: torch.Tensor, num_buckets: int,
+                       exp_coeffs: tuple[float, ...], hist_shift: int, hist_first: int, hist_bins: int,
+                       qs: Sequence[float], adaptive_clip: bool, la_power: float | None = None) -> list[float]:
+    """`loss_stats` and `loss_metrics` of its result (loss 0, one update) in one call: the
+    metric values of one micro-batch (arguments as there; call only where
+    `loss_stats_kernel_for(device)`)."""
+    return op_overload("loss_stats_metrics")(*_stats_args(
+        valid, advantages, ratio, log_ratio, la_scale, flags, positions, bucket_of_position, num_buckets, exp_coeffs,
+        hist_shift, hist_first, hist_bins, la_power), [float(q) for q in qs], bool(adaptive_clip)).tolist()
+
+
+def loss_metrics(sums: torch.Tensor, maxima: torch.Tensor, *, loss: float, num_exp: int, num_buckets: int,
+                 num_updates: int, adaptive_clip: bool, qs: Sequence[float], hist_shift: int, hist_first: int,
+                 hist_bins: int) -> list[float]:
+    """The metric values of a `loss_stats` result summed over `num_updates` optimizer updates
+    (`algo.stats.LossSums.metrics` defines them and names them, `METRIC_KEYS`), on the host:
+    sums, maxima: `LossStatsOut`'s vectors (float64, CPU); loss: the summed loss; qs: the ratio
+    quantiles. Returns 17 + len(qs) + 4 + num_exp + num_buckets floats: the LA ones 0 unless
+    adaptive_clip and a valid token, a position bucket without tokens NaN."""
+    return op_overload("loss_metrics")(sums, maxima, float(loss), int(num_exp), int(num_buckets), int(num_updates),
+                                       bool(adaptive_clip), [float(q) for q in qs], int(hist_shift), int(hist_first),
+                                       int(hist_bins)).tolist()
+
+
+def _stats_args(valid, advantages, ratio, log_ratio, la_scale, flags, positions, bucket_of_position, num_buckets,
+                exp_coeffs, hist_shift, hist_first, hist_bins, la_power) -> tuple:
+    """The op's positional arguments, in its dtypes and contiguous."""
     dtype = ratio.dtype
-    return LossStatsOut(*torch.ops.ctpo_megatron.loss_stats(
-        valid.contiguous(), advantages.to(dtype).contiguous(), ratio.contiguous(), log_ratio.to(dtype).contiguous(),
-        None if la_scale is None else la_scale.to(dtype).contiguous(), None if la_power is None else float(la_power),
-        *(f.contiguous() for f in flags),
-        None if positions is None else positions.to(torch.int64).contiguous(), bucket_of_position,
-        int(num_buckets), [float(c) for c in exp_coeffs], int(hist_shift), int(hist_first), int(hist_bins)))
+    return (_dense(valid), _dense(advantages, dtype), _dense(ratio), _dense(log_ratio, dtype),
+            None if la_scale is None else _dense(la_scale, dtype), None if la_power is None else float(la_power),
+            *(_dense(f) for f in flags), None if positions is None else _dense(positions, torch.int64),
+            bucket_of_position, int(num_buckets), [float(c) for c in exp_coeffs], int(hist_shift), int(hist_first),
+            int(hist_bins))
+
+
+def _dense(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor` in `dtype`, contiguous; itself when it already is (this runs per micro-batch, and
+    a no-op `.to().contiguous()` still costs two calls)."""
+    if (dtype is None or tensor.dtype == dtype) and tensor.is_contiguous():
+        return tensor
+    return tensor.to(dtype or tensor.dtype).contiguous()
+
+
+def metric_count(num_exp: int, num_quantiles: int, num_buckets: int) -> int:
+    """How many values `loss_metrics` returns."""
+    return 17 + num_quantiles + 4 + num_exp + num_buckets
 
 
 def _register() -> None:
@@ -94,6 +142,17 @@ def _register() -> None:
               positions, bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins):
         size = sum_sections(len(exp_coeffs), hist_bins, num_buckets)["position_tokens"].stop
         return (valid.new_empty((size,), dtype=torch.float64), valid.new_empty((len(MAX_SLOTS),), dtype=torch.float64))
+
+    @torch.library.register_fake("ctpo_megatron::loss_metrics")
+    def _fake_metrics(sums, maxima, loss, num_exp, num_buckets, num_updates, adaptive_clip, qs, hist_shift,
+                      hist_first, hist_bins):
+        return sums.new_empty((metric_count(num_exp, len(qs), num_buckets),))
+
+    @torch.library.register_fake("ctpo_megatron::loss_stats_metrics")
+    def _fake_stats_metrics(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual,
+                            clipped, positions, bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first,
+                            hist_bins, qs, adaptive_clip):
+        return valid.new_empty((metric_count(len(exp_coeffs), len(qs), num_buckets),), dtype=torch.float64)
 
 
 if extension_backends():

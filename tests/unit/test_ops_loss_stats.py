@@ -227,12 +227,13 @@ def test_no_valid_token_gives_neutral_extremes():
 
 
 def test_policy_loss_metrics_come_from_the_kernel(monkeypatch):
-    """policy_loss's metrics on CPU are computed by the kernel, and equal the torch path's."""
+    """policy_loss's metrics on CPU are computed by the kernels (statistics and values in one
+    call), and equal the torch path's."""
     cfg = CONFIGS["ctpo-la"]
     lp, olp, adv, mask = batch(torch.float32, spread=0.2)
     calls = []
-    kernel_sums = stats._kernel_sums
-    monkeypatch.setattr(stats, "_kernel_sums", lambda *a: calls.append(1) or kernel_sums(*a))
+    fused = ops.loss_stats_metrics
+    monkeypatch.setattr(ops, "loss_stats_metrics", lambda *a, **k: calls.append(1) or fused(*a, **k))
     _, metrics = policy_loss(lp, olp, adv, mask, cfg)
     assert calls == [1]
     monkeypatch.setattr(ops, "loss_stats_kernel_for", lambda device: False)
@@ -333,7 +334,7 @@ def test_from_terms_counts_la_per_position_unless_one_row_has_given_positions(mo
         _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
     calls = []
     raw = ops.loss_stats
-    monkeypatch.setattr(ops, "loss_stats", lambda *a, **k: calls.append((a[4], k["la_power"])) or raw(*a, **k))
+    monkeypatch.setattr(ops, "loss_stats", lambda *a, **k: calls.append((k["la_scale"], k["la_power"])) or raw(*a, **k))
     kw = dict(loss=torch.zeros(()), dp_size=1, bucket_edges=position_bucket_edges(shape[1]), positions=positions)
     kernel = stats.LossSums.from_terms(terms, mask > 0, adv, cfg, **kw)
     assert calls == [(None, cfg.la_power)] if by_position else calls == [(terms.la_scale, None)]

@@ -125,6 +125,15 @@ inline void check_stats_inputs(const at::Tensor& valid, const at::Tensor& advant
 // neutral maxima.
 using StatsResult = std::tuple<at::Tensor, at::Tensor>;
 
+// The op's CPU kernel (csrc/cpu/loss_stats.cpp), also run by loss_stats_metrics.
+StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
+                           const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
+                           c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
+                           const at::Tensor& clip_dual, const at::Tensor& clipped,
+                           const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
+                           int64_t num_buckets, at::ArrayRef<double> exp_coeffs, int64_t hist_shift,
+                           int64_t hist_first, int64_t hist_bins);
+
 inline void init_maxima(double* maxima) {
   constexpr double inf = std::numeric_limits<double>::infinity();
   maxima[kRatioMax] = 0.0;
