@@ -340,3 +340,83 @@ def test_from_terms_counts_la_per_position_unless_one_row_has_given_positions(mo
     assert calls == [(None, cfg.la_power)] if by_position else calls == [(terms.la_scale, None)]
     monkeypatch.setattr(ops, "loss_stats_kernel_for", lambda device: False)
     assert_same(stats.LossSums.from_terms(terms, mask > 0, adv, cfg, **kw), kernel, 2e-5)
+
+
+def metric_cases():
+    """(name, LossSums, bucket edges, adaptive_clip): real terms of each config, two of them
+    added, one with no valid token, and random sums with empty position buckets."""
+    for name, cfg in CONFIGS.items():
+        lp, olp, adv, mask = batch(torch.float32, B=3, S=300, spread=0.3)
+        _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+        edges = position_bucket_edges(300)
+        sums = stats.LossSums.from_terms(terms, mask, adv, cfg, loss=torch.tensor(0.7), dp_size=2, bucket_edges=edges)
+        yield name, sums, edges, terms.la_scale is not None
+        yield f"{name}-added", sums + sums, edges, terms.la_scale is not None
+        _, _, terms = policy_loss(lp, olp, adv, torch.zeros_like(mask), cfg, with_metrics=False, return_terms=True)
+        empty = stats.LossSums.from_terms(terms, torch.zeros_like(mask), adv, cfg, loss=torch.tensor(0.0), dp_size=1,
+                                          bucket_edges=edges)
+        yield f"{name}-no-token", empty, edges, terms.la_scale is not None
+    g = torch.Generator().manual_seed(3)
+    edges = [1, 4, 16, 64]
+    counts = torch.randint(0, 50, (ops.loss_stats_sections(3, histogram.NUM_BINS, 4)["position_tokens"].stop,),
+                           generator=g).to(torch.float64)
+    counts[-4:-2] = 0  # the first two buckets without tokens: no rate
+    counts[ops.LOSS_STATS_SUM_SLOTS.index("tokens")] = 1234.0
+    maxima = torch.tensor([7.5, -0.01, 3.0, -1.0], dtype=torch.float64)
+    yield "random", stats.LossSums(torch.tensor(2.5, dtype=torch.float64), counts, maxima), edges, True
+
+
+@pytest.mark.parametrize("num_updates", [1, 3])
+def test_loss_metrics_kernel_equals_the_python_definition(num_updates):
+    """`LossSums.metrics` through `ops.loss_metrics` gives its Python body's dict: the same keys in
+    the same order and equal values (the same arithmetic in the same order), with and without LA
+    statistics, no valid token, and buckets without tokens left out."""
+    for name, sums, edges, adaptive in metric_cases():
+        for adaptive_clip in {adaptive, False}:
+            kw = dict(num_updates=num_updates, bucket_edges=edges, adaptive_clip=adaptive_clip)
+            kernel, python = sums.metrics(**kw), sums._metrics_definition(**kw)
+            assert list(kernel) == list(python), name
+            assert kernel == python, (name, {k: (kernel[k], python[k]) for k in kernel if kernel[k] != python[k]})
+    assert [key for key in kernel if key.startswith("clip_rate")] == ["clip_rate_by_pos/16-63", "clip_rate_by_pos/64+"]
+
+
+def test_policy_metrics_in_one_call_equal_loss_sums_metrics():
+    """`policy_metrics` (`ops.loss_stats_metrics`: statistics and values in one call) equals
+    `LossSums.from_terms(...).metrics(...)` without the loss, for every config."""
+    for name, cfg in CONFIGS.items():
+        lp, olp, adv, mask = batch(torch.float32, B=3, S=300, spread=0.3)
+        _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+        edges = position_bucket_edges(300)
+        sums = stats.LossSums.from_terms(terms, mask, adv, cfg, loss=torch.zeros(()), dp_size=1, bucket_edges=edges)
+        expected = sums.metrics(num_updates=1, bucket_edges=edges, adaptive_clip=terms.la_scale is not None)
+        del expected["loss"]
+        assert stats.policy_metrics(terms, mask, adv, cfg) == expected, name
+
+
+def test_loss_metrics_bad_inputs_name_the_problem():
+    layout = dict(num_exp=3, num_buckets=4, num_updates=1, adaptive_clip=True, qs=[0.5], **histogram.KERNEL_LAYOUT)
+    size = ops.loss_stats_sections(3, histogram.NUM_BINS, 4)["position_tokens"].stop
+    maxima = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"sums must be a contiguous float64 \[%d\]" % size):
+        ops.loss_metrics(torch.zeros(size - 1, dtype=torch.float64), maxima, loss=0.0, **layout)
+    with pytest.raises(RuntimeError, match="sums must be a contiguous float64"):
+        ops.loss_metrics(torch.zeros(size), maxima, loss=0.0, **layout)
+    with pytest.raises(RuntimeError, match=r"maxima must be a contiguous float64 \[4\]"):
+        ops.loss_metrics(torch.zeros(size, dtype=torch.float64), maxima[:3], loss=0.0, **layout)
+    with pytest.raises(RuntimeError, match="quantile 2 is outside"):
+        ops.loss_metrics(torch.zeros(size, dtype=torch.float64), maxima, loss=0.0, **{**layout, "qs": [2.0]})
+    with pytest.raises(RuntimeError, match="quantile -0.5 is outside"):
+        torch.ops.ctpo_megatron.loss_stats_metrics(*raw_args(), [-0.5], True)
+
+
+def test_loss_metrics_opcheck():
+    size = ops.loss_stats_sections(1, histogram.NUM_BINS, 4)["position_tokens"].stop
+    sums = torch.zeros(size, dtype=torch.float64)
+    sums[0] = 2.0
+    layout = histogram.KERNEL_LAYOUT
+    torch.library.opcheck(torch.ops.ctpo_megatron.loss_metrics.default,
+                          (sums, torch.zeros(4, dtype=torch.float64), 0.5, 1, 4, 2, True, [0.5, 0.9],
+                           layout["hist_shift"], layout["hist_first"], layout["hist_bins"]),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.ctpo_megatron.loss_stats_metrics.default, (*raw_args(), [0.5], True),
+                          test_utils=("test_schema", "test_faketensor"))
