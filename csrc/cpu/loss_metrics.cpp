@@ -4,6 +4,7 @@
 // otherwise made ~15 tensor calls and built every value in Python: at one micro-batch, that
 // fixed cost was about as large as the statistics' pass over the tokens.
 #include <ATen/ATen.h>
+#include <c10/util/Optional.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -94,6 +95,38 @@ at::Tensor loss_metrics_cpu(const at::Tensor& sums, const at::Tensor& maxima, do
   return out;
 }
 
+// The statistics' buffer of loss_stats_metrics, per thread: zero between calls (each call clears
+// what it wrote), so that a call does not allocate and zero the ~0.5 MB of histograms, most of
+// which stay empty.
+thread_local std::vector<double> stats_buffer;
+
+// Leaves the buffer zero again when a call ends: the bins it wrote, or everything when an error
+// left the statistics before they said which.
+class ClearOnExit {
+ public:
+  ClearOnExit(std::vector<double>& buffer, const StatsLayout& layout) : buffer_(buffer), layout_(layout) {}
+  ~ClearOnExit() {
+    if (!written_) {
+      std::fill(buffer_.begin(), buffer_.end(), 0.0);
+      return;
+    }
+    clear(0, layout_.ratio_hist);
+    clear(layout_.ratio_hist, written_->first);
+    clear(layout_.scale_hist, written_->second);
+    clear(layout_.pos_clipped, layout_.size);
+  }
+  void written(const WrittenBins& bins) { written_ = bins; }
+
+ private:
+  void clear(int64_t begin, int64_t end) { std::fill(buffer_.begin() + begin, buffer_.begin() + end, 0.0); }
+  void clear(int64_t offset, const BinRange& bins) {
+    if (bins.lo <= bins.hi) clear(offset + bins.lo, offset + bins.hi + 1);
+  }
+  std::vector<double>& buffer_;
+  const StatsLayout layout_;
+  c10::optional<WrittenBins> written_;
+};
+
 at::Tensor loss_stats_metrics_cpu(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
                                   const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
                                   c10::optional<double> la_power, const at::Tensor& clip_high,
@@ -103,13 +136,21 @@ at::Tensor loss_stats_metrics_cpu(const at::Tensor& valid, const at::Tensor& adv
                                   int64_t hist_first, int64_t hist_bins, at::ArrayRef<double> qs,
                                   bool adaptive_clip) {
   check_quantiles(qs, "ctpo_megatron::loss_stats_metrics");
-  const auto [sums, maxima] =
-      loss_stats_cpu(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual, clipped,
-                     positions, bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins);
   const int64_t num_exp = static_cast<int64_t>(exp_coeffs.size());
-  auto out = at::empty({num_values(num_exp, static_cast<int64_t>(qs.size()), num_buckets)}, sums.options());
-  metric_values(sums.data_ptr<double>(), maxima.data_ptr<double>(), 0.0, num_exp, hist_bins, num_buckets, 1,
-                adaptive_clip, qs, HistSpec{hist_shift, hist_first, hist_bins}, out.data_ptr<double>());
+  const HistSpec hist{hist_shift, hist_first, hist_bins};
+  const StatsLayout l = stats_layout(num_exp, std::max<int64_t>(hist_bins, 0), std::max<int64_t>(num_buckets, 0));
+  std::vector<double>& sums = stats_buffer;
+  if (static_cast<int64_t>(sums.size()) < l.size) sums.assign(l.size, 0.0);
+  double maxima[kNumMaxSlots];
+  init_maxima(maxima);
+  ClearOnExit clear_on_exit(sums, l);
+  clear_on_exit.written(loss_stats_into(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low,
+                                        clip_dual, clipped, positions, bucket_of_position, num_buckets, exp_coeffs,
+                                        hist, sums.data(), maxima));
+  auto out = at::empty({num_values(num_exp, static_cast<int64_t>(qs.size()), num_buckets)},
+                       valid.options().dtype(at::kDouble));
+  metric_values(sums.data(), maxima, 0.0, num_exp, hist_bins, num_buckets, 1, adaptive_clip, qs, hist,
+                out.data_ptr<double>());
   return out;
 }
 

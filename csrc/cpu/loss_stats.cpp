@@ -60,6 +60,7 @@ struct StatsAcc {
   double* pos_clipped;
   double* pos_tokens;
   double* maxima;
+  mutable BinRange ratio_bins, scale_bins;  // the histogram bins written
 
   StatsAcc(double* sums, double* max_slots, const StatsLayout& l)
       : scalars(sums),
@@ -244,8 +245,9 @@ class BinCounts {
     }
     if (k < n) counts[bins[k]] += valid[k];
   }
-  // Adds the counts into out and zeroes them.
-  void flush(double* out) {
+  // Adds the counts into out and zeroes them; `written` takes their bins.
+  void flush(double* out, BinRange& written) {
+    if (lo_ <= hi_) written.add(lo_, hi_);
     int32_t* counts = counts_.data();
     for (int32_t b = lo_; b <= hi_; ++b) {
       out[b] += static_cast<double>(counts[b]);
@@ -505,12 +507,14 @@ void la_position_stats(const StatsArgs<T>& a, PositionWeights& weights, TileSums
     for (int64_t k = 0; k < n; ++k) {
       if (bins[k] != bin) {
         acc.scale_hist[bin] += static_cast<double>(run);
+        acc.scale_bins.add(bin, bin);
         bin = bins[k];
         run = 0;
       }
       run += static_cast<int64_t>(w[k]);
     }
     acc.scale_hist[bin] += static_cast<double>(run);
+    acc.scale_bins.add(bin, bin);
   }
 }
 
@@ -603,7 +607,7 @@ std::shared_ptr<const RunningTables> running_tables(double power, const std::vec
 // all rows: T(e-1) - T(s-1) with T(x) = sum over rows of min(c_r, x), walked along the sorted
 // row counts). Integer token counts, float64 sums: equal to la_position_stats to rounding.
 void la_running_stats(const RunningTables& t, std::vector<int64_t>& row_counts, double* scalars, TileSums& sums,
-                      double* scale_hist) {
+                      double* scale_hist, BinRange& written) {
   std::sort(row_counts.begin(), row_counts.end());
   const auto first_row = std::upper_bound(row_counts.begin(), row_counts.end(), int64_t{0});
   if (first_row == row_counts.end()) return;  // no valid token
@@ -624,7 +628,10 @@ void la_running_stats(const RunningTables& t, std::vector<int64_t>& row_counts, 
   int64_t before = 0;  // T(s - 1) of the current run
   for (size_t k = 0; k + 1 < t.run_start.size() && t.run_start[k] <= longest; ++k) {
     const int64_t through = tokens_up_to(t.run_start[k + 1] - 1);
-    if (through > before) scale_hist[t.run_bin[k]] += static_cast<double>(through - before);
+    if (through > before) {
+      scale_hist[t.run_bin[k]] += static_cast<double>(through - before);
+      written.add(t.run_bin[k], t.run_bin[k]);
+    }
     before = through;
   }
 }
@@ -669,20 +676,20 @@ void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const
       count += tile.tokens;
       unflushed += n;
       if (unflushed >= kFlushTokens) {
-        ratio_counts.flush(acc.ratio_hist);
-        scale_counts.flush(acc.scale_hist);
+        ratio_counts.flush(acc.ratio_hist, acc.ratio_bins);
+        scale_counts.flush(acc.scale_hist, acc.scale_bins);
         unflushed = 0;
       }
     }
     if (a.la_from_positions && a.positions == nullptr) la_weights.add_row(count);
   }
   if (a.running != nullptr) {
-    la_running_stats(*a.running, la_weights.row_counts(), acc.scalars, sums, acc.scale_hist);
+    la_running_stats(*a.running, la_weights.row_counts(), acc.scalars, sums, acc.scale_hist, acc.scale_bins);
   } else if (a.la_from_positions) {
     la_position_stats(a, la_weights, sums, acc);
   }
-  ratio_counts.flush(acc.ratio_hist);
-  scale_counts.flush(acc.scale_hist);
+  ratio_counts.flush(acc.ratio_hist, acc.ratio_bins);
+  scale_counts.flush(acc.scale_hist, acc.scale_bins);
   run.flush(acc);
   s[kTokens] += sums.tokens;
   s[kNegAdv] += sums.neg_adv;
@@ -702,15 +709,13 @@ void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const
 
 }  // namespace
 
-StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
-                           const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
-                           c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
-                           const at::Tensor& clip_dual, const at::Tensor& clipped,
-                           const c10::optional<at::Tensor>& positions,
-                           const at::Tensor& bucket_of_position, int64_t num_buckets,
-                           at::ArrayRef<double> exp_coeffs, int64_t hist_shift, int64_t hist_first,
-                           int64_t hist_bins) {
-  const HistSpec hist{hist_shift, hist_first, hist_bins};
+WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
+                            const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
+                            c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
+                            const at::Tensor& clip_dual, const at::Tensor& clipped,
+                            const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
+                            int64_t num_buckets, at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
+                            double* sums, double* maxima) {
   const std::vector<double> coeffs(exp_coeffs.begin(), exp_coeffs.end());
   check_stats_inputs(valid, advantages, ratio, log_ratio, la_scale, la_power,
                      {clip_high, clip_low, clip_dual, clipped}, positions, bucket_of_position, num_buckets, coeffs,
@@ -723,16 +728,12 @@ StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages
     distinct_index.push_back(static_cast<size_t>(it - distinct.begin()));
     if (it == distinct.end()) distinct.push_back(c);
   }
-  const StatsLayout layout = stats_layout(static_cast<int64_t>(coeffs.size()), hist_bins, num_buckets);
-  const auto f64 = valid.options().dtype(at::kDouble);
-  at::Tensor sums_out = at::zeros({layout.size}, f64);
-  at::Tensor maxima_out = at::empty({kNumMaxSlots}, f64);
-  init_maxima(maxima_out.data_ptr<double>());
+  const StatsLayout layout = stats_layout(static_cast<int64_t>(coeffs.size()), hist.bins, num_buckets);
   const int64_t row_len = valid.size(-1);
   const int64_t rows = row_len > 0 ? valid.numel() / row_len : 0;
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), rows, valid.numel() / kTokensPerChunk}));
-  const StatsAcc first(sums_out.data_ptr<double>(), maxima_out.data_ptr<double>(), layout);
+  const StatsAcc first(sums, maxima, layout);
   AT_DISPATCH_FLOATING_TYPES(ratio.scalar_type(), "loss_stats_cpu", [&] {
     StatsArgs<scalar_t> a{valid.data_ptr<bool>(), advantages.data_ptr<scalar_t>(), ratio.data_ptr<scalar_t>(),
                           log_ratio.data_ptr<scalar_t>(), la_scale ? la_scale->data_ptr<scalar_t>() : nullptr,
@@ -763,14 +764,38 @@ StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages
     for (int64_t c = 1; c < chunks; ++c) {
       for (int64_t k = 0; k < layout.size; ++k) first.scalars[k] += accs[c].scalars[k];
       for (int64_t k = 0; k < kNumMaxSlots; ++k) first.maxima[k] = std::max(first.maxima[k], accs[c].maxima[k]);
+      first.ratio_bins.add(accs[c].ratio_bins);
+      first.scale_bins.add(accs[c].scale_bins);
     }
   });
   // The distinct sums sit at kExpSums + their index; every coefficient gets its own (in place:
   // a coefficient's distinct index is never above its own slot).
   for (size_t e = coeffs.size(); e-- > 0;) first.scalars[kExpSums + e] = first.scalars[kExpSums + distinct_index[e]];
+  return {first.ratio_bins, first.scale_bins};
+}
+
+namespace {
+
+StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
+                           const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
+                           c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
+                           const at::Tensor& clip_dual, const at::Tensor& clipped,
+                           const c10::optional<at::Tensor>& positions,
+                           const at::Tensor& bucket_of_position, int64_t num_buckets,
+                           at::ArrayRef<double> exp_coeffs, int64_t hist_shift, int64_t hist_first,
+                           int64_t hist_bins) {
+  const auto f64 = valid.options().dtype(at::kDouble);
+  const int64_t size = stats_layout(static_cast<int64_t>(exp_coeffs.size()), hist_bins, num_buckets).size;
+  at::Tensor sums_out = at::zeros({size}, f64);
+  at::Tensor maxima_out = at::empty({kNumMaxSlots}, f64);
+  init_maxima(maxima_out.data_ptr<double>());
+  loss_stats_into(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual, clipped,
+                  positions, bucket_of_position, num_buckets, exp_coeffs, HistSpec{hist_shift, hist_first, hist_bins},
+                  sums_out.data_ptr<double>(), maxima_out.data_ptr<double>());
   return {sums_out, maxima_out};
 }
 
+}  // namespace
 }  // namespace ctpo
 
 TORCH_LIBRARY_IMPL(ctpo_megatron, CPU, m) {

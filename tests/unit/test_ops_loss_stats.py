@@ -420,3 +420,46 @@ def test_loss_metrics_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.ctpo_megatron.loss_stats_metrics.default, (*raw_args(), [0.5], True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_loss_stats_metrics_reuses_a_clean_buffer_across_calls_and_errors():
+    """`loss_stats_metrics` keeps its statistics in a per-thread buffer that it clears after each
+    call (only the bins written): calls in a row with other data, shapes, LA modes and bucket
+    counts, also after an error half-way through the statistics, each equal `loss_stats` and
+    `loss_metrics` on fresh zeros."""
+    qs = [0.99, 0.5, 0.01]
+
+    def both(args, adaptive_clip):
+        fused = torch.ops.ctpo_megatron.loss_stats_metrics(*args, qs, adaptive_clip)
+        sums, maxima = torch.ops.ctpo_megatron.loss_stats(*args)
+        composed = ops.loss_metrics(sums, maxima, loss=0.0, num_exp=len(args[13]), num_buckets=args[12],
+                                    num_updates=1, adaptive_clip=adaptive_clip, qs=qs, **histogram.KERNEL_LAYOUT)
+        return fused.tolist(), composed
+
+    calls = []
+    for seed, (B, S, spread) in enumerate([(3, 300, 3.0), (1, 64, 0.01), (2, 1000, 0.5)]):
+        for cfg in CONFIGS.values():
+            lp, olp, adv, mask = batch(torch.float32, B=B, S=S, spread=spread)
+            _, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
+            edges = position_bucket_edges(S, max_buckets=4 + seed)
+            kw = stats._kernel_args(terms, mask > 0, adv.reshape(B, -1).expand(B, S).contiguous(), edges, None,
+                                    stats._coefficients(cfg), cfg.la_power)
+            calls.append(([kw["valid"], kw["advantages"], kw["ratio"], kw["log_ratio"], kw["la_scale"], kw["la_power"],
+                           *kw["flags"], None, kw["bucket_of_position"], kw["num_buckets"], list(kw["exp_coeffs"]),
+                           *histogram.KERNEL_LAYOUT.values()], terms.la_scale is not None))
+    for args, adaptive_clip in calls + calls[::-1]:
+        fused, composed = both(args, adaptive_clip)
+        assert fused == pytest.approx(composed, nan_ok=True, rel=0, abs=0)
+    # An error in the middle of the statistics (a position above the LA tables' limit, found in
+    # a later row than the first one's counts) leaves nothing behind for the next call.
+    args, adaptive_clip = calls[0]
+    bad = list(args)
+    bad[4], bad[5] = None, 0.5
+    bad[10] = torch.ones(args[0].shape, dtype=torch.int64)
+    bad[10][-1, -1] = (1 << 30) + 1
+    bad[0] = torch.ones_like(args[0])
+    with pytest.raises(RuntimeError, match="is above"):
+        torch.ops.ctpo_megatron.loss_stats_metrics(*bad, qs, True)
+    for args, adaptive_clip in calls:
+        fused, composed = both(args, adaptive_clip)
+        assert fused == pytest.approx(composed, nan_ok=True, rel=0, abs=0)

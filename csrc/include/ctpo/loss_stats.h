@@ -6,11 +6,13 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
-#include <cstdint>
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "ctpo/ctpo_math.h"
@@ -125,14 +127,29 @@ inline void check_stats_inputs(const at::Tensor& valid, const at::Tensor& advant
 // neutral maxima.
 using StatsResult = std::tuple<at::Tensor, at::Tensor>;
 
-// The op's CPU kernel (csrc/cpu/loss_stats.cpp), also run by loss_stats_metrics.
-StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
-                           const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
-                           c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
-                           const at::Tensor& clip_dual, const at::Tensor& clipped,
-                           const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
-                           int64_t num_buckets, at::ArrayRef<double> exp_coeffs, int64_t hist_shift,
-                           int64_t hist_first, int64_t hist_bins);
+// Histogram bins written (lo > hi: none).
+struct BinRange {
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
+  void add(int64_t first, int64_t last) {
+    lo = std::min(lo, first);
+    hi = std::max(hi, last);
+  }
+  void add(const BinRange& other) { add(other.lo, other.hi); }
+};
+
+// The bins of the ratio and LA-scale histograms that a loss_stats_into call wrote.
+using WrittenBins = std::pair<BinRange, BinRange>;
+
+// The CPU kernel of loss_stats (csrc/cpu/loss_stats.cpp), accumulating into sums (zeros, the
+// StatsLayout's size) and maxima (init_maxima): the op allocates them, loss_stats_metrics
+// reuses a buffer that it keeps zero by clearing the written bins afterwards.
+WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
+                            const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
+                            c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
+                            const at::Tensor& clip_dual, const at::Tensor& clipped,
+                            const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
+                            int64_t num_buckets, at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
+                            double* sums, double* maxima);
 
 inline void init_maxima(double* maxima) {
   constexpr double inf = std::numeric_limits<double>::infinity();
