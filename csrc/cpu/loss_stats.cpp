@@ -303,6 +303,52 @@ CTPO_CPU_CLONES void position_range(const StatsArgs<T>& a, int64_t i0, int64_t n
   last = std::clamp<int64_t>(hi, 0, a.max_position);
 }
 
+// The last position of the run of positions that share position p's bucket (p <= max_position),
+// or INT64_MAX when the run reaches max_position (positions above it are clamped into it). Each
+// bucket's positions are contiguous, so a binary search finds it.
+template <typename T>
+int64_t bucket_end(const StatsArgs<T>& a, int64_t p) {
+  const int64_t bucket = a.bucket_of_position[p];
+  int64_t inside = p, outside = a.max_position + 1;  // bucket_of_position[inside] == bucket; outside: not, or the end
+  while (outside - inside > 1) {
+    const int64_t mid = inside + (outside - inside) / 2;
+    (a.bucket_of_position[mid] == bucket ? inside : outside) = mid;
+  }
+  return inside == a.max_position ? std::numeric_limits<int64_t>::max() : inside;
+}
+
+// add_positions of a tile that crosses a bucket edge, with running positions: its valid tokens
+// hold positions count + 1, count + 2, ... in order, so the tile is cut where a bucket's run of
+// positions ends, and only the tokens up to the last cut are walked (adding their clip flags);
+// the rest go in at once from the tile's counts.
+template <typename T>
+void add_running_positions(const StatsArgs<T>& a, int64_t i0, int64_t count, TileCounts tile, BucketRun& run,
+                           const StatsAcc& acc) {
+  const uint8_t* v = reinterpret_cast<const uint8_t*>(a.valid + i0);
+  const uint8_t* high = reinterpret_cast<const uint8_t*>(a.high + i0);
+  const uint8_t* low = reinterpret_cast<const uint8_t*>(a.low + i0);
+  const uint8_t* dual = reinterpret_cast<const uint8_t*>(a.dual + i0);
+  const int64_t last = count + tile.tokens;
+  int64_t pos = count, clipped_before = 0, k = 0;  // pos: the position of the last valid token added
+  while (true) {
+    const int64_t p = std::min(pos + 1, a.max_position);
+    const int64_t bucket = a.bucket_of_position[p], end = bucket_end(a, p);
+    if (end >= last) {
+      run.add(bucket, last - pos, tile.clipped_any - clipped_before, acc);
+      return;
+    }
+    int64_t clipped = 0;
+    for (int64_t need = end - pos; need > 0; ++k) {  // the tile holds them: end < last
+      const int64_t valid = v[k];
+      need -= valid;
+      clipped += valid & (high[k] | low[k] | dual[k]);
+    }
+    run.add(bucket, end - pos, clipped, acc);
+    clipped_before += clipped;
+    pos = end;
+  }
+}
+
 // Adds a tile's tokens to the position buckets. `count`: valid tokens of the row before the
 // tile. bucket_of_position is monotone except for the "left out" bucket of the positions below
 // the first edge, which is above all others; so when the tile's first and last valid positions
@@ -322,6 +368,10 @@ void add_positions(const StatsArgs<T>& a, int64_t i0, int64_t n, int64_t count, 
   const int64_t bucket = a.bucket_of_position[first];
   if (bucket == a.bucket_of_position[last]) {
     run.add(bucket, tile.tokens, tile.clipped_any, acc);
+    return;
+  }
+  if (a.positions == nullptr) {
+    add_running_positions(a, i0, count, tile, run, acc);
     return;
   }
   // Without a branch on the (random) mask: an invalid token adds 0 to the current bucket.
