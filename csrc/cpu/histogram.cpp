@@ -151,8 +151,9 @@ at::Tensor histogram_quantiles_cpu(const at::Tensor& counts, at::ArrayRef<double
               ": counts must be a 1-d float64 tensor, got ", counts.scalar_type(), " of shape ", counts.sizes());
   check_quantiles(qs, what);
   const at::Tensor contiguous = counts.contiguous();
-  const std::vector<double> values = histogram_quantile_values(
-      contiguous.data_ptr<double>(), counts.numel(), qs, lo, hi, total, HistSpec{hist_shift, hist_first, counts.numel()});
+  const HistSpec h{hist_shift, hist_first, counts.numel()};
+  const std::vector<double> values =
+      histogram_quantile_values(contiguous.data_ptr<double>(), counts.numel(), qs, lo, hi, total, h);
   auto out = at::empty({static_cast<int64_t>(qs.size())}, counts.options());
   std::copy(values.begin(), values.end(), out.data_ptr<double>());
   return out;

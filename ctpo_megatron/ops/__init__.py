@@ -8,9 +8,10 @@ sum. A leaf package: `algo` imports `ops`, never the other way round.
 `python -m ctpo_megatron.ops` prints which backend is active and why. Files: _backend (which
 kernels), reference (the pure-torch scan), scan (segmented_cumsum + op autograd), ctpo_loss
 (the raw fused CTPO op; `algo.ctpo.fused_ctpo_token_terms` wraps it), loss_stats (the one-pass
-loss statistics; `algo.stats.LossSums.from_terms` calls it; their metric values), histogram (quantiles of the
-statistics' histograms; `algo.histogram.histogram_quantiles` calls it), zigzag (Megatron CP
-sharding helpers), context_parallel (cross-rank scan).
+loss statistics, `algo.stats.LossSums.from_terms` calls it, and their metric values,
+`LossSums.metrics` and `policy_metrics` call those), histogram (quantiles of the statistics'
+histograms; `algo.histogram.histogram_quantiles` calls it), zigzag (Megatron CP sharding
+helpers), context_parallel (cross-rank scan).
 """
 
 import torch  # noqa: F401 - must be imported before the extension loads
