@@ -5,6 +5,10 @@ threads, empty batches; its input errors and opcheck."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -463,3 +467,16 @@ def test_loss_stats_metrics_reuses_a_clean_buffer_across_calls_and_errors():
     for args, adaptive_clip in calls:
         fused, composed = both(args, adaptive_clip)
         assert fused == pytest.approx(composed, nan_ok=True, rel=0, abs=0)
+
+
+def test_generic_loops_equal_the_torch_path_too():
+    """The CPU kernel's generic float32 loops (machines without AVX-512 BW run them; this one
+    takes one AVX-512 pass per tile): the kernel-against-torch tests again, in a process where
+    CTPO_CPU_GENERIC_STATS=1 turns that pass off."""
+    selected = ("kernel_sums_equal_torch_sums or random_masks or threads_split or long_rows or odd_edges "
+                "or la_statistics_by_position or buffer_across_calls")
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", selected]
+    result = subprocess.run(command, env={**os.environ, "CTPO_CPU_GENERIC_STATS": "1"}, cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "deselected" in result.stdout
