@@ -476,7 +476,7 @@ def test_generic_loops_equal_the_torch_path_too():
     selected = ("kernel_sums_equal_torch_sums or random_masks or threads_split or long_rows or odd_edges "
                 "or la_statistics_by_position or buffer_across_calls")
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", selected]
-    result = subprocess.run(command, env={**os.environ, "CTPO_CPU_GENERIC_STATS": "1"}, cwd=Path(__file__).resolve().parents[2],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env={**os.environ, "CTPO_CPU_GENERIC_STATS": "1"},
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "deselected" in result.stdout
