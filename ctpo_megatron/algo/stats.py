@@ -315,6 +315,12 @@ def _kernel_plan(terms: TokenTerms, valid: torch.Tensor, cfg: PolicyLossConfig,
     return True, cfg.la_power if terms.la_scale is not None and by_position else None
 
 
+@functools.lru_cache(maxsize=16)
+def _default_edges(length: int) -> list[int]:
+    """`position_bucket_edges` of a row length (read only: shared by every call)."""
+    return position_bucket_edges(max(length, 1))
+
+
 def _valid_and_advantages(response_mask: torch.Tensor, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid [B, S] bool, advantages [B, S]) from a binary or bool mask and [B, S], [B] or [B, 1] advantages."""
     valid = response_mask if response_mask.dtype == torch.bool else response_mask > 0
@@ -346,9 +352,7 @@ def policy_metrics(terms: TokenTerms, response_mask: torch.Tensor, advantages: t
     clip rate by position (default powers of two up to S); positions: [B, S] the n_t of each
     token when they are not the running count (see `LossSums.from_terms`). One device-to-host
     copy."""
-    if bucket_edges is None:
-        bucket_edges = position_bucket_edges(max(response_mask.shape[-1], 1))
-    edges = check_bucket_edges(bucket_edges)
+    edges = _default_edges(response_mask.shape[-1]) if bucket_edges is None else check_bucket_edges(bucket_edges)
     adaptive_clip = terms.la_scale is not None
     with torch.no_grad():
         valid, advantages = _valid_and_advantages(response_mask, advantages)
