@@ -288,7 +288,7 @@ def _kernel_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tenso
     return LossSums(loss_sum, out.sums, out.maxima)
 
 
-def _kernel_args(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor, edges: list[int],
+def _kernel_args(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor, edges: Sequence[int],
                  positions: torch.Tensor | None, coefficients: tuple[float, float, float],
                  la_power: float | None) -> dict:
     """The arguments of `ops.loss_stats` (and `ops.loss_stats_metrics`) for these terms."""
@@ -310,15 +310,14 @@ def _kernel_plan(terms: TokenTerms, valid: torch.Tensor, cfg: PolicyLossConfig,
     # per token); given ones where rows share positions. One row of given positions has as
     # many positions as tokens, and their table costs more than reading the scales (measured:
     # 1.5 vs 1.1 ms at 1 x 131072).
-    shared = valid.dim() > 1 and valid.numel() > valid.shape[-1]
-    by_position = positions is None or shared
+    by_position = positions is None or (valid.dim() > 1 and valid.numel() > valid.shape[-1])
     return True, cfg.la_power if terms.la_scale is not None and by_position else None
 
 
 @functools.lru_cache(maxsize=16)
-def _default_edges(length: int) -> list[int]:
-    """`position_bucket_edges` of a row length (read only: shared by every call)."""
-    return position_bucket_edges(max(length, 1))
+def _default_edges(length: int) -> tuple[int, ...]:
+    """`position_bucket_edges` of a row length, built once (a tuple: every call shares it)."""
+    return tuple(position_bucket_edges(max(length, 1)))
 
 
 def _valid_and_advantages(response_mask: torch.Tensor, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,8 +362,9 @@ def policy_metrics(terms: TokenTerms, response_mask: torch.Tensor, advantages: t
                                             qs=_RATIO_QS, adaptive_clip=adaptive_clip)
             out = _metrics_from_values(values, edges, adaptive_clip)
         else:
-            zero = torch.zeros((), dtype=torch.float64, device=valid.device)
-            sums = _torch_sums(terms, valid, advantages, zero, edges, positions, _coefficients(cfg))
+            sums = LossSums.from_terms(terms, valid, advantages, cfg, dp_size=1, bucket_edges=edges,
+                                       loss=torch.zeros((), dtype=torch.float64, device=valid.device),
+                                       positions=positions)
             out = sums.metrics(num_updates=1, bucket_edges=edges, adaptive_clip=adaptive_clip)
     del out["loss"]
     return out
