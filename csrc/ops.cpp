@@ -54,6 +54,15 @@ TORCH_LIBRARY(ctpo_megatron, m) {
       "Tensor? cu_seqlens, Tensor? cum, Tensor? count, bool geomean, bool adaptive, float clip_low, "
       "float clip_high, float clip_c, float power) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ctpo_token_loss of a padded [..., S] float32/float64 batch (no cu_seqlens, no given prefix
+  // sums) and, as an 11th output, the metric values of its terms: loss_stats_metrics with the
+  // running positions and, when adaptive, la_power = power. One pass: the statistics read each
+  // tile of terms right after the kernel wrote it. CPU only.
+  m.def(
+      "ctpo_token_loss_metrics(Tensor log_probs, Tensor old_log_probs, Tensor advantages, Tensor mask, "
+      "bool geomean, bool adaptive, float clip_low, float clip_high, float clip_c, float power, "
+      "Tensor bucket_of_position, int num_buckets, float[] exp_coeffs, int hist_shift, int hist_first, "
+      "int hist_bins, float[] qs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The additive statistics of a micro-batch's policy-loss terms (algo.stats.LossSums) in one
   // pass over its valid tokens, as two float64 vectors. sums: the counts and sums (SumSlot in
   // csrc/include/ctpo/loss_stats.h), one sum of exp(c * la_scale) per exp_coeffs entry, the

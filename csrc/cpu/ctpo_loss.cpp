@@ -15,11 +15,13 @@
 #include "ctpo/fast_exp.h"
 #include "ctpo/layout.h"
 #include "ctpo/loss_checks.h"
+#include "ctpo/loss_stats.h"
 
 namespace ctpo {
 namespace {
 
 constexpr int64_t kTile = 256;
+static_assert(kStatsTile <= kTile, "a statistics tile must fit the loss kernel's tile buffers");
 
 // Calls fn(adaptive, geomean, dual_is_high) with each flag as a std::bool_constant.
 template <typename Fn>
@@ -85,75 +87,104 @@ void fill_scale(int64_t n, const T* __restrict__ count, T* __restrict__ scale, c
   }
 }
 
+// The loss kernel over one batch's tensors: `tile` evaluates tokens [i0, i0 + n) (n <= kTile) of one
+// sequence, continuing its prefix sums from `carry`; the plain op scans whole sequences with it,
+// ctpo_token_loss_metrics hands each tile to the statistics right after evaluating it.
 template <typename scalar_t, typename T>
-void loss_cpu_typed(const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
-                    const at::Tensor& mask, const c10::optional<at::Tensor>& cum_in,
-                    const c10::optional<at::Tensor>& count_in, const SegmentLayout& L, const CtpoParams& params,
-                    LossOutputs& out) {
-  const scalar_t* lp = log_probs.data_ptr<scalar_t>();
-  const scalar_t* old = old_log_probs.data_ptr<scalar_t>();
-  const scalar_t* adv = advantages.data_ptr<scalar_t>();
-  const scalar_t* m = mask.data_ptr<scalar_t>();
-  const T* pre_cum = cum_in.has_value() ? cum_in->data_ptr<T>() : nullptr;
-  const T* pre_cnt = count_in.has_value() ? count_in->data_ptr<T>() : nullptr;
-  T* loss = out.loss.data_ptr<T>();
-  T* grad = out.grad.data_ptr<T>();
-  T* ratio = out.ratio.data_ptr<T>();
-  T* log_ratio = out.log_ratio.data_ptr<T>();
-  T* scale = params.adaptive ? out.la_scale.data_ptr<T>() : nullptr;
-  bool* high = out.clip_high.data_ptr<bool>();
-  bool* low = out.clip_low.data_ptr<bool>();
-  bool* dual = out.clip_dual.data_ptr<bool>();
-  bool* clipped = out.clipped.data_ptr<bool>();
-  // d_t = clamp(lp - olp, -20, 20) in the math type; invalid tokens contribute nothing, even
-  // when their log-probs are garbage (-inf padding).
-  auto delta = [&](int64_t i) {
-    const T d = static_cast<T>(lp[i]) - static_cast<T>(old[i]);
-    return d < T(-20) ? T(-20) : (d > T(20) ? T(20) : d);
-  };
-  auto total = [&](int64_t b, int64_t e) {
+class LossKernel {
+ public:
+  LossKernel(const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
+             const at::Tensor& mask, const c10::optional<at::Tensor>& cum_in, const c10::optional<at::Tensor>& count_in,
+             const CtpoParams& params, LossOutputs& out)
+      : lp_(log_probs.data_ptr<scalar_t>()),
+        old_(old_log_probs.data_ptr<scalar_t>()),
+        adv_(advantages.data_ptr<scalar_t>()),
+        m_(mask.data_ptr<scalar_t>()),
+        pre_cum_(cum_in.has_value() ? cum_in->data_ptr<T>() : nullptr),
+        pre_cnt_(count_in.has_value() ? count_in->data_ptr<T>() : nullptr),
+        loss_(out.loss.data_ptr<T>()),
+        grad_(out.grad.data_ptr<T>()),
+        ratio_(out.ratio.data_ptr<T>()),
+        log_ratio_(out.log_ratio.data_ptr<T>()),
+        scale_(params.adaptive ? out.la_scale.data_ptr<T>() : nullptr),
+        high_(out.clip_high.data_ptr<bool>()),
+        low_(out.clip_low.data_ptr<bool>()),
+        dual_(out.clip_dual.data_ptr<bool>()),
+        clipped_(out.clipped.data_ptr<bool>()),
+        params_(params) {}
+
+  // The prefix sums' total over [b, e) (the blocked scan's first pass).
+  Carry total(int64_t b, int64_t e) const {
     Carry t;
     for (int64_t i = b; i < e; ++i) {
-      if (static_cast<double>(m[i]) > 0.0) {
+      if (static_cast<double>(m_[i]) > 0.0) {
         t.sum += static_cast<double>(delta(i));
         t.count += 1.0;
       }
     }
     return t;
-  };
+  }
+
   // Tiles of kTile tokens: a sequential pass carries the prefix sums (float64) into small
   // buffers, then an elementwise pass evaluates the surrogate; the second loop has no
   // dependence between tokens and no calls, so it vectorizes (FastExp for float).
-  using Exp = std::conditional_t<std::is_same_v<T, float>, FastExp, StdExp>;
-  auto scan = [&](int64_t, int64_t b, int64_t e, Carry c) {
+  void scan(int64_t b, int64_t e, Carry c) const {
+    for (int64_t t0 = b; t0 < e; t0 += kTile) tile(t0, std::min<int64_t>(kTile, e - t0), c);
+  }
+
+  void tile(int64_t t0, int64_t n, Carry& carry) const {
     T cum_buf[kTile], cnt_buf[kTile], scale_buf[kTile];
-    for (int64_t t0 = b; t0 < e; t0 += kTile) {
-      const int64_t n = std::min<int64_t>(kTile, e - t0);
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t i = t0 + k;
-        const bool valid = static_cast<double>(m[i]) > 0.0;
-        const T d = valid ? delta(i) : T(0);
-        log_ratio[i] = d;
-        if (pre_cum != nullptr) {
-          cum_buf[k] = pre_cum[i];
-          cnt_buf[k] = pre_cnt[i];
-        } else {
-          c.sum += static_cast<double>(d);
-          c.count += valid ? 1.0 : 0.0;
-          cum_buf[k] = static_cast<T>(c.sum);
-          cnt_buf[k] = static_cast<T>(c.count);
-        }
+    Carry c = carry;  // a local: with T = double, the stores below could alias the caller's
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = t0 + k;
+      const bool valid = static_cast<double>(m_[i]) > 0.0;
+      const T d = valid ? delta(i) : T(0);
+      log_ratio_[i] = d;
+      if (pre_cum_ != nullptr) {
+        cum_buf[k] = pre_cum_[i];
+        cnt_buf[k] = pre_cnt_[i];
+      } else {
+        c.sum += static_cast<double>(d);
+        c.count += valid ? 1.0 : 0.0;
+        cum_buf[k] = static_cast<T>(c.sum);
+        cnt_buf[k] = static_cast<T>(c.count);
       }
-      fill_scale(n, cnt_buf, scale_buf, params);
-      if (scale != nullptr) std::copy(scale_buf, scale_buf + n, scale + t0);
-      dispatch_flags(params, [&](auto adaptive, auto geomean, auto dual_is_high) {
-        eval_tile<decltype(adaptive)::value, decltype(geomean)::value, decltype(dual_is_high)::value, scalar_t, T,
-                  Exp>(n, cum_buf, cnt_buf, scale_buf, lp + t0, adv + t0, m + t0, loss + t0, grad + t0, ratio + t0,
-                       high + t0, low + t0, dual + t0, clipped + t0, params);
-      });
     }
-  };
-  run_segments(L, nullptr, nullptr, /*reverse=*/false, total, scan);
+    carry = c;
+    fill_scale(n, cnt_buf, scale_buf, params_);
+    if (scale_ != nullptr) std::copy(scale_buf, scale_buf + n, scale_ + t0);
+    dispatch_flags(params_, [&](auto adaptive, auto geomean, auto dual_is_high) {
+      eval_tile<decltype(adaptive)::value, decltype(geomean)::value, decltype(dual_is_high)::value, scalar_t, T, Exp>(
+          n, cum_buf, cnt_buf, scale_buf, lp_ + t0, adv_ + t0, m_ + t0, loss_ + t0, grad_ + t0, ratio_ + t0,
+          high_ + t0, low_ + t0, dual_ + t0, clipped_ + t0, params_);
+    });
+  }
+
+ private:
+  using Exp = std::conditional_t<std::is_same_v<T, float>, FastExp, StdExp>;
+  // d_t = clamp(lp - olp, -20, 20) in the math type; invalid tokens contribute nothing, even
+  // when their log-probs are garbage (-inf padding).
+  T delta(int64_t i) const {
+    const T d = static_cast<T>(lp_[i]) - static_cast<T>(old_[i]);
+    return d < T(-20) ? T(-20) : (d > T(20) ? T(20) : d);
+  }
+
+  const scalar_t *lp_, *old_, *adv_, *m_;
+  const T *pre_cum_, *pre_cnt_;
+  T *loss_, *grad_, *ratio_, *log_ratio_, *scale_;
+  bool *high_, *low_, *dual_, *clipped_;
+  const CtpoParams params_;
+};
+
+template <typename scalar_t, typename T>
+void loss_cpu_typed(const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
+                    const at::Tensor& mask, const c10::optional<at::Tensor>& cum_in,
+                    const c10::optional<at::Tensor>& count_in, const SegmentLayout& L, const CtpoParams& params,
+                    LossOutputs& out) {
+  const LossKernel<scalar_t, T> kernel(log_probs, old_log_probs, advantages, mask, cum_in, count_in, params, out);
+  run_segments(
+      L, nullptr, nullptr, /*reverse=*/false, [&](int64_t b, int64_t e) { return kernel.total(b, e); },
+      [&](int64_t, int64_t b, int64_t e, Carry c) { kernel.scan(b, e, c); });
 }
 
 LossResult ctpo_token_loss_cpu(
@@ -175,9 +206,69 @@ LossResult ctpo_token_loss_cpu(
   return out.as_tuple();
 }
 
+using LossMetricsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                     at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// ctpo_token_loss of a padded batch and the metric values of its terms (loss_stats_metrics with
+// running positions, and la_power = power with adaptive clipping) in one pass: each tile of
+// kStatsTile tokens goes to the statistics right after the loss kernel wrote it, while it is in
+// L1, instead of a second pass reading ~17 bytes per token back from L3. Where the loss would
+// split one sequence over threads (the blocked scan: fewer rows than twice the threads), the
+// two passes run one after the other instead. Either way the results equal those two ops'.
+LossMetricsResult ctpo_token_loss_metrics_cpu(
+    const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
+    const at::Tensor& mask, bool geomean, bool adaptive, double clip_low, double clip_high, double clip_c,
+    double power, const at::Tensor& bucket_of_position, int64_t num_buckets, at::ArrayRef<double> exp_coeffs,
+    int64_t hist_shift, int64_t hist_first, int64_t hist_bins, at::ArrayRef<double> qs) {
+  constexpr const char* what = "ctpo_megatron::ctpo_token_loss_metrics";
+  check_loss_inputs(log_probs, old_log_probs, advantages, mask, c10::nullopt, c10::nullopt);
+  TORCH_CHECK(log_probs.scalar_type() == at::kFloat || log_probs.scalar_type() == at::kDouble, what,
+              ": log_probs must be float32 or float64 (the statistics read the terms in the inputs' dtype), got ",
+              log_probs.scalar_type());
+  TORCH_CHECK(log_probs.dim() == 1 || log_probs.dim() == 2, what, ": log_probs must be [S] or [B, S], got shape ",
+              log_probs.sizes());
+  const SegmentLayout L = parse_layout(log_probs, c10::nullopt, what);
+  LossOutputs out = make_loss_outputs(log_probs, adaptive, /*zero_fill=*/false);
+  const CtpoParams params = make_ctpo_params(geomean, adaptive, clip_low, clip_high, clip_c, power);
+  const int64_t threads = at::get_num_threads();
+  const bool fused = threads <= 1 || L.num_segments >= 2 * threads || L.num_tokens <= kCpuBlock;
+  at::Tensor valid = fused ? at::empty_like(log_probs, log_probs.options().dtype(at::kBool)) : at::Tensor();
+  at::Tensor values;
+  AT_DISPATCH_FLOATING_TYPES(log_probs.scalar_type(), "ctpo_token_loss_metrics_cpu", [&] {
+    using T = scalar_t;
+    auto metrics = [&](const TileProducer* before_tile) {
+      return stats_metric_values(valid, advantages, out.ratio, out.log_ratio, c10::nullopt,
+                                 adaptive ? c10::optional<double>(power) : c10::nullopt, out.clip_high, out.clip_low,
+                                 out.clip_dual, out.clipped, c10::nullopt, bucket_of_position, num_buckets, exp_coeffs,
+                                 HistSpec{hist_shift, hist_first, hist_bins}, qs, adaptive, what, before_tile);
+    };
+    if (!fused) {
+      loss_cpu_typed<scalar_t, T>(log_probs, old_log_probs, advantages, mask, c10::nullopt, c10::nullopt, L, params,
+                                  out);
+      valid = mask > 0;
+      values = metrics(nullptr);
+      return;
+    }
+    const LossKernel<scalar_t, T> kernel(log_probs, old_log_probs, advantages, mask, c10::nullopt, c10::nullopt,
+                                         params, out);
+    const scalar_t* m = mask.data_ptr<scalar_t>();
+    bool* v = valid.data_ptr<bool>();
+    std::vector<Carry> carries(L.num_segments);  // each row's prefix sums; a row stays in one chunk
+    const TileProducer produce = [&](int64_t row, int64_t t0, int64_t n) {
+      const int64_t i0 = row * L.row_len + t0;
+      for (int64_t k = 0; k < n; ++k) v[i0 + k] = static_cast<double>(m[i0 + k]) > 0.0;
+      kernel.tile(i0, n, carries[row]);
+    };
+    values = metrics(&produce);
+  });
+  const auto [loss, grad, ratio, log_ratio, la_scale, high, low, dual, clipped] = out.as_tuple();
+  return {loss, grad, ratio, log_ratio, la_scale, high, low, dual, clipped, values};
+}
+
 }  // namespace
 }  // namespace ctpo
 
 TORCH_LIBRARY_IMPL(ctpo_megatron, CPU, m) {
   m.impl("ctpo_token_loss", &ctpo::ctpo_token_loss_cpu);
+  m.impl("ctpo_token_loss_metrics", &ctpo::ctpo_token_loss_metrics_cpu);
 }

@@ -135,10 +135,25 @@ at::Tensor loss_stats_metrics_cpu(const at::Tensor& valid, const at::Tensor& adv
                                   int64_t num_buckets, at::ArrayRef<double> exp_coeffs, int64_t hist_shift,
                                   int64_t hist_first, int64_t hist_bins, at::ArrayRef<double> qs,
                                   bool adaptive_clip) {
-  check_quantiles(qs, "ctpo_megatron::loss_stats_metrics");
+  return stats_metric_values(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual,
+                             clipped, positions, bucket_of_position, num_buckets, exp_coeffs,
+                             HistSpec{hist_shift, hist_first, hist_bins}, qs, adaptive_clip,
+                             "ctpo_megatron::loss_stats_metrics");
+}
+
+}  // namespace
+
+at::Tensor stats_metric_values(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
+                               const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
+                               c10::optional<double> la_power, const at::Tensor& clip_high,
+                               const at::Tensor& clip_low, const at::Tensor& clip_dual, const at::Tensor& clipped,
+                               const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
+                               int64_t num_buckets, at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
+                               at::ArrayRef<double> qs, bool adaptive_clip, const char* what,
+                               const TileProducer* before_tile) {
+  check_quantiles(qs, what);
   const int64_t num_exp = static_cast<int64_t>(exp_coeffs.size());
-  const HistSpec hist{hist_shift, hist_first, hist_bins};
-  const StatsLayout l = stats_layout(num_exp, std::max<int64_t>(hist_bins, 0), std::max<int64_t>(num_buckets, 0));
+  const StatsLayout l = stats_layout(num_exp, std::max<int64_t>(hist.bins, 0), std::max<int64_t>(num_buckets, 0));
   std::vector<double>& sums = stats_buffer;
   if (static_cast<int64_t>(sums.size()) < l.size) sums.assign(l.size, 0.0);
   double maxima[kNumMaxSlots];
@@ -146,15 +161,14 @@ at::Tensor loss_stats_metrics_cpu(const at::Tensor& valid, const at::Tensor& adv
   ClearOnExit clear_on_exit(sums, l);
   clear_on_exit.written(loss_stats_into(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low,
                                         clip_dual, clipped, positions, bucket_of_position, num_buckets, exp_coeffs,
-                                        hist, sums.data(), maxima));
+                                        hist, sums.data(), maxima, before_tile));
   auto out = at::empty({num_values(num_exp, static_cast<int64_t>(qs.size()), num_buckets)},
                        valid.options().dtype(at::kDouble));
-  metric_values(sums.data(), maxima, 0.0, num_exp, hist_bins, num_buckets, 1, adaptive_clip, qs, hist,
+  metric_values(sums.data(), maxima, 0.0, num_exp, hist.bins, num_buckets, 1, adaptive_clip, qs, hist,
                 out.data_ptr<double>());
   return out;
 }
 
-}  // namespace
 }  // namespace ctpo
 
 TORCH_LIBRARY_IMPL(ctpo_megatron, CPU, m) {

@@ -29,7 +29,6 @@
 namespace ctpo {
 namespace {
 
-constexpr int64_t kStatsTile = 256;
 constexpr int64_t kByteLanes = 64;
 static_assert(kStatsTile / kByteLanes <= 255, "a byte lane must not overflow");
 constexpr int64_t kTokensPerChunk = 32768;  // below this, waking a thread costs more than it saves
@@ -57,6 +56,7 @@ struct StatsArgs {
   bool la_from_positions;  // LA statistics of g = la_scale(n_t, la_power), per position
   double la_power;
   const RunningTables* running = nullptr;  // running positions: per-row statistics from tables
+  const TileProducer* before_tile = nullptr;
 };
 
 // One chunk's accumulators (sections of a sums vector in StatsLayout, and the maxima); the first
@@ -824,6 +824,7 @@ void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const
     for (int64_t t0 = 0; t0 < a.row_len; t0 += kStatsTile) {
       const int64_t n = std::min(kStatsTile, a.row_len - t0);
       const int64_t i0 = base + t0;
+      if (a.before_tile != nullptr) (*a.before_tile)(row, t0, n);
       const uint8_t* valid = reinterpret_cast<const uint8_t*>(a.valid + i0);
       TileCounts tile;
 #if CTPO_X86_AVX512_TILE
@@ -895,7 +896,7 @@ WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantage
                             const at::Tensor& clip_dual, const at::Tensor& clipped,
                             const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
                             int64_t num_buckets, at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
-                            double* sums, double* maxima) {
+                            double* sums, double* maxima, const TileProducer* before_tile) {
   const std::vector<double> coeffs(exp_coeffs.begin(), exp_coeffs.end());
   check_stats_inputs(valid, advantages, ratio, log_ratio, la_scale, la_power,
                      {clip_high, clip_low, clip_dual, clipped}, positions, bucket_of_position, num_buckets, coeffs,
@@ -921,6 +922,7 @@ WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantage
                           clipped.data_ptr<bool>(), positions.has_value() ? positions->data_ptr<int64_t>() : nullptr,
                           bucket_of_position.data_ptr<int64_t>(), bucket_of_position.numel() - 1, num_buckets,
                           distinct, hist, row_len, la_power.has_value(), la_power.value_or(0.0)};
+    a.before_tile = before_tile;
     // Running positions within the tables' reach: the LA statistics per row (la_running_stats).
     std::shared_ptr<const RunningTables> running;
     if (la_power.has_value() && !positions.has_value() && row_len <= kMaxTablePositions) {

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from ctpo_megatron import ops
+from ctpo_megatron.algo import stats
 from ctpo_megatron.algo.config import PolicyLossConfig
 from ctpo_megatron.algo.cumulative import masked_cumsum
 from ctpo_megatron.algo.terms import (LOG_RATIO_CLAMP, LOG_RATIO_MAX, TokenTerms, clipped_surrogate,
@@ -128,12 +129,8 @@ def fused_ctpo_token_terms(log_probs: torch.Tensor, old_log_probs: torch.Tensor,
     """
     if (cum_log_ratio is None) != (cum_count is None):
         raise ValueError("fused_ctpo_token_terms: pass both cum_log_ratio and cum_count, or neither")
-    for name, t in (("old_log_probs", old_log_probs), ("advantages", advantages),
-                    ("response_mask", response_mask), ("cum_log_ratio", cum_log_ratio),
-                    ("cum_count", cum_count)):
-        if t is not None and t.shape != log_probs.shape:
-            raise ValueError(f"fused_ctpo_token_terms: {name} has shape {tuple(t.shape)}, expected "
-                             f"{tuple(log_probs.shape)} (the shape of log_probs)")
+    _check_shapes("fused_ctpo_token_terms", log_probs, old_log_probs=old_log_probs, advantages=advantages,
+                  response_mask=response_mask, cum_log_ratio=cum_log_ratio, cum_count=cum_count)
     if not ops.has_kernel(log_probs.device):
         if cum_log_ratio is None and (cu_seqlens is not None or log_probs.dim() == 1):
             # Packed rows: the prefix sums restart at every sequence (the torch scan does that).
@@ -143,14 +140,52 @@ def fused_ctpo_token_terms(log_probs: torch.Tensor, old_log_probs: torch.Tensor,
             cum_log_ratio, cum_count = ops.segmented_cumsum(log_ratio, mask, cu)
         return ctpo_token_terms(log_probs, old_log_probs, advantages, response_mask, cfg,
                                 cum_log_ratio=cum_log_ratio, cum_count=cum_count)
+    out = ops.ctpo_token_loss(log_probs, old_log_probs, advantages, response_mask, cu_seqlens=cu_seqlens,
+                              cum_log_ratio=cum_log_ratio, cum_count=cum_count, **_kernel_variant(cfg))
+    return _kernel_terms(out, cfg)
+
+
+def fused_ctpo_terms_and_metrics(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                                 response_mask: torch.Tensor,
+                                 cfg: PolicyLossConfig) -> tuple[TokenTerms, dict[str, float]] | None:
+    """`fused_ctpo_token_terms` and `algo.stats.policy_metrics` of its terms from one pass
+    (`ops.ctpo_token_loss_metrics`: the statistics read each tile of terms right after the kernel
+    wrote it, instead of reading them all back from memory afterwards), or None where that op
+    does not run: no CPU kernel, not float32/float64. The results equal the two calls'.
+
+    log_probs, old_log_probs, advantages, response_mask: [B, S] as for `ctpo_token_terms` (the
+    prefix sums the kernel's own; positions the running count). Returns (terms, metrics).
+    """
+    if (log_probs.dtype not in (torch.float32, torch.float64) or log_probs.dim() != 2
+            or not ops.ctpo_loss_metrics_kernel_for(log_probs.device)):
+        return None
+    _check_shapes("fused_ctpo_terms_and_metrics", log_probs, old_log_probs=old_log_probs, advantages=advantages,
+                  response_mask=response_mask)
+    length = log_probs.shape[-1]
+    out, values = ops.ctpo_token_loss_metrics(log_probs, old_log_probs, advantages, response_mask,
+                                              **_kernel_variant(cfg),
+                                              **stats.metrics_op_arguments(length, cfg, log_probs.device))
+    return _kernel_terms(out, cfg), stats.metrics_from_values(values, length, adaptive_clip=cfg.adaptive_clip)
+
+
+def _check_shapes(what: str, log_probs: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.shape != log_probs.shape:
+            raise ValueError(f"{what}: {name} has shape {tuple(t.shape)}, expected "
+                             f"{tuple(log_probs.shape)} (the shape of log_probs)")
+
+
+def _kernel_variant(cfg: PolicyLossConfig) -> dict:
+    """The loss arguments of `ops.ctpo_token_loss` for `cfg` (LA or plain clip bounds)."""
     adaptive = bool(cfg.adaptive_clip)
     clips = (cfg.la_clip_low, cfg.la_clip_high, cfg.la_clip_c) if adaptive else (
         cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
-    out = ops.ctpo_token_loss(log_probs, old_log_probs, advantages, response_mask, cu_seqlens=cu_seqlens,
-                              cum_log_ratio=cum_log_ratio, cum_count=cum_count,
-                              geomean=cfg.variant == "geomean", adaptive=adaptive, clip_low=clips[0],
-                              clip_high=clips[1], clip_c=clips[2], power=cfg.la_power)
+    return dict(geomean=cfg.variant == "geomean", adaptive=adaptive, clip_low=clips[0], clip_high=clips[1],
+                clip_c=clips[2], power=cfg.la_power)
+
+
+def _kernel_terms(out: ops.ctpo_loss.CtpoKernelOut, cfg: PolicyLossConfig) -> TokenTerms:
     return TokenTerms(pg_losses=out.pg_losses, ratio=out.ratio.detach(),
                       log_ratio_clamped=out.log_ratio.detach(), clip_high=out.clip_high,
                       clip_low=out.clip_low, clip_dual=out.clip_dual, clipped=out.clipped,
-                      la_scale=out.la_scale.detach() if adaptive else None, zero_at_invalid=True)
+                      la_scale=out.la_scale.detach() if cfg.adaptive_clip else None, zero_at_invalid=True)

@@ -9,7 +9,7 @@ import torch
 from ctpo_megatron.algo.aggregate import aggregate_loss
 from ctpo_megatron.algo.config import PolicyLossConfig
 from ctpo_megatron.algo.layout import packed_to_padded
-from ctpo_megatron.algo.registry import FIXED_AGG_MODE, LOSSES
+from ctpo_megatron.algo.registry import FIXED_AGG_MODE, LOSSES, TERMS_AND_METRICS
 from ctpo_megatron.algo.stats import policy_metrics
 from ctpo_megatron.logging_utils import warn_once
 
@@ -85,8 +85,13 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     advantages = _check_inputs(log_probs, old_log_probs, advantages, response_mask,
                                {"rollout_is_weights": rollout_is_weights,
                                 "cum_log_ratio": cum_log_ratio, "cum_count": cum_count})
-    terms = LOSSES[cfg.name](log_probs, old_log_probs, advantages, response_mask, cfg,
-                             cum_log_ratio=cum_log_ratio, cum_count=cum_count)
+    one_pass = TERMS_AND_METRICS.get(cfg.name) if with_metrics and cum_count is None else None
+    terms_and_metrics = one_pass(log_probs, old_log_probs, advantages, response_mask, cfg) if one_pass else None
+    if terms_and_metrics is not None:
+        terms, metrics = terms_and_metrics
+    else:
+        terms = LOSSES[cfg.name](log_probs, old_log_probs, advantages, response_mask, cfg,
+                                 cum_log_ratio=cum_log_ratio, cum_count=cum_count)
     pg_losses = terms.pg_losses
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights.detach().to(pg_losses.dtype)
@@ -100,8 +105,9 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     loss = aggregate_loss(pg_losses, valid, agg_mode, dp_size=dp_size,
                           batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                           loss_scale_factor=loss_scale_factor, zero_at_invalid=zero_at_invalid)
-    metrics = {}
-    if with_metrics:
+    if not with_metrics:
+        metrics = {}
+    elif terms_and_metrics is None:
         with torch.no_grad():
             # Given prefix counts are the n_t of the terms (e.g. global under context parallelism).
             positions = None if cum_count is None else cum_count.detach().round().to(torch.int64)

@@ -9,8 +9,11 @@ never touches `policy_loss`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ctpo_megatron.algo.baselines import grpo_token_terms, gspo_token_terms, seq_token_terms
-from ctpo_megatron.algo.ctpo import TokenTermsFn, fused_ctpo_token_terms
+from ctpo_megatron.algo.ctpo import TokenTermsFn, fused_ctpo_terms_and_metrics, fused_ctpo_token_terms
+from ctpo_megatron.algo.terms import TokenTerms
 
 LOSSES: dict[str, TokenTermsFn] = {
     "ctpo": fused_ctpo_token_terms,
@@ -18,6 +21,13 @@ LOSSES: dict[str, TokenTermsFn] = {
     "gspo": gspo_token_terms,
     "seq": seq_token_terms,
 }
+
+TERMS_AND_METRICS: dict[str, Callable[..., tuple[TokenTerms, dict[str, float]] | None]] = {
+    "ctpo": fused_ctpo_terms_and_metrics,
+}
+"""Losses that can give their terms and `policy_metrics` of them from one pass:
+`fn(log_probs, old_log_probs, advantages, response_mask, cfg) -> (terms, metrics)`, or None
+where it cannot (then `policy_loss` computes the metrics from the terms)."""
 
 FIXED_AGG_MODE: dict[str, str] = {"gspo": "seq-mean-token-mean"}
 """Losses that always aggregate one way, whatever `loss_agg_mode` says (reference GSPO)."""

@@ -333,6 +333,21 @@ def _coefficients(cfg: PolicyLossConfig) -> tuple[float, float, float]:
     return cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c
 
 
+def metrics_op_arguments(length: int, cfg: PolicyLossConfig, device: torch.device) -> dict:
+    """The statistics' arguments of `ops.ctpo_token_loss_metrics` for rows of `length` tokens:
+    what `policy_metrics` passes `ops.loss_stats_metrics` (default position buckets)."""
+    edges = _default_edges(length)
+    return dict(bucket_of_position=bucket_of_position(edges, device), num_buckets=len(edges),
+                exp_coeffs=_coefficients(cfg), qs=_RATIO_QS, **histogram.KERNEL_LAYOUT)
+
+
+def metrics_from_values(values: list[float], length: int, *, adaptive_clip: bool) -> dict[str, float]:
+    """`policy_metrics`' dict from `ops.ctpo_token_loss_metrics`' values (rows of `length` tokens)."""
+    out = _metrics_from_values(values, _default_edges(length), adaptive_clip)
+    del out["loss"]
+    return out
+
+
 def _metrics_from_values(values: list[float], bucket_edges: Sequence[int], adaptive_clip: bool) -> dict[str, float]:
     """`LossSums.metrics` from `ops.loss_metrics`' values (the same keys, in the same order)."""
     out = dict(zip(METRIC_KEYS, values))

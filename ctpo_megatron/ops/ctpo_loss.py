@@ -10,14 +10,17 @@ devices without kernels). `ops` never imports `algo`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from ctpo_megatron.ops import reference
-from ctpo_megatron.ops._backend import extension_backends, use_extension
+from ctpo_megatron.ops._backend import cpu_kernel_for, extension_backends, op_overload, use_extension
+from ctpo_megatron.ops.loss_stats import metric_count
 
 _OP = "ctpo_megatron::ctpo_token_loss"
+_METRICS_OP = "ctpo_megatron::ctpo_token_loss_metrics"
 
 
 class CtpoKernelOut(NamedTuple):
@@ -67,6 +70,37 @@ def ctpo_token_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advant
         float(clip_low), float(clip_high), float(clip_c), float(power)))
 
 
+def ctpo_loss_metrics_kernel_for(device: torch.device) -> bool:
+    """Whether `ctpo_token_loss_metrics` runs on `device`: the extension's CPU kernels."""
+    return cpu_kernel_for(device)
+
+
+def ctpo_token_loss_metrics(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                            response_mask: torch.Tensor, *, geomean: bool, adaptive: bool, clip_low: float,
+                            clip_high: float, clip_c: float, power: float, bucket_of_position: torch.Tensor,
+                            num_buckets: int, exp_coeffs: tuple[float, ...], hist_shift: int, hist_first: int,
+                            hist_bins: int, qs: Sequence[float]) -> tuple[CtpoKernelOut, list[float]]:
+    """`ctpo_token_loss` and the metric values of its terms in one pass (call only where
+    `ctpo_loss_metrics_kernel_for(device)`): each tile of terms goes to the statistics of
+    `loss_stats_metrics` right after the kernel wrote it, while it is in cache.
+
+    log_probs: [B, S] or [S] float32 or float64 (autograd); old_log_probs, advantages,
+    response_mask: like log_probs, no gradient (cast to its dtype); the loss arguments as
+    `ctpo_token_loss` (padded layout, the prefix sums its own: no cu_seqlens, cum_log_ratio or
+    cum_count); the statistics' as `loss_stats_metrics` with the running count of valid tokens as
+    positions and, with adaptive clipping, la_power = power. Returns (the outputs of
+    `ctpo_token_loss`, the values of `loss_stats_metrics` for them), equal to those two ops'.
+    """
+    dtype = log_probs.dtype
+    lp = log_probs.contiguous()
+    olp, adv, mask = (t.detach().to(dtype).contiguous() for t in (old_log_probs, advantages, response_mask))
+    *terms, values = op_overload("ctpo_token_loss_metrics")(
+        lp, olp, adv, mask, bool(geomean), bool(adaptive), float(clip_low), float(clip_high), float(clip_c),
+        float(power), bucket_of_position, int(num_buckets), [float(c) for c in exp_coeffs], int(hist_shift),
+        int(hist_first), int(hist_bins), [float(q) for q in qs])
+    return CtpoKernelOut(*terms), values.tolist()
+
+
 def _register() -> None:
     @torch.library.register_fake(_OP)
     def _fake(log_probs, old_log_probs, advantages, mask, cu_seqlens, cum, count, geomean, adaptive,
@@ -88,6 +122,19 @@ def _register() -> None:
         return (grad_lp,) + (None,) * 12
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake(_METRICS_OP)
+    def _fake_metrics(log_probs, old_log_probs, advantages, mask, geomean, adaptive, clip_low, clip_high, clip_c,
+                      power, bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins, qs):
+        terms = _fake(log_probs, old_log_probs, advantages, mask, None, None, None, geomean, adaptive, clip_low,
+                      clip_high, clip_c, power)
+        return (*terms, log_probs.new_empty((metric_count(len(exp_coeffs), len(qs), num_buckets),),
+                                            dtype=torch.float64))
+
+    def _backward_metrics(ctx, grad_pg, *unused):
+        return _backward(ctx, grad_pg)[:1] + (None,) * 16
+
+    torch.library.register_autograd(_METRICS_OP, _backward_metrics, setup_context=_setup_context)
 
 
 if extension_backends():

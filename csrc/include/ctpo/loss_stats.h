@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -40,6 +41,7 @@ enum SumSlot : int {
 enum MaxSlot : int { kRatioMax = 0, kRatioNegMin, kScaleMax, kScaleNegMin, kNumMaxSlots };
 
 constexpr int64_t kMaxExpCoeffs = 4;
+constexpr int64_t kStatsTile = 256;  // tokens per tile of the statistics' pass
 constexpr int64_t kMaxPositionBuckets = 64;
 
 struct HistSpec {
@@ -140,16 +142,34 @@ struct BinRange {
 // The bins of the ratio and LA-scale histograms that a loss_stats_into call wrote.
 using WrittenBins = std::pair<BinRange, BinRange>;
 
+// Writes the inputs of tokens [t0, t0 + n) of row `row` (n <= kStatsTile) before the statistics read
+// them; rows come in order within a chunk of rows, a row's tiles in order.
+using TileProducer = std::function<void(int64_t row, int64_t t0, int64_t n)>;
+
 // The CPU kernel of loss_stats (csrc/cpu/loss_stats.cpp), accumulating into sums (zeros, the
 // StatsLayout's size) and maxima (init_maxima): the op allocates them, loss_stats_metrics
-// reuses a buffer that it keeps zero by clearing the written bins afterwards.
+// reuses a buffer that it keeps zero by clearing the written bins afterwards. With
+// `before_tile`, each tile of the inputs is produced right before the statistics read it, while
+// it is in L1 (ctpo_token_loss_metrics: the loss kernel writes it).
 WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
                             const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
                             c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
                             const at::Tensor& clip_dual, const at::Tensor& clipped,
                             const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
                             int64_t num_buckets, at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
-                            double* sums, double* maxima);
+                            double* sums, double* maxima, const TileProducer* before_tile = nullptr);
+
+// loss_stats_into on a per-thread buffer that stays zero between calls, then the metric values
+// of the result (loss 0, one update), as the loss_metrics op returns them (csrc/cpu/loss_metrics.cpp);
+// `what` names the op in errors.
+at::Tensor stats_metric_values(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
+                               const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
+                               c10::optional<double> la_power, const at::Tensor& clip_high,
+                               const at::Tensor& clip_low, const at::Tensor& clip_dual, const at::Tensor& clipped,
+                               const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
+                               int64_t num_buckets, at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
+                               at::ArrayRef<double> qs, bool adaptive_clip, const char* what,
+                               const TileProducer* before_tile = nullptr);
 
 inline void init_maxima(double* maxima) {
   constexpr double inf = std::numeric_limits<double>::infinity();
