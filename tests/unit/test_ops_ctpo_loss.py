@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ctpo_megatron.algo import PolicyLossConfig, ctpo_log_ratio, ctpo_token_terms, fused_ctpo_token_terms, policy_loss
-from ctpo_megatron.algo.registry import LOSSES
+from ctpo_megatron.algo.ctpo import fused_ctpo_terms_and_metrics
+from ctpo_megatron.algo.registry import LOSSES, TERMS_AND_METRICS
 from ctpo_megatron.ops import extension_backends, segmented_cumsum
 
 pytestmark = pytest.mark.csrc  # tests/conftest.py: a failure in CI without the extension, a skip elsewhere
@@ -148,7 +149,7 @@ def test_long_sequence_blocked_path_equals_serial():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 def test_policy_loss_uses_the_fused_kernel_with_identical_results(monkeypatch, dtype, tol):
-    assert LOSSES["ctpo"] is fused_ctpo_token_terms
+    assert LOSSES["ctpo"] is fused_ctpo_token_terms and TERMS_AND_METRICS["ctpo"] is fused_ctpo_terms_and_metrics
     lp, olp, adv, mask = batch(dtype)
     lp.requires_grad_(True)
     weights = torch.rand(lp.shape, dtype=dtype) + 0.5
@@ -163,6 +164,7 @@ def test_policy_loss_uses_the_fused_kernel_with_identical_results(monkeypatch, d
 
         with monkeypatch.context() as patch:
             patch.setitem(LOSSES, "ctpo", torch_terms)
+            patch.delitem(TERMS_AND_METRICS, "ctpo")  # else the loss and its metrics come from one op
             ref_loss, ref_metrics = policy_loss(lp, olp, adv[:, :1], mask, cfg, weights)
         assert calls == [1]
         ref_grad, = torch.autograd.grad(ref_loss, lp)

@@ -230,19 +230,24 @@ def test_no_valid_token_gives_neutral_extremes():
     assert kernel.metrics(num_updates=1, bucket_edges=position_bucket_edges(8), adaptive_clip=True)["is_ratio_max"] == 0
 
 
-def test_policy_loss_metrics_come_from_the_kernel(monkeypatch):
-    """policy_loss's metrics on CPU are computed by the kernels (statistics and values in one
-    call), and equal the torch path's."""
-    cfg = CONFIGS["ctpo-la"]
+@pytest.mark.parametrize("name,op", [("ctpo-la", "ctpo_token_loss_metrics"), ("ctpo-plain", "ctpo_token_loss_metrics"),
+                                     ("grpo", "loss_stats_metrics")])
+def test_policy_loss_metrics_come_from_the_kernel(monkeypatch, name, op):
+    """policy_loss's metrics on CPU are computed by the kernels in one call (for CTPO together
+    with the loss itself; for other losses the statistics and values of the terms), and equal
+    the torch path's."""
+    cfg = CONFIGS[name]
     lp, olp, adv, mask = batch(torch.float32, spread=0.2)
     calls = []
-    fused = ops.loss_stats_metrics
-    monkeypatch.setattr(ops, "loss_stats_metrics", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    for spied in ("ctpo_token_loss_metrics", "loss_stats_metrics"):
+        original = getattr(ops, spied)
+        monkeypatch.setattr(ops, spied, lambda *a, _f=original, _n=spied, **k: calls.append(_n) or _f(*a, **k))
     _, metrics = policy_loss(lp, olp, adv, mask, cfg)
-    assert calls == [1]
+    assert calls == [op]
     monkeypatch.setattr(ops, "loss_stats_kernel_for", lambda device: False)
+    monkeypatch.setattr(ops, "ctpo_loss_metrics_kernel_for", lambda device: False)
     _, torch_metrics = policy_loss(lp, olp, adv, mask, cfg)
-    assert calls == [1] and metrics.keys() == torch_metrics.keys()
+    assert calls == [op] and metrics.keys() == torch_metrics.keys()
     for key, value in metrics.items():
         assert value == pytest.approx(torch_metrics[key], rel=1e-4, abs=1e-6), key
 
