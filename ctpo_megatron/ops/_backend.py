@@ -87,6 +87,14 @@ def op_overload(name: str) -> torch._ops.OpOverload:
     return getattr(torch.ops.ctpo_megatron, name).default
 
 
+def dense(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor` in `dtype`, contiguous; itself when it already is (this runs per micro-batch, and
+    a no-op `.to().contiguous()` still costs two calls)."""
+    if (dtype is None or tensor.dtype == dtype) and tensor.is_contiguous():
+        return tensor
+    return tensor.to(dtype or tensor.dtype).contiguous()
+
+
 def cpu_kernel_for(device: torch.device) -> bool:
     """True for `device` on the CPU with the extension's CPU kernels: the ops written for the
     host only (the loss statistics, the histogram quantiles)."""

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from ctpo_megatron.ops import reference
-from ctpo_megatron.ops._backend import cpu_kernel_for, extension_backends, op_overload, use_extension
+from ctpo_megatron.ops._backend import cpu_kernel_for, dense, extension_backends, op_overload, use_extension
 from ctpo_megatron.ops.loss_stats import metric_count
 
 _OP = "ctpo_megatron::ctpo_token_loss"
@@ -58,8 +58,8 @@ def ctpo_token_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advant
     dtype = log_probs.dtype
     if not (old_log_probs.dtype == advantages.dtype == dtype and log_probs.is_floating_point()):
         dtype = torch.promote_types(dtype, torch.float32)  # mixed inputs: one compute dtype
-    lp = log_probs.to(dtype).contiguous()
-    olp, adv, mask = (t.detach().to(dtype).contiguous() for t in (old_log_probs, advantages, response_mask))
+    lp = dense(log_probs, dtype)
+    olp, adv, mask = (dense(t.detach(), dtype) for t in (old_log_probs, advantages, response_mask))
     out_dtype = reference.result_dtype(dtype)
     cum = None if cum_log_ratio is None else cum_log_ratio.detach().to(out_dtype).contiguous()
     count = None if cum_count is None else cum_count.detach().to(out_dtype).contiguous()
@@ -92,12 +92,10 @@ def ctpo_token_loss_metrics(log_probs: torch.Tensor, old_log_probs: torch.Tensor
     `ctpo_token_loss`, the values of `loss_stats_metrics` for them), equal to those two ops'.
     """
     dtype = log_probs.dtype
-    lp = log_probs.contiguous()
-    olp, adv, mask = (t.detach().to(dtype).contiguous() for t in (old_log_probs, advantages, response_mask))
+    olp, adv, mask = (dense(t.detach(), dtype) for t in (old_log_probs, advantages, response_mask))
     *terms, values = op_overload("ctpo_token_loss_metrics")(
-        lp, olp, adv, mask, bool(geomean), bool(adaptive), float(clip_low), float(clip_high), float(clip_c),
-        float(power), bucket_of_position, int(num_buckets), [float(c) for c in exp_coeffs], int(hist_shift),
-        int(hist_first), int(hist_bins), [float(q) for q in qs])
+        dense(log_probs), olp, adv, mask, geomean, adaptive, clip_low, clip_high, clip_c, power, bucket_of_position,
+        num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins, qs)
     return CtpoKernelOut(*terms), values.tolist()
 
 

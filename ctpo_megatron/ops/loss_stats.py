@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from ctpo_megatron.ops._backend import cpu_kernel_for, extension_backends, op_overload
+from ctpo_megatron.ops._backend import cpu_kernel_for, dense, extension_backends, op_overload
 
 _OP = "ctpo_megatron::loss_stats"
 
@@ -123,19 +123,11 @@ def _stats_args(valid, advantages, ratio, log_ratio, la_scale, flags, positions,
                 exp_coeffs, hist_shift, hist_first, hist_bins, la_power) -> tuple:
     """The op's positional arguments, in its dtypes and contiguous."""
     dtype = ratio.dtype
-    return (_dense(valid), _dense(advantages, dtype), _dense(ratio), _dense(log_ratio, dtype),
-            None if la_scale is None else _dense(la_scale, dtype), None if la_power is None else float(la_power),
-            *(_dense(f) for f in flags), None if positions is None else _dense(positions, torch.int64),
+    return (dense(valid), dense(advantages, dtype), dense(ratio), dense(log_ratio, dtype),
+            None if la_scale is None else dense(la_scale, dtype), None if la_power is None else float(la_power),
+            *(dense(f) for f in flags), None if positions is None else dense(positions, torch.int64),
             bucket_of_position, int(num_buckets), [float(c) for c in exp_coeffs], int(hist_shift), int(hist_first),
             int(hist_bins))
-
-
-def _dense(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`tensor` in `dtype`, contiguous; itself when it already is (this runs per micro-batch, and
-    a no-op `.to().contiguous()` still costs two calls)."""
-    if (dtype is None or tensor.dtype == dtype) and tensor.is_contiguous():
-        return tensor
-    return tensor.to(dtype or tensor.dtype).contiguous()
 
 
 def metric_count(num_exp: int, num_quantiles: int, num_buckets: int) -> int:
