@@ -9,6 +9,7 @@
 
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "ctpo/cpu_segments.h"
 #include "ctpo/ctpo_math.h"
@@ -232,7 +233,12 @@ LossMetricsResult ctpo_token_loss_metrics_cpu(
   const CtpoParams params = make_ctpo_params(geomean, adaptive, clip_low, clip_high, clip_c, power);
   const int64_t threads = at::get_num_threads();
   const bool fused = threads <= 1 || L.num_segments >= 2 * threads || L.num_tokens <= kCpuBlock;
-  at::Tensor valid = fused ? at::empty_like(log_probs, log_probs.options().dtype(at::kBool)) : at::Tensor();
+  // mask > 0 for the statistics, in a per-thread buffer: a new tensor of this size per call came
+  // from fresh pages each time (page faults).
+  thread_local std::vector<uint8_t> valid_buffer;
+  if (static_cast<int64_t>(valid_buffer.size()) < L.num_tokens) valid_buffer.resize(L.num_tokens);
+  bool* v = reinterpret_cast<bool*>(valid_buffer.data());
+  const at::Tensor valid = at::from_blob(v, log_probs.sizes(), log_probs.options().dtype(at::kBool));
   at::Tensor values;
   AT_DISPATCH_FLOATING_TYPES(log_probs.scalar_type(), "ctpo_token_loss_metrics_cpu", [&] {
     using T = scalar_t;
@@ -242,21 +248,23 @@ LossMetricsResult ctpo_token_loss_metrics_cpu(
                                  out.clip_dual, out.clipped, c10::nullopt, bucket_of_position, num_buckets, exp_coeffs,
                                  HistSpec{hist_shift, hist_first, hist_bins}, qs, adaptive, what, before_tile);
     };
+    const scalar_t* m = mask.data_ptr<scalar_t>();
+    auto fill_valid = [&](int64_t i0, int64_t n) {
+      for (int64_t k = 0; k < n; ++k) v[i0 + k] = static_cast<double>(m[i0 + k]) > 0.0;
+    };
     if (!fused) {
       loss_cpu_typed<scalar_t, T>(log_probs, old_log_probs, advantages, mask, c10::nullopt, c10::nullopt, L, params,
                                   out);
-      valid = mask > 0;
+      fill_valid(0, L.num_tokens);
       values = metrics(nullptr);
       return;
     }
     const LossKernel<scalar_t, T> kernel(log_probs, old_log_probs, advantages, mask, c10::nullopt, c10::nullopt,
                                          params, out);
-    const scalar_t* m = mask.data_ptr<scalar_t>();
-    bool* v = valid.data_ptr<bool>();
     std::vector<Carry> carries(L.num_segments);  // each row's prefix sums; a row stays in one chunk
     const TileProducer produce = [&](int64_t row, int64_t t0, int64_t n) {
       const int64_t i0 = row * L.row_len + t0;
-      for (int64_t k = 0; k < n; ++k) v[i0 + k] = static_cast<double>(m[i0 + k]) > 0.0;
+      fill_valid(i0, n);
       kernel.tile(i0, n, carries[row]);
     };
     values = metrics(&produce);

@@ -79,6 +79,16 @@ def test_one_pass_equals_the_loss_then_the_statistics(cfg, dtype, threads):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("shape", [(0, 9), (3, 0), (1, 1)])
+def test_empty_and_single_token_batches(shape):
+    cfg = PolicyLossConfig()
+    lp, mask = torch.full(shape, -0.5), torch.ones(shape)
+    out, values = one_pass(lp, lp - 0.1, lp, mask, cfg)
+    ref, ref_values = two_ops(lp, lp - 0.1, lp, mask, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert_values_equal(values, ref_values)
+
+
 def test_calls_in_a_row_start_from_clean_statistics():
     """The statistics' per-thread buffer is cleared between calls, also after a failed one."""
     cfg = PolicyLossConfig()
