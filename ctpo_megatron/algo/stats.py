@@ -335,10 +335,16 @@ def _coefficients(cfg: PolicyLossConfig) -> tuple[float, float, float]:
 
 def metrics_op_arguments(length: int, cfg: PolicyLossConfig, device: torch.device) -> dict:
     """The statistics' arguments of `ops.ctpo_token_loss_metrics` for rows of `length` tokens:
-    what `policy_metrics` passes `ops.loss_stats_metrics` (default position buckets)."""
+    what `policy_metrics` passes `ops.loss_stats_metrics` (default position buckets). A new
+    dict per call, built from one cached per (length, coefficients, device)."""
+    return dict(_metrics_op_arguments(length, _coefficients(cfg), device))
+
+
+@functools.lru_cache(maxsize=16)
+def _metrics_op_arguments(length: int, coefficients: tuple[float, float, float], device: torch.device) -> dict:
     edges = _default_edges(length)
     return dict(bucket_of_position=bucket_of_position(edges, device), num_buckets=len(edges),
-                exp_coeffs=_coefficients(cfg), qs=_RATIO_QS, **histogram.KERNEL_LAYOUT)
+                exp_coeffs=coefficients, qs=tuple(_RATIO_QS), **histogram.KERNEL_LAYOUT)
 
 
 def metrics_from_values(values: list[float], length: int, *, adaptive_clip: bool) -> dict[str, float]:
