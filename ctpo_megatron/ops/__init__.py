@@ -7,9 +7,9 @@ sum. A leaf package: `algo` imports `ops`, never the other way round.
 
 `python -m ctpo_megatron.ops` prints which backend is active and why. Files: _backend (which
 kernels), reference (the pure-torch scan), scan (segmented_cumsum + op autograd), ctpo_loss
-(the raw fused CTPO op; `algo.ctpo.fused_ctpo_token_terms` wraps it; and the op that also gives
-the metric values of its terms in the same pass, `algo.ctpo.fused_ctpo_terms_and_metrics`), loss_stats (the one-pass
-loss statistics, `algo.stats.LossSums.from_terms` calls it, and their metric values,
+(the raw fused CTPO op, which `algo.ctpo.fused_ctpo_token_terms` wraps, and the op that also
+gives the metric values of its terms from the same pass, which `algo.ctpo.fused_ctpo_terms_and_metrics`
+wraps), loss_stats (the one-pass loss statistics, `algo.stats.LossSums.from_terms` calls it, and their metric values,
 `LossSums.metrics` and `policy_metrics` call those), histogram (quantiles of the statistics'
 histograms; `algo.histogram.histogram_quantiles` calls it), zigzag (Megatron CP sharding
 helpers), context_parallel (cross-rank scan).
@@ -34,7 +34,8 @@ from ctpo_megatron.ops.zigzag import (zigzag_chunk_cu_seqlens, zigzag_local_cu_s
 
 __all__ = [
     "LOSS_STATS_MAX_SLOTS", "LOSS_STATS_SUM_SLOTS", "LossStatsOut", "backend_report", "context_parallel_cumsum",
-    "ctpo_loss_metrics_kernel_for", "ctpo_token_loss", "ctpo_token_loss_metrics", "extension_backends", "has_kernel", "histogram_quantiles", "histogram_quantiles_kernel_for",
+    "ctpo_loss_metrics_kernel_for", "ctpo_token_loss", "ctpo_token_loss_metrics", "extension_backends", "has_kernel",
+    "histogram_quantiles", "histogram_quantiles_kernel_for",
     "loss_metric_count", "loss_metrics", "loss_stats", "loss_stats_kernel_for", "loss_stats_metrics",
     "loss_stats_sections", "segmented_cumsum", "zigzag_chunk_cu_seqlens",
     "zigzag_local_cu_seqlens", "zigzag_shard", "zigzag_unshard",
