@@ -231,8 +231,7 @@ LossMetricsResult ctpo_token_loss_metrics_cpu(
   const SegmentLayout L = parse_layout(log_probs, c10::nullopt, what);
   LossOutputs out = make_loss_outputs(log_probs, adaptive, /*zero_fill=*/false);
   const CtpoParams params = make_ctpo_params(geomean, adaptive, clip_low, clip_high, clip_c, power);
-  const int64_t threads = at::get_num_threads();
-  const bool fused = threads <= 1 || L.num_segments >= 2 * threads || L.num_tokens <= kCpuBlock;
+  const bool fused = scans_whole_segments(L);
   // mask > 0 for the statistics, in a per-thread buffer: a new tensor of this size per call came
   // from fresh pages each time (page faults).
   thread_local std::vector<uint8_t> valid_buffer;

@@ -40,7 +40,7 @@ _VECTORS = {"clip": "clip", "la_clip_ratios": "exp_sums", "ratio_hist": "ratio_h
             "position_tokens": "position_tokens"}
 """Vector fields of `LossSums` and the section of the op's sums vector that holds each."""
 _CLIP_KEYS = tuple((f"clip_count_{key}", f"clipfrac_{key}") for key in ("high", "low", "dual", "total"))
-_RATIO_QS = [q for _, q in RATIO_QUANTILES]
+_RATIO_QS = tuple(q for _, q in RATIO_QUANTILES)
 _RATIO_QUANTILE_KEYS = tuple(f"is_ratio_{name}" for name, _ in RATIO_QUANTILES)
 _LA_CLIP_KEYS = tuple(f"la_clip_{key}_ratio_mean" for key in ("high", "low", "c"))
 METRIC_KEYS = ("loss", "valid_tokens", "neg_adv_tokens", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl",
@@ -296,8 +296,16 @@ def _kernel_args(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tenso
     return dict(valid=valid, advantages=advantages, ratio=terms.ratio, log_ratio=terms.log_ratio_clamped,
                 la_scale=None if by_position else terms.la_scale,
                 flags=(terms.clip_high, terms.clip_low, terms.clip_dual, terms.clipped), positions=positions,
-                bucket_of_position=bucket_of_position(tuple(edges), valid.device), num_buckets=len(edges),
-                exp_coeffs=coefficients, la_power=la_power if by_position else None, **histogram.KERNEL_LAYOUT)
+                la_power=la_power if by_position else None,
+                **_layout_args(tuple(edges), tuple(coefficients), valid.device))
+
+
+@functools.lru_cache(maxsize=16)
+def _layout_args(edges: tuple[int, ...], coefficients: tuple[float, ...], device: torch.device) -> dict:
+    """The statistics' layout arguments of the stats ops (buckets, exp coefficients, histogram
+    bins), built once per edges, coefficients and device. Callers unpack it into a new dict."""
+    return dict(bucket_of_position=bucket_of_position(edges, device), num_buckets=len(edges),
+                exp_coeffs=coefficients, **histogram.KERNEL_LAYOUT)
 
 
 def _kernel_plan(terms: TokenTerms, valid: torch.Tensor, cfg: PolicyLossConfig,
@@ -335,16 +343,8 @@ def _coefficients(cfg: PolicyLossConfig) -> tuple[float, float, float]:
 
 def metrics_op_arguments(length: int, cfg: PolicyLossConfig, device: torch.device) -> dict:
     """The statistics' arguments of `ops.ctpo_token_loss_metrics` for rows of `length` tokens:
-    what `policy_metrics` passes `ops.loss_stats_metrics` (default position buckets). A new
-    dict per call, built from one cached per (length, coefficients, device)."""
-    return dict(_metrics_op_arguments(length, _coefficients(cfg), device))
-
-
-@functools.lru_cache(maxsize=16)
-def _metrics_op_arguments(length: int, coefficients: tuple[float, float, float], device: torch.device) -> dict:
-    edges = _default_edges(length)
-    return dict(bucket_of_position=bucket_of_position(edges, device), num_buckets=len(edges),
-                exp_coeffs=coefficients, qs=tuple(_RATIO_QS), **histogram.KERNEL_LAYOUT)
+    what `policy_metrics` passes `ops.loss_stats_metrics` (default position buckets)."""
+    return dict(_layout_args(_default_edges(length), _coefficients(cfg), device), qs=_RATIO_QS)
 
 
 def metrics_from_values(values: list[float], length: int, *, adaptive_clip: bool) -> dict[str, float]:

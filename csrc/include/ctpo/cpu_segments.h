@@ -43,6 +43,13 @@ inline void check_cu_seqlens_cpu(const SegmentLayout& L, const char* what) {
               " exceeds the ", L.num_tokens, " packed tokens");
 }
 
+// Whether run_segments scans each segment whole on one thread (else it splits segments into
+// blocks: too few segments to keep the threads busy, e.g. one 128k-token sequence).
+inline bool scans_whole_segments(const SegmentLayout& L) {
+  const int64_t threads = at::get_num_threads();
+  return threads <= 1 || L.num_segments >= 2 * threads || L.num_tokens <= kCpuBlock;
+}
+
 // total(begin, end, reverse) -> Carry of one span; scan(seg, begin, end, carry_in) scans a span
 // (in the direction the caller chose) starting from carry_in.
 template <typename TotalFn, typename ScanFn>
@@ -55,8 +62,7 @@ void run_segments(const SegmentLayout& L, const double* carry_sum, const double*
     if (carry_count != nullptr) c.count = carry_count[seg];
     return c;
   };
-  const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || nseg >= 2 * threads || L.num_tokens <= kCpuBlock) {
+  if (scans_whole_segments(L)) {
     // Each task gets about kCpuBlock tokens: waking threads for a few hundred tokens costs
     // more than scanning them (a [16, 60] batch ran 5x slower on 2 threads than on 1).
     const int64_t grain = std::max<int64_t>(1, kCpuBlock * nseg / std::max<int64_t>(L.num_tokens, 1));
