@@ -61,21 +61,22 @@ TORCH_LIBRARY(ctpo_megatron, m) {
   m.def(
       "ctpo_token_loss_metrics(Tensor log_probs, Tensor old_log_probs, Tensor advantages, Tensor mask, "
       "bool geomean, bool adaptive, float clip_low, float clip_high, float clip_c, float power, "
-      "Tensor bucket_of_position, int num_buckets, float[] exp_coeffs, int hist_shift, int hist_first, "
+      "int[] bucket_edges, float[] exp_coeffs, int hist_shift, int hist_first, "
       "int hist_bins, float[] qs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The additive statistics of a micro-batch's policy-loss terms (algo.stats.LossSums) in one
   // pass over its valid tokens, as two float64 vectors. sums: the counts and sums (SumSlot in
   // csrc/include/ctpo/loss_stats.h), one sum of exp(c * la_scale) per exp_coeffs entry, the
   // log-bin histograms of ratio and la_scale (bins by float32 bits >> hist_shift - hist_first,
   // clamped to [0, hist_bins)), then clipped and valid tokens per position bucket
-  // (bucket_of_position[clamp(n_t)]; n_t = positions, or the running count of valid tokens along
-  // the last dimension), num_buckets each. maxima: max and -min of ratio and la_scale (MaxSlot).
+  // (bucket k holds n_t in [bucket_edges[k], bucket_edges[k + 1]), the last one up from its edge,
+  // n_t below the first edge are left out; n_t = positions, or the running count of valid tokens
+  // along the last dimension), len(bucket_edges) each. maxima: max and -min of ratio and la_scale (MaxSlot).
   // The LA scale statistics come from la_scale per token, or with la_power from g_t =
   // max(n_t, 1)^la_power (what the loss computed, when n_t is its count), per position.
   m.def(
       "loss_stats(Tensor valid, Tensor advantages, Tensor ratio, Tensor log_ratio, Tensor? la_scale, float? la_power, "
       "Tensor clip_high, Tensor clip_low, Tensor clip_dual, Tensor clipped, Tensor? positions, "
-      "Tensor bucket_of_position, int num_buckets, float[] exp_coeffs, int hist_shift, int hist_first, "
+      "int[] bucket_edges, float[] exp_coeffs, int hist_shift, int hist_first, "
       "int hist_bins) -> (Tensor, Tensor)");
   // torch.quantile-style quantiles (float64 [len(qs)]) of the values counted in a float64
   // log-bin histogram laid out as loss_stats' (bin b holds [float(b + hist_first << hist_shift),
@@ -97,6 +98,6 @@ TORCH_LIBRARY(ctpo_megatron, m) {
   m.def(
       "loss_stats_metrics(Tensor valid, Tensor advantages, Tensor ratio, Tensor log_ratio, Tensor? la_scale, "
       "float? la_power, Tensor clip_high, Tensor clip_low, Tensor clip_dual, Tensor clipped, Tensor? positions, "
-      "Tensor bucket_of_position, int num_buckets, float[] exp_coeffs, int hist_shift, int hist_first, "
+      "int[] bucket_edges, float[] exp_coeffs, int hist_shift, int hist_first, "
       "int hist_bins, float[] qs, bool adaptive_clip) -> Tensor");
 }

@@ -207,6 +207,12 @@ LossResult ctpo_token_loss_cpu(
   return out.as_tuple();
 }
 
+// valid[k] = mask[k] > 0, as the statistics read it (one byte per token), in SIMD.
+template <typename T>
+CTPO_CPU_CLONES void positive_flags(const T* __restrict__ mask, int64_t n, uint8_t* __restrict__ valid) {
+  for (int64_t k = 0; k < n; ++k) valid[k] = mask[k] > T(0);
+}
+
 using LossMetricsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                      at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -219,7 +225,7 @@ using LossMetricsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
 LossMetricsResult ctpo_token_loss_metrics_cpu(
     const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
     const at::Tensor& mask, bool geomean, bool adaptive, double clip_low, double clip_high, double clip_c,
-    double power, const at::Tensor& bucket_of_position, int64_t num_buckets, at::ArrayRef<double> exp_coeffs,
+    double power, at::IntArrayRef bucket_edges, at::ArrayRef<double> exp_coeffs,
     int64_t hist_shift, int64_t hist_first, int64_t hist_bins, at::ArrayRef<double> qs) {
   constexpr const char* what = "ctpo_megatron::ctpo_token_loss_metrics";
   check_loss_inputs(log_probs, old_log_probs, advantages, mask, c10::nullopt, c10::nullopt);
@@ -236,21 +242,18 @@ LossMetricsResult ctpo_token_loss_metrics_cpu(
   // from fresh pages each time (page faults).
   thread_local std::vector<uint8_t> valid_buffer;
   if (static_cast<int64_t>(valid_buffer.size()) < L.num_tokens) valid_buffer.resize(L.num_tokens);
-  bool* v = reinterpret_cast<bool*>(valid_buffer.data());
-  const at::Tensor valid = at::from_blob(v, log_probs.sizes(), log_probs.options().dtype(at::kBool));
+  const at::Tensor valid = at::from_blob(valid_buffer.data(), log_probs.sizes(), log_probs.options().dtype(at::kBool));
   at::Tensor values;
   AT_DISPATCH_FLOATING_TYPES(log_probs.scalar_type(), "ctpo_token_loss_metrics_cpu", [&] {
     using T = scalar_t;
     auto metrics = [&](const TileProducer* before_tile) {
       return stats_metric_values(valid, advantages, out.ratio, out.log_ratio, c10::nullopt,
                                  adaptive ? c10::optional<double>(power) : c10::nullopt, out.clip_high, out.clip_low,
-                                 out.clip_dual, out.clipped, c10::nullopt, bucket_of_position, num_buckets, exp_coeffs,
+                                 out.clip_dual, out.clipped, c10::nullopt, bucket_edges, exp_coeffs,
                                  HistSpec{hist_shift, hist_first, hist_bins}, qs, adaptive, what, before_tile);
     };
     const scalar_t* m = mask.data_ptr<scalar_t>();
-    auto fill_valid = [&](int64_t i0, int64_t n) {
-      for (int64_t k = 0; k < n; ++k) v[i0 + k] = static_cast<double>(m[i0 + k]) > 0.0;
-    };
+    auto fill_valid = [&](int64_t i0, int64_t n) { positive_flags(m + i0, n, valid_buffer.data() + i0); };
     if (!fused) {
       loss_cpu_typed<scalar_t, T>(log_probs, old_log_probs, advantages, mask, c10::nullopt, c10::nullopt, L, params,
                                   out);

@@ -131,12 +131,12 @@ at::Tensor loss_stats_metrics_cpu(const at::Tensor& valid, const at::Tensor& adv
                                   const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
                                   c10::optional<double> la_power, const at::Tensor& clip_high,
                                   const at::Tensor& clip_low, const at::Tensor& clip_dual, const at::Tensor& clipped,
-                                  const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
-                                  int64_t num_buckets, at::ArrayRef<double> exp_coeffs, int64_t hist_shift,
+                                  const c10::optional<at::Tensor>& positions, at::IntArrayRef bucket_edges,
+                                  at::ArrayRef<double> exp_coeffs, int64_t hist_shift,
                                   int64_t hist_first, int64_t hist_bins, at::ArrayRef<double> qs,
                                   bool adaptive_clip) {
   return stats_metric_values(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual,
-                             clipped, positions, bucket_of_position, num_buckets, exp_coeffs,
+                             clipped, positions, bucket_edges, exp_coeffs,
                              HistSpec{hist_shift, hist_first, hist_bins}, qs, adaptive_clip,
                              "ctpo_megatron::loss_stats_metrics");
 }
@@ -147,12 +147,13 @@ at::Tensor stats_metric_values(const at::Tensor& valid, const at::Tensor& advant
                                const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
                                c10::optional<double> la_power, const at::Tensor& clip_high,
                                const at::Tensor& clip_low, const at::Tensor& clip_dual, const at::Tensor& clipped,
-                               const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
-                               int64_t num_buckets, at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
+                               const c10::optional<at::Tensor>& positions, at::IntArrayRef bucket_edges,
+                               at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
                                at::ArrayRef<double> qs, bool adaptive_clip, const char* what,
                                const TileProducer* before_tile) {
   check_quantiles(qs, what);
   const int64_t num_exp = static_cast<int64_t>(exp_coeffs.size());
+  const int64_t num_buckets = static_cast<int64_t>(bucket_edges.size());
   const StatsLayout l = stats_layout(num_exp, std::max<int64_t>(hist.bins, 0), std::max<int64_t>(num_buckets, 0));
   std::vector<double>& sums = stats_buffer;
   if (static_cast<int64_t>(sums.size()) < l.size) sums.assign(l.size, 0.0);
@@ -160,7 +161,7 @@ at::Tensor stats_metric_values(const at::Tensor& valid, const at::Tensor& advant
   init_maxima(maxima);
   ClearOnExit clear_on_exit(sums, l);
   clear_on_exit.written(loss_stats_into(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low,
-                                        clip_dual, clipped, positions, bucket_of_position, num_buckets, exp_coeffs,
+                                        clip_dual, clipped, positions, bucket_edges, exp_coeffs,
                                         hist, sums.data(), maxima, before_tile));
   auto out = at::empty({num_values(num_exp, static_cast<int64_t>(qs.size()), num_buckets)},
                        valid.options().dtype(at::kDouble));

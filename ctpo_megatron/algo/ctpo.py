@@ -164,7 +164,7 @@ def fused_ctpo_terms_and_metrics(log_probs: torch.Tensor, old_log_probs: torch.T
     length = log_probs.shape[-1]
     out, values = ops.ctpo_token_loss_metrics(log_probs, old_log_probs, advantages, response_mask,
                                               **_kernel_variant(cfg),
-                                              **stats.metrics_op_arguments(length, cfg, log_probs.device))
+                                              **stats.metrics_op_arguments(length, cfg))
     return _kernel_terms(out, cfg), stats.metrics_from_values(values, length, adaptive_clip=cfg.adaptive_clip)
 
 

@@ -21,7 +21,7 @@ import torch
 from ctpo_megatron import ops
 from ctpo_megatron.algo import histogram
 from ctpo_megatron.algo.config import PolicyLossConfig
-from ctpo_megatron.algo.metrics import (RATIO_QUANTILES, bucket_of_position, check_bucket_edges,
+from ctpo_megatron.algo.metrics import (RATIO_QUANTILES, check_bucket_edges,
                                         position_bucket_edges, position_clip_metrics, position_counts,
                                         position_rate_metrics)
 from ctpo_megatron.algo.terms import TokenTerms
@@ -297,15 +297,14 @@ def _kernel_args(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tenso
                 la_scale=None if by_position else terms.la_scale,
                 flags=(terms.clip_high, terms.clip_low, terms.clip_dual, terms.clipped), positions=positions,
                 la_power=la_power if by_position else None,
-                **_layout_args(tuple(edges), tuple(coefficients), valid.device))
+                **_layout_args(tuple(edges), tuple(coefficients)))
 
 
 @functools.lru_cache(maxsize=16)
-def _layout_args(edges: tuple[int, ...], coefficients: tuple[float, ...], device: torch.device) -> dict:
+def _layout_args(edges: tuple[int, ...], coefficients: tuple[float, ...]) -> dict:
     """The statistics' layout arguments of the stats ops (buckets, exp coefficients, histogram
     bins), built once per edges, coefficients and device. Callers unpack it into a new dict."""
-    return dict(bucket_of_position=bucket_of_position(edges, device), num_buckets=len(edges),
-                exp_coeffs=coefficients, **histogram.KERNEL_LAYOUT)
+    return dict(bucket_edges=edges, exp_coeffs=coefficients, **histogram.KERNEL_LAYOUT)
 
 
 def _kernel_plan(terms: TokenTerms, valid: torch.Tensor, cfg: PolicyLossConfig,
@@ -341,10 +340,10 @@ def _coefficients(cfg: PolicyLossConfig) -> tuple[float, float, float]:
     return cfg.la_clip_high, -cfg.la_clip_low, cfg.la_clip_c
 
 
-def metrics_op_arguments(length: int, cfg: PolicyLossConfig, device: torch.device) -> dict:
+def metrics_op_arguments(length: int, cfg: PolicyLossConfig) -> dict:
     """The statistics' arguments of `ops.ctpo_token_loss_metrics` for rows of `length` tokens:
     what `policy_metrics` passes `ops.loss_stats_metrics` (default position buckets)."""
-    return dict(_layout_args(_default_edges(length), _coefficients(cfg), device), qs=_RATIO_QS)
+    return dict(_layout_args(_default_edges(length), _coefficients(cfg)), qs=_RATIO_QS)
 
 
 def metrics_from_values(values: list[float], length: int, *, adaptive_clip: bool) -> dict[str, float]:

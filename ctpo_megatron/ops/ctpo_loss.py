@@ -83,9 +83,9 @@ def ctpo_loss_metrics_kernel_for(device: torch.device) -> bool:
 
 def ctpo_token_loss_metrics(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                             response_mask: torch.Tensor, *, geomean: bool, adaptive: bool, clip_low: float,
-                            clip_high: float, clip_c: float, power: float, bucket_of_position: torch.Tensor,
-                            num_buckets: int, exp_coeffs: tuple[float, ...], hist_shift: int, hist_first: int,
-                            hist_bins: int, qs: Sequence[float]) -> tuple[CtpoKernelOut, list[float]]:
+                            clip_high: float, clip_c: float, power: float, bucket_edges: Sequence[int],
+                            exp_coeffs: tuple[float, ...], hist_shift: int, hist_first: int, hist_bins: int,
+                            qs: Sequence[float]) -> tuple[CtpoKernelOut, list[float]]:
     """`ctpo_token_loss` and the metric values of its terms in one pass (call only where
     `ctpo_loss_metrics_kernel_for(device)`): each tile of terms goes to the statistics of
     `loss_stats_metrics` right after the kernel wrote it, while it is in cache.
@@ -100,8 +100,8 @@ def ctpo_token_loss_metrics(log_probs: torch.Tensor, old_log_probs: torch.Tensor
     dtype = log_probs.dtype
     *terms, values = op_overload("ctpo_token_loss_metrics")(
         dense(log_probs), _constant(old_log_probs, dtype), _constant(advantages, dtype),
-        _constant(response_mask, dtype), geomean, adaptive, clip_low, clip_high, clip_c, power, bucket_of_position,
-        num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins, qs)
+        _constant(response_mask, dtype), geomean, adaptive, clip_low, clip_high, clip_c, power, bucket_edges,
+        exp_coeffs, hist_shift, hist_first, hist_bins, qs)
     return CtpoKernelOut(*terms), values.tolist()
 
 
@@ -129,14 +129,14 @@ def _register() -> None:
 
     @torch.library.register_fake(_METRICS_OP)
     def _fake_metrics(log_probs, old_log_probs, advantages, mask, geomean, adaptive, clip_low, clip_high, clip_c,
-                      power, bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins, qs):
+                      power, bucket_edges, exp_coeffs, hist_shift, hist_first, hist_bins, qs):
         terms = _fake(log_probs, old_log_probs, advantages, mask, None, None, None, geomean, adaptive, clip_low,
                       clip_high, clip_c, power)
-        return (*terms, log_probs.new_empty((metric_count(len(exp_coeffs), len(qs), num_buckets),),
+        return (*terms, log_probs.new_empty((metric_count(len(exp_coeffs), len(qs), len(bucket_edges)),),
                                             dtype=torch.float64))
 
     def _backward_metrics(ctx, grad_pg, *unused):
-        return _backward(ctx, grad_pg)[:1] + (None,) * 16
+        return _backward(ctx, grad_pg)[:1] + (None,) * 15
 
     torch.library.register_autograd(_METRICS_OP, _backward_metrics, setup_context=_setup_context)
 

@@ -69,7 +69,7 @@ def loss_stats_kernel_for(device: torch.device) -> bool:
 
 def loss_stats(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tensor, log_ratio: torch.Tensor,
                la_scale: torch.Tensor | None, flags: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-               *, positions: torch.Tensor | None, bucket_of_position: torch.Tensor, num_buckets: int,
+               *, positions: torch.Tensor | None, bucket_edges: Sequence[int],
                exp_coeffs: tuple[float, ...], hist_shift: int, hist_first: int, hist_bins: int,
                la_power: float | None = None) -> LossStatsOut:
     """Runs the op (call only where `loss_stats_kernel_for(device)`).
@@ -78,8 +78,9 @@ def loss_stats(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tenso
     like valid, one float dtype (float32 or float64); flags: (clip_high, clip_low, clip_dual,
     clipped) bool like valid; positions: optional int64 like valid, the position n_t of each
     token (default: the running count of valid tokens along the last dimension);
-    bucket_of_position: int64 [E + 1], the bucket of positions 0..E (positions are clamped to
-    [0, E]; a bucket >= num_buckets is left out); exp_coeffs: the c of each exp(c g_t) sum
+    bucket_edges: K strictly increasing positions >= 1, bucket k holding positions
+    [bucket_edges[k], bucket_edges[k + 1]) and the last one those from its edge up (positions
+    below the first edge are left out); exp_coeffs: the c of each exp(c g_t) sum
     (equal ones are evaluated once); hist_*: the bin layout of `algo.histogram`.
     la_power: instead of la_scale (pass one or neither), the LA scale of every valid token is
     g_t = max(n_t, 1)^la_power with n_t its position as above: what the CTPO loss computed
@@ -88,21 +89,21 @@ def loss_stats(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tenso
     tensor is read.
     """
     return LossStatsOut(*op_overload("loss_stats")(*_stats_args(
-        valid, advantages, ratio, log_ratio, la_scale, flags, positions, bucket_of_position, num_buckets, exp_coeffs,
+        valid, advantages, ratio, log_ratio, la_scale, flags, positions, bucket_edges, exp_coeffs,
         hist_shift, hist_first, hist_bins, la_power)))
 
 
 def loss_stats_metrics(valid: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tensor, log_ratio: torch.Tensor,
                        la_scale: torch.Tensor | None,
                        flags: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], *,
-                       positions: torch.Tensor | None, bucket_of_position: torch.Tensor, num_buckets: int,
+                       positions: torch.Tensor | None, bucket_edges: Sequence[int],
                        exp_coeffs: tuple[float, ...], hist_shift: int, hist_first: int, hist_bins: int,
                        qs: Sequence[float], adaptive_clip: bool, la_power: float | None = None) -> list[float]:
     """`loss_stats` and `loss_metrics` of its result (loss 0, one update) in one call: the
     metric values of one micro-batch (arguments as there; call only where
     `loss_stats_kernel_for(device)`)."""
     return op_overload("loss_stats_metrics")(*_stats_args(
-        valid, advantages, ratio, log_ratio, la_scale, flags, positions, bucket_of_position, num_buckets, exp_coeffs,
+        valid, advantages, ratio, log_ratio, la_scale, flags, positions, bucket_edges, exp_coeffs,
         hist_shift, hist_first, hist_bins, la_power), [float(q) for q in qs], bool(adaptive_clip)).tolist()
 
 
@@ -119,14 +120,14 @@ def loss_metrics(sums: torch.Tensor, maxima: torch.Tensor, *, loss: float, num_e
                                        int(hist_bins)).tolist()
 
 
-def _stats_args(valid, advantages, ratio, log_ratio, la_scale, flags, positions, bucket_of_position, num_buckets,
-                exp_coeffs, hist_shift, hist_first, hist_bins, la_power) -> tuple:
+def _stats_args(valid, advantages, ratio, log_ratio, la_scale, flags, positions, bucket_edges, exp_coeffs,
+                hist_shift, hist_first, hist_bins, la_power) -> tuple:
     """The op's positional arguments, in its dtypes and contiguous."""
     dtype = ratio.dtype
     return (dense(valid), dense(advantages, dtype), dense(ratio), dense(log_ratio, dtype),
             None if la_scale is None else dense(la_scale, dtype), None if la_power is None else float(la_power),
             *(dense(f) for f in flags), None if positions is None else dense(positions, torch.int64),
-            bucket_of_position, int(num_buckets), [float(c) for c in exp_coeffs], int(hist_shift), int(hist_first),
+            bucket_edges, [float(c) for c in exp_coeffs], int(hist_shift), int(hist_first),
             int(hist_bins))
 
 
@@ -138,8 +139,8 @@ def metric_count(num_exp: int, num_quantiles: int, num_buckets: int) -> int:
 def _register() -> None:
     @torch.library.register_fake(_OP)
     def _fake(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual, clipped,
-              positions, bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first, hist_bins):
-        size = sum_sections(len(exp_coeffs), hist_bins, num_buckets)["position_tokens"].stop
+              positions, bucket_edges, exp_coeffs, hist_shift, hist_first, hist_bins):
+        size = sum_sections(len(exp_coeffs), hist_bins, len(bucket_edges))["position_tokens"].stop
         return (valid.new_empty((size,), dtype=torch.float64), valid.new_empty((len(MAX_SLOTS),), dtype=torch.float64))
 
     @torch.library.register_fake("ctpo_megatron::loss_metrics")
@@ -149,9 +150,9 @@ def _register() -> None:
 
     @torch.library.register_fake("ctpo_megatron::loss_stats_metrics")
     def _fake_stats_metrics(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual,
-                            clipped, positions, bucket_of_position, num_buckets, exp_coeffs, hist_shift, hist_first,
-                            hist_bins, qs, adaptive_clip):
-        return valid.new_empty((metric_count(len(exp_coeffs), len(qs), num_buckets),), dtype=torch.float64)
+                            clipped, positions, bucket_edges, exp_coeffs, hist_shift, hist_first, hist_bins, qs,
+                            adaptive_clip):
+        return valid.new_empty((metric_count(len(exp_coeffs), len(qs), len(bucket_edges)),), dtype=torch.float64)
 
 
 if extension_backends():

@@ -25,14 +25,14 @@ SHAPES = [(6, 300), (1, 3000), (9, 1100), (3, 7)]
 
 def one_pass(lp, olp, adv, mask, cfg):
     return ops.ctpo_token_loss_metrics(lp, olp, adv, mask, **_kernel_variant(cfg),
-                                       **stats.metrics_op_arguments(lp.shape[-1], cfg, lp.device))
+                                       **stats.metrics_op_arguments(lp.shape[-1], cfg))
 
 
 def two_ops(lp, olp, adv, mask, cfg):
     """ctpo_token_loss, then loss_stats_metrics of its terms (what policy_metrics passes)."""
     out = ops.ctpo_token_loss(lp, olp, adv, mask, cu_seqlens=None, cum_log_ratio=None, cum_count=None,
                               **_kernel_variant(cfg))
-    args = stats.metrics_op_arguments(lp.shape[-1], cfg, lp.device)
+    args = stats.metrics_op_arguments(lp.shape[-1], cfg)
     values = ops.loss_stats_metrics(mask > 0, adv, out.ratio, out.log_ratio, None,
                                     (out.clip_high, out.clip_low, out.clip_dual, out.clipped), positions=None,
                                     adaptive_clip=cfg.adaptive_clip,
@@ -42,7 +42,7 @@ def two_ops(lp, olp, adv, mask, cfg):
 
 def raw_args(tensors, cfg, **overrides) -> tuple:
     """The raw op's positional arguments: the four tensors, then the rest in its schema's order."""
-    named = {**_kernel_variant(cfg), **stats.metrics_op_arguments(tensors[0].shape[-1], cfg, tensors[0].device),
+    named = {**_kernel_variant(cfg), **stats.metrics_op_arguments(tensors[0].shape[-1], cfg),
              **overrides}
     schema = torch.ops.ctpo_megatron.ctpo_token_loss_metrics.default._schema
     rest = [named[a.name] for a in schema.arguments[len(tensors):]]
@@ -97,7 +97,7 @@ def test_calls_in_a_row_start_from_clean_statistics():
     one_pass(*big, cfg)
     with pytest.raises(RuntimeError, match="quantile"):
         ops.ctpo_token_loss_metrics(*big, **_kernel_variant(cfg),
-                                    **{**stats.metrics_op_arguments(2000, cfg, big[0].device), "qs": [1.5]})
+                                    **{**stats.metrics_op_arguments(2000, cfg), "qs": [1.5]})
     _, values = one_pass(*small, cfg)
     assert_values_equal(values, two_ops(*small, cfg)[1])
 
@@ -125,8 +125,10 @@ def test_bad_inputs_name_the_problem():
         raw(*raw_args([t.reshape(2, 4, 4) for t in tensors], cfg))
     with pytest.raises(RuntimeError, match="old_log_probs must have the shape of log_probs"):
         raw(*raw_args([tensors[0], tensors[1][:, 1:].contiguous(), *tensors[2:]], cfg))
-    with pytest.raises(RuntimeError, match="num_buckets"):
-        raw(*raw_args(tensors, cfg, num_buckets=0))
+    with pytest.raises(RuntimeError, match="bucket_edges must hold 1 to 64 edges, got 0"):
+        raw(*raw_args(tensors, cfg, bucket_edges=[]))
+    with pytest.raises(RuntimeError, match="bucket_edges must be strictly increasing"):
+        raw(*raw_args(tensors, cfg, bucket_edges=[4, 2]))
     with pytest.raises(RuntimeError, match="ctpo_token_loss_metrics: quantile 2"):
         raw(*raw_args(tensors, cfg, qs=[2.0]))
 
@@ -179,5 +181,5 @@ def test_one_pass_declines_what_it_does_not_run(monkeypatch):
 
 
 def test_histogram_layout_is_the_algo_ones():
-    args = stats.metrics_op_arguments(100, PolicyLossConfig(), torch.device("cpu"))
+    args = stats.metrics_op_arguments(100, PolicyLossConfig())
     assert {k: args[k] for k in histogram.KERNEL_LAYOUT} == histogram.KERNEL_LAYOUT

@@ -16,7 +16,7 @@ import torch
 from ctpo_megatron import ops
 from ctpo_megatron.algo import PolicyLossConfig, policy_loss
 from ctpo_megatron.algo import histogram, stats
-from ctpo_megatron.algo.metrics import bucket_of_position, position_bucket_edges
+from ctpo_megatron.algo.metrics import position_bucket_edges
 from tests.unit.test_ops_ctpo_loss import batch
 
 pytestmark = pytest.mark.csrc  # tests/conftest.py: a failure in CI without the extension, a skip elsewhere
@@ -256,8 +256,7 @@ def raw_args(B=2, S=16, dtype=torch.float32):
     valid = torch.ones(B, S, dtype=torch.bool)
     values = torch.rand(B, S, dtype=dtype)
     flags = torch.zeros(B, S, dtype=torch.bool)
-    lookup = bucket_of_position((1, 2, 4, 8), valid.device)
-    return [valid, values, values, values, values, None, flags, flags, flags, flags, None, lookup, 4, [0.1],
+    return [valid, values, values, values, values, None, flags, flags, flags, flags, None, [1, 2, 4, 8], [0.1],
             histogram.KERNEL_LAYOUT["hist_shift"], histogram.KERNEL_LAYOUT["hist_first"],
             histogram.KERNEL_LAYOUT["hist_bins"]]
 
@@ -269,8 +268,11 @@ def raw_args(B=2, S=16, dtype=torch.float32):
     (5, 0.5, "pass la_scale .* or la_power .*, not both"),
     (6, torch.zeros(2, 16), "clip_high must be Bool"),
     (10, torch.zeros(2, 16, dtype=torch.int32), "positions must be Long"),
-    (12, 65, "num_buckets=65"),
-    (13, [0.1] * 5, "at most 4 exp_coeffs"),
+    (11, list(range(1, 66)), "bucket_edges must hold 1 to 64 edges, got 65"),
+    (11, [], "bucket_edges must hold 1 to 64 edges, got 0"),
+    (11, [1, 4, 4], "bucket_edges must be strictly increasing integers >= 1"),
+    (11, [0, 4], "bucket_edges must be strictly increasing integers >= 1"),
+    (12, [0.1] * 5, "at most 4 exp_coeffs"),
 ])
 def test_bad_inputs_name_the_argument(index, bad, message):
     args = raw_args()
@@ -441,7 +443,7 @@ def test_loss_stats_metrics_reuses_a_clean_buffer_across_calls_and_errors():
     def both(args, adaptive_clip):
         fused = torch.ops.ctpo_megatron.loss_stats_metrics(*args, qs, adaptive_clip)
         sums, maxima = torch.ops.ctpo_megatron.loss_stats(*args)
-        composed = ops.loss_metrics(sums, maxima, loss=0.0, num_exp=len(args[13]), num_buckets=args[12],
+        composed = ops.loss_metrics(sums, maxima, loss=0.0, num_exp=len(args[12]), num_buckets=len(args[11]),
                                     num_updates=1, adaptive_clip=adaptive_clip, qs=qs, **histogram.KERNEL_LAYOUT)
         return fused.tolist(), composed
 
@@ -454,7 +456,7 @@ def test_loss_stats_metrics_reuses_a_clean_buffer_across_calls_and_errors():
             kw = stats._kernel_args(terms, mask > 0, adv.reshape(B, -1).expand(B, S).contiguous(), edges, None,
                                     stats._coefficients(cfg), cfg.la_power)
             calls.append(([kw["valid"], kw["advantages"], kw["ratio"], kw["log_ratio"], kw["la_scale"], kw["la_power"],
-                           *kw["flags"], None, kw["bucket_of_position"], kw["num_buckets"], list(kw["exp_coeffs"]),
+                           *kw["flags"], None, list(kw["bucket_edges"]), list(kw["exp_coeffs"]),
                            *histogram.KERNEL_LAYOUT.values()], terms.la_scale is not None))
     for args, adaptive_clip in calls + calls[::-1]:
         fused, composed = both(args, adaptive_clip)

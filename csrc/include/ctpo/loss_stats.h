@@ -81,12 +81,13 @@ inline StatsLayout stats_layout(int64_t num_exp, int64_t bins, int64_t num_bucke
 
 // valid: bool [..., S]; advantages/ratio/log_ratio/la_scale: one float dtype, shape of valid;
 // la_power: instead of la_scale, the LA scales are la_scale(n_t, la_power);
-// flags: bool; positions: int64 (optional); bucket_of_position: int64 [E + 1], values in [0, K].
+// flags: bool; positions: int64 (optional); bucket_edges: K strictly increasing positions >= 1
+// (bucket k holds positions [edges[k], edges[k + 1]), the last one [edges[K - 1], inf)).
 inline void check_stats_inputs(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
                                const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
                                const c10::optional<double>& la_power, const std::vector<at::Tensor>& flags,
                                const c10::optional<at::Tensor>& positions,
-                               const at::Tensor& bucket_of_position, int64_t num_buckets,
+                               at::IntArrayRef bucket_edges,
                                const std::vector<double>& exp_coeffs, const HistSpec& hist) {
   constexpr const char* what = "ctpo_megatron::loss_stats";
   TORCH_CHECK(valid.scalar_type() == at::kBool, what, ": valid must be bool, got ", valid.scalar_type());
@@ -113,12 +114,13 @@ inline void check_stats_inputs(const at::Tensor& valid, const at::Tensor& advant
   const char* names[] = {"clip_high", "clip_low", "clip_dual", "clipped"};
   for (size_t k = 0; k < flags.size(); ++k) like(flags[k], at::kBool, names[k]);
   if (positions.has_value()) like(*positions, at::kLong, "positions");
-  TORCH_CHECK(bucket_of_position.dim() == 1 && bucket_of_position.numel() >= 1 &&
-                  bucket_of_position.scalar_type() == at::kLong && bucket_of_position.is_contiguous() &&
-                  bucket_of_position.device() == valid.device(),
-              what, ": bucket_of_position must be a contiguous int64 [E + 1] on ", valid.device());
-  TORCH_CHECK(num_buckets >= 1 && num_buckets <= kMaxPositionBuckets, what, ": num_buckets=", num_buckets,
-              " must be in [1, ", kMaxPositionBuckets, "]");
+  const int64_t num_buckets = static_cast<int64_t>(bucket_edges.size());
+  TORCH_CHECK(num_buckets >= 1 && num_buckets <= kMaxPositionBuckets, what, ": bucket_edges must hold 1 to ",
+              kMaxPositionBuckets, " edges, got ", num_buckets);
+  for (int64_t k = 0; k < num_buckets; ++k) {
+    TORCH_CHECK(bucket_edges[k] >= 1 && (k == 0 || bucket_edges[k] > bucket_edges[k - 1]), what,
+                ": bucket_edges must be strictly increasing integers >= 1, got ", bucket_edges);
+  }
   TORCH_CHECK(static_cast<int64_t>(exp_coeffs.size()) <= kMaxExpCoeffs, what, ": at most ", kMaxExpCoeffs,
               " exp_coeffs, got ", exp_coeffs.size());
   TORCH_CHECK(hist.bins >= 1 && hist.shift >= 0 && hist.shift < 32, what, ": bad histogram spec (bins ", hist.bins,
@@ -155,8 +157,8 @@ WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantage
                             const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
                             c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
                             const at::Tensor& clip_dual, const at::Tensor& clipped,
-                            const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
-                            int64_t num_buckets, at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
+                            const c10::optional<at::Tensor>& positions, at::IntArrayRef bucket_edges,
+                            at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
                             double* sums, double* maxima, const TileProducer* before_tile = nullptr);
 
 // loss_stats_into on a per-thread buffer that stays zero between calls, then the metric values
@@ -166,8 +168,8 @@ at::Tensor stats_metric_values(const at::Tensor& valid, const at::Tensor& advant
                                const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
                                c10::optional<double> la_power, const at::Tensor& clip_high,
                                const at::Tensor& clip_low, const at::Tensor& clip_dual, const at::Tensor& clipped,
-                               const c10::optional<at::Tensor>& positions, const at::Tensor& bucket_of_position,
-                               int64_t num_buckets, at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
+                               const c10::optional<at::Tensor>& positions, at::IntArrayRef bucket_edges,
+                               at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
                                at::ArrayRef<double> qs, bool adaptive_clip, const char* what,
                                const TileProducer* before_tile = nullptr);
 
