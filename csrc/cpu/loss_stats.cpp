@@ -337,23 +337,31 @@ CTPO_CPU_CLONES void valid_bin_range(const int32_t* __restrict__ bins, const uin
   hi = std::max(hi, largest);
 }
 
-// A histogram's counts in int32, one buffer per thread that stays zero between calls: only the
+// A histogram's counts in int32, in a buffer per thread that stays zero between calls: only the
 // bins a chunk touched are added to the float64 output and cleared again. A float64 increment
-// in memory per token chains its add through the previous one's store when neighbours share a
-// bin (most neighbouring LA scales do); int32 adds, two tokens merged when they share a bin,
-// are ~1.7x faster.
+// in memory per token chained its add through the previous one's store when neighbours share a
+// bin: int32 adds are ~1.7x faster. Token k counts into array k % kCountArrays, the arrays summed
+// when flushed, so that an add does not wait for a neighbour's store to the same bin. Measured
+// in ctpo_token_loss_metrics (the ratio histogram's scatter per call, 1 thread, against merging
+// two neighbours that share a bin into one add): 1 x 131072 random-walk ratios 0.125 -> 0.094
+// ms, on-policy ratios (every token in one bin) 0.208 -> 0.099 ms; two arrays gave 0.094 and
+// 0.140 ms.
 class BinCounts {
  public:
-  explicit BinCounts(std::vector<int32_t>& buffer, int64_t bins) : counts_(buffer) {
-    if (static_cast<int64_t>(counts_.size()) < bins) counts_.assign(bins, 0);
+  static constexpr int64_t kCountArrays = 4;
+
+  BinCounts(std::vector<int32_t>& buffer, int64_t bins) : buffer_(buffer), stride_(bins) {
+    if (static_cast<int64_t>(buffer_.size()) < kCountArrays * bins) buffer_.assign(kCountArrays * bins, 0);
   }
   // Counts not flushed (an error left the chunk) are dropped: the next call starts from zeros.
   ~BinCounts() {
-    for (int32_t b = lo_; b <= hi_; ++b) counts_[b] = 0;
+    for (int64_t j = 0; j < kCountArrays; ++j) {
+      for (int32_t b = lo_; b <= hi_; ++b) buffer_[j * stride_ + b] = 0;
+    }
   }
-  // Adds valid[k] to the bin of each of n tokens (n even, or the last token alone). Only the
-  // valid tokens' bins can change, so only they widen the range that flush walks (invalid
-  // ones, ratio 0, would stretch it down to bin 0).
+  // Adds valid[k] to the bin of each of n tokens. Only the valid tokens' bins can change, so
+  // only they widen the range that flush walks (invalid ones, ratio 0, would stretch it down to
+  // bin 0).
   void add(const int32_t* bins, const uint8_t* valid, int64_t n) {
     valid_bin_range(bins, valid, n, lo_, hi_);
     scatter(bins, valid, n);
@@ -364,31 +372,36 @@ class BinCounts {
     hi_ = std::max(hi_, hi);
     scatter(bins, valid, n);
   }
-  void scatter(const int32_t* bins, const uint8_t* valid, int64_t n) {
-    int32_t* counts = counts_.data();
-    int64_t k = 0;
-    for (; k + 1 < n; k += 2) {
-      const int32_t b0 = bins[k], b1 = bins[k + 1], v0 = valid[k], v1 = valid[k + 1];
-      const bool same = b0 == b1;
-      counts[b0] += v0 + (same ? v1 : 0);
-      counts[b1] += same ? 0 : v1;
-    }
-    if (k < n) counts[bins[k]] += valid[k];
-  }
   // Adds the counts into out and zeroes them; `written` takes their bins.
   void flush(double* out, BinRange& written) {
     if (lo_ <= hi_) written.add(lo_, hi_);
-    int32_t* counts = counts_.data();
+    int32_t* c0 = buffer_.data();
+    int32_t *c1 = c0 + stride_, *c2 = c1 + stride_, *c3 = c2 + stride_;
     for (int32_t b = lo_; b <= hi_; ++b) {
-      out[b] += static_cast<double>(counts[b]);
-      counts[b] = 0;
+      out[b] += static_cast<double>(int64_t{c0[b]} + c1[b] + c2[b] + c3[b]);
+      c0[b] = c1[b] = c2[b] = c3[b] = 0;
     }
     lo_ = std::numeric_limits<int32_t>::max();
     hi_ = -1;
   }
 
  private:
-  std::vector<int32_t>& counts_;
+  void scatter(const int32_t* bins, const uint8_t* valid, int64_t n) {
+    static_assert(kCountArrays == 4, "the loops below unroll four arrays");
+    int32_t* c0 = buffer_.data();
+    int32_t *c1 = c0 + stride_, *c2 = c1 + stride_, *c3 = c2 + stride_;
+    int64_t k = 0;
+    for (; k + 3 < n; k += 4) {
+      c0[bins[k]] += valid[k];
+      c1[bins[k + 1]] += valid[k + 1];
+      c2[bins[k + 2]] += valid[k + 2];
+      c3[bins[k + 3]] += valid[k + 3];
+    }
+    for (; k < n; ++k) c0[bins[k]] += valid[k];
+  }
+
+  std::vector<int32_t>& buffer_;  // kCountArrays arrays of stride_ bins
+  const int64_t stride_;
   int32_t lo_ = std::numeric_limits<int32_t>::max(), hi_ = -1;
 };
 
