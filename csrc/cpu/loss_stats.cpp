@@ -337,6 +337,16 @@ CTPO_CPU_CLONES void valid_bin_range(const int32_t* __restrict__ bins, const uin
   hi = std::max(hi, largest);
 }
 
+// out[b] += c0[b] + c1[b] + c2[b] + c3[b] for b in [lo, hi], zeroing the counts (SIMD: the
+// scalar loop took ~45 us per call for the ~20k bins the benchmark's ratios span).
+CTPO_CPU_CLONES void add_and_clear_counts(int32_t* __restrict__ c0, int32_t* __restrict__ c1, int32_t* __restrict__ c2,
+                                          int32_t* __restrict__ c3, int64_t lo, int64_t hi, double* __restrict__ out) {
+  for (int64_t b = lo; b <= hi; ++b) {
+    out[b] += static_cast<double>(c0[b] + c1[b] + c2[b] + c3[b]);
+    c0[b] = c1[b] = c2[b] = c3[b] = 0;
+  }
+}
+
 // A histogram's counts in int32, in a buffer per thread that stays zero between calls: only the
 // bins a chunk touched are added to the float64 output and cleared again. A float64 increment
 // in memory per token chained its add through the previous one's store when neighbours share a
@@ -376,11 +386,7 @@ class BinCounts {
   void flush(double* out, BinRange& written) {
     if (lo_ <= hi_) written.add(lo_, hi_);
     int32_t* c0 = buffer_.data();
-    int32_t *c1 = c0 + stride_, *c2 = c1 + stride_, *c3 = c2 + stride_;
-    for (int32_t b = lo_; b <= hi_; ++b) {
-      out[b] += static_cast<double>(int64_t{c0[b]} + c1[b] + c2[b] + c3[b]);
-      c0[b] = c1[b] = c2[b] = c3[b] = 0;
-    }
+    add_and_clear_counts(c0, c0 + stride_, c0 + 2 * stride_, c0 + 3 * stride_, lo_, hi_, out);
     lo_ = std::numeric_limits<int32_t>::max();
     hi_ = -1;
   }
