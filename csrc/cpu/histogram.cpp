@@ -17,17 +17,17 @@
 #include "ctpo/histogram_quantiles.h"
 
 namespace ctpo {
-namespace {
 
-constexpr int64_t kBlock = 64;
-
-// Lower edge of bin b: the float32 whose bits are (b + first) << shift (exact in float64).
 double bin_lower_edge(int64_t b, const HistSpec& h) {
   const int32_t bits = static_cast<int32_t>((b + h.first) << h.shift);
   float value;
   std::memcpy(&value, &bits, sizeof(value));
   return static_cast<double>(value);
 }
+
+namespace {
+
+constexpr int64_t kBlock = 64;
 
 // Sums of the consecutive blocks of kBlock bins of [begin, end): independent adds, SIMD within
 // a block. Whole counts, so exact in any order.
@@ -109,6 +109,14 @@ std::vector<double> histogram_quantile_values(const double* c, int64_t bins, at:
   }
   if (sums.empty()) sums = block_sums(c, 0, bins);  // the window was not taken, total given
   const double n = total_of(sums);
+  return quantiles_from_order_statistics(qs, n, lo, hi, [&](const std::vector<double>& ranks) {
+    return order_statistics(c, begin, end, sums, ranks, h);
+  });
+}
+
+std::vector<double> quantiles_from_order_statistics(at::ArrayRef<double> qs, double n, c10::optional<double> lo,
+                                                    c10::optional<double> hi, const OrderStatistics& find) {
+  std::vector<double> result(qs.size(), 0.0);
   if (n <= 0) return result;
   // Both order statistics of every quantile, ascending, each visited once.
   const size_t m = qs.size();
@@ -123,7 +131,7 @@ std::vector<double> histogram_quantile_values(const double* c, int64_t bins, at:
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ranks[a] < ranks[b]; });
   std::vector<double> sorted(2 * m);
   for (size_t i = 0; i < order.size(); ++i) sorted[i] = ranks[order[i]];
-  const std::vector<double> found = order_statistics(c, begin, end, sums, sorted, h);
+  const std::vector<double> found = find(sorted);
   std::vector<double> value(2 * m);
   for (size_t i = 0; i < order.size(); ++i) {
     double v = found[i];

@@ -31,7 +31,7 @@ constexpr int64_t kScaleValues = 4;
 // arithmetic is the Python definition's, in its order, so the results are equal.
 void metric_values(const double* sums, const double* maxima, double loss, int64_t num_exp, int64_t bins,
                    int64_t num_buckets, int64_t num_updates, bool adaptive_clip, at::ArrayRef<double> qs,
-                   const HistSpec& hist, double* out) {
+                   const HistSpec& hist, double* out, const RunningScaleRows* la_rows = nullptr) {
   const StatsLayout l = stats_layout(num_exp, bins, num_buckets);
   const double n = sums[kTokens];
   const double per = 1.0 / static_cast<double>(std::max<int64_t>(num_updates, 1));
@@ -60,7 +60,9 @@ void metric_values(const double* sums, const double* maxima, double loss, int64_
     v[0] = rate(sums[kScaleSum]);
     v[1] = scale_lo;
     v[2] = scale_hi;
-    v[3] = histogram_quantile_values(sums + l.scale_hist, bins, {median}, scale_lo, scale_hi, n, hist)[0];
+    v[3] = la_rows != nullptr && la_rows->tables != nullptr
+               ? running_scale_quantile(*la_rows, median, n, scale_lo, scale_hi, hist)
+               : histogram_quantile_values(sums + l.scale_hist, bins, {median}, scale_lo, scale_hi, n, hist)[0];
     for (int64_t e = 0; e < num_exp; ++e) v[kScaleValues + e] = rate(sums[kExpSums + e]);
   }
   v += kScaleValues + num_exp;
@@ -160,13 +162,14 @@ at::Tensor stats_metric_values(const at::Tensor& valid, const at::Tensor& advant
   double maxima[kNumMaxSlots];
   init_maxima(maxima);
   ClearOnExit clear_on_exit(sums, l);
+  RunningScaleRows la_rows;  // the LA scales' median from the rows, when the statistics give them
   clear_on_exit.written(loss_stats_into(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low,
                                         clip_dual, clipped, positions, bucket_edges, exp_coeffs,
-                                        hist, sums.data(), maxima, before_tile));
+                                        hist, sums.data(), maxima, before_tile, &la_rows));
   auto out = at::empty({num_values(num_exp, static_cast<int64_t>(qs.size()), num_buckets)},
                        valid.options().dtype(at::kDouble));
   metric_values(sums.data(), maxima, 0.0, num_exp, hist.bins, num_buckets, 1, adaptive_clip, qs, hist,
-                out.data_ptr<double>());
+                out.data_ptr<double>(), &la_rows);
   return out;
 }
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ctpo/fast_exp.h"
+#include "ctpo/histogram_quantiles.h"
 #include "ctpo/loss_stats.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -32,8 +33,6 @@ namespace {
 constexpr int64_t kByteLanes = 64;
 static_assert(kStatsTile / kByteLanes <= 255, "a byte lane must not overflow");
 constexpr int64_t kTokensPerChunk = 32768;  // below this, waking a thread costs more than it saves
-
-struct RunningTables;
 
 template <typename T>
 struct StatsArgs {
@@ -68,6 +67,7 @@ struct StatsAcc {
   double* pos_tokens;
   double* maxima;
   mutable BinRange ratio_bins, scale_bins;  // the histogram bins written
+  std::vector<int64_t>* running_rows = nullptr;  // set: LA rows go here, not into scale_hist
 
   StatsAcc(double* sums, double* max_slots, const StatsLayout& l)
       : scalars(sums),
@@ -729,6 +729,8 @@ constexpr int64_t kMaxTablePositions = int64_t{1} << 20;
 // power, coefficients and bin layout and shared by every later call. A chunk's LA statistics
 // then cost O(rows + runs) (the runs are at most the bins g spans: ~8.7k for sqrt over 131072
 // positions) instead of five SIMD loops over every position.
+}  // namespace
+
 struct RunningTables {
   double power;
   std::vector<double> coeffs;
@@ -739,12 +741,15 @@ struct RunningTables {
   std::vector<double> g_max, g_min;          // [P + 1]: extremes of g over 1..c (c >= 1)
   std::vector<int64_t> run_start;            // first position of each run of equal bins, then P + 1
   std::vector<int32_t> run_bin;
+  int direction = 0;  // run_bin ascends (1) or descends (-1) with the position; 0: neither
 
   bool covers(double p, const std::vector<double>& c, HistSpec h, int64_t needed) const {
     return power == p && coeffs == c && hist.shift == h.shift && hist.first == h.first && hist.bins == h.bins &&
            positions >= needed;
   }
 };
+
+namespace {
 
 template <typename T>
 std::shared_ptr<const RunningTables> build_running_tables(double power, const std::vector<double>& coeffs,
@@ -781,6 +786,13 @@ std::shared_ptr<const RunningTables> build_running_tables(double power, const st
     }
   }
   t->run_start.push_back(positions + 1);
+  // g is monotone in p, so its bins are, unless rounding made a step back somewhere.
+  const auto& bins = t->run_bin;
+  if (std::is_sorted(bins.begin(), bins.end())) {
+    t->direction = 1;
+  } else if (std::is_sorted(bins.rbegin(), bins.rend())) {
+    t->direction = -1;
+  }
   return t;
 }
 
@@ -808,7 +820,7 @@ std::shared_ptr<const RunningTables> running_tables(double power, const std::vec
 // all rows: T(e-1) - T(s-1) with T(x) = sum over rows of min(c_r, x), walked along the sorted
 // row counts). Integer token counts, float64 sums: equal to la_position_stats to rounding.
 void la_running_stats(const RunningTables& t, std::vector<int64_t>& row_counts, double* scalars, TileSums& sums,
-                      double* scale_hist, BinRange& written) {
+                      double* scale_hist, BinRange& written, bool histogram) {
   std::sort(row_counts.begin(), row_counts.end());
   const auto first_row = std::upper_bound(row_counts.begin(), row_counts.end(), int64_t{0});
   if (first_row == row_counts.end()) return;  // no valid token
@@ -820,6 +832,7 @@ void la_running_stats(const RunningTables& t, std::vector<int64_t>& row_counts, 
   const int64_t longest = row_counts.back();
   sums.scale_max = std::max(sums.scale_max, t.g_max[longest]);  // prefix extremes: the longest row has them all
   sums.scale_min = std::min(sums.scale_min, t.g_min[longest]);
+  if (!histogram) return;
   const int64_t rows = static_cast<int64_t>(row_counts.size());
   int64_t ended = first_row - row_counts.begin(), ended_tokens = 0;  // rows with c_r <= x, and their tokens
   auto tokens_up_to = [&](int64_t x) {
@@ -906,7 +919,9 @@ void stats_rows(const StatsArgs<T>& a, int64_t row_begin, int64_t row_end, const
     if (a.la_from_positions && a.positions == nullptr) la_weights.add_row(count);
   }
   if (a.running != nullptr) {
-    la_running_stats(*a.running, la_weights.row_counts(), acc.scalars, sums, acc.scale_hist, acc.scale_bins);
+    std::vector<int64_t>& rows = la_weights.row_counts();
+    la_running_stats(*a.running, rows, acc.scalars, sums, acc.scale_hist, acc.scale_bins, acc.running_rows == nullptr);
+    if (acc.running_rows != nullptr) acc.running_rows->insert(acc.running_rows->end(), rows.begin(), rows.end());
   } else if (a.la_from_positions) {
     la_position_stats(a, la_weights, sums, acc);
   }
@@ -937,7 +952,8 @@ WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantage
                             const at::Tensor& clip_dual, const at::Tensor& clipped,
                             const c10::optional<at::Tensor>& positions, at::IntArrayRef bucket_edges,
                             at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
-                            double* sums, double* maxima, const TileProducer* before_tile) {
+                            double* sums, double* maxima, const TileProducer* before_tile,
+                            RunningScaleRows* la_rows) {
   const std::vector<double> coeffs(exp_coeffs.begin(), exp_coeffs.end());
   check_stats_inputs(valid, advantages, ratio, log_ratio, la_scale, la_power,
                      {clip_high, clip_low, clip_dual, clipped}, positions, bucket_edges, coeffs,
@@ -956,7 +972,8 @@ WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantage
   const int64_t rows = row_len > 0 ? valid.numel() / row_len : 0;
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), rows, valid.numel() / kTokensPerChunk}));
-  const StatsAcc first(sums, maxima, layout);
+  StatsAcc first(sums, maxima, layout);
+  if (la_rows != nullptr) *la_rows = RunningScaleRows{};
   AT_DISPATCH_FLOATING_TYPES(ratio.scalar_type(), "loss_stats_cpu", [&] {
     StatsArgs<scalar_t> a{valid.data_ptr<bool>(), advantages.data_ptr<scalar_t>(), ratio.data_ptr<scalar_t>(),
                           log_ratio.data_ptr<scalar_t>(), la_scale ? la_scale->data_ptr<scalar_t>() : nullptr,
@@ -971,8 +988,21 @@ WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantage
       running = running_tables<scalar_t>(*la_power, distinct, hist, row_len);
       a.running = running.get();
     }
+    // Asked for (the metrics need one quantile of them): the rows instead of the histogram.
+    const bool rows_out = la_rows != nullptr && running != nullptr && running->direction != 0;
+    std::vector<std::vector<int64_t>> chunk_rows(rows_out ? chunks : 0);
+    if (rows_out) {
+      la_rows->tables = running;
+      first.running_rows = &chunk_rows[0];
+    }
+    auto rows_to_la_rows = [&] {
+      if (!rows_out) return;
+      for (const auto& chunk : chunk_rows) la_rows->counts.insert(la_rows->counts.end(), chunk.begin(), chunk.end());
+      std::sort(la_rows->counts.begin(), la_rows->counts.end());
+    };
     if (chunks == 1) {
       stats_rows(a, 0, rows, first);
+      rows_to_la_rows();
       return;
     }
     // Chunks other than the first accumulate into buffers of their own (sums, then maxima), merged below.
@@ -981,6 +1011,7 @@ WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantage
     for (auto& buf : buffers) {
       accs.emplace_back(buf.data(), buf.data() + layout.size, layout);
       init_maxima(accs.back().maxima);
+      if (rows_out) accs.back().running_rows = &chunk_rows[accs.size() - 1];
     }
     at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) stats_rows(a, rows * c / chunks, rows * (c + 1) / chunks, accs[c]);
@@ -991,11 +1022,68 @@ WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantage
       first.ratio_bins.add(accs[c].ratio_bins);
       first.scale_bins.add(accs[c].scale_bins);
     }
+    rows_to_la_rows();
   });
   // The distinct sums sit at kExpSums + their index; every coefficient gets its own (in place:
   // a coefficient's distinct index is never above its own slot).
   for (size_t e = coeffs.size(); e-- > 0;) first.scalars[kExpSums + e] = first.scalars[kExpSums + distinct_index[e]];
   return {first.ratio_bins, first.scale_bins};
+}
+
+double running_scale_quantile(const RunningScaleRows& rows, double q, double n, double lo, double hi,
+                              const HistSpec& hist) {
+  const RunningTables& t = *rows.tables;
+  const std::vector<int64_t>& counts = rows.counts;
+  TORCH_CHECK(t.direction != 0 && !counts.empty() && counts.back() <= t.positions,
+              "ctpo_megatron: running_scale_quantile needs monotone tables that cover the rows");
+  std::vector<int64_t> prefix(counts.size() + 1, 0);
+  for (size_t r = 0; r < counts.size(); ++r) prefix[r + 1] = prefix[r] + counts[r];
+  auto tokens_up_to = [&](int64_t x) -> double {  // sum over rows of min(c_r, x): positions 1..x
+    if (x <= 0) return 0.0;
+    const auto below = std::upper_bound(counts.begin(), counts.end(), x) - counts.begin();
+    return static_cast<double>(prefix[below] + x * static_cast<int64_t>(counts.size() - below));
+  };
+  const int64_t longest = counts.back();
+  // The runs of equal bins that hold a position of some row, their first and last such position.
+  const int64_t runs = std::upper_bound(t.run_start.begin(), t.run_start.end() - 1, longest) - t.run_start.begin();
+  auto first_of = [&](int64_t j) { return t.run_start[j]; };
+  auto last_of = [&](int64_t j) { return std::min(t.run_start[j + 1] - 1, longest); };
+  const OrderStatistics find = [&](const std::vector<double>& ranks) {
+    // The bin of rank r: the first, in ascending bins, where the tokens up to and in it exceed
+    // r (the histogram walk's), found by bisection over the runs, each run one bin.
+    std::vector<double> values;
+    for (const double r : ranks) {
+      int64_t lo_run = 0, hi_run = runs - 1;
+      double before;
+      if (t.direction > 0) {  // ascending bins: runs in order; tokens through run j: positions <= last_of(j)
+        while (lo_run < hi_run) {
+          const int64_t mid = lo_run + (hi_run - lo_run) / 2;
+          if (tokens_up_to(last_of(mid)) > r) {
+            hi_run = mid;
+          } else {
+            lo_run = mid + 1;
+          }
+        }
+        before = tokens_up_to(first_of(lo_run) - 1);
+      } else {  // descending: runs backwards; tokens through run j: positions >= first_of(j)
+        while (lo_run < hi_run) {
+          const int64_t mid = lo_run + (hi_run - lo_run + 1) / 2;
+          if (n - tokens_up_to(first_of(mid) - 1) > r) {
+            lo_run = mid;
+          } else {
+            hi_run = mid - 1;
+          }
+        }
+        before = n - tokens_up_to(last_of(lo_run));
+      }
+      const double in_bin = tokens_up_to(last_of(lo_run)) - tokens_up_to(first_of(lo_run) - 1);
+      const int64_t bin = t.run_bin[lo_run];
+      const double lower = bin_lower_edge(bin, hist), upper = bin_lower_edge(bin + 1, hist);
+      values.push_back(lower + (r - before + 0.5) / in_bin * (upper - lower));
+    }
+    return values;
+  };
+  return quantiles_from_order_statistics({q}, n, lo, hi, find)[0];
 }
 
 namespace {

@@ -433,6 +433,39 @@ def test_loss_metrics_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("power", [0.5, 1.0, 0.3, -0.5, 0.0])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_la_median_from_the_rows_equals_the_histograms(power, threads):
+    """With running positions `loss_stats_metrics` takes the LA scales' median from the rows'
+    counts and the position tables (bisection over the runs of equal bins) instead of filling
+    and walking their histogram: equal to the median of `loss_stats`' histogram bit for bit,
+    for scales that grow (power > 0), shrink (< 0) or stay (0) with the position, ragged rows,
+    rows without a valid token, one long row, and rows split over threads."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(5, 700), (1, 20000), (4, 40000), (3, 33)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B, S in shapes:
+            valid = torch.rand(B, S, generator=g) > 0.3
+            valid[:, int(S * 0.6):] &= torch.rand(B, 1, generator=g) > 0.5  # ragged ends
+            if B > 1:
+                valid[0] = False  # a row without a valid token
+            values = torch.rand(B, S, generator=g) + 0.5
+            flags = tuple(torch.rand(B, S, generator=g) > 0.8 for _ in range(4))
+            args = [valid, values - 1.0, values, values.log(), None, power, *flags, None,
+                    position_bucket_edges(S), [0.28], *histogram.KERNEL_LAYOUT.values()]
+            fused = torch.ops.ctpo_megatron.loss_stats_metrics(*args, [0.5], True).tolist()
+            sums, maxima = torch.ops.ctpo_megatron.loss_stats(*args)
+            composed = ops.loss_metrics(sums, maxima, loss=0.0, num_exp=1, num_buckets=len(args[11]), num_updates=1,
+                                        adaptive_clip=True, qs=[0.5], **histogram.KERNEL_LAYOUT)
+            median = 17 + 1 + 3  # the leading values, one ratio quantile, la_scale_{mean,min,max}, la_scale_p50
+            assert composed[median] > 0 and (composed[median] == 1.0) == (power == 0)
+            assert fused == pytest.approx(composed, nan_ok=True, rel=0, abs=0), (B, S)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_loss_stats_metrics_reuses_a_clean_buffer_across_calls_and_errors():
     """`loss_stats_metrics` keeps its statistics in a per-thread buffer that it clears after each
     call (only the bins written): calls in a row with other data, shapes, LA modes and bucket

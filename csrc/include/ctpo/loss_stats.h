@@ -12,6 +12,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -144,6 +145,22 @@ struct BinRange {
 // The bins of the ratio and LA-scale histograms that a loss_stats_into call wrote.
 using WrittenBins = std::pair<BinRange, BinRange>;
 
+struct RunningTables;  // csrc/cpu/loss_stats.cpp
+
+// The LA scales of rows with running positions (a row of c valid tokens holds positions 1..c)
+// as the rows' valid-token counts and the tables of la_scale over positions: enough for their
+// quantiles without a histogram (running_scale_quantile).
+struct RunningScaleRows {
+  std::shared_ptr<const RunningTables> tables;  // null: the LA scales went into the histogram
+  std::vector<int64_t> counts;                  // ascending
+};
+
+// The q-quantile of the LA scales of `rows` (n = their tokens, lo and hi their extremes):
+// histogram_quantile_values' result for their histogram, from O(log) lookups instead of a walk
+// over it.
+double running_scale_quantile(const RunningScaleRows& rows, double q, double n, double lo, double hi,
+                              const HistSpec& hist);
+
 // Writes the inputs of tokens [t0, t0 + n) of row `row` (n <= kStatsTile) before the statistics read
 // them; rows come in order within a chunk of rows, a row's tiles in order.
 using TileProducer = std::function<void(int64_t row, int64_t t0, int64_t n)>;
@@ -152,14 +169,17 @@ using TileProducer = std::function<void(int64_t row, int64_t t0, int64_t n)>;
 // StatsLayout's size) and maxima (init_maxima): the op allocates them, loss_stats_metrics
 // reuses a buffer that it keeps zero by clearing the written bins afterwards. With
 // `before_tile`, each tile of the inputs is produced right before the statistics read it, while
-// it is in L1 (ctpo_token_loss_metrics: the loss kernel writes it).
+// it is in L1 (ctpo_token_loss_metrics: the loss kernel writes it). With `la_rows`, LA scales
+// that come from the running tables (la_power, no positions) are not counted into the
+// LA-scale histogram: la_rows takes the rows for running_scale_quantile instead.
 WrittenBins loss_stats_into(const at::Tensor& valid, const at::Tensor& advantages, const at::Tensor& ratio,
                             const at::Tensor& log_ratio, const c10::optional<at::Tensor>& la_scale,
                             c10::optional<double> la_power, const at::Tensor& clip_high, const at::Tensor& clip_low,
                             const at::Tensor& clip_dual, const at::Tensor& clipped,
                             const c10::optional<at::Tensor>& positions, at::IntArrayRef bucket_edges,
                             at::ArrayRef<double> exp_coeffs, const HistSpec& hist,
-                            double* sums, double* maxima, const TileProducer* before_tile = nullptr);
+                            double* sums, double* maxima, const TileProducer* before_tile = nullptr,
+                            RunningScaleRows* la_rows = nullptr);
 
 // loss_stats_into on a per-thread buffer that stays zero between calls, then the metric values
 // of the result (loss 0, one update), as the loss_metrics op returns them (csrc/cpu/loss_metrics.cpp);
