@@ -202,7 +202,8 @@ CTPO_AVX512_TARGET inline __attribute__((always_inline)) __mmask16 nonzero_bytes
   return _mm_test_epi8_mask(bytes, bytes);
 }
 
-// 1 in each byte lane where the byte at p + lane (one of those in `in`) is not 0, else 0.
+// 1 in each byte lane where the byte at p + lane (one of those in `in`) is not 0, else 0: flags
+// that are bool bytes, read as 0 or 1 whatever their bit pattern.
 CTPO_AVX512_TARGET inline __attribute__((always_inline)) __m512i flag_bytes(const uint8_t* p, __mmask64 in) {
   return _mm512_min_epu8(_mm512_maskz_loadu_epi8(in, p), _mm512_set1_epi8(1));
 }
@@ -237,12 +238,12 @@ CTPO_AVX512_TARGET TileCounts tile_pass_avx512(
   const __m512i first = _mm512_set1_epi32(static_cast<int32_t>(a.hist.first));
   const __m512i last_bin = _mm512_set1_epi32(static_cast<int32_t>(a.hist.bins - 1));
   const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(a.hist.shift));
-  // The flag counts 64 tokens a step, in byte lanes (at most kStatsTile / 64 = 4 per lane).
-  static_assert(kStatsTile / 64 <= 255, "a byte lane counts at most 255 flags");
+  // The flag counts kByteLanes tokens a step, in byte lanes (at most 4 per lane and tile).
+  static_assert(kByteLanes == 64, "one __m512i of bytes a step");
   __m512i tokens8 = _mm512_setzero_si512(), high8 = tokens8, low8 = tokens8, dual8 = tokens8, any8 = tokens8,
           clipped8 = tokens8;
-  for (int64_t k = 0; k < n; k += 64) {
-    const __mmask64 in = n - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (n - k)) - 1;
+  for (int64_t k = 0; k < n; k += kByteLanes) {
+    const __mmask64 in = n - k >= kByteLanes ? ~__mmask64(0) : (__mmask64(1) << (n - k)) - 1;
     const __m512i ok = flag_bytes(v + k, in);
     const __m512i h = _mm512_and_si512(flag_bytes(hi + k, in), ok), l = _mm512_and_si512(flag_bytes(lo + k, in), ok);
     const __m512i d = _mm512_and_si512(flag_bytes(du + k, in), ok);
