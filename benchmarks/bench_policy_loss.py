@@ -1,6 +1,6 @@
 """`policy_loss` with its metrics vs a plain unfused torch composition of the same loss.
 
-    python benchmarks/bench_policy_loss.py [--reps 9] [--threads 1] [--shapes 8x8192 1x131072]
+    python benchmarks/bench_policy_loss.py [--reps 150] [--threads 1] [--shapes 8x8192 1x131072]
 
 Four sides, forward + backward to the log-probs, on the same inputs (CTPO cumprod with
 adaptive clipping, token-mean; the paper defaults):
@@ -88,7 +88,9 @@ def time_sides(inputs, cfg, reps: int) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=9, help="timed repetitions per side (median)")
+    # The shared machine's speed drifts by up to 2x over seconds: with 9 or 24 reps the metrics'
+    # share of the same code swung by +-8 points between runs, with 150 (~25 s) by +-3.
+    parser.add_argument("--reps", type=int, default=150, help="timed repetitions per side (median)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: stable timings on a shared machine; 0 = torch's default)")
     parser.add_argument("--shapes", nargs="+", default=[f"{B}x{S}" for B, S in SHAPES], metavar="BxS",
