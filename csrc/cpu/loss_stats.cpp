@@ -1041,44 +1041,37 @@ double running_scale_quantile(const RunningScaleRows& rows, double q, double n, 
   for (size_t r = 0; r < counts.size(); ++r) prefix[r + 1] = prefix[r] + counts[r];
   auto tokens_up_to = [&](int64_t x) -> double {  // sum over rows of min(c_r, x): positions 1..x
     if (x <= 0) return 0.0;
-    const auto below = std::upper_bound(counts.begin(), counts.end(), x) - counts.begin();
-    return static_cast<double>(prefix[below] + x * static_cast<int64_t>(counts.size() - below));
+    const auto ended = std::upper_bound(counts.begin(), counts.end(), x) - counts.begin();  // rows with c_r <= x
+    return static_cast<double>(prefix[ended] + x * static_cast<int64_t>(counts.size() - ended));
   };
   const int64_t longest = counts.back();
-  // The runs of equal bins that hold a position of some row, their first and last such position.
+  // The runs of equal bins that hold a position of some row.
   const int64_t runs = std::upper_bound(t.run_start.begin(), t.run_start.end() - 1, longest) - t.run_start.begin();
-  auto first_of = [&](int64_t j) { return t.run_start[j]; };
-  auto last_of = [&](int64_t j) { return std::min(t.run_start[j + 1] - 1, longest); };
+  // Run j's tokens before it (positions below it) and through it, over all rows.
+  auto below = [&](int64_t j) { return tokens_up_to(t.run_start[j] - 1); };
+  auto through = [&](int64_t j) { return tokens_up_to(std::min(t.run_start[j + 1] - 1, longest)); };
+  // The i-th bin in ascending order is run i (bins ascend with the position) or run runs-1-i
+  // (they descend); the tokens in the bins before it and up to it, in that order.
+  const bool ascending = t.direction > 0;
+  auto run_of = [&](int64_t i) { return ascending ? i : runs - 1 - i; };
+  auto before_bin = [&](int64_t i) { return ascending ? below(run_of(i)) : n - through(run_of(i)); };
+  auto up_to_bin = [&](int64_t i) { return ascending ? through(run_of(i)) : n - below(run_of(i)); };
   const OrderStatistics find = [&](const std::vector<double>& ranks) {
-    // The bin of rank r: the first, in ascending bins, where the tokens up to and in it exceed
-    // r (the histogram walk's), found by bisection over the runs, each run one bin.
+    // The bin of rank r: the first, in ascending order, whose tokens up to it exceed r (the
+    // histogram walk's), by bisection over the runs, each run one bin.
     std::vector<double> values;
     for (const double r : ranks) {
-      int64_t lo_run = 0, hi_run = runs - 1;
-      double before;
-      if (t.direction > 0) {  // ascending bins: runs in order; tokens through run j: positions <= last_of(j)
-        while (lo_run < hi_run) {
-          const int64_t mid = lo_run + (hi_run - lo_run) / 2;
-          if (tokens_up_to(last_of(mid)) > r) {
-            hi_run = mid;
-          } else {
-            lo_run = mid + 1;
-          }
+      int64_t first = 0, last = runs - 1;
+      while (first < last) {
+        const int64_t mid = first + (last - first) / 2;
+        if (up_to_bin(mid) > r) {
+          last = mid;
+        } else {
+          first = mid + 1;
         }
-        before = tokens_up_to(first_of(lo_run) - 1);
-      } else {  // descending: runs backwards; tokens through run j: positions >= first_of(j)
-        while (lo_run < hi_run) {
-          const int64_t mid = lo_run + (hi_run - lo_run + 1) / 2;
-          if (n - tokens_up_to(first_of(mid) - 1) > r) {
-            lo_run = mid;
-          } else {
-            hi_run = mid - 1;
-          }
-        }
-        before = n - tokens_up_to(last_of(lo_run));
       }
-      const double in_bin = tokens_up_to(last_of(lo_run)) - tokens_up_to(first_of(lo_run) - 1);
-      const int64_t bin = t.run_bin[lo_run];
+      const double before = before_bin(first), in_bin = up_to_bin(first) - before;
+      const int64_t bin = t.run_bin[run_of(first)];
       const double lower = bin_lower_edge(bin, hist), upper = bin_lower_edge(bin + 1, hist);
       values.push_back(lower + (r - before + 0.5) / in_bin * (upper - lower));
     }

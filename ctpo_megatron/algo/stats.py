@@ -303,7 +303,7 @@ def _kernel_args(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tenso
 @functools.lru_cache(maxsize=16)
 def _layout_args(edges: tuple[int, ...], coefficients: tuple[float, ...]) -> dict:
     """The statistics' layout arguments of the stats ops (buckets, exp coefficients, histogram
-    bins), built once per edges, coefficients and device. Callers unpack it into a new dict."""
+    bins), built once per edges and coefficients. Callers unpack it into a new dict."""
     return dict(bucket_edges=edges, exp_coeffs=coefficients, **histogram.KERNEL_LAYOUT)
 
 
