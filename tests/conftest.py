@@ -36,8 +36,9 @@ def pytest_runtest_setup(item):
 
 # Random test order, to catch tests that depend on what ran before them: `--shuffle SEED` (or
 # CTPO_TEST_SHUFFLE=SEED; "random" draws a seed) shuffles the modules, then the tests inside
-# each module (module-scoped fixtures stay shared). The seed is printed at the end: rerun with
-# it to get the same order. scripts/test.sh shuffles by default.
+# each module (module-scoped fixtures stay shared); the longest modules always go first
+# (tests/_order.py). The seed is printed at the end: rerun with it to get the same order.
+# scripts/test.sh shuffles by default.
 SHUFFLE_ENV = "CTPO_TEST_SHUFFLE"
 
 
@@ -46,24 +47,26 @@ def pytest_addoption(parser):
                      help=f"run the tests in a random order from SEED ('random': draw one; also ${SHUFFLE_ENV})")
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_configure(config):
     import random
 
     seed = config.getoption("--shuffle") or os.environ.get(SHUFFLE_ENV)
-    if not seed:
-        return
     if seed == "random":
         seed = str(random.SystemRandom().randrange(10**6))
-    config.ctpo_shuffle_seed = seed
-    rng = random.Random(seed)
+        # xdist's workers start after this hook and inherit both: every worker must collect the
+        # same order as the others.
+        config.option.shuffle = seed
+        os.environ[SHUFFLE_ENV] = seed
+    config.ctpo_shuffle_seed = seed or None
+
+
+def pytest_collection_modifyitems(config, items):
+    from tests._order import ROOT, ordered_items
+
     modules: dict[str, list] = {}
     for item in items:
-        modules.setdefault(str(item.path), []).append(item)
-    order = sorted(modules)
-    rng.shuffle(order)
-    for name in order:
-        rng.shuffle(modules[name])
-    items[:] = [item for name in order for item in modules[name]]
+        modules.setdefault(os.path.relpath(str(item.path), ROOT), []).append(item)
+    items[:] = ordered_items(modules, config.ctpo_shuffle_seed)
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -3,7 +3,7 @@ these sizes mean nothing, but a benchmark that no longer runs, or no longer prin
 against the baseline measured in the same run, fails here).
 
 bench_step.py and bench_async.py train the tiny run, so their smoke runs live in
-tests/e2e/test_tiny_run.py, which has the tiny model and data at hand.
+tests/e2e/test_tiny_paths.py, which has the tiny model and data at hand.
 """
 
 from __future__ import annotations

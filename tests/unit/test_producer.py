@@ -2,7 +2,7 @@
 bound, the data position handed back with dynamic sampling, the child's traceback reaching the
 trainer, a dead child detected, and no child left behind when the trainer is SIGKILLed. The
 child runs light generators (`tests/unit/_producer_generators.py`) in place of the agent loop,
-which the e2e runs (`tests/e2e/test_tiny_run.py`, max_staleness=1) cover against real servers."""
+which the e2e runs (`tests/e2e/test_tiny_layouts.py`, max_staleness=1) cover against real servers."""
 
 import contextlib
 import os

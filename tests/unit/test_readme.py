@@ -29,7 +29,7 @@ DRY_RUN = "bash launch/ctpo_32b.sh --dry-run"
 SUBMIT_PREFIX = "bash launch/ctpo_32b.sh model.path="
 COLOCATED = "ROLLOUT_PLACEMENT=colocated bash launch/ctpo_32b.sh --dry-run --cluster qwen3_4b"
 COVERAGE = {
-    TINY: "tests/e2e/test_tiny_run.py runs it (TINY_COMMAND) with trainer.total_steps and other overrides",
+    TINY: "tests/e2e/test_tiny_run.py and test_tiny_paths.py run it (TINY_COMMAND) with trainer.total_steps and other overrides",
     "bash scripts/test.sh": "excluded: it is this test suite (running it here would recurse)",
     DRY_RUN: "run as written: test_dry_run_prints_a_plan",
     COLOCATED: "run as written: test_colocated_dry_run_plans_one_shared_node",
@@ -86,7 +86,7 @@ def test_every_readme_command_is_covered():
 
 
 def test_tiny_run_test_runs_the_readme_command():
-    from tests.e2e.test_tiny_run import TINY_COMMAND
+    from tests.e2e._launch import TINY_COMMAND  # what tests/e2e launches by default
 
     assert " ".join(TINY_COMMAND) == TINY and TINY in readme_commands()
 
