@@ -9,7 +9,6 @@ the others wait for it, then reuse it.
 from __future__ import annotations
 
 import fcntl
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -17,14 +16,16 @@ from typing import Callable
 COMPLETE = ".complete"
 
 
-def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+def built_once(config, tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """Path of the directory `name` after `build(path)` filled it, once per test run.
 
-    Without xdist it is a fresh temporary directory of this session. Under xdist it lives next to
+    config: the session's pytest config (an xdist worker's has `workerinput`; a pytest that a
+    test starts inherits the worker's environment, not that). Without xdist it is a fresh
+    temporary directory of this session. Under xdist it lives next to
     the workers' own base directories (in the run's base directory, which no other run uses); a
     build that failed leaves no completion mark, so the next worker to ask builds it again.
     """
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    if not hasattr(config, "workerinput"):
         path = tmp_path_factory.mktemp(name)
         build(path)
         return path

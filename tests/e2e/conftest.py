@@ -20,11 +20,11 @@ def cold_tiny_inputs(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_init(tmp_path_factory) -> str:
+def tiny_init(pytestconfig, tmp_path_factory) -> str:
     """What `launch/ctpo_tiny.sh` builds before training (`ctpo_megatron.data.tiny_setup`: the
     warm-started tiny model, its tokenizer and data): its folder, built once per test run."""
     def build(path) -> None:
         subprocess.run([sys.executable, "-m", "ctpo_megatron.data.tiny_setup", str(path / "init")], cwd=ROOT,
                        check=True, timeout=SETUP_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    return str(built_once(tmp_path_factory, "tiny_init", build) / "init")
+    return str(built_once(pytestconfig, tmp_path_factory, "tiny_init", build) / "init")

@@ -40,6 +40,12 @@ def test_a_long_module_that_no_longer_exists_is_named():
         module_order(SHORT, None, long_modules=("tests/e2e/gone.py",))
 
 
+class _Worker:
+    """pytest config of an xdist worker."""
+
+    workerinput = {"workerid": "gw0"}
+
+
 class _Factory:
     """tmp_path_factory of one xdist worker: its base directory is <run>/<worker>."""
 
@@ -50,8 +56,7 @@ class _Factory:
         return self.base
 
 
-def test_workers_build_the_shared_directory_once_and_all_get_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+def test_workers_build_the_shared_directory_once_and_all_get_it(tmp_path):
     builds, paths = [], []
 
     def build(path) -> None:
@@ -60,7 +65,7 @@ def test_workers_build_the_shared_directory_once_and_all_get_it(tmp_path, monkey
         (path / "model").write_text("weights")
 
     def worker(name: str) -> None:
-        paths.append(built_once(_Factory(tmp_path, name), "tiny_init", build))
+        paths.append(built_once(_Worker(), _Factory(tmp_path, name), "tiny_init", build))
 
     threads = [threading.Thread(target=worker, args=(f"gw{i}",)) for i in range(3)]
     for t in threads:
@@ -71,21 +76,22 @@ def test_workers_build_the_shared_directory_once_and_all_get_it(tmp_path, monkey
     assert (tmp_path / "tiny_init" / "model").read_text() == "weights" and (tmp_path / "tiny_init" / COMPLETE).exists()
 
 
-def test_a_failed_build_is_redone_by_the_next_worker(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+def test_a_failed_build_is_redone_by_the_next_worker(tmp_path):
 
     def broken(path) -> None:
         (path / "partial").write_text("half")
         raise RuntimeError("warm start crashed")
 
     with pytest.raises(RuntimeError, match="warm start crashed"):
-        built_once(_Factory(tmp_path, "gw0"), "tiny_init", broken)
-    path = built_once(_Factory(tmp_path, "gw1"), "tiny_init", lambda p: (p / "model").write_text("ok"))
+        built_once(_Worker(), _Factory(tmp_path, "gw0"), "tiny_init", broken)
+    path = built_once(_Worker(), _Factory(tmp_path, "gw1"), "tiny_init", lambda p: (p / "model").write_text("ok"))
     assert sorted(f.name for f in path.iterdir()) == sorted(["model", COMPLETE])
 
 
 def test_without_xdist_each_session_builds_its_own(tmp_path_factory, monkeypatch):
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
-    first = built_once(tmp_path_factory, "own", lambda p: (p / "x").write_text("1"))
-    second = built_once(tmp_path_factory, "own", lambda p: (p / "x").write_text("2"))
+    # a pytest started by a test under xdist inherits the worker's variables, not its config
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    config = object()
+    first = built_once(config, tmp_path_factory, "own", lambda p: (p / "x").write_text("1"))
+    second = built_once(config, tmp_path_factory, "own", lambda p: (p / "x").write_text("2"))
     assert first != second and (first / "x").read_text() == "1" and (second / "x").read_text() == "2"
