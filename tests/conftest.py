@@ -40,6 +40,7 @@ def pytest_runtest_setup(item):
 # (tests/_order.py). The seed is printed at the end: rerun with it to get the same order.
 # scripts/test.sh shuffles by default.
 SHUFFLE_ENV = "CTPO_TEST_SHUFFLE"
+DRAWN_SEED_ENV = "CTPO_TEST_SHUFFLE_DRAWN"
 
 
 def pytest_addoption(parser):
@@ -52,11 +53,11 @@ def pytest_configure(config):
 
     seed = config.getoption("--shuffle") or os.environ.get(SHUFFLE_ENV)
     if seed == "random":
-        seed = str(random.SystemRandom().randrange(10**6))
-        # xdist's workers start after this hook and inherit both: every worker must collect the
-        # same order as the others.
-        config.option.shuffle = seed
-        os.environ[SHUFFLE_ENV] = seed
+        # xdist's workers parse the same arguments again but inherit the environment, which this
+        # hook sets before they start: the seed is drawn once, and every worker collects the
+        # same order.
+        seed = os.environ.get(DRAWN_SEED_ENV) or str(random.SystemRandom().randrange(10**6))
+        os.environ[DRAWN_SEED_ENV] = seed
     config.ctpo_shuffle_seed = seed or None
 
 

@@ -3,7 +3,6 @@ files, the run's metrics records, and the deadlines every wait keeps."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -13,7 +12,9 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ctpo_megatron.trainer.metrics import read_metrics
+from tests.e2e._trainer import ROOT
+
 # Deadlines inside the timeout: the shared warm start (<= SETUP_S, built in the first test that
 # asks for it; another worker waits for it as long) plus one test's BUDGET_S stays below
 # TIMEOUT_S, so a slow run fails with its logs attached.
@@ -36,10 +37,7 @@ def short_run_overrides() -> list[str]:
 def read_records(run: str) -> list[dict]:
     """The run's metrics.jsonl records so far (a line being written is left out)."""
     path = os.path.join(run, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip().endswith("}")]
+    return read_metrics(path) if os.path.exists(path) else []
 
 
 def _server_pids(log_text: str) -> list[int]:

@@ -3,12 +3,15 @@ that xdist's workers build once and share (tests/_order.py, tests/_run_once.py).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from tests._order import LONG_MODULES, module_order, ordered_items
+from tests._order import LONG_MODULES, ROOT, module_order, ordered_items
 from tests._run_once import COMPLETE, built_once
 
 SHORT = ["tests/unit/test_a.py", "tests/unit/test_b.py", "tests/unit/test_c.py", "tests/dist/test_d.py"]
@@ -95,3 +98,19 @@ def test_without_xdist_each_session_builds_its_own(tmp_path_factory, monkeypatch
     first = built_once(config, tmp_path_factory, "own", lambda p: (p / "x").write_text("1"))
     second = built_once(config, tmp_path_factory, "own", lambda p: (p / "x").write_text("2"))
     assert first != second and (first / "x").read_text() == "1" and (second / "x").read_text() == "2"
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_random_seed_is_drawn_once_for_all_workers(how):
+    """`--shuffle random` (or CTPO_TEST_SHUFFLE=random) under two xdist workers: each worker
+    parses the arguments again, and a seed of its own would give another order, which xdist
+    refuses ("Different tests were collected")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTPO_TEST_SHUFFLE", "PYTEST_XDIST"))}
+    args = ["--shuffle", "random"] if how == "option" else []
+    if how == "environment":
+        env["CTPO_TEST_SHUFFLE"] = "random"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", *args,
+                          "tests/unit/test_suite_order.py", "-k", "not random_seed"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "6 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "test order shuffled: rerun it with --shuffle " in out.stdout
