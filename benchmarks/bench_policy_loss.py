@@ -9,8 +9,9 @@ adaptive clipping, token-mean; the paper defaults):
   policy:     `algo.policy_loss` with its metrics (`policy_metrics`: every statistic of
               `LossSums`, quantiles from histograms, turned into floats);
   no-metrics: `algo.policy_loss(..., with_metrics=False)` (what the loss itself costs);
-  trainer:    no-metrics plus `LossSums.from_terms`, what the trainer's loss function runs per
-              micro-batch (its statistics become floats once per step, not timed here).
+  trainer:    the trainer's loss function per micro-batch (`trainer.update.make_loss_fn` at
+              CP 1): the loss and its `LossSums` (its statistics become floats once per
+              step, not timed here).
 Time: median of --reps runs after two warm-ups; the sides alternate within each rep so that
 they see the same background load, in each of their 24 orders in turn (the side after the
 torch one starts with evicted caches). Printed per shape: the four medians, the ratio
@@ -36,6 +37,7 @@ from bench_ctpo_loss import make_inputs, print_setup, pure_torch_terms  # noqa: 
 
 from ctpo_megatron.algo import LossSums, PolicyLossConfig, policy_loss  # noqa: E402
 from ctpo_megatron.algo.metrics import position_bucket_edges  # noqa: E402
+from ctpo_megatron.trainer.update import make_loss_fn  # noqa: E402
 
 SHAPES = [(8, 8192), (1, 131072)]
 
@@ -56,9 +58,12 @@ def policy_side(lp, olp, adv, mask, cfg, with_metrics: bool = True) -> dict[str,
 
 
 def trainer_side(lp, olp, adv, mask, cfg) -> LossSums:
-    loss, _, terms = policy_loss(lp, olp, adv, mask, cfg, with_metrics=False, return_terms=True)
-    sums = LossSums.from_terms(terms, mask, adv, cfg, loss=loss, dp_size=1,
-                               bucket_edges=position_bucket_edges(mask.shape[-1]))
+    """The trainer's loss function itself (`trainer.update.make_loss_fn`) at CP 1."""
+    edges = tuple(position_bucket_edges(mask.shape[-1]))
+    # The normalizer only scales the loss: the token count would cost a host sync per call here.
+    inputs = {"old_log_probs": olp, "advantages": adv, "response_mask": mask, "dp_size": 1,
+              "global_num_tokens": mask.numel()}
+    loss, sums = make_loss_fn(cfg, edges)(lp, inputs)
     loss.backward()
     return sums
 

@@ -63,6 +63,15 @@ TORCH_LIBRARY(ctpo_megatron, m) {
       "bool geomean, bool adaptive, float clip_low, float clip_high, float clip_c, float power, "
       "int[] bucket_edges, float[] exp_coeffs, int hist_shift, int hist_first, "
       "int hist_bins, float[] qs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ctpo_token_loss of a padded [..., S] float32/float64 batch and, as outputs 10 and 11, the
+  // loss_stats (sums, maxima) of its terms with the running positions and, when adaptive,
+  // la_power = power: the trainer's per-micro-batch statistics from the same one pass as
+  // ctpo_token_loss_metrics. CPU only.
+  m.def(
+      "ctpo_token_loss_stats(Tensor log_probs, Tensor old_log_probs, Tensor advantages, Tensor mask, "
+      "bool geomean, bool adaptive, float clip_low, float clip_high, float clip_c, float power, "
+      "int[] bucket_edges, float[] exp_coeffs, int hist_shift, int hist_first, "
+      "int hist_bins) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The additive statistics of a micro-batch's policy-loss terms (algo.stats.LossSums) in one
   // pass over its valid tokens, as two float64 vectors. sums: the counts and sums (SumSlot in
   // csrc/include/ctpo/loss_stats.h), one sum of exp(c * la_scale) per exp_coeffs entry, the

@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -213,21 +214,20 @@ CTPO_CPU_CLONES void positive_flags(const T* __restrict__ mask, int64_t n, uint8
   for (int64_t k = 0; k < n; ++k) valid[k] = mask[k] > T(0);
 }
 
-using LossMetricsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                     at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// The statistics of a batch's terms: called with the valid flags (mask > 0), the loss's outputs
+// and, in the fused case, the producer that evaluates each tile of terms before they read it.
+using TermStats = std::function<void(const at::Tensor& valid, const LossOutputs& out, const TileProducer* before_tile)>;
 
-// ctpo_token_loss of a padded batch and the metric values of its terms (loss_stats_metrics with
-// running positions, and la_power = power with adaptive clipping) in one pass: each tile of
-// kStatsTile tokens goes to the statistics right after the loss kernel wrote it, while it is in
-// L1, instead of a second pass reading ~17 bytes per token back from L3. Where the loss would
-// split one sequence over threads (the blocked scan: fewer rows than twice the threads), the
-// two passes run one after the other instead. Either way the results equal those two ops'.
-LossMetricsResult ctpo_token_loss_metrics_cpu(
-    const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
-    const at::Tensor& mask, bool geomean, bool adaptive, double clip_low, double clip_high, double clip_c,
-    double power, at::IntArrayRef bucket_edges, at::ArrayRef<double> exp_coeffs,
-    int64_t hist_shift, int64_t hist_first, int64_t hist_bins, at::ArrayRef<double> qs) {
-  constexpr const char* what = "ctpo_megatron::ctpo_token_loss_metrics";
+// ctpo_token_loss of a padded batch with `stats` run on its terms (running positions, and
+// la_power = power with adaptive clipping) in one pass: each tile of kStatsTile tokens goes to
+// the statistics right after the loss kernel wrote it, while it is in L1, instead of a second
+// pass reading ~17 bytes per token back from L3. Where the loss would split one sequence over
+// threads (the blocked scan: fewer rows than twice the threads), the two passes run one after
+// the other instead. Either way the results equal those of the loss op and the statistics op.
+LossOutputs loss_with_stats(const at::Tensor& log_probs, const at::Tensor& old_log_probs,
+                            const at::Tensor& advantages, const at::Tensor& mask, bool geomean, bool adaptive,
+                            double clip_low, double clip_high, double clip_c, double power, const char* what,
+                            const TermStats& stats) {
   check_loss_inputs(log_probs, old_log_probs, advantages, mask, c10::nullopt, c10::nullopt);
   TORCH_CHECK(log_probs.scalar_type() == at::kFloat || log_probs.scalar_type() == at::kDouble, what,
               ": log_probs must be float32 or float64 (the statistics read the terms in the inputs' dtype), got ",
@@ -243,22 +243,15 @@ LossMetricsResult ctpo_token_loss_metrics_cpu(
   thread_local std::vector<uint8_t> valid_buffer;
   if (static_cast<int64_t>(valid_buffer.size()) < L.num_tokens) valid_buffer.resize(L.num_tokens);
   const at::Tensor valid = at::from_blob(valid_buffer.data(), log_probs.sizes(), log_probs.options().dtype(at::kBool));
-  at::Tensor values;
-  AT_DISPATCH_FLOATING_TYPES(log_probs.scalar_type(), "ctpo_token_loss_metrics_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(log_probs.scalar_type(), "ctpo_loss_with_stats_cpu", [&] {
     using T = scalar_t;
-    auto metrics = [&](const TileProducer* before_tile) {
-      return stats_metric_values(valid, advantages, out.ratio, out.log_ratio, c10::nullopt,
-                                 adaptive ? c10::optional<double>(power) : c10::nullopt, out.clip_high, out.clip_low,
-                                 out.clip_dual, out.clipped, c10::nullopt, bucket_edges, exp_coeffs,
-                                 HistSpec{hist_shift, hist_first, hist_bins}, qs, adaptive, what, before_tile);
-    };
     const scalar_t* m = mask.data_ptr<scalar_t>();
     auto fill_valid = [&](int64_t i0, int64_t n) { positive_flags(m + i0, n, valid_buffer.data() + i0); };
     if (!fused) {
       loss_cpu_typed<scalar_t, T>(log_probs, old_log_probs, advantages, mask, c10::nullopt, c10::nullopt, L, params,
                                   out);
       fill_valid(0, L.num_tokens);
-      values = metrics(nullptr);
+      stats(valid, out, nullptr);
       return;
     }
     const LossKernel<scalar_t, T> kernel(log_probs, old_log_probs, advantages, mask, c10::nullopt, c10::nullopt,
@@ -269,10 +262,65 @@ LossMetricsResult ctpo_token_loss_metrics_cpu(
       fill_valid(i0, n);
       kernel.tile(i0, n, carries[row]);
     };
-    values = metrics(&produce);
+    stats(valid, out, &produce);
   });
+  return out;
+}
+
+using LossMetricsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                     at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// ctpo_token_loss of a padded batch and the metric values of its terms (loss_stats_metrics), in
+// one pass (loss_with_stats).
+LossMetricsResult ctpo_token_loss_metrics_cpu(
+    const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
+    const at::Tensor& mask, bool geomean, bool adaptive, double clip_low, double clip_high, double clip_c,
+    double power, at::IntArrayRef bucket_edges, at::ArrayRef<double> exp_coeffs,
+    int64_t hist_shift, int64_t hist_first, int64_t hist_bins, at::ArrayRef<double> qs) {
+  constexpr const char* what = "ctpo_megatron::ctpo_token_loss_metrics";
+  at::Tensor values;
+  const TermStats metrics = [&](const at::Tensor& valid, const LossOutputs& out, const TileProducer* before_tile) {
+    values = stats_metric_values(valid, advantages, out.ratio, out.log_ratio, c10::nullopt,
+                                 adaptive ? c10::optional<double>(power) : c10::nullopt, out.clip_high, out.clip_low,
+                                 out.clip_dual, out.clipped, c10::nullopt, bucket_edges, exp_coeffs,
+                                 HistSpec{hist_shift, hist_first, hist_bins}, qs, adaptive, what, before_tile);
+  };
+  const LossOutputs out = loss_with_stats(log_probs, old_log_probs, advantages, mask, geomean, adaptive, clip_low,
+                                          clip_high, clip_c, power, what, metrics);
   const auto [loss, grad, ratio, log_ratio, la_scale, high, low, dual, clipped] = out.as_tuple();
   return {loss, grad, ratio, log_ratio, la_scale, high, low, dual, clipped, values};
+}
+
+using LossStatsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                   at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// ctpo_token_loss of a padded batch and loss_stats of its terms (sums, maxima), in one pass
+// (loss_with_stats): what the trainer's loss function sums over a step.
+LossStatsResult ctpo_token_loss_stats_cpu(
+    const at::Tensor& log_probs, const at::Tensor& old_log_probs, const at::Tensor& advantages,
+    const at::Tensor& mask, bool geomean, bool adaptive, double clip_low, double clip_high, double clip_c,
+    double power, at::IntArrayRef bucket_edges, at::ArrayRef<double> exp_coeffs,
+    int64_t hist_shift, int64_t hist_first, int64_t hist_bins) {
+  constexpr const char* what = "ctpo_megatron::ctpo_token_loss_stats";
+  const auto f64 = log_probs.options().dtype(at::kDouble);
+  const int64_t num_buckets = static_cast<int64_t>(bucket_edges.size());
+  TORCH_CHECK(static_cast<int64_t>(exp_coeffs.size()) <= kMaxExpCoeffs && hist_bins >= 1, what,
+              ": bad layout (", exp_coeffs.size(), " exp coefficients, hist_bins ", hist_bins, ")");
+  at::Tensor sums = at::zeros({stats_layout(static_cast<int64_t>(exp_coeffs.size()), hist_bins, num_buckets).size},
+                              f64);
+  at::Tensor maxima = at::empty({kNumMaxSlots}, f64);
+  init_maxima(maxima.data_ptr<double>());
+  const TermStats into = [&](const at::Tensor& valid, const LossOutputs& out, const TileProducer* before_tile) {
+    loss_stats_into(valid, advantages, out.ratio, out.log_ratio, c10::nullopt,
+                    adaptive ? c10::optional<double>(power) : c10::nullopt, out.clip_high, out.clip_low,
+                    out.clip_dual, out.clipped, c10::nullopt, bucket_edges, exp_coeffs,
+                    HistSpec{hist_shift, hist_first, hist_bins}, sums.data_ptr<double>(),
+                    maxima.data_ptr<double>(), before_tile);
+  };
+  const LossOutputs out = loss_with_stats(log_probs, old_log_probs, advantages, mask, geomean, adaptive, clip_low,
+                                          clip_high, clip_c, power, what, into);
+  const auto [loss, grad, ratio, log_ratio, la_scale, high, low, dual, clipped] = out.as_tuple();
+  return {loss, grad, ratio, log_ratio, la_scale, high, low, dual, clipped, sums, maxima};
 }
 
 }  // namespace
@@ -281,4 +329,5 @@ LossMetricsResult ctpo_token_loss_metrics_cpu(
 TORCH_LIBRARY_IMPL(ctpo_megatron, CPU, m) {
   m.impl("ctpo_token_loss", &ctpo::ctpo_token_loss_cpu);
   m.impl("ctpo_token_loss_metrics", &ctpo::ctpo_token_loss_metrics_cpu);
+  m.impl("ctpo_token_loss_stats", &ctpo::ctpo_token_loss_stats_cpu);
 }

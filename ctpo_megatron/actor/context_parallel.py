@@ -19,6 +19,7 @@ response order with one all-reduce over CP (each token is non-zero on one rank o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -130,52 +131,58 @@ def check_context_parallel_loss(cfg, cp_size: int) -> None:
 
 
 def context_parallel_policy_loss(log_probs: torch.Tensor, batch: dict, cfg, *, return_terms: bool = False,
-                                 with_metrics: bool = True):
+                                 with_metrics: bool = True, sums_bucket_edges: Sequence[int] | None = None):
     """`algo.policy_loss` on this CP rank's tokens, with CTPO's prefix sums taken over CP.
 
     log_probs: [b, L] float with grad — the actor's per-token log-probs in its layout (local
-        zigzag layout at CP > 1; [b, R] response order at CP = 1: the same code path, with a
-        CP group of one rank).
+        zigzag layout at CP > 1; [b, R] response order at CP = 1).
     batch: the actor's loss batch: old_log_probs, advantages, response_mask, rollout_is_weights
         (same layout), global_num_tokens (response tokens of the whole mini-batch, all DP and CP
         ranks), dp_size (ranks the gradient is averaged over: DP x CP), cp_group (the actor
-        sets it; absent or None: CP 1 without an exchange, e.g. a process without
-        torch.distributed, the prefix sums then come from `algo.policy_loss` itself).
+        sets it, of size 1 without CP; absent or None counts as size 1).
     cfg: `algo.PolicyLossConfig`. At CP > 1 supported are "ctpo" (C_t and n_t from
         `context_parallel_cumsum`: one exchange of per-chunk totals forward, one backward) and
-        the token-local "grpo", with loss_agg_mode "token-mean"; others raise ValueError.
+        the token-local "grpo" (n_t from the same exchange, for the statistics by position),
+        with loss_agg_mode "token-mean"; others raise ValueError. At CP = 1 the rows are whole
+        responses in order: the loss takes its own prefix sums (no exchange, no scan outside
+        the loss), so that a loss with a one-pass kernel runs it.
     The loss is normalized like over DP (`sum(mask * l) / global_num_tokens * dp_size`), so with
     DDP averaging over DP x CP the gradient equals the whole mini-batch's on one rank.
     with_metrics: False skips `algo.metrics.policy_metrics` (metrics is {}; the trainer sums
         `algo.stats.LossSums` instead). Per-rank metrics cover only this rank's tokens.
-    Returns (loss, metrics), or with return_terms (loss, metrics, TokenTerms, positions) where
+    sums_bucket_edges: also return this rank's `algo.stats.LossSums` (see `algo.policy_loss`),
+        positions the global n_t.
+    Returns (loss, metrics), with return_terms (loss, metrics, TokenTerms, positions) where
     positions [b, L] is the global generated-token index n_t (1-based) for
-    `algo.metrics.clip_rate_by_position(..., positions=positions)`.
+    `algo.metrics.clip_rate_by_position(..., positions=positions)`, and the LossSums last when
+    sums_bucket_edges is given.
     """
     from ctpo_megatron.algo import policy_loss
     from ctpo_megatron.algo.ctpo import ctpo_log_ratio
 
     cp_group = batch.get("cp_group")
-    if cp_group is not None:
-        check_context_parallel_loss(cfg, dist.get_world_size(cp_group))
+    cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
+    check_context_parallel_loss(cfg, cp_size)
     mask = batch["response_mask"]
     cum = count = None
-    if cfg.name == "ctpo" and cp_group is not None:
-        d = ctpo_log_ratio(log_probs, batch["old_log_probs"], mask)
-        cum, count = context_parallel_cumsum(d, mask > 0, cp_group)
+    if cp_size > 1 and (cfg.name == "ctpo" or with_metrics or return_terms or sums_bucket_edges is not None):
+        # Each rank holds pieces of every sequence: n_t (and CTPO's C_t) are sums over ranks.
+        if cfg.name == "ctpo":
+            cum, count = context_parallel_cumsum(ctpo_log_ratio(log_probs, batch["old_log_probs"], mask),
+                                                 mask > 0, cp_group)
+        else:
+            with torch.no_grad():
+                _, count = context_parallel_cumsum(torch.zeros_like(mask, dtype=torch.float32), mask > 0, cp_group)
     out = policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask, cfg,
                       rollout_is_weights=batch.get("rollout_is_weights"),
                       batch_num_tokens=batch["global_num_tokens"], dp_size=batch["dp_size"],
                       cum_log_ratio=cum, cum_count=count, return_terms=return_terms,
-                      with_metrics=with_metrics)
+                      with_metrics=with_metrics, sums_bucket_edges=sums_bucket_edges)
     if not return_terms:
         return out
-    if count is None and cp_group is None:  # whole responses in order: n_t is the running count
+    if count is None:  # whole responses in order: n_t is the running count
         count = torch.cumsum((mask > 0).to(torch.int64), dim=-1)
-    elif count is None:
-        with torch.no_grad():
-            _, count = context_parallel_cumsum(torch.zeros_like(mask, dtype=torch.float32), mask > 0, cp_group)
-    return (*out, count.round().to(torch.int64))
+    return (*out[:3], count.round().to(torch.int64), *out[3:])
 
 
 def cp_micro_batches(batch, cp_group, *, micro_batch_size: int, fixed_shape: bool,

@@ -17,6 +17,7 @@ The gradient reaches only the current token's log-prob (the prefix sum is detach
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -166,6 +167,26 @@ def fused_ctpo_terms_and_metrics(log_probs: torch.Tensor, old_log_probs: torch.T
                                               **_kernel_variant(cfg),
                                               **stats.metrics_op_arguments(length, cfg))
     return _kernel_terms(out, cfg), stats.metrics_from_values(values, length, adaptive_clip=cfg.adaptive_clip)
+
+
+def fused_ctpo_terms_and_sums(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                              response_mask: torch.Tensor, cfg: PolicyLossConfig,
+                              bucket_edges: Sequence[int]) -> tuple[TokenTerms, ops.LossStatsOut] | None:
+    """`fused_ctpo_token_terms` and the `ops.loss_stats` of its terms (what
+    `algo.stats.LossSums.from_terms` computes, clip-rate buckets at `bucket_edges`, positions the
+    running count) from one pass (`ops.ctpo_token_loss_stats`), or None where that op does not
+    run (as `fused_ctpo_terms_and_metrics`). The results equal the two calls'.
+
+    Shapes as `fused_ctpo_terms_and_metrics`. Returns (terms, the statistics' two vectors).
+    """
+    if (log_probs.dtype not in (torch.float32, torch.float64) or log_probs.dim() != 2
+            or not ops.ctpo_loss_metrics_kernel_for(log_probs.device)):
+        return None
+    _check_shapes("fused_ctpo_terms_and_sums", log_probs, old_log_probs=old_log_probs, advantages=advantages,
+                  response_mask=response_mask)
+    out, sums = ops.ctpo_token_loss_stats(log_probs, old_log_probs, advantages, response_mask,
+                                          **_kernel_variant(cfg), **stats.sums_op_arguments(bucket_edges, cfg))
+    return _kernel_terms(out, cfg), sums
 
 
 def _check_shapes(what: str, log_probs: torch.Tensor, **tensors: torch.Tensor | None) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
 from ctpo_megatron.algo.aggregate import aggregate_loss
 from ctpo_megatron.algo.config import PolicyLossConfig
 from ctpo_megatron.algo.layout import packed_to_padded
-from ctpo_megatron.algo.registry import FIXED_AGG_MODE, LOSSES, TERMS_AND_METRICS
-from ctpo_megatron.algo.stats import policy_metrics
+from ctpo_megatron.algo.metrics import check_bucket_edges
+from ctpo_megatron.algo.registry import FIXED_AGG_MODE, LOSSES, TERMS_AND_METRICS, TERMS_AND_SUMS
+from ctpo_megatron.algo.stats import LossSums, policy_metrics
 from ctpo_megatron.logging_utils import warn_once
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
                 cum_log_ratio: torch.Tensor | None = None,
                 cum_count: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, return_terms: bool = False,
-                with_metrics: bool = True):
+                with_metrics: bool = True, sums_bucket_edges: Sequence[int] | None = None):
     """The policy-gradient loss of one micro-batch and its metrics.
 
     log_probs: [B, S] float — current policy log-prob per response token (autograd); B
@@ -69,10 +71,14 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     return_terms: also return the per-token `TokenTerms` the loss was built from (e.g. for
         clip rates by position), so callers need not compute them a second time.
     with_metrics: False skips `policy_metrics` (and its one device-to-host copy); metrics is
-        then {} (the trainer sums `algo.stats.LossSums` from the terms over the step instead).
+        then {} (the trainer sums `algo.stats.LossSums` over the step instead).
+    sums_bucket_edges: also return the micro-batch's `algo.stats.LossSums` (what the trainer
+        adds up over a step; clip-rate buckets at these edges, positions the running count or
+        the given cum_count; no host sync), from the loss's own pass where the loss has one
+        (`TERMS_AND_SUMS`, e.g. "ctpo" on CPU), else `LossSums.from_terms`.
     Returns (loss: 0-d tensor in the compute dtype with autograd to log_probs; metrics: dict of
     floats, see `algo.stats.policy_metrics`), plus the TokenTerms ([B, S], padded layout)
-    when `return_terms`.
+    when `return_terms`, plus the LossSums when `sums_bucket_edges` is given (in that order).
     """
     if cu_seqlens is not None:
         padded = packed_to_padded(cu_seqlens, {
@@ -85,10 +91,18 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     advantages = _check_inputs(log_probs, old_log_probs, advantages, response_mask,
                                {"rollout_is_weights": rollout_is_weights,
                                 "cum_log_ratio": cum_log_ratio, "cum_count": cum_count})
-    one_pass = TERMS_AND_METRICS.get(cfg.name) if with_metrics and cum_count is None else None
-    terms_and_metrics = one_pass(log_probs, old_log_probs, advantages, response_mask, cfg) if one_pass else None
+    edges = None if sums_bucket_edges is None else check_bucket_edges(sums_bucket_edges)
+    # One pass of the loss gives its terms and their statistics, where the loss has one and
+    # counts the positions itself: the sums when asked for (the trainer), else the metrics.
+    terms_and_metrics = terms_and_stats = None
+    if cum_count is None and edges is not None and cfg.name in TERMS_AND_SUMS:
+        terms_and_stats = TERMS_AND_SUMS[cfg.name](log_probs, old_log_probs, advantages, response_mask, cfg, edges)
+    elif cum_count is None and with_metrics and cfg.name in TERMS_AND_METRICS:
+        terms_and_metrics = TERMS_AND_METRICS[cfg.name](log_probs, old_log_probs, advantages, response_mask, cfg)
     if terms_and_metrics is not None:
         terms, metrics = terms_and_metrics
+    elif terms_and_stats is not None:
+        terms, stats = terms_and_stats
     else:
         terms = LOSSES[cfg.name](log_probs, old_log_probs, advantages, response_mask, cfg,
                                  cum_log_ratio=cum_log_ratio, cum_count=cum_count)
@@ -105,11 +119,20 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     loss = aggregate_loss(pg_losses, valid, agg_mode, dp_size=dp_size,
                           batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                           loss_scale_factor=loss_scale_factor, zero_at_invalid=zero_at_invalid)
+    # Given prefix counts are the n_t of the terms (e.g. global under context parallelism).
+    positions = None if cum_count is None or (not with_metrics and edges is None) else (
+        cum_count.detach().round().to(torch.int64))
     if not with_metrics:
         metrics = {}
     elif terms_and_metrics is None:
         with torch.no_grad():
-            # Given prefix counts are the n_t of the terms (e.g. global under context parallelism).
-            positions = None if cum_count is None else cum_count.detach().round().to(torch.int64)
             metrics = policy_metrics(terms, valid, advantages, cfg, positions=positions)
-    return (loss, metrics, terms) if return_terms else (loss, metrics)
+    out = (loss, metrics, terms) if return_terms else (loss, metrics)
+    if edges is None:
+        return out
+    if terms_and_stats is not None:
+        sums = LossSums.from_stats(stats, loss=loss, dp_size=dp_size)
+    else:
+        sums = LossSums.from_terms(terms, valid, advantages, cfg, loss=loss, dp_size=dp_size, bucket_edges=edges,
+                                   positions=positions)
+    return (*out, sums)

@@ -151,11 +151,18 @@ class LossSums:
         edges = check_bucket_edges(bucket_edges)
         with torch.no_grad():
             valid, advantages = _valid_and_advantages(response_mask, advantages)
-            loss_sum = loss.detach().to(torch.float64) / dp_size
+            loss_sum = _loss_sum(loss, dp_size)
             kernel, la_power = _kernel_plan(terms, valid, cfg, positions)
             if kernel:
                 return _kernel_sums(terms, valid, advantages, loss_sum, edges, positions, _coefficients(cfg), la_power)
             return _torch_sums(terms, valid, advantages, loss_sum, edges, positions, _coefficients(cfg))
+
+    @classmethod
+    def from_stats(cls, stats: ops.LossStatsOut, *, loss: torch.Tensor, dp_size: int) -> LossSums:
+        """The sums of one micro-batch from the statistics op's vectors (`ops.loss_stats`, or
+        `ops.ctpo_token_loss_stats` from the loss's own pass) and its loss (0-d)."""
+        with torch.no_grad():
+            return cls(_loss_sum(loss, dp_size), stats.sums, stats.maxima)
 
     def __add__(self, other: LossSums) -> LossSums:
         if self.sums.shape != other.sums.shape:
@@ -245,6 +252,11 @@ class LossSums:
         sums, maxima = self.to_vectors()
         flat = torch.cat([sums.detach(), maxima.detach()]).cpu()
         return self.from_vectors(flat[:sums.numel()], flat[sums.numel():])
+
+
+def _loss_sum(loss: torch.Tensor, dp_size: int) -> torch.Tensor:
+    """`LossSums.loss` of one micro-batch: its loss / dp_size, float64, no gradient."""
+    return loss.detach().to(torch.float64) / dp_size
 
 
 def _torch_sums(terms: TokenTerms, valid: torch.Tensor, advantages: torch.Tensor, loss_sum: torch.Tensor,
@@ -343,7 +355,13 @@ def _coefficients(cfg: PolicyLossConfig) -> tuple[float, float, float]:
 def metrics_op_arguments(length: int, cfg: PolicyLossConfig) -> dict:
     """The statistics' arguments of `ops.ctpo_token_loss_metrics` for rows of `length` tokens:
     what `policy_metrics` passes `ops.loss_stats_metrics` (default position buckets)."""
-    return dict(_layout_args(_default_edges(length), _coefficients(cfg)), qs=_RATIO_QS)
+    return dict(sums_op_arguments(_default_edges(length), cfg), qs=_RATIO_QS)
+
+
+def sums_op_arguments(bucket_edges: Sequence[int], cfg: PolicyLossConfig) -> dict:
+    """The statistics' arguments of `ops.ctpo_token_loss_stats` (clip-rate buckets at
+    `bucket_edges`): what `LossSums.from_terms` passes `ops.loss_stats`."""
+    return dict(_layout_args(tuple(bucket_edges), _coefficients(cfg)))
 
 
 def metrics_from_values(values: list[float], length: int, *, adaptive_clip: bool) -> dict[str, float]:

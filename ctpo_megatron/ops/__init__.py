@@ -7,9 +7,10 @@ sum. A leaf package: `algo` imports `ops`, never the other way round.
 
 `python -m ctpo_megatron.ops` prints which backend is active and why. Files: _backend (which
 kernels), reference (the pure-torch scan), scan (segmented_cumsum + op autograd), ctpo_loss
-(the raw fused CTPO op, which `algo.ctpo.fused_ctpo_token_terms` wraps, and the op that also
-gives the metric values of its terms from the same pass, which `algo.ctpo.fused_ctpo_terms_and_metrics`
-wraps), loss_stats (the one-pass loss statistics, `algo.stats.LossSums.from_terms` calls it, and their metric values,
+(the raw fused CTPO op, which `algo.ctpo.fused_ctpo_token_terms` wraps, and the ops that also
+give the metric values or the `loss_stats` of its terms from the same pass, which
+`algo.ctpo.fused_ctpo_terms_and_metrics` and `fused_ctpo_terms_and_sums` wrap), loss_stats (the
+one-pass loss statistics, `algo.stats.LossSums.from_terms` calls it, and their metric values,
 `LossSums.metrics` and `policy_metrics` call those), histogram (quantiles of the statistics'
 histograms; `algo.histogram.histogram_quantiles` calls it), zigzag (Megatron CP sharding
 helpers), context_parallel (cross-rank scan).
@@ -20,7 +21,7 @@ import torch  # noqa: F401 - must be imported before the extension loads
 from ctpo_megatron.ops._backend import backend_report, extension_backends
 from ctpo_megatron.ops.context_parallel import context_parallel_cumsum
 from ctpo_megatron.ops.ctpo_loss import (ctpo_loss_metrics_kernel_for, ctpo_token_loss, ctpo_token_loss_metrics,
-                                        has_kernel)
+                                        ctpo_token_loss_stats, has_kernel)
 from ctpo_megatron.ops.histogram import histogram_quantiles, histogram_quantiles_kernel_for
 from ctpo_megatron.ops.loss_stats import MAX_SLOTS as LOSS_STATS_MAX_SLOTS
 from ctpo_megatron.ops.loss_stats import SUM_SLOTS as LOSS_STATS_SUM_SLOTS
@@ -34,7 +35,8 @@ from ctpo_megatron.ops.zigzag import (zigzag_chunk_cu_seqlens, zigzag_local_cu_s
 
 __all__ = [
     "LOSS_STATS_MAX_SLOTS", "LOSS_STATS_SUM_SLOTS", "LossStatsOut", "backend_report", "context_parallel_cumsum",
-    "ctpo_loss_metrics_kernel_for", "ctpo_token_loss", "ctpo_token_loss_metrics", "extension_backends", "has_kernel",
+    "ctpo_loss_metrics_kernel_for", "ctpo_token_loss", "ctpo_token_loss_metrics", "ctpo_token_loss_stats",
+    "extension_backends", "has_kernel",
     "histogram_quantiles", "histogram_quantiles_kernel_for",
     "loss_metric_count", "loss_metrics", "loss_stats", "loss_stats_kernel_for", "loss_stats_metrics",
     "loss_stats_sections", "segmented_cumsum", "zigzag_chunk_cu_seqlens",

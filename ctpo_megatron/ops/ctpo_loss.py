@@ -17,10 +17,11 @@ import torch
 
 from ctpo_megatron.ops import reference
 from ctpo_megatron.ops._backend import cpu_kernel_for, dense, extension_backends, op_overload, use_extension
-from ctpo_megatron.ops.loss_stats import metric_count
+from ctpo_megatron.ops.loss_stats import MAX_SLOTS, LossStatsOut, metric_count, sum_sections
 
 _OP = "ctpo_megatron::ctpo_token_loss"
 _METRICS_OP = "ctpo_megatron::ctpo_token_loss_metrics"
+_STATS_OP = "ctpo_megatron::ctpo_token_loss_stats"
 
 
 class CtpoKernelOut(NamedTuple):
@@ -77,7 +78,8 @@ def _constant(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def ctpo_loss_metrics_kernel_for(device: torch.device) -> bool:
-    """Whether `ctpo_token_loss_metrics` runs on `device`: the extension's CPU kernels."""
+    """Whether `ctpo_token_loss_metrics` and `ctpo_token_loss_stats` run on `device`: the
+    extension's CPU kernels."""
     return cpu_kernel_for(device)
 
 
@@ -103,6 +105,26 @@ def ctpo_token_loss_metrics(log_probs: torch.Tensor, old_log_probs: torch.Tensor
         _constant(response_mask, dtype), geomean, adaptive, clip_low, clip_high, clip_c, power, bucket_edges,
         exp_coeffs, hist_shift, hist_first, hist_bins, qs)
     return CtpoKernelOut(*terms), values.tolist()
+
+
+def ctpo_token_loss_stats(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                          response_mask: torch.Tensor, *, geomean: bool, adaptive: bool, clip_low: float,
+                          clip_high: float, clip_c: float, power: float, bucket_edges: Sequence[int],
+                          exp_coeffs: tuple[float, ...], hist_shift: int, hist_first: int,
+                          hist_bins: int) -> tuple[CtpoKernelOut, LossStatsOut]:
+    """`ctpo_token_loss` and `loss_stats` of its terms in one pass (call only where
+    `ctpo_loss_metrics_kernel_for(device)`): what the trainer sums per micro-batch.
+
+    Arguments as `ctpo_token_loss_metrics` without qs. Returns (the outputs of
+    `ctpo_token_loss`, `loss_stats` of them with the running count of valid tokens as positions
+    and, with adaptive clipping, la_power = power), equal to those two ops'.
+    """
+    dtype = log_probs.dtype
+    *terms, sums, maxima = op_overload("ctpo_token_loss_stats")(
+        dense(log_probs), _constant(old_log_probs, dtype), _constant(advantages, dtype),
+        _constant(response_mask, dtype), geomean, adaptive, clip_low, clip_high, clip_c, power, bucket_edges,
+        exp_coeffs, hist_shift, hist_first, hist_bins)
+    return CtpoKernelOut(*terms), LossStatsOut(sums, maxima)
 
 
 def _register() -> None:
@@ -139,6 +161,20 @@ def _register() -> None:
         return _backward(ctx, grad_pg)[:1] + (None,) * 15
 
     torch.library.register_autograd(_METRICS_OP, _backward_metrics, setup_context=_setup_context)
+
+    @torch.library.register_fake(_STATS_OP)
+    def _fake_stats(log_probs, old_log_probs, advantages, mask, geomean, adaptive, clip_low, clip_high, clip_c,
+                    power, bucket_edges, exp_coeffs, hist_shift, hist_first, hist_bins):
+        terms = _fake(log_probs, old_log_probs, advantages, mask, None, None, None, geomean, adaptive, clip_low,
+                      clip_high, clip_c, power)
+        size = sum_sections(len(exp_coeffs), hist_bins, len(bucket_edges))["position_tokens"].stop
+        return (*terms, log_probs.new_empty((size,), dtype=torch.float64),
+                log_probs.new_empty((len(MAX_SLOTS),), dtype=torch.float64))
+
+    def _backward_stats(ctx, grad_pg, *unused):
+        return _backward(ctx, grad_pg)[:1] + (None,) * 14
+
+    torch.library.register_autograd(_STATS_OP, _backward_stats, setup_context=_setup_context)
 
 
 if extension_backends():

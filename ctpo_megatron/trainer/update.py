@@ -52,22 +52,15 @@ def make_loss_fn(cfg: PolicyLossConfig, edges: Sequence[int]
     advantages, response_mask, rollout_is_weights: [b, R] response order at CP = 1, [b, S/cp]
     in the rank's local zigzag layout at CP > 1 (mask 0 at tokens this rank does not score).
     inputs also hold global_num_tokens, dp_size (DP x CP) and cp_group (see
-    `PolicyActor.train_step`). One code path for every CP size: CTPO's C_t and n_t come from
-    the cross-rank prefix sum (`context_parallel_cumsum`, a no-op exchange at CP = 1), and the
-    clip-rate-by-position buckets use the global positions n_t it returns.
+    `PolicyActor.train_step`). At CP > 1, CTPO's C_t and n_t and the clip-rate-by-position
+    buckets' positions come from the cross-rank prefix sum (`context_parallel_cumsum`); at
+    CP = 1 the loss counts them itself, and on CPU "ctpo" gives its terms and their `LossSums`
+    from one pass of its kernel (`ops.ctpo_token_loss_stats`).
     """
     def loss_fn(log_probs: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, LossSums]:
-        mask = inputs["response_mask"]
-        loss, _, terms, positions = context_parallel_policy_loss(log_probs, inputs, cfg, return_terms=True,
-                                                                with_metrics=False)
-        cp_group = inputs.get("cp_group")
-        if cp_group is None or cp_group.size() == 1:
-            # Whole responses in order: n_t is the running count, which the statistics count
-            # themselves (on CPU per position, without reading an int64 [b, R] tensor).
-            positions = None
-        return loss, LossSums.from_terms(terms, mask, inputs["advantages"], cfg, loss=loss,
-                                         dp_size=inputs["dp_size"], bucket_edges=edges,
-                                         positions=positions)
+        loss, _, sums = context_parallel_policy_loss(log_probs, inputs, cfg, with_metrics=False,
+                                                     sums_bucket_edges=edges)
+        return loss, sums
 
     return loss_fn
 

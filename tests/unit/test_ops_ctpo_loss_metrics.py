@@ -40,13 +40,17 @@ def two_ops(lp, olp, adv, mask, cfg):
     return out, values
 
 
+def schema_args(op, tensors, named: dict) -> tuple:
+    """A raw op's positional arguments: the tensors, then the rest from `named` in its schema's order."""
+    rest = [named[a.name] for a in op.default._schema.arguments[len(tensors):]]
+    return (*tensors, *(list(v) if isinstance(v, tuple) else v for v in rest))
+
+
 def raw_args(tensors, cfg, **overrides) -> tuple:
     """The raw op's positional arguments: the four tensors, then the rest in its schema's order."""
     named = {**_kernel_variant(cfg), **stats.metrics_op_arguments(tensors[0].shape[-1], cfg),
              **overrides}
-    schema = torch.ops.ctpo_megatron.ctpo_token_loss_metrics.default._schema
-    rest = [named[a.name] for a in schema.arguments[len(tensors):]]
-    return (*tensors, *(list(v) if isinstance(v, tuple) else v for v in rest))
+    return schema_args(torch.ops.ctpo_megatron.ctpo_token_loss_metrics, tensors, named)
 
 
 def assert_values_equal(a, b):
