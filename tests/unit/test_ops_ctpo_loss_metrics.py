@@ -106,7 +106,8 @@ def test_calls_in_a_row_start_from_clean_statistics():
     assert_values_equal(values, two_ops(*small, cfg)[1])
 
 
-def test_gradient_is_the_plain_ops():
+def check_gradient_is_the_plain_ops(one_pass, two_ops):
+    """The one-pass op's gradient (of a weighted sum of pg_losses) equals the plain ops'."""
     cfg = PolicyLossConfig()
     lp, olp, adv, mask = batch(torch.float64, B=4, S=400, spread=0.3)
     lp = torch.where(mask > 0, lp, 0.0)
@@ -119,20 +120,30 @@ def test_gradient_is_the_plain_ops():
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
 
 
-def test_bad_inputs_name_the_problem():
-    cfg = PolicyLossConfig()
-    tensors = [t.contiguous() for t in batch(torch.float32, B=2, S=16)]
-    raw = torch.ops.ctpo_megatron.ctpo_token_loss_metrics
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+def check_input_errors(raw, raw_args, cfg, tensors):
+    """The errors a one-pass op shares with the loss op: dtype, rank, mismatched shapes, bad edges."""
+    name = raw.default._schema.name.split("::")[-1]
+    with pytest.raises(RuntimeError, match=f"{name}: log_probs must be float32 or float64"):
         raw(*raw_args([t.bfloat16() for t in tensors], cfg))
     with pytest.raises(RuntimeError, match=r"must be \[S\] or \[B, S\]"):
         raw(*raw_args([t.reshape(2, 4, 4) for t in tensors], cfg))
     with pytest.raises(RuntimeError, match="old_log_probs must have the shape of log_probs"):
         raw(*raw_args([tensors[0], tensors[1][:, 1:].contiguous(), *tensors[2:]], cfg))
-    with pytest.raises(RuntimeError, match="bucket_edges must hold 1 to 64 edges, got 0"):
-        raw(*raw_args(tensors, cfg, bucket_edges=[]))
     with pytest.raises(RuntimeError, match="bucket_edges must be strictly increasing"):
         raw(*raw_args(tensors, cfg, bucket_edges=[4, 2]))
+
+
+def test_gradient_is_the_plain_ops():
+    check_gradient_is_the_plain_ops(one_pass, two_ops)
+
+
+def test_bad_inputs_name_the_problem():
+    cfg = PolicyLossConfig()
+    tensors = [t.contiguous() for t in batch(torch.float32, B=2, S=16)]
+    raw = torch.ops.ctpo_megatron.ctpo_token_loss_metrics
+    check_input_errors(raw, raw_args, cfg, tensors)
+    with pytest.raises(RuntimeError, match="bucket_edges must hold 1 to 64 edges, got 0"):
+        raw(*raw_args(tensors, cfg, bucket_edges=[]))
     with pytest.raises(RuntimeError, match="ctpo_token_loss_metrics: quantile 2"):
         raw(*raw_args(tensors, cfg, qs=[2.0]))
 

@@ -15,7 +15,8 @@ from ctpo_megatron.algo import stats
 from ctpo_megatron.algo.ctpo import _kernel_terms, _kernel_variant, fused_ctpo_terms_and_sums
 from ctpo_megatron.algo.registry import TERMS_AND_SUMS
 from tests.unit.test_ops_ctpo_loss import CONFIGS, batch
-from tests.unit.test_ops_ctpo_loss_metrics import SHAPES, schema_args
+from tests.unit.test_ops_ctpo_loss_metrics import (SHAPES, check_gradient_is_the_plain_ops, check_input_errors,
+                                                   schema_args)
 
 pytestmark = pytest.mark.csrc  # tests/conftest.py: a failure in CI without the extension, a skip elsewhere
 
@@ -92,30 +93,14 @@ def test_calls_in_a_row_do_not_share_statistics():
 
 
 def test_gradient_is_the_plain_ops():
-    cfg = PolicyLossConfig()
-    lp, olp, adv, mask = batch(torch.float64, B=4, S=400, spread=0.3)
-    lp = torch.where(mask > 0, lp, 0.0)
-    grads = []
-    for run in (one_pass, two_ops):
-        x = lp.clone().requires_grad_(True)
-        out, _ = run(x, olp, adv.contiguous(), mask, cfg)
-        (out.pg_losses * torch.linspace(0.5, 2.0, lp.shape[-1], dtype=lp.dtype)).sum().backward()
-        grads.append(x.grad)
-    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+    check_gradient_is_the_plain_ops(one_pass, two_ops)
 
 
 def test_bad_inputs_name_the_problem():
     cfg = PolicyLossConfig()
     tensors = [t.contiguous() for t in batch(torch.float32, B=2, S=16)]
     raw = torch.ops.ctpo_megatron.ctpo_token_loss_stats
-    with pytest.raises(RuntimeError, match="ctpo_token_loss_stats: log_probs must be float32 or float64"):
-        raw(*raw_args([t.bfloat16() for t in tensors], cfg))
-    with pytest.raises(RuntimeError, match=r"must be \[S\] or \[B, S\]"):
-        raw(*raw_args([t.reshape(2, 4, 4) for t in tensors], cfg))
-    with pytest.raises(RuntimeError, match="old_log_probs must have the shape of log_probs"):
-        raw(*raw_args([tensors[0], tensors[1][:, 1:].contiguous(), *tensors[2:]], cfg))
-    with pytest.raises(RuntimeError, match="bucket_edges must be strictly increasing"):
-        raw(*raw_args(tensors, cfg, bucket_edges=[4, 2]))
+    check_input_errors(raw, raw_args, cfg, tensors)
     with pytest.raises(RuntimeError, match="ctpo_token_loss_stats: bad layout"):
         raw(*raw_args(tensors, cfg, exp_coeffs=[1.0] * 5))
 
