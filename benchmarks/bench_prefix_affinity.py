@@ -96,7 +96,7 @@ def main() -> None:
 
                 async def go():
                     async with SGLangClient(group.worker_urls, health_interval_s=0) as admin:
-                        await admin.flush_cache()  # every mode starts cold
+                        await admin.flush_cache(timeout_s=30)  # every mode starts cold
                     async with SGLangClient(group.worker_urls, health_interval_s=0,
                                             router_url=group.router_url if mode == "router" else None) as c:
                         return await run_workload(c, prompts, args.samples, args.turns, mode == "hash", rng)

@@ -2,6 +2,7 @@
 error bodies, control calls. (A server dying mid-batch is in test_launcher.py.)"""
 
 import asyncio
+import time
 
 import pytest
 from aiohttp import ClientSession, web
@@ -190,6 +191,34 @@ def test_timeout_aborts_the_request_on_the_server(urls):
             return status
 
     assert run(go()) == 200
+
+
+def test_flush_cache_waits_for_running_requests_when_asked(urls):
+    """Without a timeout a server refuses the flush while a request runs (SGLang's 400); with
+    one it waits until the request is done (aborted here after 0.3 s) and flushes."""
+    long = {"max_new_tokens": 4000, "ignore_eos": True}  # > 4 s of decoding on this model
+
+    async def go():
+        async with SGLangClient(urls[:1]) as client:
+            running = asyncio.create_task(client.generate([9, 9], long, rid="flush-long"))
+            await asyncio.sleep(0.3)
+            with pytest.raises(ServerError, match="HTTP 400: Flush cache failed"):
+                await client.flush_cache()
+
+            async def abort_later():
+                await asyncio.sleep(0.3)
+                await client.abort("flush-long")
+
+            start = time.monotonic()
+            flushed, _ = await asyncio.gather(client.flush_cache(timeout_s=30), abort_later())
+            waited = time.monotonic() - start
+            result = await running
+            return flushed, waited, result
+
+    flushed, waited, result = run(go())
+    assert list(flushed.values())[0].startswith("Cache flushed")
+    assert 0.25 <= waited < 10
+    assert result.meta_info["finish_reason"]["type"] == "abort"
 
 
 def test_duplicate_rid_is_refused_and_a_retry_gets_a_fresh_rid(urls):

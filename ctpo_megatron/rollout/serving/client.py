@@ -392,9 +392,14 @@ class SGLangClient:
             raise ServerError(url, status, text, "/model_info")
         return json.loads(text)
 
-    async def flush_cache(self) -> dict[str, str]:
-        """`POST /flush_cache` on every server; ServerError when one refuses (requests running)."""
-        return await self._all("POST", "/flush_cache")
+    async def flush_cache(self, timeout_s: float = 0.0) -> dict[str, str]:
+        """`POST /flush_cache` on every server; ServerError when one refuses (requests running).
+
+        timeout_s: how long each server waits for its running and queued requests to finish
+        before it refuses (SGLang's `?timeout=`). A request whose reply has just reached the
+        client may still count as running for a moment, so a flush right after a workload
+        should wait."""
+        return await self._all("POST", f"/flush_cache?timeout={timeout_s:g}" if timeout_s > 0 else "/flush_cache")
 
     async def abort(self, rid: str) -> None:
         """Aborts request `rid` wherever it runs."""
