@@ -302,14 +302,12 @@ LossStatsResult ctpo_token_loss_stats_cpu(
     double power, at::IntArrayRef bucket_edges, at::ArrayRef<double> exp_coeffs,
     int64_t hist_shift, int64_t hist_first, int64_t hist_bins) {
   constexpr const char* what = "ctpo_megatron::ctpo_token_loss_stats";
-  const auto f64 = log_probs.options().dtype(at::kDouble);
-  const int64_t num_buckets = static_cast<int64_t>(bucket_edges.size());
+  // Checked before the vectors are sized from them (loss_stats_into checks the rest).
   TORCH_CHECK(static_cast<int64_t>(exp_coeffs.size()) <= kMaxExpCoeffs && hist_bins >= 1, what,
               ": bad layout (", exp_coeffs.size(), " exp coefficients, hist_bins ", hist_bins, ")");
-  at::Tensor sums = at::zeros({stats_layout(static_cast<int64_t>(exp_coeffs.size()), hist_bins, num_buckets).size},
-                              f64);
-  at::Tensor maxima = at::empty({kNumMaxSlots}, f64);
-  init_maxima(maxima.data_ptr<double>());
+  at::Tensor sums, maxima;
+  std::tie(sums, maxima) = fresh_stats(log_probs.options(), static_cast<int64_t>(exp_coeffs.size()), hist_bins,
+                                       static_cast<int64_t>(bucket_edges.size()));
   const TermStats into = [&](const at::Tensor& valid, const LossOutputs& out, const TileProducer* before_tile) {
     loss_stats_into(valid, advantages, out.ratio, out.log_ratio, c10::nullopt,
                     adaptive ? c10::optional<double>(power) : c10::nullopt, out.clip_high, out.clip_low,

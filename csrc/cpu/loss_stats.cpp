@@ -1090,12 +1090,9 @@ StatsResult loss_stats_cpu(const at::Tensor& valid, const at::Tensor& advantages
                            at::IntArrayRef bucket_edges,
                            at::ArrayRef<double> exp_coeffs, int64_t hist_shift, int64_t hist_first,
                            int64_t hist_bins) {
-  const auto f64 = valid.options().dtype(at::kDouble);
-  const int64_t num_buckets = static_cast<int64_t>(bucket_edges.size());
-  const int64_t size = stats_layout(static_cast<int64_t>(exp_coeffs.size()), hist_bins, num_buckets).size;
-  at::Tensor sums_out = at::zeros({size}, f64);
-  at::Tensor maxima_out = at::empty({kNumMaxSlots}, f64);
-  init_maxima(maxima_out.data_ptr<double>());
+  at::Tensor sums_out, maxima_out;
+  std::tie(sums_out, maxima_out) = fresh_stats(valid.options(), static_cast<int64_t>(exp_coeffs.size()),
+                                               hist_bins, static_cast<int64_t>(bucket_edges.size()));
   loss_stats_into(valid, advantages, ratio, log_ratio, la_scale, la_power, clip_high, clip_low, clip_dual, clipped,
                   positions, bucket_edges, exp_coeffs, HistSpec{hist_shift, hist_first, hist_bins},
                   sums_out.data_ptr<double>(), maxima_out.data_ptr<double>());

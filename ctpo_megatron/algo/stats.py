@@ -161,8 +161,7 @@ class LossSums:
     def from_stats(cls, stats: ops.LossStatsOut, *, loss: torch.Tensor, dp_size: int) -> LossSums:
         """The sums of one micro-batch from the statistics op's vectors (`ops.loss_stats`, or
         `ops.ctpo_token_loss_stats` from the loss's own pass) and its loss (0-d)."""
-        with torch.no_grad():
-            return cls(_loss_sum(loss, dp_size), stats.sums, stats.maxima)
+        return cls(_loss_sum(loss, dp_size), stats.sums, stats.maxima)
 
     def __add__(self, other: LossSums) -> LossSums:
         if self.sums.shape != other.sums.shape:

@@ -59,38 +59,51 @@ def assert_values_equal(a, b):
         assert x == y or (math.isnan(x) and math.isnan(y)), (k, x, y)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.variant}-{'la' if c.adaptive_clip else 'plain'}"
-                                                       f"-p{c.la_power}")
-def test_one_pass_equals_the_loss_then_the_statistics(cfg, dtype, threads):
-    """Ragged rows, a tool span, an all-masked row, -inf padding; rows of one tile and of many;
-    with two threads, rows split over threads (several rows) and the two passes one after the
-    other (one row)."""
+def check_equals_the_two_ops(one_pass, two_ops, assert_stats_equal, cfg, inputs):
+    """A one-pass op against the two ops it fuses on `inputs`: the loss's tensors equal (dtype
+    and values), the statistics by `assert_stats_equal`. Returns the one pass's statistics."""
+    out, got = one_pass(*inputs, cfg)
+    ref, expected = two_ops(*inputs, cfg)
+    for name, a, b in zip(ref._fields, out, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert_stats_equal(got, expected)
+    return got
+
+
+def check_ragged_batches(one_pass, two_ops, assert_stats_equal, valid_tokens, cfg, dtype, threads):
+    """`check_equals_the_two_ops` on SHAPES' ragged batches (a tool span, an all-masked row, -inf
+    padding; rows of one tile and of many) with `threads` threads: with two, rows split over
+    threads (several rows) and the two passes one after the other (one row). valid_tokens(stats)
+    must be the mask's count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for seed, (B, S) in enumerate(SHAPES):
             lp, olp, adv, mask = batch(dtype, seed=seed, B=B, S=S, spread=0.3)
-            adv = adv.contiguous()
-            out, values = one_pass(lp, olp, adv, mask, cfg)
-            ref, ref_values = two_ops(lp, olp, adv, mask, cfg)
-            for name, a, b in zip(ref._fields, out, ref):
-                assert a.dtype == b.dtype and torch.equal(a, b), (name, B, S)
-            assert_values_equal(values, ref_values)
-            assert values[stats.METRIC_KEYS.index("valid_tokens")] == float((mask > 0).sum())
+            got = check_equals_the_two_ops(one_pass, two_ops, assert_stats_equal, cfg,
+                                           (lp, olp, adv.contiguous(), mask))
+            assert valid_tokens(got) == (mask > 0).sum(), (B, S)
     finally:
         torch.set_num_threads(previous)
 
 
+def check_empty_and_single_token(one_pass, two_ops, assert_stats_equal, shape):
+    lp, mask = torch.full(shape, -0.5), torch.ones(shape)
+    check_equals_the_two_ops(one_pass, two_ops, assert_stats_equal, PolicyLossConfig(), (lp, lp - 0.1, lp, mask))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.variant}-{'la' if c.adaptive_clip else 'plain'}"
+                                                       f"-p{c.la_power}")
+def test_one_pass_equals_the_loss_then_the_statistics(cfg, dtype, threads):
+    check_ragged_batches(one_pass, two_ops, assert_values_equal,
+                         lambda values: values[stats.METRIC_KEYS.index("valid_tokens")], cfg, dtype, threads)
+
+
 @pytest.mark.parametrize("shape", [(0, 9), (3, 0), (1, 1)])
 def test_empty_and_single_token_batches(shape):
-    cfg = PolicyLossConfig()
-    lp, mask = torch.full(shape, -0.5), torch.ones(shape)
-    out, values = one_pass(lp, lp - 0.1, lp, mask, cfg)
-    ref, ref_values = two_ops(lp, lp - 0.1, lp, mask, cfg)
-    assert all(torch.equal(a, b) for a, b in zip(out, ref))
-    assert_values_equal(values, ref_values)
+    check_empty_and_single_token(one_pass, two_ops, assert_values_equal, shape)
 
 
 def test_calls_in_a_row_start_from_clean_statistics():

@@ -15,8 +15,8 @@ from ctpo_megatron.algo import stats
 from ctpo_megatron.algo.ctpo import _kernel_terms, _kernel_variant, fused_ctpo_terms_and_sums
 from ctpo_megatron.algo.registry import TERMS_AND_SUMS
 from tests.unit.test_ops_ctpo_loss import CONFIGS, batch
-from tests.unit.test_ops_ctpo_loss_metrics import (SHAPES, check_gradient_is_the_plain_ops, check_input_errors,
-                                                   schema_args)
+from tests.unit.test_ops_ctpo_loss_metrics import (check_empty_and_single_token, check_gradient_is_the_plain_ops,
+                                                   check_input_errors, check_ragged_batches, schema_args)
 
 pytestmark = pytest.mark.csrc  # tests/conftest.py: a failure in CI without the extension, a skip elsewhere
 
@@ -53,31 +53,12 @@ def assert_same(a, b):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.variant}-{'la' if c.adaptive_clip else 'plain'}"
                                                        f"-p{c.la_power}")
 def test_one_pass_equals_the_loss_then_the_statistics(cfg, dtype, threads):
-    """Ragged rows, a tool span, an all-masked row, -inf padding; with two threads, rows split
-    over threads (several rows) and the two passes one after the other (one row)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for seed, (B, S) in enumerate(SHAPES):
-            lp, olp, adv, mask = batch(dtype, seed=seed, B=B, S=S, spread=0.3)
-            adv = adv.contiguous()
-            out, sums = one_pass(lp, olp, adv, mask, cfg)
-            ref, ref_sums = two_ops(lp, olp, adv, mask, cfg)
-            assert_same(out, ref)
-            assert_same(sums, ref_sums)
-            assert sums.sums[0] == (mask > 0).sum()  # a statistic that could be wrong: the tokens
-    finally:
-        torch.set_num_threads(previous)
+    check_ragged_batches(one_pass, two_ops, assert_same, lambda sums: sums.sums[0], cfg, dtype, threads)
 
 
 @pytest.mark.parametrize("shape", [(0, 9), (3, 0), (1, 1)])
 def test_empty_and_single_token_batches(shape):
-    cfg = PolicyLossConfig()
-    lp, mask = torch.full(shape, -0.5), torch.ones(shape)
-    out, sums = one_pass(lp, lp - 0.1, lp, mask, cfg)
-    ref, ref_sums = two_ops(lp, lp - 0.1, lp, mask, cfg)
-    assert_same(out, ref)
-    assert_same(sums, ref_sums)
+    check_empty_and_single_token(one_pass, two_ops, assert_same, shape)
 
 
 def test_calls_in_a_row_do_not_share_statistics():

@@ -201,4 +201,15 @@ inline void init_maxima(double* maxima) {
   maxima[kScaleNegMin] = -inf;
 }
 
+// A loss_stats result ready for loss_stats_into: sums zero, of the StatsLayout's size; maxima
+// init_maxima. float64 on the device of `options`.
+inline StatsResult fresh_stats(const at::TensorOptions& options, int64_t num_exp, int64_t hist_bins,
+                               int64_t num_buckets) {
+  const auto f64 = options.dtype(at::kDouble);
+  at::Tensor sums = at::zeros({stats_layout(num_exp, hist_bins, num_buckets).size}, f64);
+  at::Tensor maxima = at::empty({kNumMaxSlots}, f64);
+  init_maxima(maxima.data_ptr<double>());
+  return {sums, maxima};
+}
+
 }  // namespace ctpo
